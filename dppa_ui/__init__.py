@@ -1,0 +1,13 @@
+"""dppa-ui: explore and run merges of fine-tuned language models (DPPA, TIES, DARE, PCB).
+
+    import dppa_ui
+    dppa_ui.merge("merge.yaml", "out/merged")                 # streaming, to disk
+    sd = dppa_ui.merge_in_memory(base_sd, [ft1_sd, ft2_sd], config)   # in memory
+"""
+from .config import PRESETS, ConfigError, MergeConfig, ModelSpec, load_config
+from .engine import MergeResult, merge
+from .pipeline import merge_state_dicts as merge_in_memory
+
+__version__ = "0.1.0"
+__all__ = ["PRESETS", "ConfigError", "MergeConfig", "ModelSpec", "load_config", "merge", "MergeResult",
+           "merge_in_memory", "__version__"]

@@ -1,0 +1,387 @@
+"""Merge configs: a superset of mergekit's YAML for the methods we share.
+
+A merge is one pipeline, prune -> amplify -> combine, applied to each fine-tune's delta. A preset
+(`merge_method`) names a pipeline; `prune:` / `amplify:` / `combine:` override its stages.
+Everything is validated here, before any tensor is read, and every refusal names the key or value.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PRUNES = ("none", "magnitude", "random", "dp")
+AMPLIFIES = ("none", "dpa")
+COMBINES = ("sum", "ties", "pcb")
+
+# preset -> (prune, amplify, combine); mergekit's names where mergekit has them.
+PRESETS: dict[str, tuple[str, str, str]] = {
+    "task_arithmetic": ("none", "none", "sum"),
+    "ties": ("magnitude", "none", "ties"),
+    "dare_linear": ("random", "none", "sum"),
+    "dare_ties": ("random", "none", "ties"),
+    "dp": ("dp", "none", "sum"),
+    "dppa": ("dp", "dpa", "sum"),
+    "pcb": ("none", "none", "pcb"),
+}
+
+PRESET_INFO: dict[str, tuple[str, str]] = {   # two lines on what it does, and its paper
+    "task_arithmetic": ("Adds the weighted task vectors (fine-tuned minus base) to the base.",
+                        "https://arxiv.org/abs/2212.04089"),
+    "ties": ("Trims each delta to its largest entries, elects a sign per entry, and averages the agreeing ones.",
+             "https://arxiv.org/abs/2306.01708"),
+    "dare_linear": ("Drops delta entries at random and rescales the survivors by 1/density, then adds them.",
+                    "https://arxiv.org/abs/2311.03099"),
+    "dare_ties": ("DARE's random drop and rescale, then TIES sign election and agreeing mean.",
+                  "https://arxiv.org/abs/2311.03099"),
+    "dp": ("Dynamic Pruning: per-layer and per-module densities from outlier ratios (OWL-style), then magnitude pruning.",
+           "https://arxiv.org/abs/2403.02799"),
+    "dppa": ("DP pruning, then Dynamic Partition Amplification: magnitude bands of the kept entries scaled by their own factor.",
+             "https://arxiv.org/abs/2403.02799"),
+    "pcb": ("Parameter Competition Balancing: intra- and inter-task scores decide which entries survive and how much each weighs.",
+            "https://arxiv.org/abs/2410.02396"),
+}
+
+UNSUPPORTED_METHODS = ("linear", "slerp", "nuslerp", "multislerp", "della", "della_linear", "breadcrumbs",
+                       "breadcrumbs_ties", "model_stock", "passthrough", "sce", "karcher", "arcee_fusion",
+                       "nearswap", "ram", "core")
+
+DTYPES = {"float32": "float32", "fp32": "float32", "float": "float32",
+          "float16": "float16", "fp16": "float16", "half": "float16",
+          "bfloat16": "bfloat16", "bf16": "bfloat16"}
+
+GLOBAL_KEYS = {"lambda", "normalize", "dp_lambda", "dp_outlier_m", "dp_others", "partitions", "amplification",
+               "pcb_ratio", "scope", "weight", "density", "rescale", "int8_mask"}
+MODEL_KEYS = {"weight", "density", "partitions", "amplification", "domain", "rescale"}
+TOP_KEYS = {"merge_method", "prune", "amplify", "combine", "base_model", "models", "parameters", "dtype",
+            "out_dtype", "seed", "tokenizer_source", "tokenizer", "chat_template", "name"}
+MERGEKIT_UNSUPPORTED_TOP = {"slices": "slices (layer ranges) are not supported yet: list whole models under `models:`",
+                            "modules": "modules are not supported yet: list whole models under `models:`"}
+NAMED_CHAT_TEMPLATES = {
+    "chatml": "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+              "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}",
+}
+
+
+class ConfigError(ValueError):
+    """A merge config that cannot run; the message names the key or value and the fix."""
+
+
+@dataclass
+class ModelSpec:
+    model: str
+    weight: float = 1.0
+    density: float = 1.0
+    partitions: list[float] | None = None
+    amplification: list[float] | str | None = None    # list, or "auto" (greedy search)
+    domain: str | list[str] | None = None
+    rescale: str = "paper"
+
+
+@dataclass
+class MergeConfig:
+    base_model: str
+    models: list[ModelSpec]
+    merge_method: str | None = None
+    prune: str = "none"
+    amplify: str = "none"
+    combine: str = "sum"
+    lambda_: float = 1.0
+    normalize: bool = False
+    dp_lambda: float = 0.08
+    dp_outlier_m: float = 5.0
+    dp_others: str = "keep"
+    pcb_ratio: float = 0.1
+    scope: str = "tensor"
+    dtype: str | None = None            # output dtype; None = the base's
+    seed: int = 0
+    tokenizer_source: str | None = None   # None/"base" = the base's tokenizer; else a model ref
+    chat_template: str | None = None      # None/"auto" = the tokenizer source's; else a Jinja template
+    name: str | None = None
+    notices: list[str] = field(default_factory=list)
+
+    @property
+    def stages(self) -> tuple[str, str, str]:
+        return self.prune, self.amplify, self.combine
+
+    @property
+    def method_name(self) -> str:
+        if self.merge_method and PRESETS.get(self.merge_method) == self.stages:
+            return self.merge_method
+        return "+".join(self.stages)
+
+    def to_dict(self) -> dict:
+        """A plain dict that `load_config` turns back into this config (every value explicit)."""
+        d: dict[str, Any] = {}
+        if self.merge_method:
+            d["merge_method"] = self.merge_method
+        d.update(prune=self.prune, amplify=self.amplify, combine=self.combine, base_model=self.base_model)
+        models = []
+        for m in self.models:
+            p: dict[str, Any] = {"weight": m.weight, "density": m.density}
+            if self.amplify == "dpa":
+                p["partitions"] = list(m.partitions)
+                p["amplification"] = m.amplification if isinstance(m.amplification, str) else list(m.amplification)
+            if self.prune == "random":
+                p["rescale"] = m.rescale
+            if m.domain is not None:
+                p["domain"] = m.domain
+            models.append({"model": m.model, "parameters": p})
+        d["models"] = models
+        params: dict[str, Any] = {"lambda": self.lambda_, "normalize": self.normalize}
+        if self.prune == "dp":
+            params.update(dp_lambda=self.dp_lambda, dp_outlier_m=self.dp_outlier_m, dp_others=self.dp_others)
+        if self.combine == "pcb":
+            params.update(pcb_ratio=self.pcb_ratio, scope=self.scope)
+        d["parameters"] = params
+        if self.dtype:
+            d["dtype"] = self.dtype
+        d["seed"] = self.seed
+        for key in ("tokenizer_source", "chat_template", "name"):
+            if getattr(self, key) is not None:
+                d[key] = getattr(self, key)
+        return d
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
+
+
+# ----------------------------------------------------------------------------- parsing helpers
+
+def _num(value, key: str, *, lo=None, hi=None, lo_open=False, integer=False) -> float:
+    if isinstance(value, list):
+        raise ConfigError(f"`{key}`: gradient lists ({value!r}) are not supported yet; give one number")
+    if isinstance(value, dict):
+        raise ConfigError(f"`{key}`: per-tensor filters ({value!r}) are not supported yet; give one number")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, float) and math.isnan(value)):
+        raise ConfigError(f"`{key}` must be a number, got {value!r}")
+    if integer and int(value) != value:
+        raise ConfigError(f"`{key}` must be an integer, got {value!r}")
+    if lo is not None and (value <= lo if lo_open else value < lo):
+        raise ConfigError(f"`{key}` = {value} is out of range: it must be {'>' if lo_open else '>='} {lo}")
+    if hi is not None and value > hi:
+        raise ConfigError(f"`{key}` = {value} is out of range: it must be <= {hi}")
+    return int(value) if integer else float(value)
+
+
+def _bool(value, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"`{key}` must be true or false, got {value!r}")
+    return value
+
+
+def _choice(value, key: str, options) -> str:
+    if value not in options:
+        raise ConfigError(f"`{key}` = {value!r} is not one of {', '.join(options)}")
+    return value
+
+
+def _rescale(value, key: str) -> str:
+    # mergekit's `rescale: true` is read as L1 rescaling; false = none; default = DARE paper 1/density.
+    if value is True:
+        return "l1"
+    if value is False:
+        return "none"
+    return _choice(value, key, ("paper", "l1", "none"))
+
+
+def _floats(value, key: str) -> list[float]:
+    if not isinstance(value, list) or not value:
+        raise ConfigError(f"`{key}` must be a non-empty list of numbers, got {value!r}")
+    return [_num(v, f"{key}[{i}]") for i, v in enumerate(value)]
+
+
+def _ref(value, key: str) -> str:
+    if isinstance(value, dict):
+        raise ConfigError(f"`{key}`: structured model references ({value!r}) are not supported yet; give a path or hub id")
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"`{key}` must be a model path, hub id or demo:NAME, got {value!r}")
+    if "+" in value:
+        raise ConfigError(f"`{key}` = {value!r}: LoRA (+adapter) references are not supported yet; merge the adapter first")
+    return value.strip()
+
+
+def _read(source) -> dict:
+    if isinstance(source, MergeConfig):
+        return source.to_dict()
+    if isinstance(source, dict):
+        return copy.deepcopy(source)
+    if isinstance(source, Path) or (isinstance(source, str) and "\n" not in source and source.endswith((".yaml", ".yml"))):
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        text = path.read_text()
+    elif isinstance(source, str):
+        text = source
+    else:
+        raise ConfigError(f"a config must be a dict, YAML text or a .yaml path, got {type(source).__name__}")
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"the config is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError("the config must be a YAML mapping with at least `merge_method`, `base_model` and `models`")
+    return data
+
+
+# ----------------------------------------------------------------------------- load
+
+def load_config(source) -> MergeConfig:
+    """Parse and validate a config (dict, YAML text, or path). Raises ConfigError naming the problem."""
+    data = _read(source)
+    notices: list[str] = []
+
+    for key in data:
+        if key in MERGEKIT_UNSUPPORTED_TOP:
+            raise ConfigError(MERGEKIT_UNSUPPORTED_TOP[key])
+        if key not in TOP_KEYS:
+            raise ConfigError(f"unknown key `{key}`; known keys: {', '.join(sorted(TOP_KEYS))}")
+
+    method = data.get("merge_method")
+    if method is not None:
+        if method in UNSUPPORTED_METHODS:
+            raise ConfigError(f"merge_method `{method}` is not supported yet; supported: {', '.join(PRESETS)} "
+                              f"(or explicit prune/amplify/combine stages)")
+        if method not in PRESETS:
+            raise ConfigError(f"unknown merge_method `{method}`; supported: {', '.join(PRESETS)}")
+        prune, amplify, combine = PRESETS[method]
+    elif not any(k in data for k in ("prune", "amplify", "combine")):
+        raise ConfigError(f"the config needs `merge_method` (one of {', '.join(PRESETS)}) or explicit "
+                          f"`prune`/`amplify`/`combine` stages")
+    else:
+        prune, amplify, combine = "none", "none", "sum"
+    prune = _choice(data.get("prune", prune), "prune", PRUNES)
+    amplify = _choice(data.get("amplify", amplify), "amplify", AMPLIFIES)
+    combine = _choice(data.get("combine", combine), "combine", COMBINES)
+    if amplify == "dpa" and prune not in ("magnitude", "dp"):
+        raise ConfigError(f"amplify `dpa` needs a magnitude or dp prune (its bands are magnitude ranks), "
+                          f"got prune `{prune}`")
+
+    if "base_model" not in data:
+        raise ConfigError("`base_model` is required: the model the fine-tunes were trained from")
+    base = _ref(data["base_model"], "base_model")
+
+    params = data.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise ConfigError(f"`parameters` must be a mapping, got {params!r}")
+    for key in params:
+        if key not in GLOBAL_KEYS:
+            raise ConfigError(f"unknown key `parameters.{key}`; known: {', '.join(sorted(GLOBAL_KEYS))}")
+    if "int8_mask" in params:
+        _bool(params["int8_mask"], "parameters.int8_mask")
+        notices.append("`int8_mask` only saves memory in mergekit; masks here are boolean already, so it is ignored")
+
+    default_normalize = method == "ties" if method else combine == "ties"
+    cfg = MergeConfig(
+        base_model=base, models=[], merge_method=method, prune=prune, amplify=amplify, combine=combine,
+        lambda_=_num(params.get("lambda", 1.0), "parameters.lambda"),
+        normalize=_bool(params.get("normalize", default_normalize), "parameters.normalize"),
+        dp_lambda=_num(params.get("dp_lambda", 0.08), "parameters.dp_lambda", lo=0, hi=1),
+        dp_outlier_m=_num(params.get("dp_outlier_m", 5.0), "parameters.dp_outlier_m", lo=0, lo_open=True),
+        dp_others=_choice(params.get("dp_others", "keep"), "parameters.dp_others", ("keep", "magnitude")),
+        pcb_ratio=_num(params.get("pcb_ratio", 0.1), "parameters.pcb_ratio", lo=0, hi=1, lo_open=True),
+        scope=_choice(params.get("scope", "tensor"), "parameters.scope", ("tensor", "model")),
+        seed=_num(data.get("seed", 0), "seed", lo=0, integer=True),
+        name=data.get("name"), notices=notices,
+    )
+
+    # Output dtype: mergekit's out_dtype wins over dtype; default = the base's.
+    for key in ("dtype", "out_dtype"):
+        if data.get(key) is not None:
+            cfg.dtype = DTYPES.get(str(data[key]).lower()) or _choice(data[key], key, tuple(DTYPES))
+
+    tok = data.get("tokenizer_source")
+    if "tokenizer" in data:
+        t = data["tokenizer"]
+        if not isinstance(t, dict) or set(t) - {"source"}:
+            raise ConfigError("`tokenizer`: only `tokenizer: {source: base|MODEL}` is supported yet "
+                              "(token surgery is not)")
+        tok = t.get("source")
+    if tok is not None:
+        if tok == "union":
+            raise ConfigError("`tokenizer_source: union` is not supported yet; use `base` or one model's path")
+        cfg.tokenizer_source = None if tok == "base" else _ref(tok, "tokenizer_source")
+    ct = data.get("chat_template")
+    if ct is not None:
+        if not isinstance(ct, str):
+            raise ConfigError(f"`chat_template` must be `auto`, `chatml` or a Jinja template, got {ct!r}")
+        if ct in NAMED_CHAT_TEMPLATES:
+            cfg.chat_template = NAMED_CHAT_TEMPLATES[ct]
+        elif ct == "auto":
+            cfg.chat_template = None
+        elif "{{" in ct or "{%" in ct:
+            cfg.chat_template = ct
+        else:
+            raise ConfigError(f"`chat_template` = {ct!r}: give `auto`, one of {', '.join(NAMED_CHAT_TEMPLATES)}, "
+                              f"or a Jinja template")
+
+    # Global defaults for per-model parameters.
+    g_weight = _num(params.get("weight", 1.0), "parameters.weight")
+    g_density = params.get("density", 1.0)
+    g_rescale = _rescale(params.get("rescale", "paper"), "parameters.rescale")
+
+    items = data.get("models")
+    if not isinstance(items, list) or not items:
+        raise ConfigError("`models` must list at least one fine-tuned model (`- model: PATH`)")
+    for i, item in enumerate(items):
+        where = f"models[{i}]"
+        if isinstance(item, str):
+            item = {"model": item}
+        if not isinstance(item, dict) or "model" not in item:
+            raise ConfigError(f"`{where}` must be a mapping with a `model:` key, got {item!r}")
+        for key in item:
+            if key not in ("model", "parameters", "domain"):
+                raise ConfigError(f"unknown key `{where}.{key}`; known: model, parameters, domain")
+        ref = _ref(item["model"], f"{where}.model")
+        p = item.get("parameters") or {}
+        if not isinstance(p, dict):
+            raise ConfigError(f"`{where}.parameters` must be a mapping, got {p!r}")
+        for key in p:
+            if key not in MODEL_KEYS:
+                raise ConfigError(f"unknown key `{where}.parameters.{key}`; known: {', '.join(sorted(MODEL_KEYS))}")
+        if ref == base:
+            # mergekit YAMLs often list the base among the models; its delta is zero, so it is skipped.
+            notices.append(f"{where} is the base model; skipped (its delta is zero)")
+            continue
+        spec = ModelSpec(
+            model=ref,
+            weight=_num(p.get("weight", g_weight), f"{where}.parameters.weight"),
+            density=_num(p.get("density", g_density), f"{where}.parameters.density", lo=0, hi=1, lo_open=True),
+            domain=p.get("domain", item.get("domain")),
+            rescale=_rescale(p["rescale"], f"{where}.parameters.rescale") if "rescale" in p else g_rescale,
+        )
+        if amplify == "dpa":
+            parts = p.get("partitions", params.get("partitions"))
+            parts = [spec.density / 2, spec.density] if parts is None else _floats(parts, f"{where}.parameters.partitions")
+            if any(b <= a for a, b in zip(parts, parts[1:])) or parts[0] <= 0:
+                raise ConfigError(f"`{where}` partitions {parts} must be positive and strictly ascending")
+            if not math.isclose(parts[-1], spec.density, rel_tol=0, abs_tol=1e-9):
+                raise ConfigError(f"`{where}` partitions {parts} must end at the model's density {spec.density}")
+            if len(parts) > 3:
+                raise ConfigError(f"`{where}` has {len(parts)} partitions; at most 3 are supported")
+            amp = p.get("amplification", params.get("amplification"))
+            if amp is None:
+                amp = [1.8] + [1.0] * (len(parts) - 1)
+            elif amp == "auto":
+                pass
+            else:
+                amp = _floats(amp, f"{where}.parameters.amplification")
+                if len(amp) != len(parts):
+                    raise ConfigError(f"`{where}` has {len(amp)} amplification factors for {len(parts)} partitions")
+                if any(a < 0 for a in amp):
+                    raise ConfigError(f"`{where}` amplification {amp} must be >= 0")
+            spec.partitions, spec.amplification = parts, amp
+        cfg.models.append(spec)
+    if amplify != "dpa" and ("partitions" in params or "amplification" in params or any(
+            "partitions" in (m.get("parameters") or {}) or "amplification" in (m.get("parameters") or {})
+            for m in items if isinstance(m, dict))):
+        notices.append("`partitions`/`amplification` are ignored: this pipeline has no dpa amplify stage")
+    if not cfg.models:
+        raise ConfigError("`models` lists only the base model; add at least one fine-tuned model")
+    if cfg.combine == "pcb" and cfg.scope == "model":
+        notices.append("scope: model flattens the whole model at once; it needs all deltas in memory")
+    return cfg

@@ -1,0 +1,313 @@
+"""The streaming merge engine: inputs read lazily tensor by tensor, merged on the chosen device,
+written straight into pre-planned safetensors shards.
+
+Data flow for one merge (nothing else is held in memory):
+  resolve refs -> open readers (headers only) -> check compatibility -> [DP: two statistics
+  passes] -> for each tensor name: read base + fine-tunes (prefetched by a thread) -> pipeline
+  -> write at its offset (a second thread) -> copy config/tokenizer -> card + YAML -> rename.
+Peak memory is about (n_models + 2) x the largest tensor in float32 plus one prefetched set of
+raw inputs and one pending output, whatever the depth of the model.
+"""
+from __future__ import annotations
+
+import copy
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import io
+from .config import MergeConfig, load_config
+from .methods import greedy_alpha_search, keep_count
+from .pipeline import Scratch, dp_maps_from_stats, merge_state_dicts, merge_tensor, output_dtype, plan_steps
+from .stats import collect_stats, save_stats
+
+STATS_FILE = "dppa_stats.json"
+CONFIG_FILE = "dppa_merge.yaml"
+# Rough CPU throughput (delta entries per second per fine-tune) used only for --dry-run's time estimate.
+_EST_RATE = {"none": 4e8, "magnitude": 6e7, "random": 1.5e8, "dp": 5e7}
+
+
+@dataclass
+class MergeResult:
+    out: Path | None
+    seconds: float
+    device: str
+    tensors: int
+    params: int
+    kept_fraction: list[float]                       # per fine-tune: delta entries kept by the prune
+    config: MergeConfig
+    notices: list[str] = field(default_factory=list)
+    alpha_search: dict[str, dict] = field(default_factory=dict)   # model -> {alpha, score, path}
+    plan: str = ""                                   # the dry-run report
+
+
+def tune_allocator() -> None:
+    """Keep freed work buffers in the heap instead of returning them to the OS (glibc only).
+
+    A merge allocates and frees the same few buffer sizes for every tensor; glibc hands each
+    block over 128 KB back with munmap, so the next tensor page-faults it in again (half the
+    merge time on CPU). Raising the mmap and trim thresholds to their caps keeps them.
+    """
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 32 * 1024 * 1024)     # M_MMAP_THRESHOLD: its 64-bit maximum
+        libc.mallopt(-1, 1 << 30)              # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for but no CUDA GPU is available; use --device cpu or auto")
+    if device not in ("cpu",) and not device.startswith("cuda"):
+        raise ValueError(f"--device must be auto, cpu or cuda, got {device!r}")
+    return torch.device(device)
+
+
+class _Inputs:
+    """The opened base and fine-tune checkpoints, with the shapes to merge."""
+
+    def __init__(self, cfg: MergeConfig, allow_pickle: bool, allow_vocab_trim: bool):
+        self.base_dir = io.resolve_model(cfg.base_model, allow_pickle=allow_pickle)
+        self.model_dirs = [io.resolve_model(m.model, allow_pickle=allow_pickle) for m in cfg.models]
+        self.base = io.CheckpointReader(self.base_dir, allow_pickle=allow_pickle)
+        self.fts = [io.CheckpointReader(d, allow_pickle=allow_pickle) for d in self.model_dirs]
+        self.shapes = io.check_compatible(self.base, {m.model: r for m, r in zip(cfg.models, self.fts)},
+                                          allow_vocab_trim=allow_vocab_trim)
+        self.names = list(self.shapes)
+
+    def vocab_override(self) -> dict | None:
+        """config.json's vocab_size after --allow-vocab-trim cut the embedding rows."""
+        trimmed = [s[0] for n, s in self.shapes.items() if s != tuple(self.base.shape(n))]
+        return {"vocab_size": min(trimmed)} if trimmed else None
+
+    def load(self, name: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        rows = self.shapes[name][0] if self.shapes[name] != tuple(self.base.shape(name)) else None
+        get = (lambda r: r.get(name, rows=rows)) if rows is not None else (lambda r: r.view(name))
+        return get(self.base), [get(r) for r in self.fts]
+
+    def close(self):
+        for r in [self.base, *self.fts]:
+            r.close()
+
+
+def _kept_fraction(cfg: MergeConfig, inputs: _Inputs, dp_maps) -> list[float]:
+    """Share of delta entries each fine-tune keeps after pruning (expected value for random)."""
+    out = []
+    for i in range(len(cfg.models)):
+        kept = total = 0
+        for name in inputs.names:
+            n = 1
+            for s in inputs.shapes[name]:
+                n *= s
+            step = plan_steps(cfg, name, inputs.shapes[name], dp_maps)[i]
+            total += n
+            kept += n if not step.prune else (
+                step.density * n if cfg.prune == "random" else keep_count(step.density, n))
+        out.append(kept / max(total, 1))
+    return out
+
+
+def _plan_report(cfg: MergeConfig, inputs: _Inputs, out_dtype: torch.dtype, device: torch.device) -> tuple[str, int]:
+    n_params = sum(torch.Size(s).numel() for s in inputs.shapes.values())
+    largest = max(torch.Size(s).numel() for s in inputs.shapes.values())
+    disk = sum(torch.Size(s).numel() for s in inputs.shapes.values()) * out_dtype.itemsize
+    n = len(cfg.models)
+    mem = (n + 2) * largest * 4 + (n + 1) * largest * 4      # working set + prefetched inputs
+    rate = _EST_RATE[cfg.prune] * (0.5 if cfg.combine == "pcb" else 1.0)
+    secs = n_params * n / rate * (2 if cfg.prune == "dp" else 1) * (0.1 if device.type == "cuda" else 1)
+    lines = [f"method: {cfg.method_name} (prune={cfg.prune}, amplify={cfg.amplify}, combine={cfg.combine})",
+             f"base: {cfg.base_model} -> {inputs.base_dir}"]
+    for m, d in zip(cfg.models, inputs.model_dirs):
+        extra = f", partitions={m.partitions}, amplification={m.amplification}" if cfg.amplify == "dpa" else ""
+        lines.append(f"model: {m.model} -> {d} (weight={m.weight}, density={m.density}{extra})")
+    lines += [f"parameters: lambda={cfg.lambda_}, normalize={cfg.normalize}, seed={cfg.seed}"
+              + (f", dp_lambda={cfg.dp_lambda}, dp_outlier_m={cfg.dp_outlier_m}, dp_others={cfg.dp_others}"
+                 if cfg.prune == "dp" else "")
+              + (f", pcb_ratio={cfg.pcb_ratio}, scope={cfg.scope}" if cfg.combine == "pcb" else ""),
+              f"tensors: {len(inputs.names)} ({n_params:,} parameters), output dtype {str(out_dtype).split('.')[-1]}",
+              f"device: {device}",
+              f"estimated peak memory: {mem / 1e9:.2f} GB; disk: {disk / 1e9:.2f} GB; time: ~{secs:.0f} s (rough)"]
+    lines += [f"tensor {name} {list(shape)}" for name, shape in inputs.shapes.items()]
+    return "\n".join(lines), disk
+
+
+def load_state_dict(path: Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    with io.CheckpointReader(path, allow_pickle=allow_pickle) as r:
+        return {n: r.get(n) for n in r.names}
+
+
+def search_amplification(cfg: MergeConfig, base_dir: Path, model_dirs: list[Path],
+                         log: Callable[[str], None] = print, max_evals: int = 60) -> dict[str, dict]:
+    """Resolve `amplification: auto`: DPPA's greedy alpha search, per fine-tune, on the dev split
+    of its domain, scoring the pruned fine-tune alone against the unpruned one."""
+    todo = [i for i, m in enumerate(cfg.models) if m.amplification == "auto"]
+    if not todo:
+        return {}
+    from . import evaluation, zoo   # the scorer and the demo models' domains
+    base_sd = load_state_dict(base_dir)
+    report = {}
+    for i in todo:
+        m = cfg.models[i]
+        domains = m.domain or zoo.model_info(model_dirs[i]).get("domain")
+        if not domains:
+            raise ValueError(f"amplification: auto for {m.model} needs `domain:` (the dev split its alpha is "
+                             f"scored on); demo models know theirs")
+        domains = [domains] if isinstance(domains, str) else list(domains)
+        ft_sd = load_state_dict(model_dirs[i])
+        objective = evaluation.alpha_objective(model_dirs[i], domains, split="dev")
+        single = copy.deepcopy(cfg)
+        single.models = [copy.deepcopy(m)]
+        single.models[0].weight, single.lambda_, single.combine, single.normalize = 1.0, 1.0, "sum", False
+        stats = None
+        if single.prune == "dp":
+            stats = collect_stats(list(base_sd), lambda n: (base_sd[n], [ft_sd[n]]), [m.model], cfg.dp_outlier_m)
+
+        def score(alpha: list[float]) -> float:
+            single.models[0].amplification = alpha
+            s = objective(merge_state_dicts(base_sd, [ft_sd], single, stats=stats))
+            log(f"  alpha {alpha} -> {s:.4f}")
+            return s
+
+        log(f"searching amplification for {m.model} on {', '.join(domains)} (dev split)")
+        res = greedy_alpha_search(score, n_bands=len(m.partitions), max_evals=max_evals)
+        m.amplification = res.alpha
+        report[m.model] = {"alpha": res.alpha, "score": res.score, "path": res.path}
+        log(f"  chose {res.alpha} (score {res.score:.4f})")
+    return report
+
+
+def merge(config, out: str | Path | None, *, device: str = "auto", seed: int | None = None,
+          overwrite: bool = False, dry_run: bool = False, progress: bool | Callable[[int, int], None] = False,
+          cancel: Callable[[], bool] | None = None, allow_pickle: bool = False, allow_vocab_trim: bool = False,
+          shard_bytes: int = 5 * 10**9, log: Callable[[str], None] | None = None) -> MergeResult:
+    """Run a merge from a config (dict, YAML text or path) into the folder `out`.
+
+    `progress`: True for a tqdm bar on stderr, or a callable(done, total). `cancel`: a callable
+    polled between tensors; when it returns True the merge stops and nothing is left on disk.
+    """
+    log = log or (lambda s: print(s, file=sys.stderr))
+    t0 = time.perf_counter()
+    tune_allocator()
+    cfg = load_config(config)
+    if seed is not None:
+        cfg.seed = int(seed)
+    for note in cfg.notices:
+        log(f"notice: {note}")
+    dev = pick_device(device)
+    inputs = _Inputs(cfg, allow_pickle, allow_vocab_trim)
+    try:
+        out_dtype = output_dtype(cfg, inputs.base.dtype(inputs.names[0]))
+        if cfg.dtype is None:   # the base's dtype: that of its floating tensors
+            floats = [inputs.base.dtype(n) for n in inputs.names if inputs.base.dtype(n).is_floating_point]
+            out_dtype = max(set(floats), key=floats.count) if floats else torch.float32
+        report, disk = _plan_report(cfg, inputs, out_dtype, dev)
+        if dry_run:
+            return MergeResult(out=None, seconds=time.perf_counter() - t0, device=str(dev), tensors=len(inputs.names),
+                               params=sum(torch.Size(s).numel() for s in inputs.shapes.values()),
+                               kept_fraction=[], config=cfg, notices=cfg.notices, plan=report)
+        if out is None:
+            raise ValueError("an output folder is needed (--out DIR)")
+        out = Path(out)
+        io.check_free_disk(out.parent if not out.exists() else out, int(disk * 1.02) + (1 << 20))
+        alpha_report = search_amplification(cfg, inputs.base_dir, inputs.model_dirs, log)
+        with io.atomic_output_dir(out, overwrite=overwrite) as tmp:
+            result = _merge_to(cfg, inputs, tmp, dev, out_dtype, progress, cancel, shard_bytes, log)
+            tok_dir = io.resolve_model(cfg.tokenizer_source, allow_pickle=allow_pickle) if cfg.tokenizer_source else None
+            io.copy_model_files(inputs.base_dir, tmp, dtype=out_dtype, tokenizer_dir=tok_dir,
+                                chat_template=cfg.chat_template, config_overrides=inputs.vocab_override())
+            yaml_text = cfg.to_yaml()
+            (tmp / CONFIG_FILE).write_text(yaml_text)
+            io.write_model_card(tmp, base_ref=cfg.base_model, model_refs=[m.model for m in cfg.models],
+                                method=cfg.method_name, seed=cfg.seed, yaml_text=yaml_text,
+                                extra={"kept fraction": ", ".join(f"{k:.3f}" for k in result.kept_fraction),
+                                       "device": str(dev)})
+        result.out, result.seconds, result.alpha_search = out, time.perf_counter() - t0, alpha_report
+        return result
+    finally:
+        inputs.close()
+
+
+def _merge_to(cfg: MergeConfig, inputs: _Inputs, tmp: Path, dev: torch.device, out_dtype: torch.dtype,
+              progress, cancel, shard_bytes: int, log) -> MergeResult:
+    names = inputs.names
+    float_names = [n for n in names if inputs.base.dtype(n).is_floating_point]
+    total = len(names) + (len(float_names) + sum(
+        1 for n in float_names if len(inputs.shapes[n]) == 2) if cfg.prune == "dp" else 0)
+    bar, tick = _progress(progress, total)
+    try:
+        dp_maps = None
+        if cfg.prune == "dp":
+            stats = collect_stats(float_names, lambda n: _to(inputs.load(n), dev),
+                                  [m.model for m in cfg.models], cfg.dp_outlier_m, progress=tick)
+            dp_maps = dp_maps_from_stats(cfg, stats)
+            save_stats(stats, tmp / STATS_FILE)
+        if cfg.combine == "pcb" and cfg.scope == "model":
+            base_sd = {n: inputs.load(n)[0] for n in names}
+            fts = [{} for _ in cfg.models]
+            for n in names:
+                for sd, t in zip(fts, inputs.load(n)[1]):
+                    sd[n] = t
+            merged = merge_state_dicts(base_sd, fts, cfg, device=dev, progress=None)
+            specs = [(n, tuple(merged[n].shape), merged[n].dtype) for n in names]
+            with io.ShardedWriter(tmp, specs, max_shard_bytes=shard_bytes) as w:
+                for n in names:
+                    w.write(n, merged[n])
+                    tick(1)
+        else:
+            specs = [(n, inputs.shapes[n], out_dtype if inputs.base.dtype(n).is_floating_point
+                      else inputs.base.dtype(n)) for n in names]
+            with io.ShardedWriter(tmp, specs, max_shard_bytes=shard_bytes) as w, \
+                    ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writer:
+                scratch = Scratch()
+                pending_read = reader.submit(inputs.load, names[0])
+                pending_write = None
+                for k, name in enumerate(names):
+                    if cancel and cancel():
+                        raise InterruptedError("merge cancelled")
+                    base, fts = pending_read.result()
+                    if k + 1 < len(names):          # overlap the next read with this tensor's math
+                        pending_read = reader.submit(inputs.load, names[k + 1])
+                    merged = merge_tensor(cfg, name, base.to(dev), fts, dp_maps, out_dtype=out_dtype,
+                                          scratch=scratch).to("cpu")
+                    if pending_write is not None:
+                        pending_write.result()
+                    pending_write = writer.submit(w.write, name, merged)
+                    del base, fts, merged
+                    tick(1)
+                if pending_write is not None:
+                    pending_write.result()
+    finally:
+        if bar is not None:
+            bar.close()
+    return MergeResult(out=None, seconds=0.0, device=str(dev), tensors=len(names),
+                       params=sum(torch.Size(s).numel() for s in inputs.shapes.values()),
+                       kept_fraction=_kept_fraction(cfg, inputs, dp_maps), config=cfg, notices=cfg.notices)
+
+
+def _to(pair, dev):
+    base, fts = pair
+    return base.to(dev), [f.to(dev) for f in fts]
+
+
+def _progress(progress, total):
+    if progress is True:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=total, unit="tensor", file=sys.stderr, dynamic_ncols=True)
+        return bar, bar.update
+    if callable(progress):
+        state = {"done": 0}
+
+        def tick(n):
+            state["done"] += n
+            progress(state["done"], total)
+        return None, tick
+    return None, lambda n: None

@@ -1,0 +1,56 @@
+"""Random pruning: DARE, "Drop And REscale" (Yu et al. 2023, arXiv 2311.03099, Eq. 1-2).
+
+Each delta entry is kept independently with probability p = density and the kept entries are
+multiplied by 1/p, so the expected delta is unchanged. Magnitude plays no part: that is DARE's
+point, and the DPPA paper's counter-point (it fails when the fine-tune moved far from the base).
+
+`rescale` options:
+  "paper" (default): x 1/density, the DARE paper.
+  "l1" (mergekit's `rescale: true` is read as this): scale the kept entries so the L1 norm of the
+      pruned delta equals the original's (a no-op where either norm is below 1e-8).
+  "none" (`rescale: false`): keep the surviving values as they are.
+A mergekit dare YAML without `rescale` therefore gets DARE-paper scaling here.
+
+Masks are reproducible: one generator per (seed, model index, tensor name), so the same seed gives
+the same masks on the same device type whatever order the tensors are processed in.
+"""
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+RESCALE_MODES = ("paper", "l1", "none")
+
+
+def tensor_generator(seed: int, model_index: int, name: str, device: torch.device | str = "cpu") -> torch.Generator:
+    """A torch.Generator seeded from (seed, model index, a stable hash of the tensor name)."""
+    digest = hashlib.sha256(f"{int(seed)}|{int(model_index)}|{name}".encode()).digest()
+    return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+
+def random_mask(shape: torch.Size | tuple, density: float, generator: torch.Generator,
+                device: torch.device | str = "cpu") -> torch.Tensor:
+    """Bernoulli(density) keep-mask: entry kept where a uniform draw in [0, 1) is < density."""
+    return torch.rand(tuple(shape), generator=generator, device=device) < density
+
+
+def dare_prune(delta: torch.Tensor, density: float, generator: torch.Generator,
+               rescale: str = "paper", inplace: bool = False) -> torch.Tensor:
+    """Drop each entry with probability 1 - density, then rescale the survivors (see module doc).
+
+    `inplace=True` works in `delta` itself (the engine's buffers), saving a copy."""
+    if rescale not in RESCALE_MODES:
+        raise ValueError(f"rescale must be one of {RESCALE_MODES}, got {rescale!r}")
+    if density >= 1.0:
+        return delta
+    before = delta.abs().sum() if rescale == "l1" else None
+    mask = random_mask(delta.shape, density, generator, delta.device)
+    out = delta.mul_(mask) if inplace else delta * mask
+    if rescale == "paper":
+        out /= density
+    elif rescale == "l1":
+        after = out.abs().sum()
+        if before >= 1e-8 and after >= 1e-8:
+            out *= before / after
+    return out

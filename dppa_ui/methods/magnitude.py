@@ -1,0 +1,26 @@
+"""Magnitude pruning: TIES step 1, "trim" (Yadav et al. 2023, arXiv 2306.01708, Sec. 3).
+
+Keep the k = int(density * n) entries of largest |delta| and zero the rest. No rescaling: TIES
+keeps the surviving entries at their trained values. Ties at the threshold are resolved by
+`select.topk_mask` (lowest flat index first), so exactly k entries survive.
+"""
+from __future__ import annotations
+
+import torch
+
+from .select import keep_count, topk_mask
+
+
+def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
+    """Mask of the int(density * n) entries of largest |delta|."""
+    return topk_mask(delta.abs(), keep_count(density, delta.numel()))
+
+
+def magnitude_prune(delta: torch.Tensor, density: float, inplace: bool = False) -> torch.Tensor:
+    """Zero all but the int(density * n) largest-magnitude entries of `delta`.
+
+    `inplace=True` zeroes them in `delta` itself (the engine's buffers), saving a copy."""
+    if density >= 1.0:
+        return delta
+    mask = magnitude_mask(delta, density)
+    return delta.mul_(mask) if inplace else delta * mask

@@ -1,0 +1,28 @@
+"""Sum combine: task arithmetic (Ilharco et al. 2023, "Editing models with task arithmetic").
+
+merged delta = sum_i w_i * delta_i, optionally divided by sum_i w_i (normalize). Weights may be
+negative (task negation). Matches mergekit's task_arithmetic, including its guard: a weight sum
+whose magnitude is below 1e-8 is not divided by.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def _weights(deltas: torch.Tensor, weights) -> torch.Tensor:
+    w = torch.as_tensor(weights, dtype=deltas.dtype, device=deltas.device)
+    return w.view(-1, *([1] * (deltas.dim() - 1)))
+
+
+def sum_combine(deltas: torch.Tensor, weights, normalize: bool = False, inplace: bool = False) -> torch.Tensor:
+    """deltas: (n, ...) stacked task vectors; weights: n numbers. `inplace` may overwrite deltas."""
+    w = _weights(deltas, weights)
+    if bool((w == 1).all()):
+        merged = deltas.sum(dim=0)
+    else:
+        merged = (deltas.mul_(w) if inplace else deltas * w).sum(dim=0)
+    if normalize:
+        total = float(w.sum())
+        if abs(total) >= 1e-8:
+            merged /= total
+    return merged

@@ -1,0 +1,181 @@
+"""One tensor through the pipeline: theta_b + lambda * combine(amplify(prune(delta_i))).
+
+Everything here is pure tensor work on one tensor name; the engine streams names through it
+from disk, and `merge_state_dicts` runs it over state dicts held in memory (the app's instant
+chat path). All math is float32 on the chosen device.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .config import MergeConfig, load_config
+from .methods import (dare_prune, dpa_amplify, is_dp_target, magnitude_prune, pcb_combine, sum_combine,
+                      tensor_generator, ties_combine)
+from .methods.dp import DPDensity
+from .stats import DeltaStats, collect_stats
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class Step:
+    """What happens to one fine-tune's delta of one tensor."""
+    prune: bool           # False: the whole delta is kept (no prune, or DP's `dp_others: keep`)
+    density: float        # the density it is pruned at (DP: the module's d_m)
+    offset: float = 0.0   # DPA band shift (DP: d_m - target density)
+
+
+def plan_steps(cfg: MergeConfig, name: str, shape, dp_maps: list[dict[str, DPDensity]] | None) -> list[Step]:
+    """The per-model Step for tensor `name`."""
+    steps = []
+    for i, m in enumerate(cfg.models):
+        if cfg.prune == "none":
+            steps.append(Step(prune=False, density=1.0))
+        elif cfg.prune != "dp":
+            steps.append(Step(prune=True, density=m.density))
+        elif is_dp_target(name, shape):
+            d = dp_maps[i][name]
+            steps.append(Step(prune=True, density=d.density, offset=d.offset))
+        elif cfg.dp_others == "keep":
+            steps.append(Step(prune=False, density=1.0))
+        else:
+            steps.append(Step(prune=True, density=m.density))
+    return steps
+
+
+def prune_amplify(cfg: MergeConfig, i: int, name: str, delta: torch.Tensor, step: Step,
+                  inplace: bool = False) -> torch.Tensor:
+    """Stages 1 and 2 for fine-tune i's delta of tensor `name` (`inplace`: may overwrite delta)."""
+    if not step.prune:
+        return delta
+    m = cfg.models[i]
+    if cfg.prune == "random":
+        gen = tensor_generator(cfg.seed, i, name, delta.device)
+        delta = dare_prune(delta, step.density, gen, m.rescale, inplace=inplace)
+    else:  # magnitude, or dp at the module's density
+        delta = magnitude_prune(delta, step.density, inplace=inplace)
+    if cfg.amplify == "dpa":
+        delta = dpa_amplify(delta, m.partitions, m.amplification, step.offset)
+    return delta
+
+
+def combine(cfg: MergeConfig, deltas: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """Stage 3 on the stacked (n, ...) deltas: the merged delta, before lambda."""
+    weights = [m.weight for m in cfg.models]
+    if cfg.combine == "sum":
+        return sum_combine(deltas, weights, cfg.normalize, inplace=inplace)
+    if cfg.combine == "ties":
+        return ties_combine(deltas, weights, cfg.normalize, inplace=inplace)
+    return pcb_combine(deltas, weights, cfg.pcb_ratio)
+
+
+class Scratch:
+    """Reusable float32 buffers, one per role, grown to the largest tensor seen.
+
+    Fresh multi-megabyte allocations are returned to the OS and page-fault again on every
+    tensor; reusing them keeps the merge at memory speed and the footprint at
+    (n_models + 1) x the largest tensor."""
+
+    def __init__(self):
+        self._bufs: dict[tuple, torch.Tensor] = {}
+
+    def get(self, role: str, shape, device: torch.device) -> torch.Tensor:
+        n = torch.Size(shape).numel()
+        key = (role, str(device))
+        buf = self._bufs.get(key)
+        if buf is None or buf.numel() < n:
+            buf = self._bufs[key] = torch.empty(n, dtype=torch.float32, device=device)
+        return buf[:n].view(shape)
+
+
+def merge_tensor(cfg: MergeConfig, name: str, base: torch.Tensor, fts: list[torch.Tensor],
+                 dp_maps: list[dict[str, DPDensity]] | None = None, out_dtype: torch.dtype | None = None,
+                 scratch: Scratch | None = None) -> torch.Tensor:
+    """The merged tensor for `name`, a new tensor on base's device in `out_dtype` (default float32).
+    Non-float tensors: the base's, unchanged. `scratch` lends reusable work buffers."""
+    if not base.is_floating_point():
+        return base
+    dev = base.device
+    scratch = scratch or Scratch()
+    steps = plan_steps(cfg, name, base.shape, dp_maps)
+    deltas = scratch.get("deltas", (len(fts), *base.shape), dev)
+    base32 = base if base.dtype == torch.float32 else scratch.get("base", base.shape, dev).copy_(base)
+    for i, ft in enumerate(fts):
+        torch.sub(ft.to(dev), base32, out=deltas[i])          # bf16 - f32 promotes in the kernel
+        slot = prune_amplify(cfg, i, name, deltas[i], steps[i], inplace=True)
+        if slot.data_ptr() != deltas[i].data_ptr():
+            deltas[i].copy_(slot)
+    merged = combine(cfg, deltas, inplace=True)
+    out = torch.empty(base.shape, dtype=out_dtype or torch.float32, device=dev)
+    return torch.add(base32, merged, alpha=cfg.lambda_, out=out) if cfg.lambda_ != 1.0 else \
+        torch.add(base32, merged, out=out)
+
+
+def output_dtype(cfg: MergeConfig, base_dtype: torch.dtype) -> torch.dtype:
+    return DTYPES[cfg.dtype] if cfg.dtype else base_dtype
+
+
+def dp_maps_from_stats(cfg: MergeConfig, stats: list[DeltaStats]) -> list[dict[str, DPDensity]]:
+    return [s.dp_map(m.density, cfg.dp_lambda) for s, m in zip(stats, cfg.models)]
+
+
+def merge_state_dicts(base_sd: dict[str, torch.Tensor], ft_sds: list[dict[str, torch.Tensor]], config,
+                      device: str | torch.device = "cpu", stats: list[DeltaStats] | None = None,
+                      progress: Callable[[int, int], None] | None = None,
+                      cancel: Callable[[], bool] | None = None) -> dict[str, torch.Tensor]:
+    """Merge state dicts held in memory, with no disk round-trip. Returns tensors on CPU in the
+    output dtype (the base's unless the config sets one). `stats` (from `collect_stats`) can be
+    passed to skip the DP statistics passes."""
+    cfg = config if isinstance(config, MergeConfig) else load_config(config)
+    if len(ft_sds) != len(cfg.models):
+        raise ValueError(f"the config lists {len(cfg.models)} fine-tunes but {len(ft_sds)} state dicts were given")
+    if any(isinstance(m.amplification, str) for m in cfg.models):
+        raise ValueError("amplification: auto must be resolved first (dppa_ui.engine.search_amplification)")
+    device = torch.device(device)
+    names = list(base_sd)
+    float_names = [n for n in names if base_sd[n].is_floating_point()]
+    dp_maps = None
+    if cfg.prune == "dp":
+        if stats is None:
+            stats = collect_stats(float_names, lambda n: (base_sd[n].to(device), [sd[n].to(device) for sd in ft_sds]),
+                                  [m.model for m in cfg.models], cfg.dp_outlier_m)
+        dp_maps = dp_maps_from_stats(cfg, stats)
+    if cfg.combine == "pcb" and cfg.scope == "model":
+        return _pcb_model_scope(cfg, base_sd, ft_sds, float_names, device, dp_maps)
+    out, scratch = {}, Scratch()
+    for k, name in enumerate(names):
+        if cancel and cancel():
+            raise InterruptedError("merge cancelled")
+        base = base_sd[name]
+        merged = merge_tensor(cfg, name, base.to(device), [sd[name] for sd in ft_sds], dp_maps,
+                              out_dtype=output_dtype(cfg, base.dtype), scratch=scratch)
+        out[name] = merged.to("cpu")
+        if progress:
+            progress(k + 1, len(names))
+    return out
+
+
+def _pcb_model_scope(cfg, base_sd, ft_sds, float_names, device, dp_maps):
+    """PCB's official whole-model flattening: one n x d matrix over every floating tensor."""
+    flat = []
+    for i, sd in enumerate(ft_sds):
+        parts = []
+        for name in float_names:
+            b = base_sd[name].to(device, torch.float32)
+            step = plan_steps(cfg, name, b.shape, dp_maps)[i]
+            parts.append(prune_amplify(cfg, i, name, sd[name].to(device, torch.float32) - b, step).reshape(-1))
+        flat.append(torch.cat(parts))
+    merged = combine(cfg, torch.stack(flat)) * cfg.lambda_
+    out, pos = {}, 0
+    for name, t in base_sd.items():
+        if name in float_names:
+            n = t.numel()
+            m = merged[pos:pos + n].view(t.shape) + t.to(device, torch.float32)
+            out[name] = m.to("cpu", output_dtype(cfg, t.dtype))
+            pos += n
+        else:
+            out[name] = t
+    return out
