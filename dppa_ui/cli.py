@@ -70,6 +70,6 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # one line for users; DPPA_UI_DEBUG=1 for the traceback
         if os.environ.get("DPPA_UI_DEBUG"):
             raise
-        msg = str(e).strip() or type(e).__name__
+        msg = "; ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
         print(f"error: {msg}", file=sys.stderr)
         return 1

@@ -61,9 +61,22 @@ TOP_KEYS = {"merge_method", "prune", "amplify", "combine", "base_model", "models
             "out_dtype", "seed", "tokenizer_source", "tokenizer", "chat_template", "name"}
 MERGEKIT_UNSUPPORTED_TOP = {"slices": "slices (layer ranges) are not supported yet: list whole models under `models:`",
                             "modules": "modules are not supported yet: list whole models under `models:`"}
+# mergekit's named templates, written out here (same conversation formats, our own Jinja).
 NAMED_CHAT_TEMPLATES = {
-    "chatml": "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
-              "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}",
+    "chatml": "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+              "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}",
+    "llama3": "{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n'"
+              " + m['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+              "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}",
+    "alpaca": "{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] + '\\n\\n' }}"
+              "{% elif m['role'] == 'user' %}{{ '### Instruction:\\n' + m['content'] + '\\n\\n' }}"
+              "{% else %}{{ '### Response:\\n' + m['content'] + eos_token + '\\n\\n' }}{% endif %}{% endfor %}"
+              "{% if add_generation_prompt %}{{ '### Response:\\n' }}{% endif %}",
+    "mistral": "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + ' [/INST]' }}"
+               "{% elif m['role'] == 'assistant' %}{{ m['content'] + eos_token }}{% endif %}{% endfor %}",
+    "exaone": "{% for m in messages %}{{ '[|' + m['role'] + '|]' + m['content'] }}{% if m['role'] == 'user' %}"
+              "{{ '\\n' }}{% else %}{{ '[|endofturn|]\\n' }}{% endif %}{% endfor %}"
+              "{% if add_generation_prompt %}{{ '[|assistant|]' }}{% endif %}",
 }
 
 
@@ -316,8 +329,8 @@ def load_config(source) -> MergeConfig:
         elif "{{" in ct or "{%" in ct:
             cfg.chat_template = ct
         else:
-            raise ConfigError(f"`chat_template` = {ct!r}: give `auto`, one of {', '.join(NAMED_CHAT_TEMPLATES)}, "
-                              f"or a Jinja template")
+            notices.append(f"chat_template {ct!r} is not a template we know ({', '.join(NAMED_CHAT_TEMPLATES)}); "
+                           f"the tokenizer source's own template is kept")
 
     # Global defaults for per-model parameters.
     g_weight = _num(params.get("weight", 1.0), "parameters.weight")

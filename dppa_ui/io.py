@@ -263,8 +263,8 @@ class CheckpointReader:
         dtype, shape = self._dtype[name], self._shape[name]
         if self.pickled or f.suffix == ".bin":
             return self.get(name)
+        import mmap
         if f not in self._maps:
-            import mmap
             with open(f, "rb") as fh:
                 header_len = int.from_bytes(fh.read(8), "little")
                 header = json.loads(fh.read(header_len))
@@ -275,6 +275,8 @@ class CheckpointReader:
         begin, end = offsets[name]
         if end == begin or (start + begin) % dtype.itemsize:
             return self.get(name)
+        lo = (start + begin) // mmap.PAGESIZE * mmap.PAGESIZE
+        mm.madvise(mmap.MADV_WILLNEED, lo, start + end - lo)   # start reading ahead if not cached
         t = torch.frombuffer(mm, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=start + begin)
         return t.view(shape)
 

@@ -67,15 +67,14 @@ def greedy_alpha_search(score: Callable[[list[float]], float], n_bands: int = 2,
                 k += 1
                 if k < K: a[k] = 1.0 if a[k] < 0.1 else a[k] + step
 
-    Values are kept on the step grid (rounded) so float drift never changes a comparison.
-    Stops early after `max_evals` scores. Returns the best-scoring a seen, its score and the path.
+    Values are rounded to 9 decimals after each step so float drift (0.1 + 0.2) never changes a
+    comparison; the walk stays on the grid its start defines. Stops early after `max_evals`
+    scores. Returns the best-scoring a seen, its score and the path.
     """
     alpha = [1.8] + [0.0] * (n_bands - 1) if start is None else [float(x) for x in start]
     if len(alpha) != n_bands:
         raise ValueError(f"start has {len(alpha)} values for {n_bands} bands")
-    digits = max(0, -int(math.floor(math.log10(step)))) + 2
-    snap = lambda x: round(round(x / step) * step, digits)  # noqa: E731
-    alpha = [snap(x) for x in alpha]
+    snap = lambda x: round(x, 9)  # noqa: E731
     best, best_alpha, path, k = -math.inf, list(alpha), [], 0
     while k < n_bands and len(path) < max_evals:
         s = float(score(list(alpha)))

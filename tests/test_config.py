@@ -1,0 +1,289 @@
+"""Config contract (issue 2, "Config and CLI"): defaults, overrides, mergekit compatibility, and one
+refusal test per bad input, each asserting the offending key or value is named. No tensors here."""
+from __future__ import annotations
+
+import pytest
+
+from dppa_ui import PRESETS, ConfigError, load_config
+
+BASE = "org/base"
+
+
+def c(method="ties", models=None, params=None, **top):
+    d = {"base_model": BASE, "models": models if models is not None else [{"model": "org/a"}, {"model": "org/b"}]}
+    if method is not None:
+        d["merge_method"] = method
+    if params is not None:
+        d["parameters"] = params
+    d.update(top)
+    return d
+
+
+def refused(d, *needles):
+    with pytest.raises(ConfigError) as e:
+        load_config(d)
+    msg = str(e.value)
+    for n in needles:
+        assert n in msg, f"{n!r} not named in: {msg}"
+    return msg
+
+
+# --------------------------------------------------------------------------- presets and defaults
+
+def test_presets_are_the_issue_table():
+    assert PRESETS == {"task_arithmetic": ("none", "none", "sum"), "ties": ("magnitude", "none", "ties"),
+                       "dare_linear": ("random", "none", "sum"), "dare_ties": ("random", "none", "ties"),
+                       "dp": ("dp", "none", "sum"), "dppa": ("dp", "dpa", "sum"), "pcb": ("none", "none", "pcb")}
+    for name, stages in PRESETS.items():
+        assert load_config(c(name)).stages == stages
+
+
+def test_defaults():
+    cfg = load_config(c("task_arithmetic"))
+    assert [(m.weight, m.density) for m in cfg.models] == [(1.0, 1.0), (1.0, 1.0)]
+    assert cfg.dtype is None                       # output dtype = the base's
+    assert cfg.lambda_ == 1.0 and cfg.seed == 0
+    assert cfg.dp_lambda == 0.08 and cfg.dp_outlier_m == 5.0 and cfg.dp_others == "keep"
+    assert cfg.pcb_ratio == 0.1 and cfg.scope == "tensor"
+    assert [m.rescale for m in cfg.models] == ["paper", "paper"]   # DARE paper unless told otherwise
+
+
+@pytest.mark.parametrize("method,norm", [("ties", True), ("dare_ties", False), ("task_arithmetic", False),
+                                         ("dare_linear", False), ("dp", False), ("dppa", False), ("pcb", False)])
+def test_normalize_defaults(method, norm):
+    assert load_config(c(method)).normalize is norm
+    assert load_config(c(method, params={"normalize": not norm})).normalize is (not norm)
+
+
+def test_per_model_parameters_override_global():
+    cfg = load_config(c("ties", models=[{"model": "org/a", "parameters": {"density": 0.3, "weight": 0.5}},
+                                        {"model": "org/b"}], params={"density": 0.6, "weight": 2.0}))
+    assert [(m.weight, m.density) for m in cfg.models] == [(0.5, 0.3), (2.0, 0.6)]
+
+
+def test_dpa_partitions_amplification_global_and_per_model():
+    cfg = load_config(c("dppa", models=[{"model": "org/a", "parameters": {"density": 0.3, "partitions": [0.1, 0.3],
+                                                                         "amplification": [2.0, 1.1]}},
+                                        {"model": "org/b"}],
+                        params={"density": 0.2, "partitions": [0.1, 0.2], "amplification": [1.8, 1.0]}))
+    assert cfg.models[0].partitions == [0.1, 0.3] and cfg.models[0].amplification == [2.0, 1.1]
+    assert cfg.models[1].partitions == [0.1, 0.2] and cfg.models[1].amplification == [1.8, 1.0]
+
+
+def test_explicit_stages_override_preset():
+    cfg = load_config(c("ties", combine="sum"))
+    assert cfg.stages == ("magnitude", "none", "sum")
+    cfg = load_config(c(None, prune="dp", amplify="none", combine="pcb"))
+    assert cfg.stages == ("dp", "none", "pcb")
+    cfg = load_config(c("dppa", prune="magnitude"))
+    assert cfg.stages == ("magnitude", "dpa", "sum")
+
+
+def test_negative_weights_allowed():
+    cfg = load_config(c("task_arithmetic", models=[{"model": "org/a", "parameters": {"weight": -1.0}}]))
+    assert cfg.models[0].weight == -1.0
+
+
+def test_rescale_options():
+    def r(v):
+        return load_config(c("dare_linear", params={"density": 0.5, "rescale": v})).models[0].rescale
+    assert r(True) == "l1"          # mergekit's rescale: true
+    assert r(False) == "none"
+    assert r("l1") == "l1" and r("none") == "none" and r("paper") == "paper"
+
+
+def test_seed_and_yaml_round_trip():
+    cfg = load_config(c("dppa", params={"density": 0.2, "dp_lambda": 0.1}, seed=9, dtype="bf16"))
+    assert cfg.seed == 9 and cfg.dtype == "bfloat16"
+    again = load_config(cfg.to_yaml())
+    assert again.to_dict() == cfg.to_dict()
+    assert again.stages == cfg.stages and again.models == cfg.models
+
+
+def test_yaml_text_and_path(tmp_path):
+    text = "merge_method: ties\nbase_model: org/base\nmodels:\n  - model: org/a\n    parameters: {density: 0.5}\n"
+    assert load_config(text).models[0].density == 0.5
+    p = tmp_path / "m.yaml"
+    p.write_text(text)
+    assert load_config(str(p)).models[0].density == 0.5
+    assert load_config(p).models[0].density == 0.5
+
+
+# --------------------------------------------------------------------------- mergekit compatibility
+
+MERGEKIT_TIES = """
+models:
+  - model: org/base
+  - model: org/math
+    parameters:
+      density: 0.5
+      weight: 0.5
+  - model: org/code
+    parameters:
+      density: 0.5
+      weight: 0.3
+merge_method: ties
+base_model: org/base
+parameters:
+  normalize: true
+  int8_mask: true
+dtype: bfloat16
+"""
+
+
+def test_mergekit_ties_yaml_runs_unchanged():
+    cfg = load_config(MERGEKIT_TIES)
+    assert cfg.stages == ("magnitude", "none", "ties") and cfg.normalize is True
+    assert [m.model for m in cfg.models] == ["org/math", "org/code"]      # base listed: skipped
+    assert [(m.weight, m.density) for m in cfg.models] == [(0.5, 0.5), (0.3, 0.5)]
+    assert cfg.dtype == "bfloat16"
+    assert any("int8_mask" in n for n in cfg.notices)
+    assert any("base" in n for n in cfg.notices)
+
+
+@pytest.mark.parametrize("extra", [
+    {"out_dtype": "float16"}, {"tokenizer_source": "base"}, {"tokenizer_source": "org/a"},
+    {"tokenizer": {"source": "org/b"}}, {"chat_template": "chatml"}, {"chat_template": "auto"},
+    {"name": "my-merge"}, {"parameters": {"int8_mask": False}},
+])
+def test_mergekit_keys_accepted(extra):
+    load_config(c("ties", **extra))
+
+
+def test_mergekit_named_chat_template_accepted():
+    # mergekit ships named templates (alpaca, chatml, llama3, mistral, ...). The issue: mergekit's
+    # `chat_template` is "honoured or, where meaningless here, accepted with a notice".
+    load_config(c("ties", chat_template="llama3"))
+
+
+def test_out_dtype_wins_over_dtype():
+    assert load_config(c("ties", dtype="bfloat16", out_dtype="float16")).dtype == "float16"
+    assert load_config({"out_dtype": "float16", "dtype": "bfloat16", **c("ties")}).dtype == "float16"
+
+
+def test_base_among_models_skipped_but_only_base_refused():
+    cfg = load_config(c("ties", models=[{"model": BASE}, {"model": "org/a"}]))
+    assert [m.model for m in cfg.models] == ["org/a"]
+    refused(c("ties", models=[{"model": BASE}]), "models")
+
+
+# --------------------------------------------------------------------------- refusals, one per bad input
+
+def test_refuse_unknown_top_key():
+    refused(c("ties", frobnicate=1), "frobnicate")
+
+
+def test_refuse_unknown_parameters_key():
+    refused(c("ties", params={"densty": 0.5}), "densty")
+
+
+def test_refuse_unknown_model_parameters_key():
+    refused(c("ties", models=[{"model": "org/a", "parameters": {"wieght": 1}}]), "wieght")
+
+
+@pytest.mark.parametrize("method", ["linear", "slerp", "della"])
+def test_refuse_unsupported_method(method):
+    msg = refused(c(method), method)
+    assert "not supported yet" in msg
+
+
+def test_refuse_unknown_method():
+    refused(c("frankenmerge"), "frankenmerge")
+
+
+def test_refuse_missing_method_and_stages():
+    refused(c(None), "merge_method")
+
+
+def test_refuse_gradient_list_weight():
+    refused(c("ties", models=[{"model": "org/a", "parameters": {"weight": [0.1, 0.5, 1.0]}}]), "weight", "gradient")
+
+
+def test_refuse_gradient_list_density():
+    refused(c("ties", params={"density": [1.0, 0.7, 0.1]}), "density")
+
+
+def test_refuse_filter():
+    msg = refused(c("ties", models=[{"model": "org/a", "parameters": {
+        "weight": [{"filter": "mlp", "value": 0.5}, {"value": 1.0}]}}]), "weight")
+    assert "filter" in msg
+
+
+def test_refuse_slices():
+    refused({"merge_method": "ties", "base_model": BASE,
+             "slices": [{"sources": [{"model": "org/a", "layer_range": [0, 2]}]}]}, "slices")
+
+
+def test_refuse_lora_ref():
+    refused(c("ties", models=[{"model": "org/a+org/lora"}]), "org/a+org/lora")
+    refused(c("ties", base_model="org/base+org/lora"), "base_model")
+
+
+@pytest.mark.parametrize("density", [0, 0.0, 1.5, -0.2])
+def test_refuse_density_out_of_range(density):
+    refused(c("ties", models=[{"model": "org/a", "parameters": {"density": density}}]), "density", str(density))
+
+
+def test_refuse_global_density_out_of_range():
+    refused(c("ties", params={"density": 0}), "density")
+
+
+def test_refuse_partitions_not_ascending():
+    refused(c("dppa", models=[{"model": "org/a", "parameters": {"density": 0.2, "partitions": [0.2, 0.1]}}]),
+            "partitions")
+
+
+def test_refuse_partitions_not_ending_at_density():
+    msg = refused(c("dppa", models=[{"model": "org/a", "parameters": {"density": 0.2, "partitions": [0.1, 0.15]}}]),
+                  "partitions")
+    assert "0.2" in msg
+
+
+def test_refuse_partitions_amplification_length_mismatch():
+    refused(c("dppa", models=[{"model": "org/a", "parameters": {"density": 0.2, "partitions": [0.1, 0.2],
+                                                                "amplification": [1.8]}}]), "amplification")
+
+
+@pytest.mark.parametrize("stages", [{"merge_method": "dare_linear", "amplify": "dpa"},
+                                    {"prune": "random", "amplify": "dpa", "combine": "sum"},
+                                    {"prune": "none", "amplify": "dpa", "combine": "ties"}])
+def test_refuse_dpa_without_magnitude_ranks(stages):
+    d = c(None)
+    d.update(stages)
+    refused(d, "dpa")
+
+
+@pytest.mark.parametrize("key", ["dtype", "out_dtype"])
+def test_refuse_bad_dtype(key):
+    refused(c("ties", **{key: "int4"}), key, "int4")
+
+
+def test_refuse_bad_stage_names():
+    refused(c(None, prune="topk"), "prune", "topk")
+    refused(c(None, combine="mean"), "combine", "mean")
+
+
+def test_refuse_bad_enums_and_ranges():
+    refused(c("dp", params={"dp_others": "drop"}), "dp_others", "drop")
+    refused(c("pcb", params={"scope": "layer"}), "scope", "layer")
+    refused(c("ties", params={"normalize": "yes"}), "normalize")
+    refused(c("dare_linear", params={"rescale": "l2"}), "rescale", "l2")
+    refused(c("ties", seed=-1), "seed")
+    refused(c("ties", params={"lambda": "big"}), "lambda")
+
+
+def test_refuse_missing_base_and_models():
+    refused({"merge_method": "ties", "models": [{"model": "org/a"}]}, "base_model")
+    refused({"merge_method": "ties", "base_model": BASE, "models": []}, "models")
+
+
+def test_refuse_unknown_model_entry_key():
+    refused(c("ties", models=[{"model": "org/a", "layer_range": [0, 4]}]), "layer_range")
+
+
+def test_refuse_missing_config_file(tmp_path):
+    refused(str(tmp_path / "missing.yaml"), "missing.yaml")
+
+
+def test_refuse_invalid_yaml():
+    refused("merge_method: [ties\nbase_model: x\n", "YAML")
