@@ -1,0 +1,16 @@
+"""Hugging Face Space entry point (and `python app.py` locally): the dppa-ui app on the demo family.
+
+Host and port come from gradio's defaults or GRADIO_SERVER_NAME / GRADIO_SERVER_PORT; never shared.
+"""
+import os
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+from dppa_ui.ui import build_app, launch_options  # noqa: E402
+
+demo = build_app()
+demo.queue(default_concurrency_limit=int(os.environ.get("DPPA_UI_CONCURRENCY", "2")))
+
+if __name__ == "__main__":
+    demo.launch(**launch_options())
