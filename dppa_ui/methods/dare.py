@@ -45,8 +45,10 @@ def dare_prune(delta: torch.Tensor, density: float, generator: torch.Generator,
     if density >= 1.0:
         return delta
     before = delta.abs().sum() if rescale == "l1" else None
-    mask = random_mask(delta.shape, density, generator, delta.device)
-    out = delta.mul_(mask) if inplace else delta * mask
+    # The same draws as random_mask, turned into a float 1/0 mask in place (a float multiply is
+    # several times faster than a boolean one).
+    keep = torch.rand(tuple(delta.shape), generator=generator, device=delta.device).lt_(density)
+    out = delta.mul_(keep) if inplace else delta * keep
     if rescale == "paper":
         out /= density
     elif rescale == "l1":

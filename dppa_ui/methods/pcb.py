@@ -16,21 +16,24 @@ from __future__ import annotations
 
 import torch
 
+from .select import row_kth_smallest
 from .sum import _weights
 
 CLIP_RATIO = 0.0001
 
 
 def _row_kth(x: torch.Tensor, index: int) -> torch.Tensor:
-    """Per row, the value at `index` of the row sorted ascending (kthvalue is 1-based)."""
-    return torch.kthvalue(x, index + 1, dim=1, keepdim=True).values
+    """Per row, the value at `index` of the row sorted ascending, as an (n, 1) column."""
+    return row_kth_smallest(x, index)
 
 
-def minmax_rows(x: torch.Tensor) -> torch.Tensor:
-    """Min-max scale each row to [0, 1]; rows with zero range become 0."""
+def minmax_rows(x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """Min-max scale each row to [0, 1]; rows with zero range become 0 (never NaN)."""
     lo = x.min(dim=1, keepdim=True).values
     span = x.max(dim=1, keepdim=True).values - lo
-    return torch.where(span > 0, (x - lo) / torch.where(span > 0, span, 1.0), 0.0)
+    flat_rows = span <= 0
+    y = (x if inplace else x.clone()).sub_(lo).div_(span.masked_fill(flat_rows, 1.0))
+    return y.mul_(~flat_rows) if bool(flat_rows.any()) else y
 
 
 def clip_abs(flat: torch.Tensor) -> torch.Tensor:
@@ -39,18 +42,17 @@ def clip_abs(flat: torch.Tensor) -> torch.Tensor:
     a = flat.abs()
     lo = _row_kth(a, int(d * CLIP_RATIO))
     hi = _row_kth(a, int(d * (1 - CLIP_RATIO) - 1))
-    return torch.clamp(a, lo, hi)
+    return a.clamp_(lo, hi)
 
 
 def pcb_scale(flat: torch.Tensor, ratio: float = 0.1, clipped_abs: torch.Tensor | None = None) -> torch.Tensor:
     """The (n, d) balancing weights in [0, 1] of n flattened task vectors."""
     n, d = flat.shape
     a = clip_abs(flat) if clipped_abs is None else clipped_abs
-    intra = torch.exp(n * minmax_rows(a) ** 2)
-    inter = torch.tanh(flat * flat.sum(dim=0, keepdim=True))
-    score = intra * inter
+    score = minmax_rows(a).square_().mul_(n).exp_()                        # intra-balancing
+    score.mul_(torch.mul(flat, flat.sum(dim=0, keepdim=True)).tanh_())      # x inter-balancing
     floor = _row_kth(score, min(int(d * (1 - ratio)), d - 1))
-    return minmax_rows(torch.clamp(score, min=floor))
+    return minmax_rows(score.clamp_(min=floor), inplace=True)
 
 
 def pcb_combine(deltas: torch.Tensor, weights, ratio: float = 0.1) -> torch.Tensor:
@@ -59,6 +61,9 @@ def pcb_combine(deltas: torch.Tensor, weights, ratio: float = 0.1) -> torch.Tens
     flat = deltas.reshape(deltas.shape[0], -1)
     a = clip_abs(flat)
     scale = pcb_scale(flat, ratio, clipped_abs=a)
-    w = _weights(flat, weights)
-    num = (w * torch.sign(flat) * a * scale).sum(dim=0)
-    return (num / torch.clamp(scale.sum(dim=0), min=1e-12)).view(shape)
+    num = a.mul_(torch.sign(flat)).mul_(scale)                # sign(delta) |delta|_clipped scale
+    if any(float(w) != 1.0 for w in weights):
+        num.mul_(_weights(flat, weights))
+    den = scale.sum(dim=0).clamp_(min=1e-12)
+    del scale
+    return num.sum(dim=0).div_(den).view(shape)

@@ -15,7 +15,8 @@ from .sum import _weights
 
 def elect_sign(weighted: torch.Tensor) -> torch.Tensor:
     """+1 / -1 per entry: the sign of the sum over models (>= 0 counts as +)."""
-    return torch.where(weighted.sum(dim=0) >= 0, 1.0, -1.0).to(weighted.dtype)
+    # sign() gives -1/0/+1; adding 0.5 moves 0 (and -0.0) to +0.5, so a second sign() is +1 there.
+    return weighted.sum(dim=0).sign_().add_(0.5).sign_()
 
 
 def agreement_mask(weighted: torch.Tensor) -> torch.Tensor:
@@ -30,16 +31,23 @@ def ties_combine(deltas: torch.Tensor, weights, normalize: bool = True, inplace:
     "agrees" into "is positive", so clamp(min=0) keeps exactly the agreeing magnitudes. The sum
     is the same float sum as summing the agreeing signed entries (negation is exact).
     """
-    w = _weights(deltas, weights)
+    w = [float(x) for x in weights]
     weighted = deltas if inplace else deltas.clone()
-    if not bool((w == 1).all()):
-        weighted.mul_(w)
+    if any(x != 1.0 for x in w):
+        weighted.mul_(_weights(deltas, w))
     sign = elect_sign(weighted)
     agreeing = weighted.mul_(sign).clamp_(min=0)          # |w_i delta_i| where it agrees, else 0
     merged = agreeing.sum(dim=0).mul_(sign)
     if normalize:
         agreeing.sign_()                                  # 1 where it agrees, else 0
-        divisor = (agreeing * w).sum(dim=0)
-        divisor[divisor == 0] = 1.0
+        if any(x != 1.0 for x in w):
+            agreeing.mul_(_weights(deltas, w))
+        divisor = agreeing.sum(dim=0)                     # sum of the agreeing models' weights
+        if min(w) > 0:
+            # Any non-empty sum is >= min(w); an empty one (0) has a 0 numerator, so lifting it to
+            # min(w)/2 gives 0 exactly as dividing by 1 would, without a boolean pass.
+            divisor.clamp_(min=min(w) / 2)
+        else:
+            divisor[divisor == 0] = 1.0
         merged /= divisor
     return merged

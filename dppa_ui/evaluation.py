@@ -1,0 +1,421 @@
+"""Scoring: how much of each skill a model (or a merge) keeps.
+
+Per domain of a suite of {"prompt", "answer", "domain"} items:
+  em       exact match of the greedy answer (batched, left-padded, stops at <eos>)
+  smooth   teacher-forced answer token accuracy: the share of answer tokens (and the closing
+           <eos>) the model predicts correctly given the true prefix. Degrades gracefully where EM
+           falls off a cliff, so it is what the alpha search maximises.
+  loglik   mean log-likelihood per answer token (raw, nats)
+Derived:
+  relative_gain(s, s_base, s_ft) = (s - s_base) / (s_ft - s_base): share of the fine-tune's gain kept
+  geometric_objective(scores, ft_scores) = geometric mean over domains of s / s_ft (smooth score):
+           DPPA's alpha-search objective.
+
+Prompts are rendered with the tokenizer's chat template when it has one (the demo family's
+`<bos><|user|>{q}<|assistant|>`), else fed raw. No gradio, no disk writes.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import weakref
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import torch
+
+SPLITS = ("test", "dev")
+
+
+# ----------------------------------------------------------------------------------------- suites
+
+def resolve_model_dir(ref: str | Path) -> Path:
+    """`demo:NAME` -> the demo model's directory; anything else must be an existing directory."""
+    s = str(ref)
+    if s.startswith("demo:"):
+        from .zoo import demo_path
+
+        return demo_path(s)
+    path = Path(s)
+    if not path.is_dir():
+        raise ValueError(f"model {s!r} is not a directory (use a local model dir or demo:NAME)")
+    return path
+
+
+def _read_jsonl(path: Path, default_domain: str | None = None) -> list[dict]:
+    """Validated items of one JSONL file; a bad line is a ValueError naming file, line and problem."""
+    items = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}, line {lineno}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: not valid JSON ({e.msg} at column {e.colno}); "
+                                 f'each line must be an object like {{"prompt": "...", "answer": "...", '
+                                 f'"domain": "..."}}') from None
+            if not isinstance(obj, dict):
+                raise ValueError(f"{where}: expected a JSON object with \"prompt\" and \"answer\", "
+                                 f"got {type(obj).__name__}")
+            for key in ("prompt", "answer"):
+                if key not in obj:
+                    raise ValueError(f"{where}: missing key {key!r} (keys present: {sorted(obj)})")
+                if not isinstance(obj[key], str):
+                    raise ValueError(f"{where}: {key!r} must be a string, got {type(obj[key]).__name__}")
+            if not obj["prompt"].strip():
+                raise ValueError(f"{where}: 'prompt' is empty")
+            domain = obj.get("domain", default_domain)
+            if not isinstance(domain, str) or not domain:
+                raise ValueError(f"{where}: 'domain' must be a non-empty string, got {domain!r}")
+            items.append({"prompt": obj["prompt"], "answer": obj["answer"], "domain": domain})
+    if not items:
+        raise ValueError(f"{path}: no items (expected JSONL lines with \"prompt\" and \"answer\")")
+    return items
+
+
+def suite_domains(root: Path) -> list[str]:
+    """Domains of a zoo directory, in the manifest's order."""
+    manifest = root / "zoo.json"
+    if manifest.is_file():
+        return list(json.loads(manifest.read_text())["domains"])
+    return sorted(p.name for p in (root / "data").iterdir() if p.is_dir())
+
+
+def load_suite(suite: str | Path = "zoo", split: str = "test", domains: Sequence[str] | None = None) -> list[dict]:
+    """Items to score. `suite`: "zoo" (the shipped demo splits), a zoo directory, or a JSONL file of
+    {"prompt", "answer", "domain"} lines (domain defaults to the file's stem). `split` picks the
+    zoo split ("test" for every reported number, "dev" for the alpha search); `domains` filters."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if str(suite) == "zoo":
+        from .zoo import ZOO_DIR
+
+        suite = ZOO_DIR
+    path = Path(suite)
+    if path.is_dir():
+        if not (path / "data").is_dir():
+            raise ValueError(f"{path} has no data/ folder: not a demo zoo (pass a JSONL file instead)")
+        items = []
+        for d in suite_domains(path):
+            if domains is None or d in domains:
+                items += _read_jsonl(path / "data" / d / f"{split}.jsonl", d)
+    elif path.is_file():
+        items = _read_jsonl(path, path.stem)
+        if domains is not None:
+            items = [it for it in items if it["domain"] in domains]
+    else:
+        raise ValueError(f"suite {str(suite)!r} not found: use 'zoo' or a .jsonl file of "
+                         f'{{"prompt", "answer", "domain"}} lines')
+    if domains is not None:
+        missing = set(domains) - {it["domain"] for it in items}
+        if missing:
+            raise ValueError(f"suite has no items for domain(s) {sorted(missing)}")
+    return items
+
+
+def by_domain(items: Iterable[dict]) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for it in items:
+        out.setdefault(it["domain"], []).append(it)
+    return out
+
+
+# ----------------------------------------------------------------------------------- tokenization
+
+_ENC_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _eos_id(tokenizer) -> int | None:
+    return tokenizer.eos_token_id
+
+
+def encode_item(tokenizer, prompt: str, answer: str) -> tuple[list[int], list[int]]:
+    """(prompt ids, answer ids). With a chat template the prompt ids are the rendered user turn plus
+    the generation prompt, and the answer ids are what the template adds for the assistant turn
+    (for the demo family: the answer and <eos>). Without one: raw prompt, answer + eos. Cached."""
+    try:
+        cache = _ENC_CACHE.setdefault(tokenizer, {})
+    except TypeError:
+        cache = {}
+    key = (prompt, answer)
+    if key in cache:
+        return cache[key]
+    if getattr(tokenizer, "chat_template", None):
+        user = [{"role": "user", "content": prompt}]
+        head = tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
+        full = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": answer}], tokenize=False)
+        p = tokenizer(head, add_special_tokens=False)["input_ids"]
+        if full.startswith(head):
+            a = tokenizer(full[len(head):], add_special_tokens=False)["input_ids"]
+        else:        # templates that re-render earlier turns differently: fall back to the plain answer
+            a = tokenizer(answer, add_special_tokens=False)["input_ids"]
+            a = a + ([_eos_id(tokenizer)] if _eos_id(tokenizer) is not None else [])
+    else:
+        p = tokenizer(prompt)["input_ids"]
+        a = tokenizer(answer, add_special_tokens=False)["input_ids"]
+        a = a + ([_eos_id(tokenizer)] if _eos_id(tokenizer) is not None else [])
+    if not a:
+        raise ValueError(f"answer {answer!r} encodes to no tokens")
+    cache[key] = (list(p), list(a))
+    return cache[key]
+
+
+def _pad_id(tokenizer) -> int:
+    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
+        if tid is not None:
+            return tid
+    return 0
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+# ---------------------------------------------------------------------------------------- scoring
+
+@torch.inference_mode()
+def teacher_forced(model, tokenizer, items: Sequence[dict], batch_size: int = 256) -> tuple[list[float], list[float]]:
+    """Per item: (answer token accuracy, mean answer-token log-likelihood), one forward per batch.
+
+    Right padding: with causal attention no real token attends to the pads after it."""
+    acc, ll = [], []
+    pad, dev = _pad_id(tokenizer), _device(model)
+    for i in range(0, len(items), batch_size):
+        enc = [encode_item(tokenizer, it["prompt"], it["answer"]) for it in items[i:i + batch_size]]
+        n = max(len(p) + len(a) for p, a in enc)
+        ids = torch.full((len(enc), n), pad, dtype=torch.long)
+        mask = torch.zeros((len(enc), n), dtype=torch.long)
+        tgt_mask = torch.zeros((len(enc), n), dtype=torch.bool)   # positions whose NEXT token is an answer token
+        for j, (p, a) in enumerate(enc):
+            seq = p + a
+            ids[j, :len(seq)] = torch.tensor(seq)
+            mask[j, :len(seq)] = 1
+            tgt_mask[j, len(p) - 1:len(seq) - 1] = True
+        ids, mask, tgt_mask = ids.to(dev), mask.to(dev), tgt_mask.to(dev)
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+        targets = ids[:, 1:]
+        tm = tgt_mask[:, :-1]
+        logp = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        hit = (logits.argmax(-1) == targets) & tm
+        counts = tm.sum(1).clamp(min=1)
+        acc += (hit.sum(1) / counts).tolist()
+        ll += ((logp * tm).sum(1) / counts).tolist()
+    return acc, ll
+
+
+@torch.inference_mode()
+def greedy_answers(model, tokenizer, items: Sequence[dict], batch_size: int = 256) -> list[str]:
+    """Greedy answers, batched with left padding; max_new_tokens = longest answer (tokens) + 1."""
+    pad, dev, eos = _pad_id(tokenizer), _device(model), _eos_id(tokenizer)
+    out = []
+    for i in range(0, len(items), batch_size):
+        enc = [encode_item(tokenizer, it["prompt"], it["answer"]) for it in items[i:i + batch_size]]
+        n = max(len(p) for p, _ in enc)
+        ids = torch.full((len(enc), n), pad, dtype=torch.long)
+        mask = torch.zeros((len(enc), n), dtype=torch.long)
+        for j, (p, _) in enumerate(enc):
+            ids[j, n - len(p):] = torch.tensor(p)
+            mask[j, n - len(p):] = 1
+        new = max(len(a) for _, a in enc) + 1
+        gen = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=new,
+                             do_sample=False, num_beams=1, pad_token_id=pad, eos_token_id=eos,
+                             top_p=None, top_k=None, temperature=None)[:, n:].tolist()
+        for row in gen:
+            if eos is not None and eos in row:
+                row = row[:row.index(eos)]
+            out.append(tokenizer.decode(row, skip_special_tokens=True))
+    return out
+
+
+def score_model(model, tokenizer, items: Sequence[dict], batch_size: int = 256,
+                generate: bool = True) -> dict[str, dict]:
+    """{domain: {"em", "smooth", "loglik", "n"}}. `generate=False` skips greedy decoding (em = None):
+    the cheap path for searches that only need the smooth score."""
+    was_training = model.training
+    model.eval()
+    try:
+        result = {}
+        for domain, its in by_domain(items).items():
+            acc, ll = teacher_forced(model, tokenizer, its, batch_size)
+            em = None
+            if generate:
+                answers = greedy_answers(model, tokenizer, its, batch_size)
+                em = sum(a.strip() == it["answer"].strip() for a, it in zip(answers, its)) / len(its)
+            result[domain] = {"em": em, "smooth": sum(acc) / len(acc), "loglik": sum(ll) / len(ll), "n": len(its)}
+        return result
+    finally:
+        model.train(was_training)
+
+
+def relative_gain(s: float, s_base: float, s_ft: float) -> float | None:
+    """(s - s_base) / (s_ft - s_base): the share of the fine-tune's gain kept (None if no gain)."""
+    gain = s_ft - s_base
+    if abs(gain) < 1e-9:
+        return None
+    return (s - s_base) / gain
+
+
+def relative_scores(scores: dict, base_scores: dict, ft_scores: dict) -> dict[str, dict]:
+    """Per domain present in all three: {"em_gain", "smooth_gain"} as relative_gain."""
+    out = {}
+    for d, s in scores.items():
+        if d in base_scores and d in ft_scores:
+            out[d] = {f"{k}_gain": relative_gain(s[k], base_scores[d][k], ft_scores[d][k])
+                      if s[k] is not None and base_scores[d][k] is not None and ft_scores[d][k] is not None
+                      else None for k in ("em", "smooth")}
+    return out
+
+
+def geometric_objective(scores: dict, ft_scores: dict, key: str = "smooth",
+                        domains: Sequence[str] | None = None) -> float:
+    """Geometric mean over domains of scores[d][key] / ft_scores[d][key] (DPPA's alpha objective).
+
+    A zero ratio gives 0; a zero reference is skipped (nothing to keep)."""
+    domains = list(domains) if domains is not None else [d for d in scores if d in ft_scores]
+    logs = []
+    for d in domains:
+        ref = ft_scores[d][key]
+        if not ref:
+            continue
+        r = scores[d][key] / ref
+        if r <= 0:
+            return 0.0
+        logs.append(math.log(r))
+    if not logs:
+        raise ValueError("no domain with a non-zero reference score")
+    return math.exp(sum(logs) / len(logs))
+
+
+@torch.inference_mode()
+def perplexity(model, tokenizer, text: str) -> float:
+    """exp(mean next-token NLL) of `text` (bos prepended when the tokenizer has one), in windows of
+    the model's context length."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    bos = tokenizer.bos_token_id
+    if bos is not None and (not ids or ids[0] != bos):
+        ids = [bos] + ids
+    if len(ids) < 2:
+        raise ValueError("text is too short to score (needs at least one token)")
+    ctx = int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
+    x = torch.tensor(ids, device=_device(model))
+    nll, count = 0.0, 0
+    for start in range(0, len(ids) - 1, ctx - 1):
+        chunk = x[start:start + ctx].unsqueeze(0)
+        if chunk.shape[1] < 2:
+            break
+        logits = model(input_ids=chunk).logits[0, :-1].float()
+        nll += float(torch.nn.functional.cross_entropy(logits, chunk[0, 1:], reduction="sum"))
+        count += chunk.shape[1] - 1
+    return math.exp(nll / count)
+
+
+# ---------------------------------------------------------------------- scoring a bare state dict
+
+_SKELETONS: dict = {}
+
+
+def load_model(ref: str | Path):
+    """(model, tokenizer) of a model dir or demo:NAME, float32, eval mode, offline."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_dir(ref)
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    model.eval()
+    return model, AutoTokenizer.from_pretrained(str(path))
+
+
+def _skeleton(model_dir_or_model, tokenizer=None):
+    """A cached private copy of the model to load state dicts into (never the caller's model)."""
+    if isinstance(model_dir_or_model, (str, Path)):
+        key = ("dir", str(resolve_model_dir(model_dir_or_model).resolve()))
+        if key not in _SKELETONS:
+            _SKELETONS[key] = load_model(model_dir_or_model)
+        return _SKELETONS[key]
+    if tokenizer is None:
+        raise ValueError("scoring a state dict on a model object needs its tokenizer")
+    key = ("obj", id(model_dir_or_model))
+    entry = _SKELETONS.get(key)
+    if entry is None or entry[2]() is not model_dir_or_model:
+        skel = copy.deepcopy(model_dir_or_model).float().eval()
+        entry = (skel, tokenizer, weakref.ref(model_dir_or_model))
+        _SKELETONS[key] = entry
+    return entry[0], tokenizer
+
+
+def score_state_dict(model_dir_or_model, state_dict: dict, items: Sequence[dict], tokenizer=None,
+                     batch_size: int = 256, generate: bool = True) -> dict[str, dict]:
+    """Score weights held in memory: copy `state_dict` into a cached skeleton of the same
+    architecture (no disk I/O after the first call) and run `score_model`. The key sets must
+    match (a tied lm_head may be absent). The skeleton holds the last state scored: never read it back."""
+    model, tok = _skeleton(model_dir_or_model, tokenizer)
+    _load_into(model, state_dict)
+    return score_model(model, tok, items, batch_size=batch_size, generate=generate)
+
+
+def _load_into(model, state_dict: dict) -> None:
+    """Copy every tensor of `state_dict` into `model` in place; the key sets must match (a tied
+    lm_head may be absent), so nothing of a previously scored state survives."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    extra = [k for k in state_dict if k not in own]
+    if extra or (missing and not _only_tied(model, missing)):
+        raise ValueError(f"state dict does not match the model: missing {missing[:3]}, unexpected {extra[:3]}")
+    with torch.no_grad():
+        for k, v in state_dict.items():
+            if own[k].shape != v.shape:
+                raise ValueError(f"state dict tensor {k} has shape {tuple(v.shape)}, "
+                                 f"the model expects {tuple(own[k].shape)}")
+            own[k].copy_(v)
+
+
+def _only_tied(model, missing: list[str]) -> bool:
+    """True when every missing key is a tied lm_head (shares the embedding's storage)."""
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    return tied and all(k.startswith("lm_head") for k in missing)
+
+
+def alpha_objective(model_dir, domains: Sequence[str] | None = None, split: str = "dev",
+                    suite: str | Path = "zoo") -> Callable[[dict], float]:
+    """f(state_dict) -> geometric mean over the model's domains of smooth(state_dict) / smooth(the
+    unpruned fine-tune at model_dir), on `split` of `suite`. Domains default to the model's own
+    (demo models know theirs). The fine-tune is read from disk and scored once, here; each call
+    then only copies the state dict into that private copy and runs one teacher-forced pass."""
+    if domains is None:
+        from .zoo import model_info
+
+        d = model_info(resolve_model_dir(model_dir)).get("domain")
+        if not d:
+            raise ValueError(f"{model_dir} does not say which domain it was fine-tuned on: "
+                             f"give the model a `domain:` in the config")
+        domains = [d]
+    domains = [domains] if isinstance(domains, str) else list(domains)
+    items = load_suite(suite, split, domains=domains)
+    model, tok = load_model(model_dir)
+    ref = score_model(model, tok, items, generate=False)
+
+    def objective(state_dict: dict) -> float:
+        _load_into(model, state_dict)
+        return geometric_objective(score_model(model, tok, items, generate=False), ref, "smooth", domains)
+
+    objective.reference = ref          # for reports: the unpruned fine-tune's scores
+    objective.domains = domains
+    return objective
+
+
+def format_scores(scores: dict, gains: dict | None = None) -> str:
+    """A plain-text table of per-domain scores (and gains when given)."""
+    head = f"{'domain':<12}{'n':>5}{'EM':>8}{'smooth':>8}{'loglik':>9}"
+    if gains:
+        head += f"{'EM gain':>9}{'sm gain':>9}"
+    lines = [head]
+    fmt = lambda v, w, p=3: f"{v:>{w}.{p}f}" if isinstance(v, (int, float)) else f"{'-':>{w}}"  # noqa: E731
+    for d, s in scores.items():
+        line = f"{d:<12}{s['n']:>5}{fmt(s['em'], 8)}{fmt(s['smooth'], 8)}{fmt(s['loglik'], 9)}"
+        if gains:
+            g = gains.get(d, {})
+            line += f"{fmt(g.get('em_gain'), 9, 2)}{fmt(g.get('smooth_gain'), 9, 2)}"
+        lines.append(line)
+    return "\n".join(lines)
