@@ -628,9 +628,8 @@ def merge(state: AppState, *method_values, progress=gr.Progress()):
 
     try:
         res = _run_merge(ws, cfg.to_dict(), tick, state.cancel.is_set)
-        # Under ZeroGPU the merge runs in a forked worker: adopt its result in this process too.
-        ws.merged = res
-        ws._runs = max(getattr(ws, "_runs", 0), res.run)
+        if ws.merged is not res:   # under ZeroGPU the merge ran in a forked worker: adopt its result
+            ws.adopt(res)
     except InterruptedError:
         return gr.update(), gr.update(), warn("merge cancelled; the previous merge (if any) is still loaded")
     except (*_USER_ERRORS, RuntimeError) as e:    # session.MergeRefused (memory, busy) is a RuntimeError
