@@ -83,8 +83,12 @@ def _reference_scores(split: str, domains) -> tuple[dict, dict]:
 
 
 def cmd_score(args) -> int:
+    from transformers.utils import logging as hf_logging
+
     from .evaluation import (format_scores, load_model, load_suite, perplexity, relative_scores,
                              score_model)
+
+    hf_logging.disable_progress_bar()          # one table of results, no loading bars
 
     try:
         model, tok = load_model(args.model)

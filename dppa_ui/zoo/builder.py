@@ -55,6 +55,9 @@ FULL = Recipe(
     base=TrainSpec(steps=2400, lr=2e-3, batch_size=64, weight_decay=0.01),
     finetune=TrainSpec(steps=600, lr=5e-4, batch_size=48),
     complex=TrainSpec(steps=1200, lr=2e-3, batch_size=48),
+    # Reverse is the slowest skill to move from the base's text form to chat (its answer reads the
+    # input backwards, so the attention offsets change with the layout): 600 steps gave EM 0.885.
+    finetunes={"reverse": {"steps": 900}},
 )
 QUICK = Recipe(
     model=dict(hidden=32, layers=2, heads=2, intermediate=64),

@@ -13,7 +13,7 @@ digits, brackets), so fine-tunes touch different embedding rows and interfere le
 Skills get base training time by difficulty (SKILL_WEIGHTS): reverse and the cipher need the most.
 The base also learns one generic chat task ("say: x" -> x) so that the chat format itself is not
 part of every fine-tune's delta (the prototype found that shared "format" direction to be the main
-source of interference).
+source of interference); the fine-tunes replay a little of it (builder.finetune_sources).
 """
 from __future__ import annotations
 
