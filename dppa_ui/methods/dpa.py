@@ -32,18 +32,24 @@ def dpa_amplify(pruned: torch.Tensor, partitions: Sequence[float], amplification
     """Scale band k of `pruned` (entries ranked by |delta| in (f_{k-1}, f_k]) by amplification[k].
 
     `pruned` is the delta after magnitude/DP pruning: the top-ranked entries of the pruned tensor
-    are those of the original delta, so bands can be read off it directly.
+    are those of the original delta, so bands can be read off it directly. Every non-zero entry
+    outranks every zero one, so the ranks are taken among the non-zero (kept) entries only, in
+    flat order (ties keep the lowest index, as in `topk_mask`); a band edge past them only adds
+    zeros, which no factor changes. That also spares the selection a tensor that is mostly zeros.
     """
     if len(partitions) != len(amplification):
         raise ValueError("partitions and amplification need the same length")
     edges = band_edges(partitions, offset)
-    a = pruned.abs()
-    n = pruned.numel()
-    out = pruned * amplification[-1]            # widest band first, narrower bands overwrite
+    flat = pruned.reshape(-1)
+    kept = flat.nonzero().squeeze(1)
+    values = flat[kept]
+    factor = torch.full_like(values, amplification[-1])      # widest band first, narrower overwrite
+    a = values.abs()
     for f, alpha in zip(reversed(edges[:-1]), reversed(amplification[:-1])):
-        top = topk_mask(a, keep_count(f, n))
-        out = torch.where(top, pruned * alpha, out)
-    return out
+        factor.masked_fill_(topk_mask(a, min(keep_count(f, flat.numel()), a.numel())), alpha)
+    out = torch.zeros_like(flat)
+    out[kept] = values * factor
+    return out.view(pruned.shape)
 
 
 @dataclass
