@@ -28,8 +28,9 @@ from .stats import collect_stats, save_stats
 
 STATS_FILE = "dppa_stats.json"
 CONFIG_FILE = "dppa_merge.yaml"
-# Rough CPU throughput (delta entries per second per fine-tune) used only for --dry-run's time estimate.
-_EST_RATE = {"none": 4e8, "magnitude": 6e7, "random": 1.5e8, "dp": 5e7}
+# CPU throughput (delta entries per second, all fine-tunes together) measured on 2 cores at 0.5 B
+# parameters (benchmarks/merge_speed.py), used only for --dry-run's rough time estimate.
+_EST_RATE = {"none": 3e8, "magnitude": 7.5e7, "random": 1.2e8, "dp": 6e7, "pcb": 2.7e7}
 
 
 @dataclass
@@ -122,8 +123,8 @@ def _plan_report(cfg: MergeConfig, inputs: _Inputs, out_dtype: torch.dtype, devi
     disk = sum(torch.Size(s).numel() for s in inputs.shapes.values()) * out_dtype.itemsize
     n = len(cfg.models)
     mem = (n + 2) * largest * 4 + (n + 1) * largest * 4      # working set + prefetched inputs
-    rate = _EST_RATE[cfg.prune] * (0.5 if cfg.combine == "pcb" else 1.0)
-    secs = n_params * n / rate * (2 if cfg.prune == "dp" else 1) * (0.1 if device.type == "cuda" else 1)
+    rate = _EST_RATE["pcb" if cfg.combine == "pcb" else cfg.prune]
+    secs = n_params * n / rate * (0.1 if device.type == "cuda" else 1)
     lines = [f"method: {cfg.method_name} (prune={cfg.prune}, amplify={cfg.amplify}, combine={cfg.combine})",
              f"base: {cfg.base_model} -> {inputs.base_dir}"]
     for m, d in zip(cfg.models, inputs.model_dirs):
@@ -205,10 +206,9 @@ def merge(config, out: str | Path | None, *, device: str = "auto", seed: int | N
     dev = pick_device(device)
     inputs = _Inputs(cfg, allow_pickle, allow_vocab_trim)
     try:
-        out_dtype = output_dtype(cfg, inputs.base.dtype(inputs.names[0]))
-        if cfg.dtype is None:   # the base's dtype: that of its floating tensors
-            floats = [inputs.base.dtype(n) for n in inputs.names if inputs.base.dtype(n).is_floating_point]
-            out_dtype = max(set(floats), key=floats.count) if floats else torch.float32
+        # The output dtype: the config's, else the base's (its most common floating dtype).
+        floats = [inputs.base.dtype(n) for n in inputs.names if inputs.base.dtype(n).is_floating_point]
+        out_dtype = output_dtype(cfg, max(set(floats), key=floats.count) if floats else torch.float32)
         report, disk = _plan_report(cfg, inputs, out_dtype, dev)
         if dry_run:
             return MergeResult(out=None, seconds=time.perf_counter() - t0, device=str(dev), tensors=len(inputs.names),

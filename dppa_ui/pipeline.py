@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 
 from .config import MergeConfig, load_config
-from .methods import (dare_prune, dpa_amplify, is_dp_target, magnitude_prune, pcb_combine, sum_combine,
+from .methods import (dare_prune, dp_prune, dpa_amplify, is_dp_target, magnitude_prune, pcb_combine, sum_combine,
                       tensor_generator, ties_combine)
 from .methods.dp import DPDensity
 from .stats import DeltaStats, collect_stats
@@ -55,7 +55,9 @@ def prune_amplify(cfg: MergeConfig, i: int, name: str, delta: torch.Tensor, step
     if cfg.prune == "random":
         gen = tensor_generator(cfg.seed, i, name, delta.device)
         delta = dare_prune(delta, step.density, gen, m.rescale, inplace=inplace)
-    else:  # magnitude, or dp at the module's density
+    elif cfg.prune == "dp":     # magnitude pruning at the module's own density
+        delta = dp_prune(delta, step.density, inplace=inplace)
+    else:
         delta = magnitude_prune(delta, step.density, inplace=inplace)
     if cfg.amplify == "dpa":
         delta = dpa_amplify(delta, m.partitions, m.amplification, step.offset)

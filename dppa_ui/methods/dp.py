@@ -124,6 +124,6 @@ def dp_densities_from_deltas(deltas: dict[str, torch.Tensor], density: float, dp
     return dp_densities(block_pct, module_pct, module_numel, density, dp_lambda)
 
 
-def dp_prune(delta: torch.Tensor, module_density: float) -> torch.Tensor:
+def dp_prune(delta: torch.Tensor, module_density: float, inplace: bool = False) -> torch.Tensor:
     """Prune one module at its DP density: magnitude pruning at d_m."""
-    return magnitude_prune(delta, module_density)
+    return magnitude_prune(delta, module_density, inplace=inplace)
