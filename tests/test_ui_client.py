@@ -101,17 +101,8 @@ def test_full_flow_over_the_api(client, tmp_path):
     obj = float(re.search(r"\*\*([0-9.]+)\*\*", objective).group(1))
     assert 0.0 <= obj <= 2.0
     assert board["data"][0][1] == "dppa"
-    # Where the scores say the merge learned a skill the base lacks, its replies differ from the base's.
-    gains = {d: results["merged"][d]["em"] - results["base"][d]["em"] for d in results["merged"]}
-    domain, gain = max(gains.items(), key=lambda kv: kv[1])
-    if gain >= 0.2:
-        items = [it for it in cb.demo_items() if it["domain"] == domain][:5]
-        differ = 0
-        for it in items:
-            h, hc, *_ = client.predict(it["prompt"], [], [], "base", "", 0.0, 0.9, 32, api_name="/chat")
-            assert last_reply(h), "the merged model answered nothing on a domain it scores on"
-            differ += last_reply(h) != last_reply(hc)
-        assert differ >= 1
+    # Four skills merged at 90% pruning keep little exact match; the replies are checked below on a
+    # merge whose scores show a kept skill.
     # save -> the app's merged tensors
     zpath, status = client.predict(api_name="/save")
     assert status.startswith("✓")
@@ -132,6 +123,23 @@ def test_full_flow_over_the_api(client, tmp_path):
     a, b = read_weights_from(app_dir), read_weights_from(tmp_path / "cli")
     assert set(a) == set(b)
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:3]
+
+
+def test_merged_replies_differ_from_the_base_where_the_scores_say_so(client):
+    """One fine-tune pruned by DP to density 0.5 keeps its skill (EM 0.975 in the README table):
+    the scores say so, and its chat replies on that skill are non-empty and unlike the base's."""
+    assert client.predict("demo:base", ["demo:reverse"], api_name="/load_models")[-1].startswith("✓")
+    assert client.predict(*method(preset="dp", prune_rate=0.5), api_name="/merge")[-1].startswith("✓")
+    _, _, _, results, status = client.predict(cb.DEMO_SUITE, None, api_name="/score")
+    assert status.startswith("✓"), status
+    assert results["merged"]["reverse"]["em"] >= results["base"]["reverse"]["em"] + 0.5, results
+    items = [it for it in cb.demo_items() if it["domain"] == "reverse"][:5]
+    differ = 0
+    for it in items:
+        h, hc, *_ = client.predict(it["prompt"], [], [], "base", "", 0.0, 0.9, 32, api_name="/chat")
+        assert last_reply(h).strip(), "the merged model answered nothing on a skill it scores on"
+        differ += last_reply(h) != last_reply(hc)
+    assert differ >= 3, differ
 
 
 def test_bad_input_over_the_api_leaves_the_session_usable(client, tmp_path):
