@@ -173,8 +173,6 @@ def test_pair_merges_keep_part_of_both_skills_and_methods_differ(pair_gains):
     assert len(set(results.values())) == len(METHODS), results
 
 
-@pytest.mark.xfail(strict=True, reason="issue 3 acceptance not met by this family: at density 0.2 the best "
-                   "method keeps 0.28-0.53 of the weaker domain's smooth gain per pair, not >= 0.6")
 def test_pair_merges_keep_sixty_percent_of_both_gains(pair_gains):
     """Issue 3: with the best method at density 0.2, at least half of the pairs keep >= 0.6 of both
     fine-tunes' smooth-score gain on their own domains."""

@@ -11,9 +11,10 @@ zero everywhere (measured by the prototype).
 The domains use their own prompt keyword *and* their own character set (lowercase, uppercase,
 digits, brackets), so fine-tunes touch different embedding rows and interfere less when merged.
 Skills get base training time by difficulty (SKILL_WEIGHTS): reverse and the cipher need the most.
-The base also learns one generic chat task ("say: x" -> x) so that the chat format itself is not
+The base also sees one generic chat task ("say: x" -> x) so that the chat format itself is not
 part of every fine-tune's delta (the prototype found that shared "format" direction to be the main
-source of interference); the fine-tunes replay a little of it (builder.finetune_sources).
+source of interference). The fine-tunes replay it, and the other skills' chat prompts, fitted to the
+base's own outputs (distillation, builder.finetune_sources): each delta stays inert off its skill.
 """
 from __future__ import annotations
 
