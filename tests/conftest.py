@@ -126,3 +126,13 @@ def tiny_family(tiny_llama) -> TinyFamily:
 @pytest.fixture(scope="session")
 def read_weights():
     return read_weights_from
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """For the demo models (tiny): one torch thread is as fast on a quiet machine and far faster on
+    a busy one. Modules opt in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

@@ -27,13 +27,7 @@ def _write(path, lines):
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: one thread is as fast on a quiet machine and far faster on a busy one."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # --------------------------------------------------------------------------------------- suites
 
