@@ -30,9 +30,13 @@ def tensor_generator(seed: int, model_index: int, name: str, device: torch.devic
 
 
 def random_mask(shape: torch.Size | tuple, density: float, generator: torch.Generator,
-                device: torch.device | str = "cpu") -> torch.Tensor:
-    """Bernoulli(density) keep-mask: entry kept where a uniform draw in [0, 1) is < density."""
-    return torch.rand(tuple(shape), generator=generator, device=device) < density
+                device: torch.device | str = "cpu", dtype: torch.dtype = torch.bool) -> torch.Tensor:
+    """Bernoulli(density) keep-mask: entry kept where a uniform draw in [0, 1) is < density.
+
+    Boolean by default; with a float `dtype`, 1.0 / 0.0 written over the draws themselves (a float
+    multiply is several times faster than a boolean one)."""
+    draws = torch.rand(tuple(shape), generator=generator, device=device)
+    return draws < density if dtype == torch.bool else draws.lt_(density).to(dtype)
 
 
 def dare_prune(delta: torch.Tensor, density: float, generator: torch.Generator,
@@ -45,9 +49,7 @@ def dare_prune(delta: torch.Tensor, density: float, generator: torch.Generator,
     if density >= 1.0:
         return delta
     before = delta.abs().sum() if rescale == "l1" else None
-    # The same draws as random_mask, turned into a float 1/0 mask in place (a float multiply is
-    # several times faster than a boolean one).
-    keep = torch.rand(tuple(delta.shape), generator=generator, device=delta.device).lt_(density)
+    keep = random_mask(delta.shape, density, generator, delta.device, dtype=delta.dtype)
     out = delta.mul_(keep) if inplace else delta * keep
     if rescale == "paper":
         out /= density
