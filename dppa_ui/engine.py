@@ -22,8 +22,8 @@ import torch
 
 from . import io
 from .config import MergeConfig, load_config
-from .methods import greedy_alpha_search, keep_count
-from .pipeline import Scratch, dp_maps_from_stats, merge_state_dicts, merge_tensor, output_dtype, plan_steps
+from .methods import greedy_alpha_search
+from .pipeline import Scratch, dp_maps_from_stats, kept_fraction, merge_state_dicts, merge_tensor, output_dtype
 from .stats import collect_stats, save_stats
 
 STATS_FILE = "dppa_stats.json"
@@ -100,23 +100,6 @@ class _Inputs:
             r.close()
 
 
-def _kept_fraction(cfg: MergeConfig, inputs: _Inputs, dp_maps) -> list[float]:
-    """Share of delta entries each fine-tune keeps after pruning (expected value for random)."""
-    out = []
-    for i in range(len(cfg.models)):
-        kept = total = 0
-        for name in inputs.names:
-            n = 1
-            for s in inputs.shapes[name]:
-                n *= s
-            step = plan_steps(cfg, name, inputs.shapes[name], dp_maps)[i]
-            total += n
-            kept += n if not step.prune else (
-                step.density * n if cfg.prune == "random" else keep_count(step.density, n))
-        out.append(kept / max(total, 1))
-    return out
-
-
 def _plan_report(cfg: MergeConfig, inputs: _Inputs, out_dtype: torch.dtype, device: torch.device) -> tuple[str, int]:
     n_params = sum(torch.Size(s).numel() for s in inputs.shapes.values())
     largest = max(torch.Size(s).numel() for s in inputs.shapes.values())
@@ -141,11 +124,6 @@ def _plan_report(cfg: MergeConfig, inputs: _Inputs, out_dtype: torch.dtype, devi
     return "\n".join(lines), disk
 
 
-def load_state_dict(path: Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
-    with io.CheckpointReader(path, allow_pickle=allow_pickle) as r:
-        return {n: r.get(n) for n in r.names}
-
-
 def search_amplification(cfg: MergeConfig, base_dir: Path, model_dirs: list[Path],
                          log: Callable[[str], None] = print, max_evals: int = 60) -> dict[str, dict]:
     """Resolve `amplification: auto`: DPPA's greedy alpha search, per fine-tune, on the dev split
@@ -154,7 +132,7 @@ def search_amplification(cfg: MergeConfig, base_dir: Path, model_dirs: list[Path
     if not todo:
         return {}
     from . import evaluation, zoo   # the scorer and the demo models' domains
-    base_sd = load_state_dict(base_dir)
+    base_sd = io.read_state_dict(base_dir)
     report = {}
     for i in todo:
         m = cfg.models[i]
@@ -163,7 +141,7 @@ def search_amplification(cfg: MergeConfig, base_dir: Path, model_dirs: list[Path
             raise ValueError(f"amplification: auto for {m.model} needs `domain:` (the dev split its alpha is "
                              f"scored on); demo models know theirs")
         domains = [domains] if isinstance(domains, str) else list(domains)
-        ft_sd = load_state_dict(model_dirs[i])
+        ft_sd = io.read_state_dict(model_dirs[i])
         objective = evaluation.alpha_objective(model_dirs[i], domains, split="dev")
         single = copy.deepcopy(cfg)
         single.models = [copy.deepcopy(m)]
@@ -290,7 +268,7 @@ def _merge_to(cfg: MergeConfig, inputs: _Inputs, tmp: Path, dev: torch.device, o
             bar.close()
     return MergeResult(out=None, seconds=0.0, device=str(dev), tensors=len(names),
                        params=sum(torch.Size(s).numel() for s in inputs.shapes.values()),
-                       kept_fraction=_kept_fraction(cfg, inputs, dp_maps), config=cfg, notices=cfg.notices)
+                       kept_fraction=kept_fraction(cfg, inputs.shapes, dp_maps), config=cfg, notices=cfg.notices)
 
 
 def _to(pair, dev):

@@ -304,6 +304,12 @@ class CheckpointReader:
         self.close()
 
 
+def read_state_dict(path: str | os.PathLike, *, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint folder, read into memory (CPU, stored dtypes)."""
+    with CheckpointReader(path, allow_pickle=allow_pickle) as r:
+        return {n: r.get(n) for n in r.names}
+
+
 # -------------------------------------------------------------------------------- compatibility
 
 class IncompatibleModels(ValueError):

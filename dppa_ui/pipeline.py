@@ -12,8 +12,8 @@ from typing import Callable
 import torch
 
 from .config import MergeConfig, load_config
-from .methods import (dare_prune, dp_prune, dpa_amplify, is_dp_target, magnitude_prune, pcb_combine, sum_combine,
-                      tensor_generator, ties_combine)
+from .methods import (dare_prune, dp_prune, dpa_amplify, is_dp_target, keep_count, magnitude_prune, pcb_combine,
+                      sum_combine, tensor_generator, ties_combine)
 from .methods.dp import DPDensity
 from .stats import DeltaStats, collect_stats
 
@@ -125,6 +125,23 @@ def merge_tensor(cfg: MergeConfig, name: str, base: torch.Tensor, fts: list[torc
     out = torch.empty(base.shape, dtype=out_dtype or torch.float32, device=dev)
     return torch.add(base32, merged, alpha=cfg.lambda_, out=out) if cfg.lambda_ != 1.0 else \
         torch.add(base32, merged, out=out)
+
+
+def kept_fraction(cfg: MergeConfig, shapes: dict[str, tuple], dp_maps: list[dict[str, DPDensity]] | None
+                  ) -> list[float]:
+    """Share of each fine-tune's delta entries (over the tensors in `shapes`) that the prune keeps:
+    exact for magnitude and DP, the expected value for random."""
+    out = []
+    for i in range(len(cfg.models)):
+        kept = total = 0
+        for name, shape in shapes.items():
+            n = torch.Size(shape).numel()
+            step = plan_steps(cfg, name, shape, dp_maps)[i]
+            total += n
+            kept += n if not step.prune else (step.density * n if cfg.prune == "random"
+                                              else keep_count(step.density, n))
+        out.append(kept / max(total, 1))
+    return out
 
 
 def output_dtype(cfg: MergeConfig, base_dtype: torch.dtype) -> torch.dtype:

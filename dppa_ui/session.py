@@ -32,9 +32,9 @@ import torch
 
 from . import io
 from .config import MergeConfig, _read, load_config
-from .methods import is_dp_target, keep_count, kth_largest
+from .methods import is_dp_target, kth_largest
 from .methods.dp import DPDensity, block_of, outlier_percent
-from .pipeline import merge_state_dicts, plan_steps
+from .pipeline import kept_fraction, merge_state_dicts
 from .stats import DeltaStats, collect_stats
 
 GB = 1 << 30
@@ -186,8 +186,7 @@ class ModelCache:
             if key in self._sds:
                 self._sds.move_to_end(key)
                 return self._sds[key]
-        with io.CheckpointReader(path) as r:
-            sd = {n: r.get(n) for n in r.names}
+        sd = io.read_state_dict(path)
         with self._lock:
             self.loads += 1
             self._sds[key] = sd
@@ -628,18 +627,7 @@ class Workspace:
 
     def kept_fraction(self, cfg: MergeConfig) -> list[float]:
         """Share of each fine-tune's delta entries the prune keeps (expected value for random)."""
-        maps = self.dp_maps(cfg)
-        out = []
-        for i in range(len(cfg.models)):
-            kept = total = 0
-            for name in self.float_names:
-                n = self.shapes_numel[name]
-                step = plan_steps(cfg, name, self.base_sd[name].shape, maps)[i]
-                total += n
-                kept += n if not step.prune else (step.density * n if cfg.prune == "random"
-                                                  else keep_count(step.density, n))
-            out.append(kept / max(total, 1))
-        return out
+        return kept_fraction(cfg, {n: tuple(self.base_sd[n].shape) for n in self.float_names}, self.dp_maps(cfg))
 
     # -- merging
 
