@@ -222,19 +222,19 @@ def _merge_to(cfg: MergeConfig, inputs: _Inputs, tmp: Path, dev: torch.device, o
         1 for n in float_names if len(inputs.shapes[n]) == 2) if cfg.prune == "dp" else 0)
     bar, tick = _progress(progress, total)
     try:
-        dp_maps = None
+        dp_maps = stats = None
         if cfg.prune == "dp":
             stats = collect_stats(float_names, lambda n: _to(inputs.load(n), dev),
                                   [m.model for m in cfg.models], cfg.dp_outlier_m, progress=tick)
             dp_maps = dp_maps_from_stats(cfg, stats)
             save_stats(stats, tmp / STATS_FILE)
         if cfg.combine == "pcb" and cfg.scope == "model":
-            base_sd = {n: inputs.load(n)[0] for n in names}
-            fts = [{} for _ in cfg.models]
+            base_sd, fts = {}, [{} for _ in cfg.models]
             for n in names:
-                for sd, t in zip(fts, inputs.load(n)[1]):
+                base_sd[n], ft_tensors = inputs.load(n)
+                for sd, t in zip(fts, ft_tensors):
                     sd[n] = t
-            merged = merge_state_dicts(base_sd, fts, cfg, device=dev, progress=None)
+            merged = merge_state_dicts(base_sd, fts, cfg, device=dev, stats=stats)
             specs = [(n, tuple(merged[n].shape), merged[n].dtype) for n in names]
             with io.ShardedWriter(tmp, specs, max_shard_bytes=shard_bytes) as w:
                 for n in names:
