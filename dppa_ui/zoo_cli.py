@@ -1,6 +1,7 @@
 """CLI commands of the demo family and scoring, registered into `python -m dppa_ui`:
 
-  zoo build [--dir DIR] [--quick] [--seed N]       rebuild the demo family (deterministic)
+  zoo build [--dir DIR] [--quick] [--seed N] [--workers N]
+                                                   rebuild the demo family (deterministic)
   zoo list                                         names, roles and domains of the demo models
   score MODEL [--suite zoo|FILE.jsonl] [--split test|dev] [--json] [--relative] [--perplexity TEXT]
 
@@ -25,6 +26,8 @@ def register(subparsers) -> None:
                    "an existing directory is replaced only if it is empty or a previous zoo build")
     b.add_argument("--quick", action="store_true", help="seconds-scale build (tiny, for tests)")
     b.add_argument("--seed", type=int, default=0, help="seed (default 0: the committed family)")
+    b.add_argument("--workers", type=int, default=None, help="CPU cores to train on (default: up to 2; "
+                   "--quick: 1); the weights do not depend on it")
     b.set_defaults(func=cmd_zoo_build)
     lst = zsub.add_parser("list", help="list the demo models")
     lst.set_defaults(func=cmd_zoo_list)
@@ -48,7 +51,7 @@ def cmd_zoo_build(args) -> int:
     from .zoo import build_zoo
 
     try:
-        build_zoo(args.dir, quick=args.quick, seed=args.seed)
+        build_zoo(args.dir, quick=args.quick, seed=args.seed, workers=args.workers)
     except (FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -181,9 +181,14 @@ def _quiet(_):
 
 
 def test_quick_build_is_deterministic(tmp_path):
+    """Same seed, same weights, also when the fine-tunes train side by side in worker processes
+    (the full build's default) instead of in this process (--quick's)."""
+    lines = []
     a = zoo.build_zoo(tmp_path / "a", quick=True, seed=0, log=_quiet)
-    b = zoo.build_zoo(tmp_path / "b", quick=True, seed=0, log=_quiet)
+    b = zoo.build_zoo(tmp_path / "b", quick=True, seed=0, log=lines.append, workers=2)
     c = zoo.build_zoo(tmp_path / "c", quick=True, seed=1, log=_quiet)
+    # The workers' progress lines reached the caller's log, one summary line per fine-tune.
+    assert sorted(ln.split(":")[0] for ln in lines if "|delta|/|base|" in ln) == sorted(zoo.demo_names()[1:])
     for name in zoo.demo_names():
         fa, fb = (a / name / "model.safetensors").read_bytes(), (b / name / "model.safetensors").read_bytes()
         assert fa == fb, name
@@ -199,6 +204,12 @@ def test_quick_build_is_deterministic(tmp_path):
     tok = AutoTokenizer.from_pretrained(str(a / "reverse"))
     s = score_model(model, tok, items[:20])
     assert set(s) == {"reverse"} and s["reverse"]["n"] == 20
+
+
+def test_build_refuses_zero_workers(tmp_path):
+    with pytest.raises(ValueError, match="workers must be at least 1"):
+        zoo.build_zoo(tmp_path / "z", quick=True, log=_quiet, workers=0)
+    assert not (tmp_path / "z").exists()
 
 
 def test_build_never_overwrites_other_files(tmp_path):

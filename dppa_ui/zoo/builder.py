@@ -1,4 +1,4 @@
-"""Deterministic builder of the demo family: `python -m dppa_ui zoo build [--dir DIR] [--quick]`.
+"""Deterministic builder of the demo family: `python -m dppa_ui zoo build [--dir DIR] [--quick] [--workers N]`.
 
 Layout written (each model dir is a standard HF dir that loads offline):
   zoo.json                       manifest: names, roles, domains, recipe, seed
@@ -27,10 +27,15 @@ from __future__ import annotations
 
 import copy
 import json
+import multiprocessing
+import os
+import queue
 import random
 import shutil
 import tempfile
 import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -131,6 +136,17 @@ def finetune_sources(name: str, held: dict[str, set[str]], replay: float = 0.0,
     return srcs
 
 
+def _held_inputs(splits: dict) -> dict[str, set[str]]:
+    """{domain: every dev/test input}: the training samplers never draw these."""
+    return {n: {input_of(it) for s in v.values() for it in s} for n, v in splits.items()}
+
+
+def _finetune_spec(name: str, recipe: Recipe) -> TrainSpec:
+    if name.endswith("_complex"):
+        return recipe.complex
+    return TrainSpec(**{**asdict(recipe.finetune), **recipe.finetunes.get(name, {})})
+
+
 def _save_model(model, out: Path, info: dict) -> None:
     from transformers import GenerationConfig
 
@@ -183,16 +199,21 @@ def _place(tmp: Path, out: Path) -> None:
 
 def build_zoo(out_dir: str | Path | None = None, quick: bool = False, seed: int = 0,
               log: Callable[[str], None] | None = None, score: bool | None = None,
-              threads: int | None = 1) -> Path:
+              workers: int | None = None) -> Path:
     """Build the family into out_dir (default: the packaged assets/zoo). Returns the path.
 
-    Same seed -> bitwise-identical weights on the same machine. Training runs on one thread by
-    default: these tiny matmuls gain little from a second thread on a quiet machine, and on a busy
-    one thread hand-offs made a step 8x slower (0.18 vs 1.5 s measured); 1 and 2 threads gave
-    identical weights here.
+    Same seed -> bitwise-identical weights on the same machine, whatever `workers` is.
+    `workers` (default: up to 2 CPU cores for the full build, 1 for --quick) is how many cores
+    training uses: the base trains with that many torch threads, then the fine-tunes train side by
+    side in that many processes of one thread each (they only need the finished base). Separate
+    processes, not threads within one: these tiny matmuls gain only 1.6x from a second thread, and
+    on a busy machine thread hand-offs made a step 8x slower (0.18 vs 1.5 s measured). Checked here:
+    the base trained on 2 threads and fine-tunes in 2 workers reproduced the committed family
+    (trained on 1 thread) bit for bit, 491 s against 807 s.
     `score` writes reference_scores.json (default: on for the full build).
     """
     from transformers import LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
 
     from . import ZOO_DIR
 
@@ -201,15 +222,21 @@ def build_zoo(out_dir: str | Path | None = None, quick: bool = False, seed: int 
     score = (not quick) if score is None else score
     log = log or (lambda s: print(s, flush=True))
     _check_target(out)
+    if workers is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        workers = 1 if quick else max(1, min(2, cores or 1))
+    if workers < 1:
+        raise ValueError(f"workers must be at least 1 (got {workers}); it is how many CPU cores to train on")
     old_threads, old_denormal = torch.get_num_threads(), torch.set_flush_denormal(True)
-    if threads:
-        torch.set_num_threads(threads)
+    old_bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()    # a bar per 3.5 MB save is noise between the training lines
+    torch.set_num_threads(workers)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
     t_start = time.perf_counter()
     try:
         splits = held_out_splits(seed)
-        held = {n: {input_of(it) for s in v.values() for it in s} for n, v in splits.items()}
+        held = _held_inputs(splits)
         _write_splits(tmp, splits)
         timings = {}
 
@@ -222,8 +249,7 @@ def build_zoo(out_dir: str | Path | None = None, quick: bool = False, seed: int 
         _save_model(base, tmp / "base", {"name": "base", "role": "base", "domain": None,
                                          "seed": seed, "quick": quick, "train": asdict(recipe.base)})
 
-        for name in [*DOMAINS, f"{COMPLEX_DOMAIN}_complex"]:
-            timings[name] = train_finetune(base, name, recipe, held, seed, tmp / name, quick, log)
+        timings.update(_train_finetunes(base, recipe, held, seed, tmp, quick, log, workers))
 
         manifest = {"format": 1, "seed": seed, "quick": quick, "names": family_names(),
                     "domains": list(DOMAINS), "complex_domain": COMPLEX_DOMAIN,
@@ -239,9 +265,79 @@ def build_zoo(out_dir: str | Path | None = None, quick: bool = False, seed: int 
     finally:
         torch.set_num_threads(old_threads)
         torch.set_flush_denormal(old_denormal)
+        if old_bars:
+            hf_logging.enable_progress_bar()
     log(f"built {out} in {time.perf_counter() - t_start:.0f} s "
         f"(training: {', '.join(f'{k} {v:.0f} s' for k, v in timings.items())})")
     return out
+
+
+def _train_finetunes(base, recipe: Recipe, held: dict[str, set[str]], seed: int, root: Path, quick: bool,
+                     log: Callable[[str], None], workers: int) -> dict[str, float]:
+    """Train and save every fine-tune of the family under root; returns {name: training seconds}.
+
+    workers > 1: a pool of one-thread processes, each loading the saved base (float32 safetensors
+    round-trip exactly, so the result is the same as in-process). Longest jobs first, so two cores
+    finish together. Log lines come back through a queue, as they happen."""
+    names = [*DOMAINS, f"{COMPLEX_DOMAIN}_complex"]
+    if workers <= 1:
+        return {n: train_finetune(base, n, recipe, held, seed, root / n, quick, log) for n in names}
+
+    def steps(name):
+        spec = _finetune_spec(name, recipe)
+        return min(spec.steps, spec.stop or spec.steps)
+
+    ctx = multiprocessing.get_context("spawn")     # fork after torch's OpenMP threads can hang
+    lines = ctx.Queue()
+    timings: dict[str, float] = {}
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init, initargs=(lines,)) as pool:
+        pending = {pool.submit(_finetune_job, n, recipe, seed, root, quick): n
+                   for n in sorted(names, key=steps, reverse=True)}
+        try:
+            while pending:
+                done, _ = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+                _drain(lines, log)
+                for f in done:
+                    timings[pending.pop(f)] = f.result()
+        except BrokenProcessPool as e:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise RuntimeError("a fine-tune worker process died. If build_zoo is called from a script, "
+                               "guard its top level with `if __name__ == \"__main__\":` (worker "
+                               "processes re-import it), or pass workers=1 to train in this process") from e
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+    _drain(lines, log)
+    return {n: timings[n] for n in names}
+
+
+_LINES = None                            # a worker's log queue (set by _worker_init)
+
+
+def _worker_init(lines) -> None:
+    from transformers.utils import logging as hf_logging
+
+    global _LINES
+    _LINES = lines
+    hf_logging.disable_progress_bar()
+    torch.set_num_threads(1)
+    torch.set_flush_denormal(True)
+
+
+def _finetune_job(name: str, recipe: Recipe, seed: int, root: Path, quick: bool) -> float:
+    from transformers import LlamaForCausalLM
+
+    base = LlamaForCausalLM.from_pretrained(str(root / "base"))
+    return train_finetune(base, name, recipe, _held_inputs(held_out_splits(seed)), seed, root / name,
+                          quick, _LINES.put)
+
+
+def _drain(lines, log) -> None:
+    while True:
+        try:
+            log(lines.get_nowait())
+        except queue.Empty:
+            return
 
 
 def train_finetune(base, name: str, recipe: Recipe, held: dict[str, set[str]], seed: int, out: Path,
@@ -250,10 +346,10 @@ def train_finetune(base, name: str, recipe: Recipe, held: dict[str, set[str]], s
     `out`; returns the training seconds. Seeded by the member's position in the family."""
     complex_ = name.endswith("_complex")
     domain = COMPLEX_DOMAIN if complex_ else name
+    spec = _finetune_spec(name, recipe)
     if complex_:
-        spec, sources = recipe.complex, finetune_sources(domain, held, recipe.complex_replay)
+        sources = finetune_sources(domain, held, recipe.complex_replay)
     else:
-        spec = TrainSpec(**{**asdict(recipe.finetune), **recipe.finetunes.get(name, {})})
         sources = finetune_sources(domain, held, recipe.replay, recipe.distill)
     torch.manual_seed(seed + family_names().index(name))       # seed + 1 + position among the fine-tunes
     ft = copy.deepcopy(base)
