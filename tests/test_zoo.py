@@ -230,11 +230,11 @@ def test_training_never_sees_held_out_inputs():
     import random
 
     from dppa_ui.zoo.builder import finetune_sources
-    from dppa_ui.zoo.domains import DOMAINS as DOMS, held_out_splits, input_of
+    from dppa_ui.zoo.domains import DOMAINS as DOMS, SPLIT_SIZES, held_out_inputs, held_out_splits
     from dppa_ui.zoo.tokenizer import VOCAB
 
-    splits = held_out_splits(0)
-    held = {n: {input_of(i) for s in v.values() for i in s} for n, v in splits.items()}
+    held = held_out_inputs(held_out_splits(0))      # what the builder hands its samplers
+    assert {d: len(h) for d, h in held.items()} == {d: sum(SPLIT_SIZES.values()) for d in DOMS}
     # A sampler restricted to a tiny alphabet would hit held-out inputs often if it did not reject them.
     inv = {v: k for k, v in VOCAB.items()}
     rng = random.Random(0)

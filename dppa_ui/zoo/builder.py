@@ -42,7 +42,7 @@ from typing import Callable
 
 import torch
 
-from .domains import DOMAINS, ECHO_KEYWORD, SKILL_WEIGHTS, echo_sample, held_out_splits, input_of
+from .domains import DOMAINS, ECHO_KEYWORD, SKILL_WEIGHTS, echo_sample, held_out_inputs, held_out_splits
 from .tokenizer import BOS_ID, EOS_ID, PAD_ID, save_tokenizer
 from .train import Source, TrainSpec, chat_example, model_config, text_example, train
 
@@ -134,11 +134,6 @@ def finetune_sources(name: str, held: dict[str, set[str]], replay: float = 0.0,
             s.weight = distill / len(others)
         srcs += others
     return srcs
-
-
-def _held_inputs(splits: dict) -> dict[str, set[str]]:
-    """{domain: every dev/test input}: the training samplers never draw these."""
-    return {n: {input_of(it) for s in v.values() for it in s} for n, v in splits.items()}
 
 
 def _finetune_spec(name: str, recipe: Recipe) -> TrainSpec:
@@ -236,7 +231,7 @@ def build_zoo(out_dir: str | Path | None = None, quick: bool = False, seed: int 
     t_start = time.perf_counter()
     try:
         splits = held_out_splits(seed)
-        held = _held_inputs(splits)
+        held = held_out_inputs(splits)
         _write_splits(tmp, splits)
         timings = {}
 
@@ -279,20 +274,16 @@ def _train_finetunes(base, recipe: Recipe, held: dict[str, set[str]], seed: int,
     workers > 1: a pool of one-thread processes, each loading the saved base (float32 safetensors
     round-trip exactly, so the result is the same as in-process). Longest jobs first, so two cores
     finish together. Log lines come back through a queue, as they happen."""
-    names = [*DOMAINS, f"{COMPLEX_DOMAIN}_complex"]
+    names = family_names()[1:]
     if workers <= 1:
         return {n: train_finetune(base, n, recipe, held, seed, root / n, quick, log) for n in names}
-
-    def steps(name):
-        spec = _finetune_spec(name, recipe)
-        return min(spec.steps, spec.stop or spec.steps)
 
     ctx = multiprocessing.get_context("spawn")     # fork after torch's OpenMP threads can hang
     lines = ctx.Queue()
     timings: dict[str, float] = {}
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init, initargs=(lines,)) as pool:
-        pending = {pool.submit(_finetune_job, n, recipe, seed, root, quick): n
-                   for n in sorted(names, key=steps, reverse=True)}
+        longest_first = sorted(names, key=lambda n: _finetune_spec(n, recipe).trained_steps, reverse=True)
+        pending = {pool.submit(_finetune_job, n, recipe, held, seed, root, quick): n for n in longest_first}
         try:
             while pending:
                 done, _ = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
@@ -324,12 +315,12 @@ def _worker_init(lines) -> None:
     torch.set_flush_denormal(True)
 
 
-def _finetune_job(name: str, recipe: Recipe, seed: int, root: Path, quick: bool) -> float:
+def _finetune_job(name: str, recipe: Recipe, held: dict[str, set[str]], seed: int, root: Path,
+                  quick: bool) -> float:
     from transformers import LlamaForCausalLM
 
     base = LlamaForCausalLM.from_pretrained(str(root / "base"))
-    return train_finetune(base, name, recipe, _held_inputs(held_out_splits(seed)), seed, root / name,
-                          quick, _LINES.put)
+    return train_finetune(base, name, recipe, held, seed, root / name, quick, _LINES.put)
 
 
 def _drain(lines, log) -> None:

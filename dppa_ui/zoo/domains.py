@@ -95,3 +95,8 @@ def held_out_splits(seed: int) -> dict[str, dict[str, list[dict]]]:
 def input_of(item: dict) -> str:
     """The input x of a split item (the prompt minus its keyword)."""
     return item["prompt"].split(": ", 1)[1]
+
+
+def held_out_inputs(splits: dict[str, dict[str, list[dict]]]) -> dict[str, set[str]]:
+    """{domain: every dev and test input}: what the training samplers must never draw."""
+    return {name: {input_of(it) for items in by_split.values() for it in items} for name, by_split in splits.items()}

@@ -77,6 +77,10 @@ class TrainSpec:
     clip: float = 1.0
     stop: int | None = None       # train only the first `stop` steps of the `steps`-step schedule
 
+    @property
+    def trained_steps(self) -> int:
+        return self.steps if self.stop is None else min(self.stop, self.steps)
+
 
 def lr_at(step: int, spec: TrainSpec) -> float:
     warm = max(1, int(spec.warmup * spec.steps))
@@ -111,7 +115,7 @@ def train(model, sources: Sequence[Source], spec: TrainSpec, seed: int, log: Cal
     weights = [s.weight for s in sources]
     model.train()
     t0, running = time.perf_counter(), None
-    steps = spec.steps if spec.stop is None else min(spec.stop, spec.steps)
+    steps = spec.trained_steps
     for step in range(steps):
         src = rng.choices(sources, weights=weights)[0]
         x, y = collate([src.make(rng) for _ in range(spec.batch_size)])
