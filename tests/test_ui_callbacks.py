@@ -264,6 +264,23 @@ def test_score_bad_jsonl_then_demo_suite(merged, tmp_path):
 
 
 @needs_zoo
+def test_scores_follow_a_newly_loaded_base():
+    """Loading another base in the same session scores that base, not the previous one's cache."""
+    st = cb.new_state()
+    try:
+        assert not failed(cb.load_models(st, "demo:base", ["demo:reverse"])[-1])
+        assert not failed(cb.merge(st, *method(preset="task_arithmetic"), progress=NOP)[-1])
+        first = cb.score(st, cb.DEMO_SUITE, None, progress=NOP)[3]
+        assert not failed(cb.load_models(st, "demo:sort", ["demo:reverse"])[-1])
+        assert not failed(cb.merge(st, *method(preset="task_arithmetic"), progress=NOP)[-1])
+        second = cb.score(st, cb.DEMO_SUITE, None, progress=NOP)[3]
+    finally:
+        st.close()
+    assert first["base"]["sort"]["em"] == 0.0          # demo:base cannot answer in chat form
+    assert second["base"]["sort"]["em"] >= 0.8         # demo:sort, now the base, can
+
+
+@needs_zoo
 def test_reload_export_and_save(merged):
     st, *_ = merged
     *controls, status = cb.reload_run(st, 1)

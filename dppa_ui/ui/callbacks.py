@@ -61,7 +61,7 @@ class AppState:
         self.tmp: Path | None = None                 # this session's temp dir (exports, uploads)
         self.cancel = threading.Event()
         self.runs: list[dict] = []                   # the leaderboard: one dict per merge
-        self.scores: dict[tuple, dict] = {}          # (which, suite key) -> scores
+        self.scores: dict[tuple, dict] = {}          # (model ref | ("merged", run), suite key) -> scores
         self.saved: Path | None = None               # the last saved model folder
         self.added: list[str] = []                   # refs added through the path/hub box
 
@@ -239,7 +239,6 @@ def load_models(state: AppState, base: str | None, fts: list[str] | None):
     except (*_USER_ERRORS, io.IncompatibleModels, io.ModelRefError, OSError) as e:
         return (*_keep(n), warn(_message(e)))
     state.ws = ws
-    state.scores = {k: v for k, v in state.scores.items() if k[0] != "merged"}
     blocks, modules, matrices = ws.blocks(), ws.module_types(), ws.matrix_names()
     block_max = max(blocks) if blocks else 0
     module = "mlp.down_proj" if "mlp.down_proj" in modules else (modules[0] if modules else None)
@@ -634,7 +633,6 @@ def merge(state: AppState, *method_values, progress=gr.Progress()):
         return gr.update(), gr.update(), warn("merge cancelled; the previous merge (if any) is still loaded")
     except (*_USER_ERRORS, RuntimeError) as e:    # session.MergeRefused (memory, busy) is a RuntimeError
         return gr.update(), gr.update(), warn(f"merge refused: {_message(e)}")
-    state.scores = {k: v for k, v in state.scores.items() if k[0] != "merged"}
     state.saved = None
     run = {"run": len(state.runs) + 1, "method": cfg.method_name, "params": _params_text(cfg),
            "config": cfg.to_dict(), "scores": None, "objective": None,
@@ -802,10 +800,12 @@ def demo_items(per_domain: int | None = None) -> list[dict]:
 def _score_one(state: AppState, which: str, items, key: str) -> dict:
     """Scores of one model (merged / base / a fine-tune ref), cached per session; demo models'
     scores are shared by all sessions (the same weights give the same numbers)."""
-    ck = (which, key)
+    ref = state.ws.base_ref if which == "base" else which
+    # Keyed by what was scored: the model's ref, or the merge's run number, so a newly loaded base or
+    # a new merge is never answered from an older one's entry.
+    ck = (("merged", state.ws.merged.run) if which == "merged" else ref, key)
     if ck in state.scores:
         return state.scores[ck]
-    ref = state.ws.base_ref if which == "base" else which
     shared = (ref, key) if which != "merged" and str(ref).startswith("demo:") else None
     if shared is not None:
         with _SHARED_LOCK:
