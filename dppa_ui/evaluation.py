@@ -78,7 +78,9 @@ def _read_jsonl(path: Path, default_domain: str | None = None) -> list[dict]:
 
 def suite_domains(root: Path) -> list[str]:
     """Domains of a zoo directory, in the manifest's order."""
-    manifest = root / "zoo.json"
+    from .zoo import MANIFEST
+
+    manifest = root / MANIFEST
     if manifest.is_file():
         return list(json.loads(manifest.read_text())["domains"])
     return sorted(p.name for p in (root / "data").iterdir() if p.is_dir())

@@ -12,8 +12,11 @@ import json
 from pathlib import Path
 
 ZOO_DIR = Path(__file__).resolve().parents[2] / "assets" / "zoo"
-INFO_FILE = "dppa_zoo.json"
-_NAMES = ["base", "reverse", "cipher", "sort", "brackets", "reverse_complex"]
+from .domains import DOMAINS, family_names
+
+INFO_FILE = "dppa_zoo.json"      # each model's role, domain and recipe
+MANIFEST = "zoo.json"            # the family's names, domains and seed
+_NAMES = family_names()
 
 
 def demo_names() -> list[str]:
@@ -23,7 +26,7 @@ def demo_names() -> list[str]:
 
 def domain_names() -> list[str]:
     """The skills of the family, one fine-tune each."""
-    return [n for n in _NAMES if n not in ("base",) and not n.endswith("_complex")]
+    return list(DOMAINS)
 
 
 def demo_path(name: str) -> Path:
@@ -57,4 +60,4 @@ def build_zoo(*args, **kwargs):
     return _build(*args, **kwargs)
 
 
-__all__ = ["ZOO_DIR", "INFO_FILE", "demo_names", "domain_names", "demo_path", "model_info", "build_zoo"]
+__all__ = ["ZOO_DIR", "INFO_FILE", "MANIFEST", "demo_names", "domain_names", "demo_path", "model_info", "build_zoo"]

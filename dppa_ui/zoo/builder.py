@@ -42,13 +42,12 @@ from typing import Callable
 
 import torch
 
-from .domains import DOMAINS, ECHO_KEYWORD, SKILL_WEIGHTS, echo_sample, held_out_inputs, held_out_splits
+from . import INFO_FILE, MANIFEST
+from .domains import (COMPLEX_DOMAIN, DOMAINS, ECHO_KEYWORD, SKILL_WEIGHTS, SPLIT_SIZES, echo_sample, family_names,
+                      held_out_inputs, held_out_splits)
 from .tokenizer import BOS_ID, EOS_ID, PAD_ID, save_tokenizer
 from .train import Source, TrainSpec, chat_example, model_config, text_example, train
 
-COMPLEX_DOMAIN = "reverse"
-INFO_FILE = "dppa_zoo.json"
-MANIFEST = "zoo.json"
 
 
 @dataclass
@@ -81,10 +80,6 @@ QUICK = Recipe(
     finetune=TrainSpec(steps=8, lr=1e-3, batch_size=16),
     complex=TrainSpec(steps=12, lr=3e-3, batch_size=16),
 )
-
-
-def family_names() -> list[str]:
-    return ["base", *DOMAINS, f"{COMPLEX_DOMAIN}_complex"]
 
 
 def _sampler(domain, held_out: set[str], make: Callable[[str, str], tuple]):
@@ -240,7 +235,6 @@ def build_zoo(out_dir: str | Path | None = None, quick: bool = False, seed: int 
         log(f"base: {sum(p.numel() for p in base.parameters()) / 1e6:.2f} M parameters")
         stats = train(base, base_sources(held, recipe.echo_weight), recipe.base, seed, log, "base")
         timings["base"] = stats["seconds"]
-        recipes = {"base": recipe.base}
         _save_model(base, tmp / "base", {"name": "base", "role": "base", "domain": None,
                                          "seed": seed, "quick": quick, "train": asdict(recipe.base)})
 
@@ -248,7 +242,7 @@ def build_zoo(out_dir: str | Path | None = None, quick: bool = False, seed: int 
 
         manifest = {"format": 1, "seed": seed, "quick": quick, "names": family_names(),
                     "domains": list(DOMAINS), "complex_domain": COMPLEX_DOMAIN,
-                    "model": recipe.model, "split_sizes": {k: len(v) for k, v in next(iter(splits.values())).items()}}
+                    "model": recipe.model, "split_sizes": dict(SPLIT_SIZES)}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         if score:
             _write_reference_scores(tmp, log)
@@ -357,15 +351,11 @@ def train_finetune(base, name: str, recipe: Recipe, held: dict[str, set[str]], s
 
 def _write_reference_scores(root: Path, log) -> None:
     """Test-split scores of every model, for display (tests re-score; they never read this file)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from ..evaluation import load_suite, score_model
+    from ..evaluation import load_model, load_suite, score_model
 
     items = load_suite(root, split="test")
     scores = {}
     for name in family_names():
-        model = AutoModelForCausalLM.from_pretrained(str(root / name))
-        tok = AutoTokenizer.from_pretrained(str(root / name))
-        scores[name] = score_model(model, tok, items)
+        scores[name] = score_model(*load_model(root / name), items)
         log(f"{name}: " + "  ".join(f"{d} EM {s['em']:.3f} sm {s['smooth']:.3f}" for d, s in scores[name].items()))
     (root / "reference_scores.json").write_text(json.dumps(scores, indent=2) + "\n")

@@ -62,6 +62,14 @@ DOMAINS: dict[str, Domain] = {d.name: d for d in [
 
 SKILL_WEIGHTS = {"reverse": 2.5, "cipher": 1.5, "sort": 1.0, "brackets": 1.0}
 
+# The "complex" fine-tune (trained longer at a higher LR) is on this domain; see builder.py.
+COMPLEX_DOMAIN = "reverse"
+
+
+def family_names() -> list[str]:
+    """The family's models in build order: the base, one fine-tune per domain, the complex one."""
+    return ["base", *DOMAINS, f"{COMPLEX_DOMAIN}_complex"]
+
 # Generic chat task for the base only: echo a mixed string. Teaches the chat format, no domain skill.
 _ECHO_CHARS = string.ascii_letters + string.digits + " .,!?-+*/=#"
 echo_sample = _letters(_ECHO_CHARS, 2, 10)

@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .tokenizer import ASSISTANT_ID, BOS_ID, EOS_ID, PAD_ID, USER_ID, VOCAB, encode
+from .tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB, chat_ids, encode
 
 IGNORE = -100
 
@@ -38,7 +38,7 @@ def text_example(text: str) -> tuple[list[int], list[int]]:
 
 def chat_example(prompt: str, answer: str) -> tuple[list[int], list[int]]:
     """`<bos><|user|>prompt<|assistant|>answer<eos>`, loss on the answer and <eos> only (SFT)."""
-    head = [BOS_ID, USER_ID] + encode(prompt) + [ASSISTANT_ID]
+    head = chat_ids(prompt)
     tail = encode(answer) + [EOS_ID]
     ids = head + tail
     labels = [IGNORE] * (len(head) - 1) + tail + [IGNORE]
