@@ -49,12 +49,17 @@ def timed(fn, *a, **k) -> tuple[float, object]:
     return time.perf_counter() - t, out
 
 
+def slider_rates(repeats: int) -> list[float]:
+    """The prune-rate values the slider timings sweep: `repeats` steps from 0.5 to 0.95."""
+    return [round(0.5 + 0.45 * i / max(repeats - 1, 1), 3) for i in range(repeats)]
+
+
 def server_side(repeats: int) -> dict:
     st = cb.AppState()
     t_load, out = timed(cb.load_models, st, "demo:base", FTS)
     assert out[-1].startswith("✓"), out[-1]
     module = "mlp.down_proj"
-    rates = [round(0.5 + 0.45 * i / max(repeats - 1, 1), 3) for i in range(repeats)]
+    rates = slider_rates(repeats)
     cb.inspect(st, 0, module, *method(preset="dppa", prune_rate=0.3))            # first draw (sorts |δ| once)
     times = [timed(cb.inspect, st, 0, module, *method(preset="dppa", prune_rate=r))[0] for r in rates]
     mask_times = [timed(cb.masks, st, st.ws.tensor_name(0, module), *method(preset="ties", prune_rate=r))[0]
@@ -94,8 +99,7 @@ def over_http(repeats: int, browser: bool) -> dict:
         c.predict("demo:base", FTS, api_name="/load_models")
         c.predict(0, "mlp.down_proj", *method(prune_rate=0.3), api_name="/inspect")
         rts = []
-        for i in range(repeats):
-            r = round(0.5 + 0.45 * i / max(repeats - 1, 1), 3)
+        for r in slider_rates(repeats):
             rts.append(timed(c.predict, 0, "mlp.down_proj", *method(prune_rate=r), api_name="/inspect")[0])
         out["inspect_http_roundtrip_median_ms"] = 1000 * statistics.median(rts)
     finally:

@@ -21,13 +21,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
-from safetensors import safe_open
-
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(REPO))
 
+from dppa_ui.io import read_state_dict  # noqa: E402
 from _models import LlamaShape, build_models  # noqa: E402
 from merge_speed import CHILD_ENV, find_mergekit  # noqa: E402
 
@@ -83,15 +82,6 @@ dtype: {dtype}
 }
 
 
-def load_dir(path: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(path.glob("*.safetensors")):
-        with safe_open(str(f), "pt") as sf:
-            for k in sf.keys():
-                out[k] = sf.get_tensor(k)
-    return out
-
-
 def run(cmd: list[str]) -> str | None:
     import os
 
@@ -122,6 +112,7 @@ def main(argv=None) -> int:
     tol = 1e-6 if args.dtype == "float32" else None
     failed = False
     try:
+        base_t = read_state_dict(base)
         for case in args.cases.split(","):
             cfg = work / f"{case}.yaml"
             cfg.write_text(CASES[case].format(dtype=args.dtype, **paths))
@@ -137,8 +128,7 @@ def main(argv=None) -> int:
                 print(f"{case}: dppa_ui failed:\n{err}")
                 failed = True
                 continue
-            mk, ours = load_dir(mk_out), load_dir(our_out)
-            base_t = load_dir(base)
+            mk, ours = read_state_dict(mk_out), read_state_dict(our_out)
             if set(mk) != set(ours):
                 print(f"{case}: tensor names differ: only mergekit {sorted(set(mk) - set(ours))[:5]}"
                       f", only ours {sorted(set(ours) - set(mk))[:5]}")

@@ -25,19 +25,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
 
 import dppa_ui  # noqa: E402
 from dppa_ui import zoo  # noqa: E402
-from dppa_ui.evaluation import (alpha_objective, load_model, load_suite, relative_gain,  # noqa: E402
-                                score_model, score_state_dict)
+from dppa_ui.evaluation import (alpha_objective, by_domain, load_model, load_suite,  # noqa: E402
+                                relative_gain, score_model, score_state_dict)
+from dppa_ui.io import read_state_dict  # noqa: E402
 from dppa_ui.methods.dpa import greedy_alpha_search  # noqa: E402
+from dppa_ui.zoo.builder import COMPLEX_DOMAIN  # noqa: E402
 
 METHODS = ("task_arithmetic", "ties", "dare_ties", "dp", "dppa", "pcb")
-
-
-def sd_of(name):
-    return load_file(str(zoo.demo_path(name) / "model.safetensors"))
 
 
 def config(method, names, density, amps=None):
@@ -51,13 +48,13 @@ def config(method, names, density, amps=None):
     return {"merge_method": method, "base_model": "demo:base", "models": models, "parameters": params, "seed": 0}
 
 
-def search_alpha(name, density, base_sd, ft_sd):
-    """DPPA's greedy alpha search for one fine-tune at one density, on its dev split."""
-    f = alpha_objective(f"demo:{name}")
+def search_alpha(name, density, base_sd, ft_sd, objective):
+    """DPPA's greedy alpha search for one fine-tune at one density, on its dev split. `objective` is
+    the fine-tune's `alpha_objective`, built once per fine-tune (its reference needs no density)."""
 
     def score(alpha):
         merged = dppa_ui.merge_in_memory(base_sd, [ft_sd], config("dppa", [name], density, {name: alpha}))
-        return f(merged)
+        return objective(merged)
 
     return greedy_alpha_search(score, n_bands=2, max_evals=15)
 
@@ -76,13 +73,14 @@ def main():
     t_all = time.perf_counter()
     domains = zoo.domain_names()
     items = load_suite("zoo", args.split)
-    by_dom = {d: [i for i in items if i["domain"] == d] for d in domains}
+    by_dom = by_domain(items)
+    complex_name = f"{COMPLEX_DOMAIN}_complex"
     lines = []
     out = lines.append
 
     # 1. base and fine-tunes on every domain.
     ref, times = {}, {}
-    for name in ["base", *domains, f"{zoo.model_info('reverse_complex')['domain']}_complex"]:
+    for name in zoo.demo_names():
         model, tok = load_model(f"demo:{name}")
         t0 = time.perf_counter()
         ref[name] = score_model(model, tok, items)
@@ -97,32 +95,33 @@ def main():
     print(f"scoring the whole {args.split} suite ({len(items)} items): "
           + ", ".join(f"{k} {v:.2f} s" for k, v in times.items()), file=sys.stderr)
 
-    base_sd = sd_of("base")
-    sds = {n: sd_of(n) for n in [*domains, "reverse_complex"]}
+    base_sd = read_state_dict(zoo.demo_path("base"))
+    sds = {n: read_state_dict(zoo.demo_path(n)) for n in [*domains, complex_name]}
 
     def gains(s, d):
         return relative_gain(s[d]["smooth"], ref["base"][d]["smooth"], ref[d][d]["smooth"])
 
     # 2. complex fine-tune pruned alone.
-    out("**The DPPA effect**: a fine-tune pruned alone (one-model merge), EM on its domain (reverse)\n")
+    out(f"**The DPPA effect**: a fine-tune pruned alone (one-model merge), EM on its domain ({COMPLEX_DOMAIN})\n")
     out("| fine-tune | delta / base | method | " + " | ".join(f"d={d:g}" for d in args.densities) + " |")
     out("|---|---|---|" + "---|" * len(args.densities))
-    for name in ("reverse", "reverse_complex"):
+    for name in (COMPLEX_DOMAIN, complex_name):
         ratio = zoo.model_info(name).get("delta_ratio")
         for label, method in (("DARE (random)", "dare_linear"), ("magnitude", "ties"), ("DP", "dp")):
             row = []
             for dens in args.densities:
                 merged = dppa_ui.merge_in_memory(base_sd, [sds[name]], config(method, [name], dens))
-                row.append(score_state_dict("demo:base", merged, by_dom["reverse"])["reverse"]["em"])
+                row.append(score_state_dict("demo:base", merged, by_dom[COMPLEX_DOMAIN])[COMPLEX_DOMAIN]["em"])
             out(f"| {name} | {fmt(ratio, 3)} | {label} | " + " | ".join(f"{x:.3f}" for x in row) + " |")
     out("")
 
     # 3. merges.
     t0 = time.perf_counter()
+    objectives = {n: alpha_objective(f"demo:{n}") for n in domains}
     amps = {}
     for dens in args.densities:
         for n in domains:
-            res = search_alpha(n, dens, base_sd, sds[n])
+            res = search_alpha(n, dens, base_sd, sds[n], objectives[n])
             amps[(n, dens)] = res.alpha
             print(f"alpha search {n} d={dens}: alpha {res.alpha} score {res.score:.3f} "
                   f"({len(res.path)} evals)", file=sys.stderr)
