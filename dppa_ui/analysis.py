@@ -19,6 +19,7 @@ from .methods import band_edges, keep_count, magnitude_mask, random_mask, tensor
 from .methods.pcb import clip_abs, pcb_scale
 from .methods.ties import elect_sign
 from .pipeline import Step, plan_steps, prune_amplify
+from .stats import HIST_SAMPLE, sample_flat
 
 HIST_BINS = 80
 MASK_SIDE = 256
@@ -113,9 +114,7 @@ def _uniform(ws, seed: int, i: int, name: str) -> torch.Tensor:
 def _log_sample(ws, name: str, j: int) -> torch.Tensor:
     """log10 |δ| of the fixed sample of fine-tune j's tensor (zeros as -inf), cached."""
     def compute():
-        a = ws.delta(name, j).abs().reshape(-1)
-        sel = ws.sample_index(name)
-        return (a if sel is None else a[sel]).log10()
+        return sample_flat(ws.delta(name, j).abs(), HIST_SAMPLE).log10()
     return ws.memo(("log", name, j), compute)
 
 
@@ -136,24 +135,24 @@ def _hist(logs: torch.Tensor, lo: float, hi: float) -> list[int]:
     return torch.histc(logs, bins=HIST_BINS, min=lo, max=hi).round().int().tolist()
 
 
-def histogram_figure(ws, cfg, name: str) -> go.Figure:
+def histogram_figure(ws, cfg, name: str, th: list[dict] | None = None) -> go.Figure:
     """|δ| histograms of tensor `name` on a log axis, one step line per fine-tune, with each one's
     keep threshold (dashed) and DPA band edges (dotted). Random pruning: kept and dropped entries
-    as separate lines, which lie on top of each other because DARE ignores magnitude."""
+    as separate lines, which lie on top of each other because DARE ignores magnitude.
+    `th`: `thresholds(ws, cfg, name)` when the caller already has it (each is a rank look-up)."""
     cfg, idx, steps = _setup(ws, cfg, name)
-    th = thresholds(ws, cfg, name)
+    th = thresholds(ws, cfg, name) if th is None else th
     lo, hi = _bins(ws, name, idx)
     width = (hi - lo) / HIST_BINS
     x = [10 ** (lo + (b + 0.5) * width) for b in range(HIST_BINS)]
-    sel = ws.sample_index(name)
-    sample_n = ws.shapes_numel[name] if sel is None else sel.numel()
+    sample_n = min(ws.shapes_numel[name], HIST_SAMPLE)
     traces, peak = [], 1
     for i, (j, step, row) in enumerate(zip(idx, steps, th)):
         label, color = _short(row["model"]), _color(j)
         logs = _log_sample(ws, name, j)
         if cfg.prune == "random" and step.prune:
             u = _uniform(ws, cfg.seed, i, name)
-            keep = (u if sel is None else u[sel]) < step.density
+            keep = sample_flat(u, HIST_SAMPLE) < step.density     # the same entries as `logs`
             for part, mask, dash in (("kept", keep, "solid"), ("dropped", ~keep, "dot")):
                 counts = _hist(logs[mask], lo, hi)
                 peak = max(peak, max(counts))
@@ -177,7 +176,7 @@ def histogram_figure(ws, cfg, name: str) -> go.Figure:
                 traces.append(go.Scatter(x=[e, e], y=[0, peak * 1.05], mode="lines", legendgroup=label,
                                          line=dict(color=color, dash="dot", width=1.5),
                                          name=f"{label} band edge {e:.3g} (top {100 * f:.1f}%)"))
-    what = "all entries" if sel is None else f"a fixed sample of {sample_n:,} of {ws.shapes_numel[name]:,}"
+    what = "all entries" if sample_n == ws.shapes_numel[name] else f"a fixed sample of {sample_n:,} of {ws.shapes_numel[name]:,}"
     if cfg.prune == "random":
         key = "solid: kept, dotted: dropped (random drop ignores magnitude)"
     elif cfg.prune == "none":

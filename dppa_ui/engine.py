@@ -23,8 +23,9 @@ import torch
 from . import io
 from .config import MergeConfig, load_config
 from .methods import greedy_alpha_search
-from .pipeline import Scratch, dp_maps_from_stats, kept_fraction, merge_state_dicts, merge_tensor, output_dtype
-from .stats import collect_stats, save_stats
+from .pipeline import (Scratch, dominant_float_dtype, dp_maps_from_stats, kept_fraction, merge_state_dicts, merge_tensor,
+                       output_dtype)
+from .stats import DeltaStats, collect_stats, save_stats
 
 STATS_FILE = "dppa_stats.json"
 CONFIG_FILE = "dppa_merge.yaml"
@@ -84,6 +85,7 @@ class _Inputs:
         self.shapes = io.check_compatible(self.base, {m.model: r for m, r in zip(cfg.models, self.fts)},
                                           allow_vocab_trim=allow_vocab_trim)
         self.names = list(self.shapes)
+        self.n_params = sum(torch.Size(sh).numel() for sh in self.shapes.values())
 
     def vocab_override(self) -> dict | None:
         """config.json's vocab_size after --allow-vocab-trim cut the embedding rows."""
@@ -101,9 +103,9 @@ class _Inputs:
 
 
 def _plan_report(cfg: MergeConfig, inputs: _Inputs, out_dtype: torch.dtype, device: torch.device) -> tuple[str, int]:
-    n_params = sum(torch.Size(s).numel() for s in inputs.shapes.values())
+    n_params = inputs.n_params
     largest = max(torch.Size(s).numel() for s in inputs.shapes.values())
-    disk = sum(torch.Size(s).numel() for s in inputs.shapes.values()) * out_dtype.itemsize
+    disk = n_params * out_dtype.itemsize
     n = len(cfg.models)
     mem = (n + 2) * largest * 4 + (n + 1) * largest * 4      # working set + prefetched inputs
     rate = _EST_RATE["pcb" if cfg.combine == "pcb" else cfg.prune]
@@ -125,14 +127,19 @@ def _plan_report(cfg: MergeConfig, inputs: _Inputs, out_dtype: torch.dtype, devi
 
 
 def search_amplification(cfg: MergeConfig, base_dir: Path, model_dirs: list[Path],
-                         log: Callable[[str], None] = print, max_evals: int = 60) -> dict[str, dict]:
+                         log: Callable[[str], None] = print, max_evals: int = 60,
+                         loaded: tuple[dict, list[dict]] | None = None,
+                         stats: list[DeltaStats] | None = None) -> dict[str, dict]:
     """Resolve `amplification: auto`: DPPA's greedy alpha search, per fine-tune, on the dev split
-    of its domain, scoring the pruned fine-tune alone against the unpruned one."""
+    of its domain, scoring the pruned fine-tune alone against the unpruned one.
+
+    `loaded` = (base state dict, fine-tunes' state dicts, aligned with cfg.models) and `stats`
+    (their DeltaStats at cfg.dp_outlier_m) spare the reads when the caller (the app) holds them."""
     todo = [i for i, m in enumerate(cfg.models) if m.amplification == "auto"]
     if not todo:
         return {}
     from . import evaluation, zoo   # the scorer and the demo models' domains
-    base_sd = io.read_state_dict(base_dir)
+    base_sd = loaded[0] if loaded else io.read_state_dict(base_dir)
     report = {}
     for i in todo:
         m = cfg.models[i]
@@ -141,18 +148,19 @@ def search_amplification(cfg: MergeConfig, base_dir: Path, model_dirs: list[Path
             raise ValueError(f"amplification: auto for {m.model} needs `domain:` (the dev split its alpha is "
                              f"scored on); demo models know theirs")
         domains = [domains] if isinstance(domains, str) else list(domains)
-        ft_sd = io.read_state_dict(model_dirs[i])
+        ft_sd = loaded[1][i] if loaded else io.read_state_dict(model_dirs[i])
         objective = evaluation.alpha_objective(model_dirs[i], domains, split="dev")
         single = copy.deepcopy(cfg)
         single.models = [copy.deepcopy(m)]
         single.models[0].weight, single.lambda_, single.combine, single.normalize = 1.0, 1.0, "sum", False
-        stats = None
+        ft_stats = None
         if single.prune == "dp":
-            stats = collect_stats(list(base_sd), lambda n: (base_sd[n], [ft_sd[n]]), [m.model], cfg.dp_outlier_m)
+            ft_stats = [stats[i]] if stats else collect_stats(list(base_sd), lambda n: (base_sd[n], [ft_sd[n]]),
+                                                              [m.model], cfg.dp_outlier_m)
 
         def score(alpha: list[float]) -> float:
             single.models[0].amplification = alpha
-            s = objective(merge_state_dicts(base_sd, [ft_sd], single, stats=stats))
+            s = objective(merge_state_dicts(base_sd, [ft_sd], single, stats=ft_stats))
             log(f"  alpha {alpha} -> {s:.4f}")
             return s
 
@@ -162,6 +170,19 @@ def search_amplification(cfg: MergeConfig, base_dir: Path, model_dirs: list[Path
         report[m.model] = {"alpha": res.alpha, "score": res.score, "path": res.path}
         log(f"  chose {res.alpha} (score {res.score:.4f})")
     return report
+
+
+def write_model_files(out: Path, cfg: MergeConfig, base_dir: Path, dtype: torch.dtype, tokenizer_dir: Path | None,
+                      kept: list[float], device: str, config_overrides: dict | None = None) -> None:
+    """Everything of a merged model folder but the weights: the base's config (in `dtype`) and
+    tokenizer (or `tokenizer_dir`'s), the merge YAML that reproduces it, and a model card."""
+    io.copy_model_files(base_dir, out, dtype=dtype, tokenizer_dir=tokenizer_dir, chat_template=cfg.chat_template,
+                        config_overrides=config_overrides)
+    yaml_text = cfg.to_yaml()
+    (out / CONFIG_FILE).write_text(yaml_text)
+    io.write_model_card(out, base_ref=cfg.base_model, model_refs=[m.model for m in cfg.models],
+                        method=cfg.method_name, seed=cfg.seed, yaml_text=yaml_text,
+                        extra={"kept fraction": ", ".join(f"{k:.3f}" for k in kept), "device": device})
 
 
 def merge(config, out: str | Path | None, *, device: str = "auto", seed: int | None = None,
@@ -185,12 +206,11 @@ def merge(config, out: str | Path | None, *, device: str = "auto", seed: int | N
     inputs = _Inputs(cfg, allow_pickle, allow_vocab_trim)
     try:
         # The output dtype: the config's, else the base's (its most common floating dtype).
-        floats = [inputs.base.dtype(n) for n in inputs.names if inputs.base.dtype(n).is_floating_point]
-        out_dtype = output_dtype(cfg, max(set(floats), key=floats.count) if floats else torch.float32)
+        out_dtype = output_dtype(cfg, dominant_float_dtype(inputs.base.dtype(n) for n in inputs.names) or torch.float32)
         report, disk = _plan_report(cfg, inputs, out_dtype, dev)
         if dry_run:
             return MergeResult(out=None, seconds=time.perf_counter() - t0, device=str(dev), tensors=len(inputs.names),
-                               params=sum(torch.Size(s).numel() for s in inputs.shapes.values()),
+                               params=inputs.n_params,
                                kept_fraction=[], config=cfg, notices=cfg.notices, plan=report)
         if out is None:
             raise ValueError("an output folder is needed (--out DIR)")
@@ -200,14 +220,8 @@ def merge(config, out: str | Path | None, *, device: str = "auto", seed: int | N
         with io.atomic_output_dir(out, overwrite=overwrite) as tmp:
             result = _merge_to(cfg, inputs, tmp, dev, out_dtype, progress, cancel, shard_bytes, log)
             tok_dir = io.resolve_model(cfg.tokenizer_source, allow_pickle=allow_pickle) if cfg.tokenizer_source else None
-            io.copy_model_files(inputs.base_dir, tmp, dtype=out_dtype, tokenizer_dir=tok_dir,
-                                chat_template=cfg.chat_template, config_overrides=inputs.vocab_override())
-            yaml_text = cfg.to_yaml()
-            (tmp / CONFIG_FILE).write_text(yaml_text)
-            io.write_model_card(tmp, base_ref=cfg.base_model, model_refs=[m.model for m in cfg.models],
-                                method=cfg.method_name, seed=cfg.seed, yaml_text=yaml_text,
-                                extra={"kept fraction": ", ".join(f"{k:.3f}" for k in result.kept_fraction),
-                                       "device": str(dev)})
+            write_model_files(tmp, cfg, inputs.base_dir, out_dtype, tok_dir, result.kept_fraction, str(dev),
+                              config_overrides=inputs.vocab_override())
         result.out, result.seconds, result.alpha_search = out, time.perf_counter() - t0, alpha_report
         return result
     finally:
@@ -267,7 +281,7 @@ def _merge_to(cfg: MergeConfig, inputs: _Inputs, tmp: Path, dev: torch.device, o
         if bar is not None:
             bar.close()
     return MergeResult(out=None, seconds=0.0, device=str(dev), tensors=len(names),
-                       params=sum(torch.Size(s).numel() for s in inputs.shapes.values()),
+                       params=inputs.n_params,
                        kept_fraction=kept_fraction(cfg, inputs.shapes, dp_maps), config=cfg, notices=cfg.notices)
 
 

@@ -7,7 +7,7 @@ chat path). All math is float32 on the chosen device.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 
@@ -146,6 +146,13 @@ def kept_fraction(cfg: MergeConfig, shapes: dict[str, tuple], dp_maps: list[dict
 
 def output_dtype(cfg: MergeConfig, base_dtype: torch.dtype) -> torch.dtype:
     return DTYPES[cfg.dtype] if cfg.dtype else base_dtype
+
+
+def dominant_float_dtype(dtypes: Iterable[torch.dtype]) -> torch.dtype | None:
+    """The most common floating dtype among `dtypes` (a checkpoint's dtype, as saved and shown);
+    None when there is none."""
+    floats = [d for d in dtypes if d.is_floating_point]
+    return max(set(floats), key=floats.count) if floats else None
 
 
 def dp_maps_from_stats(cfg: MergeConfig, stats: list[DeltaStats]) -> list[dict[str, DPDensity]]:

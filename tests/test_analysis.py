@@ -137,8 +137,7 @@ def test_histogram_figure_random_kept_vs_dropped(ws):
 
 
 def test_histogram_uses_a_fixed_sample_on_large_tensors(ws, monkeypatch):
-    monkeypatch.setattr(ws, "sample_index", lambda name, size=1000: torch.arange(0, ws.shapes_numel[name],
-                                                                                 ws.shapes_numel[name] // size)[:size])
+    monkeypatch.setattr(analysis, "HIST_SAMPLE", 1000)
     ws._samples.clear()
     fig = analysis.histogram_figure(ws, cfg(ws, "ties", 0.3), NAME)
     assert sum(fig.data[0].y) == 1000 and "sample of 1,000" in fig.layout.title.text
