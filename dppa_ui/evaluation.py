@@ -16,7 +16,6 @@ Prompts are rendered with the tokenizer's chat template when it has one (the dem
 """
 from __future__ import annotations
 
-import copy
 import json
 import math
 import weakref
@@ -329,30 +328,21 @@ def load_model(ref: str | Path):
     return model, AutoTokenizer.from_pretrained(str(path))
 
 
-def _skeleton(model_dir_or_model, tokenizer=None):
-    """A cached private copy of the model to load state dicts into (never the caller's model)."""
-    if isinstance(model_dir_or_model, (str, Path)):
-        key = ("dir", str(resolve_model_dir(model_dir_or_model).resolve()))
-        if key not in _SKELETONS:
-            _SKELETONS[key] = load_model(model_dir_or_model)
-        return _SKELETONS[key]
-    if tokenizer is None:
-        raise ValueError("scoring a state dict on a model object needs its tokenizer")
-    key = ("obj", id(model_dir_or_model))
-    entry = _SKELETONS.get(key)
-    if entry is None or entry[2]() is not model_dir_or_model:
-        skel = copy.deepcopy(model_dir_or_model).float().eval()
-        entry = (skel, tokenizer, weakref.ref(model_dir_or_model))
-        _SKELETONS[key] = entry
-    return entry[0], tokenizer
+def _skeleton(model_dir) -> tuple:
+    """A cached private copy of the model at `model_dir` to load state dicts into."""
+    key = str(resolve_model_dir(model_dir).resolve())
+    if key not in _SKELETONS:
+        _SKELETONS[key] = load_model(model_dir)
+    return _SKELETONS[key]
 
 
-def score_state_dict(model_dir_or_model, state_dict: dict, items: Sequence[dict], tokenizer=None,
-                     batch_size: int = 256, generate: bool = True) -> dict[str, dict]:
-    """Score weights held in memory: copy `state_dict` into a cached skeleton of the same
-    architecture (no disk I/O after the first call) and run `score_model`. The key sets must
-    match (a tied lm_head may be absent). The skeleton holds the last state scored: never read it back."""
-    model, tok = _skeleton(model_dir_or_model, tokenizer)
+def score_state_dict(model_dir, state_dict: dict, items: Sequence[dict], batch_size: int = 256,
+                     generate: bool = True) -> dict[str, dict]:
+    """Score weights held in memory: copy `state_dict` into a cached skeleton of the model at
+    `model_dir` (a dir or demo:NAME of the same architecture; no disk I/O after the first call) and
+    run `score_model`. The key sets must match (a tied lm_head may be absent). The skeleton holds
+    the last state scored: never read it back."""
+    model, tok = _skeleton(model_dir)
     _load_into(model, state_dict)
     return score_model(model, tok, items, batch_size=batch_size, generate=generate)
 
@@ -363,7 +353,7 @@ def _load_into(model, state_dict: dict) -> None:
     own = model.state_dict()
     missing = [k for k in own if k not in state_dict]
     extra = [k for k in state_dict if k not in own]
-    if extra or (missing and not _only_tied(model, missing)):
+    if extra or untied_missing(model.config, missing):
         raise ValueError(f"state dict does not match the model: missing {missing[:3]}, unexpected {extra[:3]}")
     with torch.no_grad():
         for k, v in state_dict.items():
@@ -373,10 +363,12 @@ def _load_into(model, state_dict: dict) -> None:
             own[k].copy_(v)
 
 
-def _only_tied(model, missing: list[str]) -> bool:
-    """True when every missing key is a tied lm_head (shares the embedding's storage)."""
-    tied = getattr(model.config, "tie_word_embeddings", False)
-    return tied and all(k.startswith("lm_head") for k in missing)
+def untied_missing(config, missing: Iterable[str]) -> list[str]:
+    """The keys of `missing` not explained by a tied lm_head (which shares the embedding's storage;
+    multimodal configs say so on their text config)."""
+    text = getattr(config, "get_text_config", lambda: config)()
+    tied = getattr(config, "tie_word_embeddings", False) or getattr(text, "tie_word_embeddings", False)
+    return [k for k in missing if not (tied and k.startswith("lm_head"))]
 
 
 def alpha_objective(model_dir, domains: Sequence[str] | None = None, split: str = "dev",

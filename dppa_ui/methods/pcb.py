@@ -22,11 +22,6 @@ from .sum import _weights
 CLIP_RATIO = 0.0001
 
 
-def _row_kth(x: torch.Tensor, index: int) -> torch.Tensor:
-    """Per row, the value at `index` of the row sorted ascending, as an (n, 1) column."""
-    return row_kth_smallest(x, index)
-
-
 def minmax_rows(x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     """Min-max scale each row to [0, 1]; rows with zero range become 0 (never NaN)."""
     lo = x.min(dim=1, keepdim=True).values
@@ -40,8 +35,8 @@ def clip_abs(flat: torch.Tensor) -> torch.Tensor:
     """|delta| clipped per row to its [int(d*1e-4), int(d*(1-1e-4))-1] order statistics."""
     d = flat.shape[1]
     a = flat.abs()
-    lo = _row_kth(a, int(d * CLIP_RATIO))
-    hi = _row_kth(a, int(d * (1 - CLIP_RATIO) - 1))
+    lo = row_kth_smallest(a, int(d * CLIP_RATIO))
+    hi = row_kth_smallest(a, int(d * (1 - CLIP_RATIO) - 1))
     return a.clamp_(lo, hi)
 
 
@@ -51,7 +46,7 @@ def pcb_scale(flat: torch.Tensor, ratio: float = 0.1, clipped_abs: torch.Tensor 
     a = clip_abs(flat) if clipped_abs is None else clipped_abs
     score = minmax_rows(a).square_().mul_(n).exp_()                        # intra-balancing
     score.mul_(torch.mul(flat, flat.sum(dim=0, keepdim=True)).tanh_())      # x inter-balancing
-    floor = _row_kth(score, min(int(d * (1 - ratio)), d - 1))
+    floor = row_kth_smallest(score, min(int(d * (1 - ratio)), d - 1))
     return minmax_rows(score.clamp_(min=floor), inplace=True)
 
 

@@ -32,16 +32,17 @@ def ties_combine(deltas: torch.Tensor, weights, normalize: bool = True, inplace:
     is the same float sum as summing the agreeing signed entries (negation is exact).
     """
     w = [float(x) for x in weights]
+    wt = _weights(deltas, w) if any(x != 1.0 for x in w) else None    # None: all ones, skip the products
     weighted = deltas if inplace else deltas.clone()
-    if any(x != 1.0 for x in w):
-        weighted.mul_(_weights(deltas, w))
+    if wt is not None:
+        weighted.mul_(wt)
     sign = elect_sign(weighted)
     agreeing = weighted.mul_(sign).clamp_(min=0)          # |w_i delta_i| where it agrees, else 0
     merged = agreeing.sum(dim=0).mul_(sign)
     if normalize:
         agreeing.sign_()                                  # 1 where it agrees, else 0
-        if any(x != 1.0 for x in w):
-            agreeing.mul_(_weights(deltas, w))
+        if wt is not None:
+            agreeing.mul_(wt)
         divisor = agreeing.sum(dim=0)                     # sum of the agreeing models' weights
         if min(w) > 0:
             # Any non-empty sum is >= min(w); an empty one (0) has a 0 numerator, so lifting it to
