@@ -280,9 +280,11 @@ def _merge_to(cfg: MergeConfig, inputs: _Inputs, tmp: Path, dev: torch.device, o
     finally:
         if bar is not None:
             bar.close()
+    # Over the floating tensors only, as the app counts it: the others have no delta to prune.
+    float_shapes = {n: sh for n, sh in inputs.shapes.items() if inputs.base.dtype(n).is_floating_point}
     return MergeResult(out=None, seconds=0.0, device=str(dev), tensors=len(names),
                        params=inputs.n_params,
-                       kept_fraction=kept_fraction(cfg, inputs.shapes, dp_maps), config=cfg, notices=cfg.notices)
+                       kept_fraction=kept_fraction(cfg, float_shapes, dp_maps), config=cfg, notices=cfg.notices)
 
 
 def _to(pair, dev):

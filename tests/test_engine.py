@@ -320,3 +320,32 @@ def test_chat_template_and_tokenizer_source(tiny_family, tmp_path):
     dppa_ui.merge(c, tmp_path / "out")
     assert "<|im_start|>" in (tmp_path / "out" / "chat_template.jinja").read_text()
     assert json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())["model_max_length"] == 77
+
+
+def test_kept_fraction_counts_only_floating_tensors(tiny_family, tmp_path):
+    """A checkpoint may carry integer buffers; they have no delta to prune, so the reported kept
+    share is over the floating tensors only (as the app reports it), not diluted by them."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from dppa_ui.config import load_config
+    from dppa_ui.pipeline import kept_fraction
+
+    dirs = []
+    for src in [tiny_family.base, *tiny_family.fts]:
+        dst = tmp_path / Path(src).name
+        shutil.copytree(src, dst)
+        (f,) = dst.glob("*.safetensors")
+        sd = load_file(str(f))
+        sd["extra.steps"] = torch.arange(5000, dtype=torch.int64)
+        save_file(sd, str(f), metadata={"format": "pt"})
+        dirs.append(dst)
+    cfg = ties_cfg(tiny_family)
+    cfg["base_model"] = str(dirs[0])
+    for m, d in zip(cfg["models"], dirs[1:]):
+        m["model"] = str(d)
+    res = dppa_ui.merge(cfg, tmp_path / "out")
+    floats = {n: tuple(t.shape) for n, t in tiny_family.base_sd.items() if t.is_floating_point()}
+    assert res.kept_fraction == pytest.approx(kept_fraction(load_config(cfg), floats, None))
+    assert all(0.35 < k < 0.45 for k in res.kept_fraction)      # density 0.4, not diluted toward 1
