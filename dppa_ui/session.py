@@ -34,7 +34,7 @@ from . import io
 from .config import MergeConfig, _read, load_config
 from .methods import is_dp_target, kth_largest
 from .methods.dp import DPDensity, block_of, outlier_percent
-from .pipeline import kept_fraction, merge_state_dicts
+from .pipeline import dominant_float_dtype, kept_fraction, merge_state_dicts, output_dtype
 from .stats import DeltaStats, collect_stats
 
 GB = 1 << 30
@@ -262,9 +262,9 @@ def estimate_merge_bytes(workspace: "Workspace", config=None) -> int:
     flattens every delta at once (about 3 float32 copies of all of them)."""
     cfg = workspace.config(config) if config is not None else None
     n = len(workspace.ft_refs)
-    out_itemsize = {"float32": 4, "float16": 2, "bfloat16": 2}.get(cfg.dtype if cfg else None, None)
     params = workspace.n_params
-    out = sum(workspace.shapes_numel[k] * (out_itemsize or workspace.base_sd[k].element_size())
+    sd = workspace.base_sd
+    out = sum(workspace.shapes_numel[k] * (output_dtype(cfg, sd[k].dtype) if cfg else sd[k].dtype).itemsize
               for k in workspace.names)
     largest = max(workspace.shapes_numel.values(), default=0)
     work = (n + 2) * largest * 4
@@ -341,7 +341,6 @@ class Workspace:
 
     def _reset_caches(self) -> None:
         self._deltas: OrderedDict[str, torch.Tensor] = OrderedDict()
-        self._sorted: dict[tuple[str, int], torch.Tensor] = {}
         self._samples: OrderedDict[tuple, torch.Tensor] = OrderedDict()
         self._stats_by_m: dict[float, list[DeltaStats]] = {}
         self._dp_maps: OrderedDict[tuple, dict[str, DPDensity]] = OrderedDict()
@@ -431,11 +430,11 @@ class Workspace:
     def summary(self) -> dict:
         """Parameters, tensors, dtype, and each fine-tune's delta norm relative to the base."""
         self._require()
-        dtypes = [str(self.base_sd[n].dtype).removeprefix("torch.") for n in self.float_names]
+        dtype = dominant_float_dtype(self.base_sd[n].dtype for n in self.float_names)
         return {
             "base": self.base_ref, "base_path": str(self.base_path),
             "parameters": self.n_params, "tensors": len(self.names),
-            "dtype": max(set(dtypes), key=dtypes.count) if dtypes else "none",
+            "dtype": str(dtype).removeprefix("torch.") if dtype else "none",
             "blocks": len(self.blocks()),
             "fine_tunes": [{"model": r, "path": str(p), "delta_norm": norm}
                            for r, p, norm in zip(self.ft_refs, self.ft_paths, self.delta_norms)],
@@ -540,17 +539,14 @@ class Workspace:
         if k < 1:
             return None
         k = min(k, n)
-        key = (name, index)
-        s = self._sorted.get(key)
-        if s is None and n <= SORT_LIMIT:
-            s = self.delta(name, index).abs().reshape(-1).sort(descending=True).values
-            self._sorted[key] = s
-        if s is not None:
+        if n <= SORT_LIMIT:          # held in the LRU-bounded memo, like the other derived tensors
+            s = self.memo(("sorted", name, index),
+                          lambda: self.delta(name, index).abs().reshape(-1).sort(descending=True).values)
             return float(s[k - 1])
         return float(kth_largest(self.delta(name, index).abs(), k))
 
     def memo(self, key, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
-        """A per-workspace cache for derived tensors (histogram samples, DARE draws), LRU-bounded
+        """A per-workspace cache for derived tensors (sorted |δ|, histogram samples, DARE draws), LRU-bounded
         by the same byte budget as the deltas."""
         with self._lock:
             if key in self._samples:
@@ -568,13 +564,6 @@ class Workspace:
     def module_name(self, block: int, module: str) -> str | None:
         """Like `tensor_name`, but None when the block has no such module."""
         return self._by_block.get((int(block), module)) if self.loaded else None
-
-    def sample_index(self, name: str, size: int = 1 << 16) -> torch.Tensor | None:
-        """Flat indices of the fixed, evenly strided sample used for histograms (None = all)."""
-        n = self.shapes_numel[name]
-        if n <= size:
-            return None
-        return torch.arange(0, n, n // size)[:size]
 
     def stats_at(self, outlier_m: float = DEFAULT_OUTLIER_M) -> list[DeltaStats]:
         """Per fine-tune DeltaStats with module outlier % at M = outlier_m. M = 5 is computed at
@@ -648,10 +637,11 @@ class Workspace:
         alpha = {}
         with (queue or MERGE_QUEUE).slot():
             t0 = time.perf_counter()
-            if any(m.amplification == "auto" for m in cfg.models):
-                alpha = search_amplification(cfg, self.base_path, [self.ft_paths[j] for j in idx], log=lambda s: None)
-            dev = pick_device(device)
             stats = self.stats_at(cfg.dp_outlier_m) if cfg.prune == "dp" else None
+            if any(m.amplification == "auto" for m in cfg.models):
+                alpha = search_amplification(cfg, self.base_path, [self.ft_paths[j] for j in idx], log=lambda s: None,
+                                             **self._search_inputs(idx, stats))
+            dev = pick_device(device)
             sd = merge_state_dicts(self.base_sd, [self.ft_sds[j] for j in idx], cfg, device=dev,
                                    stats=[stats[j] for j in idx] if stats else None,
                                    progress=progress, cancel=cancel)
@@ -680,9 +670,17 @@ class Workspace:
         if not any(m.amplification == "auto" for m in cfg.models):
             for m in cfg.models:
                 m.amplification = "auto"
-        report = search_amplification(cfg, self.base_path, [self.ft_paths[j] for j in self.align(cfg)],
-                                      log=log or (lambda s: None))
+        idx = self.align(cfg)
+        stats = self.stats_at(cfg.dp_outlier_m) if cfg.prune == "dp" else None
+        report = search_amplification(cfg, self.base_path, [self.ft_paths[j] for j in idx],
+                                      log=log or (lambda s: None), **self._search_inputs(idx, stats))
         return cfg, report
+
+    def _search_inputs(self, idx: list[int], stats: list[DeltaStats] | None) -> dict:
+        """engine.search_amplification's `loaded`/`stats` from what this workspace holds, aligned
+        with the config's models (idx), so the search reads nothing from disk again."""
+        return {"loaded": (self.base_sd, [self.ft_sds[j] for j in idx]),
+                "stats": [stats[j] for j in idx] if stats else None}
 
     # -- temp files and saving
 
@@ -705,39 +703,34 @@ class Workspace:
     def save(self, out_dir: str | os.PathLike | None = None, overwrite: bool = False) -> Path:
         """Write the last merge as a model folder (weights, config, tokenizer, card, YAML),
         atomically. Default folder: `merged-<method>` in this session's temp dir."""
-        from .engine import CONFIG_FILE
+        from .engine import write_model_files
         if self.merged is None:
             raise ValueError("nothing to save yet: run a merge first")
         cfg, sd = self.merged.config, self.merged.state_dict
         out = Path(out_dir) if out_dir is not None else self.temp_dir / f"merged-{cfg.method_name.replace('+', '-')}"
         if out_dir is None and out.exists():
             shutil.rmtree(out)
-        floats = [t.dtype for t in sd.values() if t.is_floating_point()]
-        dtype = max(set(floats), key=floats.count) if floats else torch.float32
+        dtype = dominant_float_dtype(t.dtype for t in sd.values()) or torch.float32
         tok_dir = resolve_ref(cfg.tokenizer_source, self.roots, self.allow_downloads) if cfg.tokenizer_source else None
         with io.atomic_output_dir(out, overwrite=overwrite) as tmp:
             with io.ShardedWriter(tmp, [(n, tuple(t.shape), t.dtype) for n, t in sd.items()]) as w:
                 for n, t in sd.items():
                     w.write(n, t)
-            io.copy_model_files(self.base_path, tmp, dtype=dtype, tokenizer_dir=tok_dir,
-                                chat_template=cfg.chat_template)
-            yaml_text = cfg.to_yaml()
-            (tmp / CONFIG_FILE).write_text(yaml_text)
-            io.write_model_card(tmp, base_ref=cfg.base_model, model_refs=[m.model for m in cfg.models],
-                                method=cfg.method_name, seed=cfg.seed, yaml_text=yaml_text,
-                                extra={"kept fraction": ", ".join(f"{k:.3f}" for k in self.merged.kept_fraction),
-                                       "device": self.merged.device})
+            write_model_files(tmp, cfg, self.base_path, dtype, tok_dir, self.merged.kept_fraction, self.merged.device)
         return out.absolute()
 
-    def save_archive(self) -> Path:
-        """The last merge saved and zipped in the session temp dir (for a download button)."""
+    def save_archive(self, max_bytes: int | None = None) -> tuple[Path, Path | None]:
+        """The last merge saved in the session temp dir and zipped beside it (for a download
+        button): (folder, zip), the zip None (not written) when the folder is over `max_bytes`."""
         folder = self.save()
+        if max_bytes is not None and sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) > max_bytes:
+            return folder, None
         zpath = folder.with_suffix(".zip")
         with zipfile.ZipFile(zpath, "w", zipfile.ZIP_DEFLATED) as z:
             for f in sorted(folder.rglob("*")):
                 if f.is_file():
                     z.write(f, Path(folder.name) / f.relative_to(folder))
-        return zpath
+        return folder, zpath
 
     # -- chat models
 
@@ -798,10 +791,9 @@ def build_model(config_dir: Path, state_dict: dict[str, torch.Tensor], tokenizer
     except Exception as e:
         raise ValueError(f"cannot build a causal LM from {config_dir}/config.json for chat: "
                          f"{type(e).__name__}: {e}") from None
+    from .evaluation import untied_missing
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
-    tied = getattr(config, "tie_word_embeddings", False) or getattr(getattr(config, "get_text_config", lambda: config)(),
-                                                                    "tie_word_embeddings", False)
-    missing = [k for k in missing if not (tied and k.startswith("lm_head"))]
+    missing = untied_missing(config, missing)
     if missing or unexpected:
         raise ValueError(f"the weights do not fit the base's architecture: missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]}")

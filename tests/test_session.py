@@ -299,7 +299,7 @@ def test_save_round_trip(ws, tmp_path):
     assert cfg.method_name == "dppa" and [m.model for m in cfg.models] == ws.ft_refs
     with pytest.raises(FileExistsError):
         ws.save(tmp_path / "merged")
-    z = ws.save_archive()
+    folder, z = ws.save_archive()
     assert z.is_file() and z.parent == ws.temp_dir
     temp = ws.temp_dir
     ws.close()
@@ -356,6 +356,29 @@ def test_demo_family_load_and_merge():
     model, tok = ws.model_for("merged")
     assert tok.apply_chat_template([{"role": "user", "content": "abc"}], add_generation_prompt=True,
                                    tokenize=False) == "<bos><|user|>abc<|assistant|>"
+
+
+
+@pytest.mark.skipif(not _zoo_ready(), reason="assets/zoo is not built")
+def test_alpha_search_on_loaded_models_matches_the_engine_reading_from_disk(monkeypatch):
+    """The app's alpha search hands the engine the state dicts and DP statistics it holds; the
+    search must walk the same path to the same alpha as the engine reading the checkpoints."""
+    from dppa_ui import engine, io as dio
+    from dppa_ui.config import load_config
+    ws = Workspace.load("demo:base", ["demo:reverse", "demo:sort"], cache=ModelCache())
+    raw = {"merge_method": "dppa", "base_model": "demo:base",
+           "models": [{"model": r, "parameters": {"density": 0.2, "amplification": "auto"}}
+                      for r in ("demo:sort", "demo:reverse")]}         # not the load order: alignment
+    idx = ws.align(ws.config(raw))
+    from_disk = engine.search_amplification(load_config(raw), ws.base_path, [ws.ft_paths[j] for j in idx],
+                                            log=lambda s: None, max_evals=4)
+    reads = []
+    monkeypatch.setattr(dio, "read_state_dict", lambda *a, **k: reads.append(a) or {})
+    held = engine.search_amplification(load_config(raw), ws.base_path, [ws.ft_paths[j] for j in idx],
+                                       log=lambda s: None, max_evals=4,
+                                       **ws._search_inputs(idx, ws.stats_at(ws.config(raw).dp_outlier_m)))
+    assert reads == []
+    assert held == from_disk and len(from_disk) == 2 and all(len(r["path"]) == 4 for r in held.values())
 
 
 if __name__ == "__main__":      # pragma: no cover
