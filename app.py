@@ -8,9 +8,10 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 from dppa_ui.ui import build_app, launch_options  # noqa: E402
+from dppa_ui.ui.app import CONCURRENCY  # noqa: E402
 
 demo = build_app()
-demo.queue(default_concurrency_limit=int(os.environ.get("DPPA_UI_CONCURRENCY", "2")))
+demo.queue(default_concurrency_limit=CONCURRENCY)
 
 if __name__ == "__main__":
     demo.launch(**launch_options())

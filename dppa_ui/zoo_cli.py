@@ -5,13 +5,12 @@
   zoo list                                         names, roles and domains of the demo models
   score MODEL [--suite zoo|FILE.jsonl] [--split test|dev] [--json] [--relative] [--perplexity TEXT]
 
-MODEL is a model directory or `demo:NAME`.
+MODEL is a model directory or `demo:NAME`. Errors are raised: `dppa_ui.cli.main` prints them as one
+`error: ...` line and exits 1.
 """
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 import time
 
 
@@ -50,11 +49,7 @@ def register(subparsers) -> None:
 def cmd_zoo_build(args) -> int:
     from .zoo import build_zoo
 
-    try:
-        build_zoo(args.dir, quick=args.quick, seed=args.seed, workers=args.workers)
-    except (FileExistsError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    build_zoo(args.dir, quick=args.quick, seed=args.seed, workers=args.workers)
     return 0
 
 
@@ -93,29 +88,25 @@ def cmd_score(args) -> int:
 
     hf_logging.disable_progress_bar()          # one table of results, no loading bars
 
-    try:
-        model, tok = load_model(args.model)
-        if args.perplexity is not None:
-            text = args.perplexity
-            if text.startswith("@"):
-                with open(text[1:], encoding="utf-8") as f:
-                    text = f.read()
-            ppl = perplexity(model, tok, text)
-            print(json.dumps({"perplexity": ppl}) if args.json else f"perplexity: {ppl:.3f}")
-            return 0
-        items = load_suite(args.suite, args.split)
-        t0 = time.perf_counter()
-        scores = score_model(model, tok, items, batch_size=args.batch_size)
-        seconds = time.perf_counter() - t0
-        gains = None
-        if args.relative:
-            if args.suite != "zoo":
-                raise ValueError("--relative needs the zoo suite (it compares with the demo fine-tunes)")
-            base, fts = _reference_scores(args.split, list(scores))
-            gains = relative_scores(scores, base, {d: fts[d][d] for d in fts})
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    model, tok = load_model(args.model)
+    if args.perplexity is not None:
+        text = args.perplexity
+        if text.startswith("@"):
+            with open(text[1:], encoding="utf-8") as f:
+                text = f.read()
+        ppl = perplexity(model, tok, text)
+        print(json.dumps({"perplexity": ppl}) if args.json else f"perplexity: {ppl:.3f}")
+        return 0
+    items = load_suite(args.suite, args.split)
+    t0 = time.perf_counter()
+    scores = score_model(model, tok, items, batch_size=args.batch_size)
+    seconds = time.perf_counter() - t0
+    gains = None
+    if args.relative:
+        if args.suite != "zoo":
+            raise ValueError("--relative needs the zoo suite (it compares with the demo fine-tunes)")
+        base, fts = _reference_scores(args.split, list(scores))
+        gains = relative_scores(scores, base, {d: fts[d][d] for d in fts})
     if args.json:
         out = {"model": args.model, "suite": str(args.suite), "split": args.split, "scores": scores,
                "seconds": round(seconds, 3)}
@@ -126,15 +117,3 @@ def cmd_score(args) -> int:
         print(format_scores(scores, gains))
         print(f"({len(items)} items in {seconds:.1f} s)")
     return 0
-
-
-def main(argv=None) -> int:
-    """Standalone entry (the lead wires `register` into `python -m dppa_ui`)."""
-    parser = argparse.ArgumentParser(prog="dppa_ui")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,7 +1,6 @@
 """Scoring: suites, JSONL validation, the scores themselves, in-memory scoring and the alpha objective."""
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -14,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dppa_ui import zoo, zoo_cli
+from dppa_ui import cli, zoo
 from dppa_ui.evaluation import (alpha_objective, geometric_objective, load_model, load_suite, perplexity,
                                 relative_gain, relative_scores, score_model, score_state_dict)
 from dppa_ui.methods.dpa import greedy_alpha_search
@@ -150,10 +149,7 @@ def test_perplexity_prefers_the_skill_text():
 # ------------------------------------------------------------------------------------------- CLI
 
 def _cli(argv):
-    parser = argparse.ArgumentParser()
-    zoo_cli.register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
+    return cli.main(argv)
 
 
 def test_cli_score_json_and_errors(tmp_path, capsys):

@@ -239,6 +239,21 @@ def test_chat_streams_a_reply_and_the_compared_model(merged):
     assert failed(bad[-1]) and "type a message" in bad[-1]
 
 
+def test_chat_generation_failure_is_a_message(monkeypatch):
+    from types import SimpleNamespace
+
+    def broken_stream(model, tok, history, message, **kw):
+        yield "partial"
+        raise RuntimeError("generation failed: CUDA out of memory")
+    monkeypatch.setattr(cb, "chat_stream", broken_stream)
+    st = cb.new_state()
+    st.ws = SimpleNamespace(merged=object(), model_for=lambda which: ("model", "tok"))
+    steps = list(cb.chat(st, "hi", [], [], "none", "", 0.0, 0.9, 8))
+    hist, hist_c, box, status = steps[-1]
+    assert failed(status) and "generation failed" in status
+    assert hist[-1] == {"role": "assistant", "content": "partial"} and hist_c == [] and box == ""
+
+
 @needs_zoo
 def test_score_bad_jsonl_then_demo_suite(merged, tmp_path):
     st, *_ = merged

@@ -17,7 +17,7 @@ import pytest
 
 pytest.importorskip("gradio_client")
 
-from dppa_ui import zoo  # noqa: E402
+from dppa_ui import chat, zoo  # noqa: E402
 
 try:
     zoo.demo_path("base")
@@ -64,7 +64,7 @@ def value(x):
 
 def last_reply(history) -> str:
     assert history and history[-1]["role"] == "assistant"
-    return cb._text(history[-1]["content"])
+    return chat._text(history[-1]["content"])
 
 
 def test_full_flow_over_the_api(client, tmp_path):

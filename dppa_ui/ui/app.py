@@ -9,6 +9,7 @@ from pathlib import Path
 
 import gradio as gr
 
+from ..chat import MAX_NEW_TOKENS
 from ..config import PRESETS
 from . import callbacks as cb
 from .lessons import LESSON_OUTPUTS, LESSONS, run_lesson
@@ -187,7 +188,7 @@ def build_app() -> gr.Blocks:
                     temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="Temperature (0 = greedy)",
                                             elem_id="temperature")
                     top_p = gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="Top-p", elem_id="top-p")
-                    max_new = gr.Slider(1, cb.MAX_NEW_TOKENS, value=64, step=1, label="Max new tokens",
+                    max_new = gr.Slider(1, MAX_NEW_TOKENS, value=64, step=1, label="Max new tokens",
                                         elem_id="max-new-tokens")
             chat_status = gr.Markdown("", elem_id="chat-status", elem_classes=["status"])
 

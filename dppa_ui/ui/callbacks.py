@@ -7,22 +7,21 @@ toast) and leaves the session as it was, so the user can fix it and go on.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
-import json
-import math
 import os
 import queue
 import shutil
 import tempfile
 import threading
 import time
-import zipfile
 from pathlib import Path
 from typing import Any, Iterator
 
 import gradio as gr
 
-from .. import io, zoo
+from .. import zoo
+from ..chat import chat_stream, to_messages
 from ..config import PRESET_INFO, PRESETS, ConfigError, MergeConfig, load_config
 
 # ----------------------------------------------------------------------------------- constants
@@ -34,7 +33,6 @@ DEFAULTS = dict(preset="dppa", prune_rate=0.8, lam=1.0, weights="", dp_lambda=0.
                 bound1=0.5, bound2=0.75, alpha1=1.8, alpha2=1.0, alpha3=1.0, alpha_per_model="",
                 pcb_ratio=0.1, seed=0)
 HEATMAP_METRICS = {"mean |δ|": "mean_abs", "outlier %": "outlier_pct", "DP density": "dp_density"}
-MAX_NEW_TOKENS = 512
 SAVE_DOWNLOAD_LIMIT = int(float(os.environ.get("DPPA_UI_MAX_DOWNLOAD_BYTES", 200e6)))
 # The app scores the first N test items per domain: enough to rank merges, quick on 2 CPU cores
 # (the CLI's `score` runs the whole split).
@@ -174,9 +172,10 @@ def resolve_user_ref(text: str) -> str:
                         f"the *.safetensors weights is needed)")
     if text.startswith("demo:"):
         return text
-    s = _session()
-    local = any(Path(path).resolve().is_relative_to(Path(r).resolve()) for r in s.MODEL_ROOTS)
-    return str(path) if local else text      # a hub id stays an id (its files live in the hub cache)
+    try:
+        return str(_session().check_path_allowed(path))
+    except ValueError:
+        return text      # a hub id stays an id (its files live in the hub cache, outside the roots)
 
 
 def add_model(state: AppState, text: str, base_choices_value: str | None, fts_value: list[str] | None):
@@ -236,7 +235,7 @@ def load_models(state: AppState, base: str | None, fts: list[str] | None):
         s = _session()
         ws = state.ws if state.ws is not None else s.Workspace(roots=s.MODEL_ROOTS, cache=s.GLOBAL_CACHE)
         ws.load(base, fts)
-    except (*_USER_ERRORS, io.IncompatibleModels, io.ModelRefError, OSError) as e:
+    except (*_USER_ERRORS, OSError) as e:   # io.IncompatibleModels and io.ModelRefError are ValueErrors
         return (*_keep(n), warn(_message(e)))
     state.ws = ws
     blocks, modules, matrices = ws.blocks(), ws.module_types(), ws.matrix_names()
@@ -410,7 +409,7 @@ def load_yaml_into_controls(state: AppState, yaml_text: str):
     n = 2 + len(METHOD_KEYS)
     try:
         v = controls_from_config(yaml_text)
-    except (*_USER_ERRORS, ConfigError) as e:
+    except _USER_ERRORS as e:
         return (*_keep(n), warn(f"this config cannot be loaded: {_message(e)}"))
     choices = all_choices(state)
     for ref in [v["base"], *v["fts"]]:
@@ -467,9 +466,9 @@ def inspect(state: AppState, block: float, module: str, *method_values):
             raise UserError("pick a module type")
         name = ws.tensor_name(int(block), module)
         from .. import analysis
-        fig = analysis.histogram_figure(ws, cfg, name)
         rows = analysis.thresholds(ws, cfg, name)
-    except (*_USER_ERRORS, io.ModelRefError) as e:
+        fig = analysis.histogram_figure(ws, cfg, name, rows)
+    except _USER_ERRORS as e:
         return (*_keep(3), warn(_message(e)))
     return fig, thresholds_table(rows), f"`{name}`", ""
 
@@ -479,7 +478,7 @@ def matrix_for(state: AppState, block: float, module: str):
     try:
         ws = _ws(state)
         name = ws.tensor_name(int(block), module)
-    except (*_USER_ERRORS,):
+    except _USER_ERRORS:
         return gr.update()
     return gr.update(value=name) if name in ws.matrix_names() else gr.update()
 
@@ -491,7 +490,7 @@ def heatmap(state: AppState, metric: str, model_index: int | None, *method_value
         cfg = _cfg_for_ws(state, method_values)
         from .. import analysis
         fig = analysis.heatmap_figure(ws, cfg, HEATMAP_METRICS.get(metric, metric), model_index=int(model_index or 0))
-    except (*_USER_ERRORS, io.ModelRefError) as e:
+    except _USER_ERRORS as e:
         return gr.update(), warn(_message(e))
     return fig, ""
 
@@ -505,7 +504,7 @@ def masks(state: AppState, matrix: str, *method_values):
             raise UserError("pick a weight matrix")
         from .. import analysis
         fig, numbers = analysis.mask_figure(ws, cfg, matrix)
-    except (*_USER_ERRORS, io.ModelRefError) as e:
+    except _USER_ERRORS as e:
         return gr.update(), gr.update(), warn(_message(e))
     return fig, numbers_markdown(numbers), ""
 
@@ -526,10 +525,6 @@ def numbers_markdown(info: dict) -> str:
     return "\n".join(lines)
 
 
-def _num(v) -> str:
-    return f"{v:.3g}" if isinstance(v, float) else str(v)
-
-
 # ----------------------------------------------------------------------------------- auto alpha
 
 def auto_alpha(state: AppState, *method_values) -> Iterator[tuple]:
@@ -540,7 +535,7 @@ def auto_alpha(state: AppState, *method_values) -> Iterator[tuple]:
         cfg = _cfg_for_ws(state, method_values)
         if cfg.amplify != "dpa":
             raise UserError("auto α tunes the DPA amplification: pick the dppa preset first")
-    except (*_USER_ERRORS, io.ModelRefError) as e:
+    except _USER_ERRORS as e:
         yield (*_keep(5), warn(_message(e)))
         return
     lines: "queue.Queue[str | None]" = queue.Queue()
@@ -615,7 +610,7 @@ def merge(state: AppState, *method_values, progress=gr.Progress()):
         cfg = _cfg_for_ws(state, method_values)
         if any(isinstance(m.amplification, str) for m in cfg.models):
             raise UserError("α is 'auto': run 'auto α' first")
-    except (*_USER_ERRORS, io.ModelRefError) as e:
+    except _USER_ERRORS as e:
         return gr.update(), gr.update(), warn(_message(e))
     state.cancel.clear()
     t0 = time.perf_counter()
@@ -658,18 +653,13 @@ def save_model(state: AppState):
         ws = _ws(state)
         if ws.merged is None:
             raise UserError("nothing to save yet: merge first (section 4)")
-        out = ws.save()
+        out, zpath = ws.save_archive(max_bytes=SAVE_DOWNLOAD_LIMIT)
     except (*_USER_ERRORS, OSError) as e:
         return gr.update(), warn(f"save failed: {_message(e)}")
     state.saved = out
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
-    if size > SAVE_DOWNLOAD_LIMIT:
+    if zpath is None:
         return gr.update(value=None, visible=False), ok(f"saved ({size / 1e6:.0f} MB): too large to download here; push it to the hub instead")
-    zpath = out.with_suffix(".zip")
-    with zipfile.ZipFile(zpath, "w", zipfile.ZIP_DEFLATED) as z:
-        for p in sorted(out.rglob("*")):
-            if p.is_file():
-                z.write(p, Path(out.name) / p.relative_to(out))
     return gr.update(value=str(zpath), visible=True), ok(f"saved {out.name} ({size / 1e6:.1f} MB): download the zip below")
 
 
@@ -704,20 +694,9 @@ def push_to_hub(state: AppState, repo_id: str, token_text: str, private: bool,
 
 # ----------------------------------------------------------------------------------- chat
 
-def _text(content) -> str:
-    """A chatbot message's content as plain text (gradio may wrap it in parts)."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, dict):
-        return str(content.get("text", content.get("content", "")))
-    if isinstance(content, (list, tuple)):
-        return "".join(_text(c) for c in content)
-    return "" if content is None else str(content)
-
-
 def _plain(history) -> list[dict]:
-    return [{"role": m["role"], "content": _text(m["content"])} for m in (history or [])
-            if isinstance(m, dict) and m.get("role") in ("user", "assistant")]
+    """The chatbot's user and assistant turns as {"role", "content": text}."""
+    return [m for m in to_messages(history) if m["role"] != "system"]
 
 
 def chat(state: AppState, message: str, history: list, history_cmp: list, compare: str, system: str,
@@ -732,24 +711,27 @@ def chat(state: AppState, message: str, history: list, history_cmp: list, compar
             raise UserError("type a message first")
         if getattr(ws, "merged", None) is None:
             raise UserError("merge first (section 4): the chat talks to the merged model")
-        from ..chat import chat_stream
         kw = dict(system_prompt=(system or "").strip() or None, temperature=float(temperature),
-                  top_p=float(top_p), max_new_tokens=min(int(max_new_tokens), MAX_NEW_TOKENS))
+                  top_p=float(top_p), max_new_tokens=int(max_new_tokens))   # chat_stream caps it
         model, tok = ws.model_for("merged")
         other = ws.model_for(compare) if compare and compare != "none" else None
-    except (*_USER_ERRORS, io.ModelRefError) as e:
+    except _USER_ERRORS as e:
         yield gr.update(), gr.update(), gr.update(), warn(_message(e))
         return
     out = hist + [{"role": "user", "content": message}, {"role": "assistant", "content": ""}]
     out_c = hist_c + ([{"role": "user", "content": message}, {"role": "assistant", "content": ""}] if other else [])
     yield out, out_c, "", ""
-    for part in chat_stream(model, tok, hist, message, **kw):
-        out[-1]["content"] = part
-        yield out, out_c, "", ""
-    if other is not None:
-        for part in chat_stream(other[0], other[1], hist_c, message, **kw):
-            out_c[-1]["content"] = part
+    try:
+        for part in chat_stream(model, tok, hist, message, **kw):
+            out[-1]["content"] = part
             yield out, out_c, "", ""
+        if other is not None:
+            for part in chat_stream(other[0], other[1], hist_c, message, **kw):
+                out_c[-1]["content"] = part
+                yield out, out_c, "", ""
+    except (*_USER_ERRORS, RuntimeError) as e:    # chat_stream's "generation failed" is a RuntimeError
+        yield out, out_c, "", warn(f"chat failed: {_message(e)}")
+        return
     yield out, out_c, "", ""
 
 
@@ -782,19 +764,21 @@ def _suite(state: AppState, choice: str, upload) -> tuple[list[dict], str, str]:
     return demo_items(), f"zoo:test:{SCORE_PER_DOMAIN}", f"demo suite (first {SCORE_PER_DOMAIN} test items per domain)"
 
 
+@functools.lru_cache(maxsize=2)
+def _zoo_test_items(zoo_dir: Path) -> tuple[dict, ...]:
+    """The demo family's test split, read once per zoo folder (the items are never modified)."""
+    from .. import evaluation
+    return tuple(evaluation.load_suite(zoo_dir, "test"))
+
+
 def demo_items(per_domain: int | None = None) -> list[dict]:
     """The first `per_domain` test items of each demo domain (all when None or <= 0)."""
     from .. import evaluation
     n = SCORE_PER_DOMAIN if per_domain is None else per_domain
-    items = evaluation.load_suite("zoo", "test")
+    items = _zoo_test_items(zoo.ZOO_DIR)
     if n <= 0:
-        return items
-    out, seen = [], {}
-    for it in items:
-        if seen.get(it["domain"], 0) < n:
-            out.append(it)
-            seen[it["domain"]] = seen.get(it["domain"], 0) + 1
-    return out
+        return list(items)
+    return [it for its in evaluation.by_domain(items).values() for it in its[:n]]
 
 
 def _score_one(state: AppState, which: str, items, key: str) -> dict:
@@ -823,7 +807,7 @@ def _score_one(state: AppState, which: str, items, key: str) -> dict:
     return scores
 
 
-def objective_of(merged: dict, per_ft: dict[str, dict], key: str = "em") -> float | None:
+def objective_of(merged: dict, per_ft: dict[str, dict]) -> float | None:
     """Geometric mean over domains of merged / best fine-tune on that domain (smooth score)."""
     from .. import evaluation
     ref = {}
@@ -852,7 +836,7 @@ def score(state: AppState, suite_choice: str, upload, progress=gr.Progress()):
         for i, who in enumerate(whos):
             progress((i, len(whos)), desc=f"scoring {who}")
             results[who] = _score_one(state, who, items, key)
-    except (*_USER_ERRORS, io.ModelRefError) as e:
+    except _USER_ERRORS as e:
         return gr.update(), gr.update(), gr.update(), gr.update(), warn(_message(e))
     obj = objective_of(results["merged"], {r: results[r] for r in ws.ft_refs})
     if state.runs:
@@ -895,7 +879,7 @@ def reload_run(state: AppState, run_number: float):
         if run is None:
             raise UserError(f"there is no run {k} in this session's leaderboard")
         v = controls_from_config(run["config"])
-    except (*_USER_ERRORS,) as e:
+    except _USER_ERRORS as e:
         return (*_keep(n), warn(_message(e)))
     vals = control_values(v)
     choices = all_choices(state)
@@ -915,10 +899,3 @@ def export_yaml(state: AppState, base, fts, *method_values):
     path.write_text(text)
     return text, gr.update(value=str(path), visible=True), ok("YAML ready: run it with `python -m dppa_ui merge dppa_merge.yaml --out merged/`")
 
-
-def scores_json(results: dict) -> str:
-    return json.dumps(results, indent=1)
-
-
-def fmt_objective(x: float | None) -> str:
-    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"

@@ -94,7 +94,8 @@ def run_lesson(state: cb.AppState, key: str, progress=gr.Progress()):
     if lesson is None:
         yield emit(lesson_note=cb.warn(f"unknown lesson {key!r}"))
         return
-    missing = [f"demo:{m}" for m in ("base", *lesson.fts) if f"demo:{m}" not in cb.demo_choices()[0]]
+    refs = cb.demo_choices()[0]
+    missing = [f"demo:{m}" for m in ("base", *lesson.fts) if f"demo:{m}" not in refs]
     if missing:
         yield emit(lesson_note=cb.warn(f"this lesson needs the demo family; missing {', '.join(missing)} "
                                        f"(run `python -m dppa_ui zoo build`)"))
