@@ -132,6 +132,17 @@ def test_threshold_moves_with_the_prune_rate(loaded):
 
 
 @needs_zoo
+def test_inspect_shows_an_empty_dpa_band(loaded):
+    """DP lowers a module's density below the top band's bound, so that band holds no entries of
+    the tensor and has no edge: the table says so instead of the callback failing."""
+    fig, table, name, status = cb.inspect(loaded, 0, "mlp.down_proj", *method(preset="dppa", prune_rate=0.95))
+    assert status == "" and fig.data
+    edges = {row[0]: row[3] for row in table}
+    assert edges["demo:sort"] == "empty"                     # its module density 0.024 < bound 0.025
+    assert all(e and e != "empty" for m, e in edges.items() if m != "demo:sort")
+
+
+@needs_zoo
 def test_heatmap_and_masks(loaded):
     fig, status = cb.heatmap(loaded, "DP density", 1, *method(preset="dp", prune_rate=0.8))
     assert status == "" and fig.data

@@ -448,7 +448,7 @@ def thresholds_table(rows: list[dict]) -> list[list]:
         edges = r.get("band_edges") or []
         out.append([r["model"], round(float(r["density"]), 4),
                     None if thr is None else float(f"{thr:.4g}"),
-                    ", ".join(f"{e:.3g}" for e in edges),
+                    ", ".join("empty" if e is None else f"{e:.3g}" for e in edges),   # None: no entry in band
                     round(100.0 * r["kept"] / max(r["numel"], 1), 2), f"{int(r['kept']):,} / {int(r['numel']):,}"])
     return out
 
