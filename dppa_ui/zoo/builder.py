@@ -199,7 +199,7 @@ def build_zoo(out_dir: str | Path | None = None, quick: bool = False, seed: int 
     processes, not threads within one: these tiny matmuls gain only 1.6x from a second thread, and
     on a busy machine thread hand-offs made a step 8x slower (0.18 vs 1.5 s measured). Checked here:
     the base trained on 2 threads and fine-tunes in 2 workers reproduced the committed family
-    (trained on 1 thread) bit for bit, 491 s against 807 s.
+    (trained on 1 thread) bit for bit, 486 s against 807 s.
     `score` writes reference_scores.json (default: on for the full build).
     """
     from transformers import LlamaForCausalLM
