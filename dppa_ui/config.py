@@ -170,6 +170,12 @@ def _num(value, key: str, *, lo=None, hi=None, lo_open=False, integer=False) -> 
         raise ConfigError(f"`{key}`: gradient lists ({value!r}) are not supported yet; give one number")
     if isinstance(value, dict):
         raise ConfigError(f"`{key}`: per-tensor filters ({value!r}) are not supported yet; give one number")
+    if isinstance(value, str):
+        # YAML 1.1 reads `1e-3` (no dot, no exponent sign) as text; mergekit's pydantic takes it as a number.
+        try:
+            value = float(value.strip())
+        except ValueError:
+            raise ConfigError(f"`{key}` must be a number, got {value!r}") from None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(f"`{key}` must be a number, got {value!r}")
     if not math.isfinite(value):      # NaN, inf, and YAML's 1e400 (which reads as inf)
