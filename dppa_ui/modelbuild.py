@@ -201,3 +201,15 @@ def input_device(model) -> torch.device:
                 return torch.device(f"cuda:{where}" if isinstance(where, int) else where)
         return torch.device("cpu")
     return next(model.parameters()).device
+
+
+def warm_up(model_dir: str | Path | None = None) -> None:
+    """Import what building a chat model needs (transformers' model classes, accelerate's device
+    maps: seconds on a small machine) and plan `model_dir` once, so the first chat does not pay it."""
+    import accelerate.utils  # noqa: F401
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+    if model_dir is not None:
+        try:
+            plan(model_dir)
+        except (OSError, ValueError):
+            pass

@@ -6,10 +6,13 @@ flow as a browser.
 """
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import gradio as gr
 
+from ..modelbuild import warm_up
+from ..refs import resolve_model
 from . import chat, inspect, lessons, merge, method, models, score
 from .common import CONCURRENCY, SESSION_TTL, AppState, close_state, on_space
 from .page import Page
@@ -67,7 +70,7 @@ def build_app() -> gr.Blocks:
         models.wire(page)
         method.wire(page)
         autoload = page.on(demo.load, models.load_models, ["state", "base", "fts"], models.LOAD_OUTPUTS,
-                           api_visibility="private")
+                           progress=True, api_visibility="private")
         merge.wire(page)
         chat.wire(page, CONCURRENCY)
         control_setters = score.wire(page)
@@ -78,6 +81,10 @@ def build_app() -> gr.Blocks:
         inspect.wire(page, method.commit_triggers(page), [*page.loaded_events, autoload, *control_setters])
     demo.run_history = False
     demo.page = page
+    # The first chat would otherwise wait seconds for transformers' model classes to import.
+    base = models.demo_choices()[1]
+    threading.Thread(target=warm_up, args=(resolve_model(base) if base else None,), daemon=True,
+                     name="dppa-ui-warm-up").start()
     return demo
 
 

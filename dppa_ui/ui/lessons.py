@@ -47,10 +47,15 @@ def _look_dare_vs_dp(ws, runs) -> str:
             f"where this fine-tune's large deltas live.")
 
 
+def _masks_of(ws, run, module: str) -> tuple[str, dict]:
+    """(tensor name, mask data) of `module` in block 1 under `run`'s config."""
+    name = ws.access.tensor_name(1, module)
+    return name, analysis.mask_data(ws, ws.config(run.config), name)
+
+
 def _look_ties(ws, runs) -> str:
     ta, ties = runs
-    name = ws.access.tensor_name(1, "self_attn.q_proj")
-    d = analysis.mask_data(ws, ws.config(ties.config), name)
+    name, d = _masks_of(ws, ties, "self_attn.q_proj")
     return (f"In {short(name)} {d['conflict_pct']:.1f}% of the entries have a kept delta against the elected sign "
             f"(the 'sign conflicts' panel): TIES drops those contributions instead of letting them cancel. Objective: "
             f"{ta.name} (task arithmetic) {_obj(ta)}, {ties.name} (TIES) {_obj(ties)}.")
@@ -58,8 +63,7 @@ def _look_ties(ws, runs) -> str:
 
 def _look_pcb(ws, runs) -> str:
     ta, pcb = runs
-    name = ws.access.tensor_name(1, "mlp.up_proj")
-    d = analysis.mask_data(ws, ws.config(pcb.config), name)
+    name, d = _masks_of(ws, pcb, "mlp.up_proj")
     weights = ", ".join(f"{short(k)} {w:.2f}" for k, w in d["pcb_mean_weight"].items())
     return (f"PCB weighs each entry by how much it stands out in its own task and agrees with the others, and keeps "
             f"the top 10%: mean weights in {short(name)}: {weights}. Objective: {ta.name} (task arithmetic) "

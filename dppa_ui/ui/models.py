@@ -110,7 +110,8 @@ def load_models(v: dict) -> dict:
         if not fts:
             raise UserError("pick at least one fine-tune to merge into the base")
         ws = state.ws if state.ws is not None else Workspace(policy(), temp_root=TEMP.get())
-        ws.load(v["base"], fts)
+        report = v.get("progress")      # hub downloads say what they fetch, its size and the cap
+        ws.load(v["base"], fts, progress=(lambda text: report(None, desc=text)) if report else None)
     except (*_expected(), OSError) as e:
         return {"models_status": warn(message(e)), "state": state}
     state.ws = ws
@@ -137,7 +138,8 @@ LOAD_OUTPUTS = ["state", "summary", "models_status", "block", "module", "matrix"
 
 
 def wire(page) -> None:
-    ev = page.on(page["load_btn"].click, load_models, ["state", "base", "fts"], LOAD_OUTPUTS, api_name="load_models")
+    ev = page.on(page["load_btn"].click, load_models, ["state", "base", "fts"], LOAD_OUTPUTS, progress=True,
+                 api_name="load_models")
     page.on([page["add_btn"].click, page["add_box"].submit], add_model, ["state", "add_box", "base", "fts"],
             ["base", "fts", "models_status"], api_name="add_model")
     page.loaded_events = [ev]
