@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import MergeConfig
-from .methods import band_edges, keep_count, magnitude_mask, random_mask, tensor_generator
+from .methods import band_edges, keep_count, tensor_generator
 from .methods.pcb import clip_abs, pcb_scale
 from .methods.ties import agreement_mask
 from .pipeline import Step, plan_steps, prune_amplify
@@ -79,7 +79,7 @@ def uniform(ws, seed: int, i: int, name: str) -> torch.Tensor:
 
 def _log_sample(ws, name: str, j: int) -> torch.Tensor:
     """log10 |δ| of a fixed strided sample of fine-tune j's `name` (zeros as -inf), cached."""
-    return ws.access.memo(("log", name, j), lambda: sample_flat(ws.access.delta(name, j).abs(), HIST_SAMPLE).log10())
+    return ws.access.memo(("log", name, j), lambda: sample_flat(ws.access.delta(name, j), HIST_SAMPLE).abs().log10())
 
 
 def histogram(ws, cfg: MergeConfig, name: str, rows: list[dict] | None = None) -> dict:
@@ -160,72 +160,70 @@ def pool(x: torch.Tensor, side: int = MASK_SIDE) -> torch.Tensor:
     return F.adaptive_avg_pool2d(x[None, None], out)[0, 0]
 
 
-def keep_mask(cfg: MergeConfig, i: int, name: str, delta: torch.Tensor, step: Step) -> torch.Tensor:
-    """Boolean mask of the entries config model i keeps in `name` (as prune_amplify prunes)."""
-    if not step.prune or step.density >= 1.0:
-        return torch.ones_like(delta, dtype=torch.bool)
-    if cfg.prune == "random":
-        return random_mask(delta.shape, step.density, tensor_generator(cfg.seed, i, name, delta.device), delta.device)
-    return magnitude_mask(delta, step.density)
+def winners(contrib: torch.Tensor) -> torch.Tensor:
+    """Per entry, the index of the largest |contribution| (the first on ties), -1 where all are 0.
+    A running maximum: n elementwise passes, far cheaper than an argmax over the model axis."""
+    mag = contrib.abs()
+    best, idx = mag[0].clone(), torch.zeros(mag.shape[1:], dtype=torch.long)
+    for i in range(1, mag.shape[0]):
+        better = mag[i] > best
+        idx.masked_fill_(better, i)
+        torch.maximum(best, mag[i], out=best)
+    return idx.masked_fill_(best == 0, -1)
 
 
 def combine_maps(ws, cfg: MergeConfig, name: str) -> dict:
-    """Full-resolution maps of `name`: each model's keep mask and pruned (amplified) delta, then
-    after the combine each entry's winner (largest |contribution|, -1 where all are 0), the sign
-    conflicts (a kept entry against the elected sign) and, for PCB, the balancing weights."""
+    """Full-resolution maps of `name`: each model's pruned (amplified) delta, then after the
+    combine each entry's winner (largest |contribution|, -1 where all are 0), the sign conflicts
+    (a kept entry against the elected sign) and, for PCB, the balancing weights. A pruned entry
+    is exactly 0, so a model keeps an entry where its pruned delta is non-zero."""
     idx, stp, pending = steps(ws, cfg, name)
-    masks, pruned = [], []
-    for i, (j, step) in enumerate(zip(idx, stp)):
-        d = ws.access.delta(name, j)
-        masks.append(keep_mask(cfg, i, name, d, step))
-        pruned.append(prune_amplify(cfg, i, name, d, step))
-    stacked = torch.stack(pruned)
-    n = stacked.shape[0]
-    w = torch.tensor([m.weight for m in cfg.models], dtype=torch.float32).view(-1, *([1] * (stacked.dim() - 1)))
-    weighted = stacked * w
+    pruned = torch.stack([prune_amplify(cfg, i, name, ws.access.delta(name, j), step)
+                          for i, (j, step) in enumerate(zip(idx, stp))])
+    n = pruned.shape[0]
+    w = torch.tensor([m.weight for m in cfg.models], dtype=torch.float32).view(-1, *([1] * (pruned.dim() - 1)))
+    weighted = pruned if bool((w == 1).all()) else pruned * w
     agree = agreement_mask(weighted)
     conflict = ((weighted != 0) & ~agree).any(dim=0)
     scale = None
     if cfg.combine == "ties":
         contrib = weighted * agree
     elif cfg.combine == "pcb":
-        flat = stacked.reshape(n, -1)
+        flat = pruned.reshape(n, -1)
         a = clip_abs(flat)
         scale = pcb_scale(flat, cfg.pcb_ratio, clipped_abs=a)
-        contrib = (w.reshape(n, 1) * torch.sign(flat) * a * scale).view_as(stacked)
-        scale = scale.view_as(stacked)
+        contrib = (w.reshape(n, 1) * torch.sign(flat) * a * scale).view_as(pruned)
+        scale = scale.view_as(pruned)
     else:
         contrib = weighted
-    mag = contrib.abs()
-    winner = torch.where(mag.amax(dim=0) > 0, mag.argmax(dim=0), torch.full_like(mag[0], -1, dtype=torch.long))
-    return {"idx": idx, "masks": masks, "pruned": stacked, "winner": winner, "conflict": conflict,
+    return {"idx": idx, "pruned": pruned, "winner": winners(contrib), "conflict": conflict,
             "pcb_scale": scale, "pending": pending}
 
 
 def mask_data(ws, cfg: MergeConfig, name: str) -> dict:
     """What the mask viewer draws, pooled to <= 256 x 256 cells, and its numbers:
-    {"name", "shape", "cell", "models", "index", "kept" (pooled kept share per model), "kept_pct",
-    "winner" (pooled: the model winning most of each cell's entries, NaN where none), "winner_pct",
-    "no_winner_pct", "conflict" (pooled share), "conflict_pct", "pcb" (pooled weights per model or
-    None), "pcb_mean_weight", "pending"}."""
+    {"name", "shape", "cell", "models", "index", "kept" (pooled share kept per model), "kept_pct"
+    (exact, as `thresholds` counts), "winner" (pooled: the model winning most of each cell's
+    entries, NaN where none), "winner_pct", "no_winner_pct", "conflict" (pooled share),
+    "conflict_pct", "pcb" (pooled weights per model or None), "pcb_mean_weight", "pending"}."""
     maps = combine_maps(ws, cfg, name)
     shape = list(ws.access.shape(name))
     numel = ws.access.numel[name]
     refs = [m.model for m in cfg.models]
     n = len(refs)
     winner = maps["winner"]
-    kept = [pool(k) for k in maps["masks"]]
-    onehot = torch.stack([(winner == i) for i in range(-1, n)]).float()
-    share = torch.stack([pool(o) for o in onehot])
+    kept = [pool(p != 0) for p in maps["pruned"]]
+    share = torch.stack([pool(winner == i) for i in range(-1, n)])
     cell_winner = share.argmax(dim=0).float() - 1
     cell_winner[cell_winner < 0] = float("nan")
+    counts = torch.bincount(winner.reshape(-1) + 1, minlength=n + 1).tolist()     # [none, model 0, ...]
     rows2d = shape[0] if len(shape) >= 2 else 1
     down = list(kept[0].shape)
     return {"name": name, "shape": shape, "models": refs, "index": maps["idx"],
             "cell": [math.ceil(rows2d / down[0]), math.ceil(numel / rows2d / down[1])],
-            "kept": kept, "kept_pct": {r: 100.0 * float(k.sum()) / numel for r, k in zip(refs, maps["masks"])},
-            "winner": cell_winner, "winner_pct": {r: 100.0 * float((winner == i).sum()) / numel for i, r in enumerate(refs)},
-            "no_winner_pct": 100.0 * float((winner < 0).sum()) / numel,
+            "kept": kept, "kept_pct": {r["model"]: 100.0 * r["kept"] / numel for r in thresholds(ws, cfg, name)},
+            "winner": cell_winner, "winner_pct": {r: 100.0 * counts[i + 1] / numel for i, r in enumerate(refs)},
+            "no_winner_pct": 100.0 * counts[0] / numel,
             "conflict": pool(maps["conflict"]), "conflict_pct": 100.0 * float(maps["conflict"].sum()) / numel,
             "pcb": [pool(s) for s in maps["pcb_scale"]] if maps["pcb_scale"] is not None else None,
             "pcb_mean_weight": ({r: float(s.mean()) for r, s in zip(refs, maps["pcb_scale"])}

@@ -73,9 +73,9 @@ def pair_statistics(base_dir: str | Path, ft_dirs: Sequence[str | Path], refs: S
             ts = [r.view(name).to(dev).float() for r in fts]
             if name not in seen:
                 seen.add(name)
-                b2 = float(b.pow(2).sum(dtype=torch.float64))
+                b2 = float(torch.linalg.vector_norm(b)) ** 2
                 for acc, t in zip(sq, ts):
-                    acc[0] += float((t - b).pow(2).sum(dtype=torch.float64))
+                    acc[0] += float(torch.linalg.vector_norm(t - b)) ** 2
                     acc[1] += b2
             return b, ts
 

@@ -41,10 +41,15 @@ def build(page) -> None:
 def _setup(v: dict):
     state: AppState = v["state"]
     ws = state.workspace()
-    cfg = ws.config(controls_of(v))
+    return ws, ws.config(controls_of(v))
+
+
+def start_statistics(ws, cfg) -> None:
+    """Start the whole-model statistics the views may need (no-op once started). Called after a
+    view is computed, so the first view never shares the CPU with them."""
+    ws.stats.start(5.0)
     if cfg.prune == "dp":
         ws.stats.start(cfg.dp_outlier_m)
-    return ws, cfg
 
 
 def pending_text(ws, cfg) -> str:
@@ -85,6 +90,7 @@ def inspect(v: dict) -> dict:
         state.shown_tensor = name
         if name in ws.access.matrix_names():
             out["matrix"] = gr.update(value=name)
+    start_statistics(ws, cfg)
     return out
 
 
@@ -99,6 +105,7 @@ def heatmap(v: dict) -> dict:
     except _expected() as e:
         return {"heatmap_note": warn(message(e))}
     label = analysis.METRICS[metric]
+    start_statistics(ws, cfg)
     if z is None:
         return {"heatmap": figures.message(f"{label}: {pending_text(ws, cfg)}"),
                 "heatmap_note": "the map needs every tensor's statistics; it appears when they are computed"}
@@ -152,14 +159,18 @@ def stats_tick(v: dict) -> dict:
         return {"stats_timer": gr.Timer(active=False)}
     ws = state.ws
     try:
-        m = controls_of(v).dp_outlier_m
+        cfg = ws.config(controls_of(v))
     except _expected():
-        m = 5.0
-    ms = sorted({5.0, m})
+        cfg = None
+    if state.shown_tensor is None:          # the first view is still being drawn: let it have the CPU
+        return {}
+    if cfg is not None:
+        start_statistics(ws, cfg)
+    ms = sorted({5.0, cfg.dp_outlier_m if cfg is not None else 5.0})
     progress = [ws.stats_progress(x) for x in ms]
-    if any(p.state == "running" for p in progress):
-        p = next(p for p in progress if p.state == "running")
-        return {"stats_status": f"⏳ whole-model statistics {p.text()}"}
+    running = [p for p in progress if p.state == "running"]
+    if running:
+        return {"stats_status": f"⏳ whole-model statistics {running[0].text()}"}
     out = {"stats_timer": gr.Timer(active=False), "summary": summary_markdown(ws),
            "stats_status": "" if all(p.state == "done" for p in progress)
            else f"whole-model statistics: {', '.join(p.text() for p in progress)}"}

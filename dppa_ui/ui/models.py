@@ -111,10 +111,12 @@ def load_models(v: dict) -> dict:
             raise UserError("pick at least one fine-tune to merge into the base")
         ws = state.ws if state.ws is not None else Workspace(policy(), temp_root=TEMP.get())
         report = v.get("progress")      # hub downloads say what they fetch, its size and the cap
-        ws.load(v["base"], fts, progress=(lambda text: report(None, desc=text)) if report else None)
+        # The statistics start after the first view is drawn (inspect starts them).
+        ws.load(v["base"], fts, progress=(lambda text: report(None, desc=text)) if report else None,
+                start_stats=False)
     except (*_expected(), OSError) as e:
         return {"models_status": warn(message(e)), "state": state}
-    state.ws = ws
+    state.ws, state.shown_tensor = ws, None
     acc = ws.access
     block, module, matrix = acc.default_view()
     blocks = acc.blocks()

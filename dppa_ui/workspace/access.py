@@ -14,6 +14,7 @@ from collections import Counter, OrderedDict
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 from .. import io
@@ -151,10 +152,10 @@ class ModelAccess:
         if k < 1:
             return None
         k = min(k, n)
-        if n <= SORT_LIMIT:
+        if n <= SORT_LIMIT:   # numpy's sort is several times faster than torch's on the CPU
             s = self.memo(("sorted", name, index),
-                          lambda: self.delta(name, index).abs().reshape(-1).sort(descending=True).values)
-            return float(s[k - 1])
+                          lambda: torch.from_numpy(np.sort(self.delta(name, index).abs().reshape(-1).numpy())))
+            return float(s[n - k])
         return float(kth_largest(self.delta(name, index).abs(), k))
 
     def memo(self, key, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
