@@ -62,6 +62,7 @@ APL_IMPORTANCE = ("auto", "exact", "gradient")      # auto: exact for block/modu
 APL_GRADIENT_AT = ("finetune", "midpoint", "base")
 APL_EXAMPLES = 16
 SMILE_OTHERS = ("task_arithmetic", "base")
+SMILE_SCOPES = ("blocks", "embeddings", "all")   # paper: the projections in the blocks; + input embeddings; + lm_head
 
 UNSUPPORTED_METHODS = ("linear", "slerp", "nuslerp", "multislerp", "della", "della_linear", "breadcrumbs",
                        "breadcrumbs_ties", "model_stock", "passthrough", "sce", "karcher", "arcee_fusion",
@@ -77,7 +78,7 @@ GLOBAL_KEYS = {"lambda", "normalize", "dp_lambda", "dp_outlier_m", "dp_others", 
                "apl_examples", "apl_level", "apl_importance", "apl_gradient_at", "apl_lambda", "apl_drop",
                "apl_weights", "apl_others",
                # SMILE (merge_method: smile)
-               "rank_of_expert", "rank_of_router", "num_experts_per_tok", "smile_others"}
+               "rank_of_expert", "rank_of_router", "num_experts_per_tok", "smile_others", "smile_scope"}
 MODEL_KEYS = {"weight", "density", "partitions", "amplification", "domain", "rescale",
               "apl_data"}     # APL: a JSONL of {"prompt", "answer"} (demo models: their dev split)
 TOP_KEYS = {"merge_method", "prune", "amplify", "combine", "base_model", "models", "parameters", "dtype",
@@ -154,6 +155,7 @@ class MergeConfig:
     rank_of_router: int = 8
     num_experts_per_tok: int = 1
     smile_others: str = "task_arithmetic"
+    smile_scope: str = "blocks"
     notices: list[str] = field(default_factory=list)
 
     @property
@@ -209,7 +211,7 @@ class MergeConfig:
         if self.upscale == "smile":
             params.update(rank_of_expert="full" if self.rank_of_expert is None else self.rank_of_expert,
                           rank_of_router=self.rank_of_router, num_experts_per_tok=self.num_experts_per_tok,
-                          smile_others=self.smile_others)
+                          smile_others=self.smile_others, smile_scope=self.smile_scope)
         d["parameters"] = params
         if self.dtype:
             d["dtype"] = self.dtype
@@ -332,7 +334,7 @@ def _load_apl(cfg: MergeConfig, params: dict) -> None:
 
 
 def _load_smile(cfg: MergeConfig, params: dict) -> None:
-    keys = ("rank_of_expert", "rank_of_router", "num_experts_per_tok", "smile_others")
+    keys = ("rank_of_expert", "rank_of_router", "num_experts_per_tok", "smile_others", "smile_scope")
     if cfg.upscale != "smile":
         given = [k for k in keys if k in params]
         if given:
@@ -344,6 +346,7 @@ def _load_smile(cfg: MergeConfig, params: dict) -> None:
     cfg.num_experts_per_tok = _num(params.get("num_experts_per_tok", 1), "parameters.num_experts_per_tok",
                                    lo=1, integer=True)
     cfg.smile_others = _choice(params.get("smile_others", "task_arithmetic"), "parameters.smile_others", SMILE_OTHERS)
+    cfg.smile_scope = _choice(params.get("smile_scope", "blocks"), "parameters.smile_scope", SMILE_SCOPES)
 
 
 # ----------------------------------------------------------------------------- load

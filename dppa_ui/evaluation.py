@@ -333,10 +333,13 @@ _SKELETONS: dict = {}
 
 
 def load_model(ref: str | Path):
-    """(model, tokenizer) of a model dir or demo:NAME, float32, eval mode, offline."""
+    """(model, tokenizer) of a model dir or demo:NAME (or a SMILE folder), float32, eval mode, offline."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_dir(ref)
+    from . import smile
+    if smile.is_smile_folder(path):
+        return smile.load(path)
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
     model.eval()
     return model, AutoTokenizer.from_pretrained(str(path))
