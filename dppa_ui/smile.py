@@ -86,7 +86,7 @@ def _domains(cfg: MergeConfig, dirs: Sequence[Path]) -> list[str | None]:
 def build(config, device: str | torch.device = "cpu", base_sd: dict | None = None,
           ft_sds: Sequence[dict] | None = None, log=None) -> tuple[nn.Module, object]:
     """The SMILE model of a `merge_method: smile` config, in memory: (model, tokenizer), float32,
-    eval mode. `base_sd` / `ft_sds` (aligned with the config's models) spare the reads when the
+    eval mode (tokenizer None for a checkpoint without tokenizer files). `base_sd` / `ft_sds` (aligned with the config's models) spare the reads when the
     caller holds them. Bad ranks are refused before any tensor is read."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -149,9 +149,11 @@ def build(config, device: str | torch.device = "cpu", base_sd: dict | None = Non
                    "orientation": "linear (out x in), Conv1D weights transposed"}
     model.smile_cfg = cfg
     tok_dir = io.resolve_model(cfg.tokenizer_source) if cfg.tokenizer_source else base_dir
-    tok = AutoTokenizer.from_pretrained(str(tok_dir))
-    if cfg.chat_template:
-        tok.chat_template = cfg.chat_template
+    tok = None          # a bare checkpoint without tokenizer files (tests) gets none
+    if any((tok_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        tok = AutoTokenizer.from_pretrained(str(tok_dir))
+        if cfg.chat_template:
+            tok.chat_template = cfg.chat_template
     return model, tok
 
 
@@ -201,7 +203,8 @@ def save(model: nn.Module, tokenizer, out: str | Path, overwrite: bool = False, 
     out = Path(out)
     with io.atomic_output_dir(out, overwrite=overwrite) as tmp:
         io.copy_model_files(base_dir, tmp, dtype=dtype)
-        tokenizer.save_pretrained(str(tmp))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
         original = next(model.parameters()).dtype
         try:
             model.to(dtype)
