@@ -170,7 +170,7 @@ def _load(key: str) -> Importance | None:
 
 
 def importance(base_dir: str | Path, ft_dir: str | Path, data: TaskData, level: str = "module",
-               kind: str = "exact", gradient_at: str = "finetune", device: str | torch.device = "cpu",
+               kind: str = "exact", gradient_at: str = "midpoint", device: str | torch.device = "cpu",
                use_cache: bool = True) -> Importance:
     """Importance of every partition of the fine-tune at `ft_dir` at `level`: "exact" (the causal
     intervention, one forward per partition) or "gradient" (−Δ·∇L, one backward), computed once
@@ -273,8 +273,8 @@ def weighted(cfg: MergeConfig, weights: Sequence[float]) -> MergeConfig:
 # ---------------------------------------------------------------------------------- app tables
 
 def importance_table(base: str | Path, finetune: str | Path, data: str | None = None,
-                     examples: int = APL_EXAMPLES, gradient_at: str = "finetune", density: float | None = None,
-                     apl_lambda: float = 0.1, domain: str | None = None, device: str = "cpu") -> dict:
+                     examples: int = APL_EXAMPLES, gradient_at: str = "midpoint", density: float | None = None,
+                     apl_lambda: float = 0.5, domain: str | None = None, device: str = "cpu") -> dict:
     """The APL importance map of one fine-tune, blocks x module types, exact intervention and its
     gradient approximation side by side (each computed once and cached):
 

@@ -59,7 +59,7 @@ STAGE_INFO: dict[str, tuple[str, str]] = {
 }
 APL_LEVELS = ("block", "module", "row")
 APL_IMPORTANCE = ("auto", "exact", "gradient")      # auto: exact for block/module, gradient for row
-APL_GRADIENT_AT = ("finetune", "midpoint", "base")
+APL_GRADIENT_AT = ("midpoint", "finetune", "base")   # where −δ·∇L takes its gradient (methods/apl.py)
 APL_EXAMPLES = 16
 SMILE_OTHERS = ("task_arithmetic", "base")
 SMILE_SCOPES = ("blocks", "embeddings", "all")   # paper: the projections in the blocks; + input embeddings; + lm_head
@@ -144,10 +144,10 @@ class MergeConfig:
     apl_examples: int = APL_EXAMPLES
     apl_level: str = "module"
     apl_importance: str = "auto"
-    apl_gradient_at: str = "finetune"
-    apl_lambda: float = 0.1
+    apl_gradient_at: str = "midpoint"
+    apl_lambda: float = 0.5
     apl_drop: str = "random"
-    apl_weights: bool = True
+    apl_weights: bool = False
     apl_others: str = "keep"             # tensors outside the partitions: keep the delta, or prune at the density
     # SMILE (merge_method: smile), see methods/smile.py; rank_of_expert None = full rank
     upscale: str | None = None
@@ -325,11 +325,11 @@ def _load_apl(cfg: MergeConfig, params: dict) -> None:
     if cfg.apl_level == "row" and cfg.apl_importance == "exact":
         raise ConfigError("`parameters.apl_importance` = exact at `apl_level: row` would need one forward pass "
                           "per row of every matrix; use `apl_importance: gradient` (or auto) for rows")
-    cfg.apl_gradient_at = _choice(params.get("apl_gradient_at", "finetune"), "parameters.apl_gradient_at",
+    cfg.apl_gradient_at = _choice(params.get("apl_gradient_at", "midpoint"), "parameters.apl_gradient_at",
                                   APL_GRADIENT_AT)
-    cfg.apl_lambda = _num(params.get("apl_lambda", 0.1), "parameters.apl_lambda", lo=0, hi=1)
+    cfg.apl_lambda = _num(params.get("apl_lambda", 0.5), "parameters.apl_lambda", lo=0, hi=1)
     cfg.apl_drop = _choice(params.get("apl_drop", "random"), "parameters.apl_drop", ("random", "magnitude"))
-    cfg.apl_weights = _bool(params.get("apl_weights", True), "parameters.apl_weights")
+    cfg.apl_weights = _bool(params.get("apl_weights", False), "parameters.apl_weights")
     cfg.apl_others = _choice(params.get("apl_others", "keep"), "parameters.apl_others", ("keep", "prune"))
 
 

@@ -335,7 +335,8 @@ def reply_routing(model: nn.Module, tokenizer, history, message: str, reply: str
     """Per token of a chat reply (as `chat.chat_stream` produced it for this history and message),
     the experts that produced it:
 
-        [{"token": "c", "expert": 2, "name": "demo:sort", "weights": [w per expert]}, ...]
+        [{"token": "c", "expert": 2, "name": "demo:sort", "weights": [w per expert],
+          "share": [share of layers whose top pick it is, per expert]}, ...]
 
     `weights` are the routing weights averaged over the SMILE layers at the position that
     predicted the token (they sum to 1); `expert` is the largest."""
@@ -347,24 +348,28 @@ def reply_routing(model: nn.Module, tokenizer, history, message: str, reply: str
     if not reply_ids:
         return []
     full = torch.cat([ids, torch.tensor([reply_ids])], dim=1)
-    weights, _ = position_routing(model, full)
+    weights, share = position_routing(model, full)
     start = ids.shape[1] - 1            # position p predicts token p + 1
     names = spec.get("experts") or [f"expert {i}" for i in range(weights.shape[-1])]
     out = []
     for j, tid in enumerate(reply_ids):
         w = weights[0, start + j]
         e = int(w.argmax())
-        out.append({"token": tokenizer.decode([tid]), "expert": e, "name": names[e], "weights": w.tolist()})
+        out.append({"token": tokenizer.decode([tid]), "expert": e, "name": names[e], "weights": w.tolist(),
+                    "share": share[0, start + j].tolist()})
     return out
 
 
 def routing_accuracy(model: nn.Module, tokenizer, items: Sequence[dict], expert_domains: Sequence[str] | None = None,
-                     batch_size: int = 256) -> dict[str, dict]:
+                     batch_size: int = 256, positions: str = "all") -> dict[str, dict]:
     """How often a domain's tokens go to its own fine-tune's expert, teacher-forced over prompt and
     answer of every item: {domain: {"decisions": share of (layer, token) top-1 picks that are the
     domain's expert, "items": share of items whose most picked expert it is, "n": items}}.
-    `expert_domains` (each expert's domain) default to the model's own record (demo fine-tunes
-    know theirs); domains without an expert are left out."""
+    `positions`: "all" (every token of prompt and answer) or "answer" (the positions that predict
+    the answer tokens, the ones scoring looks at). `expert_domains` (each expert's domain) default
+    to the model's own record (demo fine-tunes know theirs); domains without an expert are left out."""
+    if positions not in ("all", "answer"):
+        raise ValueError(f"positions must be 'all' or 'answer', got {positions!r}")
     from .evaluation import _pad_id, by_domain, encode_item
 
     doms = list(expert_domains if expert_domains is not None else getattr(model, "smile", {}).get("domains") or [])
@@ -380,11 +385,12 @@ def routing_accuracy(model: nn.Module, tokenizer, items: Sequence[dict], expert_
             n = max(len(p) + len(a) for p, a in enc)
             ids = torch.full((len(enc), n), pad, dtype=torch.long)
             mask = torch.zeros((len(enc), n), dtype=torch.long)
+            real = torch.zeros((len(enc), n), dtype=torch.bool)
             for j, (p, a) in enumerate(enc):
                 ids[j, :len(p) + len(a)] = torch.tensor(p + a)
                 mask[j, :len(p) + len(a)] = 1
+                real[j, (len(p) - 1 if positions == "answer" else 0):len(p) + len(a) - (positions == "answer")] = True
             _, top1 = position_routing(model, ids, mask)
-            real = mask.bool()
             per_item = (top1 * real.unsqueeze(-1)).sum(1)              # (B, E) layer-picks per expert
             hits += float(per_item[:, e].sum())
             total += float(real.sum())

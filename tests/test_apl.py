@@ -208,7 +208,7 @@ def test_importance_table_for_the_app():
 
 
 def test_apl_merge_in_memory_equals_disk_and_records_importance(tmp_path, read_weights):
-    cfg = _demo_cfg(["reverse", "sort"], apl_level="row", apl_drop="magnitude")
+    cfg = _demo_cfg(["reverse", "sort"], apl_level="row", apl_drop="magnitude", apl_weights=True)
     mem = dppa_ui.merge_in_memory(io.read_state_dict(io.resolve_model("demo:base")),
                                   [io.read_state_dict(io.resolve_model(f"demo:{n}")) for n in ("reverse", "sort")], cfg)
     res = dppa_ui.merge(cfg, tmp_path / "out")
@@ -289,7 +289,8 @@ def test_bad_apl_keys_refused(params, needle):
 
 
 def test_apl_config_round_trip():
-    cfg = load_config(_demo_cfg(["sort"], apl_level="block", apl_drop="magnitude", apl_weights=False))
+    cfg = load_config(_demo_cfg(["sort"], apl_level="block", apl_drop="magnitude", apl_weights=True,
+                                 apl_gradient_at="base"))
     again = load_config(cfg.to_yaml())
     assert again.to_dict() == cfg.to_dict()
     assert again.apl_importance_kind == "exact" and again.apl_examples == 4

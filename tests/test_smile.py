@@ -186,6 +186,8 @@ def test_routing_on_a_prompt_of_each_demo_domain(demo_smile):
         assert a["n"] == 10
         assert a["items"] >= 0.8, (domain, a)          # each prompt mostly goes to its own fine-tune's expert
         assert a["decisions"] > 0.4, (domain, a)       # chance is 0.25
+    answer = smile.routing_accuracy(model, tok, items, positions="answer")
+    assert all(a["decisions"] > 0.4 for a in answer.values()), answer
 
 
 def test_reply_routing_for_the_chat_view(demo_smile):
@@ -195,6 +197,7 @@ def test_reply_routing_for_the_chat_view(demo_smile):
     for r in route:
         assert len(r["weights"]) == 4 and sum(r["weights"]) == pytest.approx(1.0, abs=1e-5)
         assert r["expert"] == max(range(4), key=lambda i: r["weights"][i])
+        assert sum(r["share"]) == pytest.approx(1.0, abs=1e-5) and len(r["share"]) == 4
         assert r["name"] == ["demo:reverse", "demo:cipher", "demo:sort", "demo:brackets"][r["expert"]]
 
 

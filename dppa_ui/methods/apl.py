@@ -23,20 +23,25 @@ cross-entropy. One forward pass per partition: fine for blocks and modules, not 
 Gradient approximation, first order, one backward pass for every partition at once
 (`gradient_importance`):
     I_j ≈ −Δ_j · ∇L_t(Θ_p),  Θ_p = Θ_b + α Δ_t
-α = 1 ("finetune", default) is the Taylor expansion of the intervention above around the fine-tune.
-There the gradient nearly vanishes when the fine-tune has converged, so α = 0.5 ("midpoint", the
-one-point midpoint rule of the path integral L_t(Θ_t) − L_t(Θ_b) = ∫ ∇L_t(Θ_b + aΔ_t)·Δ_t da) and
-α = 0 ("base") are offered too (ours); README reports how well each tracks the exact values.
+α = 1 ("finetune") is the Taylor expansion of the intervention above around the fine-tune; there
+the gradient nearly vanishes when the fine-tune has converged, and on the demo family its values
+do not track the exact ones (README). α = 0.5 ("midpoint", the default; ours) is the one-point
+midpoint rule of the path integral L_t(Θ_t) − L_t(Θ_b) = ∫ ∇L_t(Θ_b + aΔ_t)·Δ_t da, which tracks
+them best there; α = 0 ("base") is offered too.
 
 Drop ratios from importance (`calibrated_densities`, ours in the details): scores s_j are the
 importances centred on their numel-weighted mean and scaled so max|s| = 1 (as DP scales its outlier
-ratios); partition j keeps d_j = clamp(D + λ·s_j + c, 0, 1) of its entries (λ = `apl_lambda`), where
-the shift c (found by bisection) makes the numel-weighted mean of d_j exactly the target density D
-whatever the clamping did. More important partitions keep more; the model keeps D overall.
+ratios); partition j keeps d_j = clamp(D·(1 + λ·s_j) + c, 0, 1) of its entries (λ = `apl_lambda`,
+a spread relative to D), where the shift c (found by bisection; 0 unless a density reached 1) makes
+the numel-weighted mean of d_j exactly the target density D. More important partitions keep more;
+the model keeps D overall. With λ < 1 every partition keeps at least D·(1 − λ) before the shift,
+which bounds DARE's 1/d rescaling (a partition near d = 0 would rescale its few survivors by 1/d).
 
-Merge weights from the model-level importance (`importance_weights`, ours in the details):
-w_t = n · max(I_t, 0) / Σ_s max(I_s, 0) (mean weight 1, so the task-arithmetic scale is kept;
-equal weights when no fine-tune has a positive importance), multiplying each model's own weight.
+Merge weights from the model-level importance (`importance_weights`, ours in the details; off by
+default, `apl_weights: true`): w_t = n · max(I_t, 0) / Σ_s max(I_s, 0) (mean weight 1, so the
+task-arithmetic scale is kept; equal weights when no fine-tune has a positive importance),
+multiplying each model's own weight. The paper calibrates merge weights by importance too; the
+README shows what these weights do to the demo family's pairs, which is why they are off.
 
 Inside a partition (`apl_prune`): entries are dropped at random with DARE's rescaling (`apl_drop:
 random`, the drop-ratio setting APL calibrates) or by magnitude (`apl_drop: magnitude`, ties broken
@@ -110,7 +115,7 @@ def intervention_importance(model: nn.Module, loss: Loss, base: Mapping[str, tor
 
 
 def gradient_importance(model: nn.Module, loss: Loss, base: Mapping[str, torch.Tensor],
-                        groups: Mapping[Hashable, Sequence[str]], at: str = "finetune",
+                        groups: Mapping[Hashable, Sequence[str]], at: str = "midpoint",
                         rows: bool = False) -> tuple[dict[Hashable, float | torch.Tensor], float]:
     """First-order I_j ≈ −Δ_j · ∇L(Θ_b + αΔ) for each group (α by `at`), from one backward pass.
 
@@ -158,7 +163,7 @@ def gradient_importance(model: nn.Module, loss: Loss, base: Mapping[str, torch.T
 
 def calibrated_densities(importance: torch.Tensor, numel: torch.Tensor, density: float,
                          spread: float) -> torch.Tensor:
-    """d_j = clamp(D + spread·s_j + c, 0, 1) per partition (see the module doc); float64.
+    """d_j = clamp(D·(1 + spread·s_j) + c, 0, 1) per partition (see the module doc); float64.
 
     s_j = (I_j − μ) / max|I − μ| with μ the numel-weighted mean (all D when every I_j is equal);
     c is the shift that makes Σ n_j d_j = D Σ n_j exactly (up to float rounding)."""
@@ -169,13 +174,13 @@ def calibrated_densities(importance: torch.Tensor, numel: torch.Tensor, density:
     centred = imp - (imp * n).sum() / n.sum()
     peak = float(centred.abs().max())
     s = centred / peak if peak > 0 else torch.zeros_like(centred)
-    raw = density + spread * s
+    raw = density * (1.0 + spread * s)
     target = density * float(n.sum())
 
     def kept(c: float) -> float:
         return float((raw + c).clamp(0.0, 1.0).mul(n).sum())
 
-    lo, hi = -1.0 - spread, 1.0 + spread        # kept(lo) = 0 <= target <= kept(hi) = Σn
+    lo, hi = -1.0 - float(raw.max()), 1.0       # kept(lo) = 0 <= target <= kept(hi) = Σn
     for _ in range(100):                         # kept(c) is monotone in c: bisection
         mid = (lo + hi) / 2
         if kept(mid) < target:
