@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -41,7 +40,7 @@ from dppa_ui.evaluation import by_domain, load_suite, relative_gain, score_state
 from dppa_ui.io import read_state_dict  # noqa: E402
 from dppa_ui.zoo.domains import COMPLEX_DOMAIN  # noqa: E402
 from zoo_table import config as preset_config  # noqa: E402
-from zoo_table import fmt  # noqa: E402
+from zoo_table import finish, fmt, load_average  # noqa: E402
 
 METHODS = {          # label -> (stages and parameters) over a sum combine
     "magnitude": {"prune": "magnitude"},
@@ -85,7 +84,6 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(1)
     t_all = time.perf_counter()
-    load = lambda: subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip().split("load average:")[-1]  # noqa: E731
     domains = zoo.domain_names()
     complex_name = f"{COMPLEX_DOMAIN}_complex"
     singles = [*domains, complex_name]
@@ -182,15 +180,11 @@ def main():
             out(f"| {' + '.join(p)} | " + " | ".join(
                 " / ".join(f"{v:.2f}" for v in per_pair[(p, m, 0.2)]) for m in METHODS) + " |")
         out("")
-    out(f"Importance cost per fine-tune (one thread, load average {load()}): exact module level "
+    out(f"Importance cost per fine-tune (one thread, load average {load_average()}): exact module level "
         f"{fmt(sum(cost['exact']) / len(cost['exact']))} s (30 forward passes), gradient "
-        f"{fmt(sum(cost['finetune']) / len(cost['finetune']))} s (three forwards and one backward), "
+        f"{fmt(sum(cost['midpoint']) / len(cost['midpoint']))} s (three forwards and one backward), "
         "model load included; cached afterwards.")
-    text = "\n".join(lines)
-    print(text)
-    print(f"total {time.perf_counter() - t_all:.0f} s", file=sys.stderr)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    finish(lines, args.out, t_all)
 
 
 if __name__ == "__main__":

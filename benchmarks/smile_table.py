@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,6 +32,9 @@ import dppa_ui  # noqa: E402
 from dppa_ui import smile, zoo  # noqa: E402
 from dppa_ui.evaluation import by_domain, load_model, load_suite, score_model, score_state_dict  # noqa: E402
 from dppa_ui.io import read_state_dict  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from zoo_table import finish, load_average  # noqa: E402
 
 SCOPES = {"blocks": "paper scope: projections in the blocks", "embeddings": "+ input embeddings (ours)"}
 
@@ -125,17 +127,12 @@ def main():
     for scope, (_, _, s) in full.items():
         out(f"| {scope} | " + " | ".join(f"{s[d]['em'] / ft[d]['em']:.2f}" for d in domains) + " |")
     out("")
-    load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip().split("load average:")[-1]
     plain_t = time.perf_counter()
     score_state_dict("demo:base", base_sd, items)
     plain_t = time.perf_counter() - plain_t
     out(f"Scoring the {len(items)} items took {min(times):.1f}–{max(times):.1f} s per SMILE model against "
-        f"{plain_t:.1f} s for the plain model (one thread, load average {load}).")
-    text = "\n".join(lines)
-    print(text)
-    print(f"total {time.perf_counter() - t_all:.0f} s", file=sys.stderr)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+        f"{plain_t:.1f} s for the plain model (one thread, load average {load_average()}).")
+    finish(lines, args.out, t_all)
 
 
 if __name__ == "__main__":
