@@ -7,7 +7,8 @@ with none of these is refused before anything is computed.
 
 Importance is cached per (base checkpoint, fine-tune checkpoint, data, number of examples, level,
 kind): in memory, and on disk under $DPPA_UI_CACHE/apl (default ~/.cache/dppa_ui/apl), keyed by the
-checkpoint files' identity (name, size, mtime) and the data file's, so a changed file is recomputed.
+checkpoint files' identity (refs.files_identity: name, size, mtime) and the examples' content, so a
+changed checkpoint or data file is recomputed.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from .config import APL_EXAMPLES, ConfigError, MergeConfig
 from .methods.apl import (APLDensity, density_map, gradient_importance, importance_weights, intervention_importance,
                           partition_groups)
 from .methods.dp import block_of, module_of
+from .refs import files_identity
 
 CACHE_ENV = "DPPA_UI_CACHE"
 _FORMAT = 1
@@ -41,20 +43,20 @@ _LOCK = threading.Lock()
 @dataclass
 class TaskData:
     items: list[dict]
-    source: str                 # what the items are, for reports ("zoo dev split: reverse", a path)
-    identity: list              # what the cache key holds for them
+    source: str                 # what the items are, for reports ("demo dev split: reverse", a path)
 
-
-def _file_identity(path: Path) -> list:
-    st = path.stat()
-    return [path.name, st.st_size, st.st_mtime_ns]
+    @property
+    def identity(self) -> str:
+        """The items' content hash: what the cache key holds for them."""
+        blob = json.dumps([[it["prompt"], it["answer"]] for it in self.items])
+        return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def task_data(model_dir: str | Path, ref: str | None = None, apl_data: str | None = None,
               domain: str | Sequence[str] | None = None, examples: int = APL_EXAMPLES) -> TaskData:
     """The first `examples` items of the fine-tune's own task (see the module doc). Raises
     ConfigError, naming the model and the fix, when there is none."""
-    from . import evaluation, zoo
+    from . import evaluation
 
     label = ref or str(model_dir)
     if apl_data is not None:
@@ -62,18 +64,15 @@ def task_data(model_dir: str | Path, ref: str | None = None, apl_data: str | Non
         if not path.is_file():
             raise ConfigError(f"`apl_data` of {label}: {apl_data!r} is not a file; give a JSONL of "
                               f'{{"prompt": ..., "answer": ...}} lines from the fine-tune\'s own task')
-        items = evaluation.load_suite(path)
-        return TaskData(items[:examples], str(path), ["file", str(path.resolve()), *_file_identity(path)])
-    domains = domain or zoo.model_info(model_dir).get("domain")
+        return TaskData(evaluation.load_suite(path)[:examples], str(path))
+    domains = domain or evaluation.model_domain(model_dir)
     if not domains:
         raise ConfigError(f"APL needs a few examples of {label}'s own task: give it `apl_data: FILE.jsonl` "
                           f'(lines of {{"prompt": ..., "answer": ...}}) under its parameters '
                           f"(demo models use their domain's dev split)")
     domains = [domains] if isinstance(domains, str) else list(domains)
     items = evaluation.load_suite("zoo", "dev", domains=domains)
-    files = [zoo.ZOO_DIR / "data" / d / "dev.jsonl" for d in domains]
-    return TaskData(items[:examples], f"demo dev split: {', '.join(domains)}",
-                    ["zoo", *[_file_identity(f) for f in files]])
+    return TaskData(items[:examples], f"demo dev split: {', '.join(domains)}")
 
 
 def check_data(cfg: MergeConfig, model_dirs: Sequence[Path]) -> list[TaskData]:
@@ -104,20 +103,13 @@ class Importance:
         return self.loss_base - self.loss_finetune
 
 
-def checkpoint_identity(model_dir: str | Path) -> list:
-    """(name, size, mtime) of the files that define a checkpoint's weights and architecture."""
-    d = Path(model_dir)
-    files = sorted([*d.glob("*.safetensors"), *d.glob("*.bin"), d / "config.json"])
-    return [_file_identity(f) for f in files if f.is_file()]
-
-
 def cache_dir() -> Path:
     root = os.environ.get(CACHE_ENV)
     return (Path(root) if root else Path.home() / ".cache" / "dppa_ui") / "apl"
 
 
 def _key(base_dir, ft_dir, data: TaskData, level: str, kind: str, at: str | None) -> str:
-    blob = json.dumps({"format": _FORMAT, "base": checkpoint_identity(base_dir), "ft": checkpoint_identity(ft_dir),
+    blob = json.dumps({"format": _FORMAT, "base": files_identity(base_dir), "ft": files_identity(ft_dir),
                        "data": data.identity, "n": len(data.items), "level": level, "kind": kind, "at": at},
                       sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]

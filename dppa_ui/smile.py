@@ -74,11 +74,11 @@ def check(cfg: MergeConfig, shapes: dict[str, tuple[int, int]]) -> None:
 
 
 def _domains(cfg: MergeConfig, dirs: Sequence[Path]) -> list[str | None]:
-    from . import zoo
+    from .evaluation import model_domain
 
     out = []
     for m, d in zip(cfg.models, dirs):
-        dom = m.domain or zoo.model_info(d).get("domain")
+        dom = m.domain or model_domain(d)
         out.append(dom if isinstance(dom, str) or dom is None else ",".join(dom))
     return out
 
