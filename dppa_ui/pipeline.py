@@ -43,6 +43,9 @@ def plan_steps(cfg: MergeConfig, name: str, shape, dp_maps: list[DensityMap] | N
         elif cfg.prune not in ("dp", "apl"):
             steps.append(Step(prune=True, density=m.density))
         elif is_dp_target(name, shape):
+            if dp_maps is None:
+                raise ValueError(f"prune {cfg.prune} needs its per-tensor density maps: "
+                                 + ("dp_maps_from_stats(cfg, stats)" if cfg.prune == "dp" else "apl.plan(cfg).maps"))
             d = dp_maps[i][name]
             steps.append(Step(prune=True, density=d.density, offset=d.offset, rows=getattr(d, "rows", None)))
         elif (cfg.dp_others if cfg.prune == "dp" else cfg.apl_others) == "keep":
