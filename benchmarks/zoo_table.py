@@ -174,11 +174,21 @@ def main():
             out(f"| {' + '.join(p)} | " + " | ".join(
                 " / ".join(f"{results[(p, m, 0.2)][d][0]:.2f}" for d in p) for m in METHODS) + " |")
         out("")
+    finish(lines, args.out, t_all)
+
+
+def finish(lines: list[str], out: str | None, t_start: float) -> None:
+    """Print the markdown (stdout) and the total time (stderr); also write the markdown to `out`."""
     text = "\n".join(lines)
     print(text)
-    print(f"total {time.perf_counter() - t_all:.0f} s", file=sys.stderr)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    print(f"total {time.perf_counter() - t_start:.0f} s", file=sys.stderr)
+    if out:
+        Path(out).write_text(text + "\n")
+
+
+def load_average() -> str:
+    """The 1/5/15-minute load averages, for printing beside timings."""
+    return " / ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
 if __name__ == "__main__":

@@ -29,6 +29,10 @@ def _merge(args) -> int:
     if args.dry_run:
         print(res.plan)
         return 0
+    if res.config.upscale:
+        print(f"upscaled {res.tensors} projections with {res.config.method_name} on {res.device} in "
+              f"{res.seconds:.1f} s ({res.params:,} parameters) -> {res.out}")
+        return 0
     kept = ", ".join(f"{k:.1%}" for k in res.kept_fraction)
     print(f"merged {res.tensors} tensors ({res.params:,} parameters) with {res.config.method_name} on "
           f"{res.device} in {res.seconds:.1f} s; kept {kept} of each delta -> {res.out}")
@@ -38,7 +42,8 @@ def _merge(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m dppa_ui", description="Merge fine-tuned language models (DPPA, TIES, DARE, PCB).")
     sub = p.add_subparsers(dest="command", required=True)
-    m = sub.add_parser("merge", help="run a merge from a YAML config (mergekit-compatible for shared methods)")
+    m = sub.add_parser("merge", help="run a merge from a YAML config (mergekit-compatible for shared methods; "
+                                     "merge_method: smile writes a SMILE folder)")
     m.add_argument("config", help="YAML config file")
     m.add_argument("out_pos", nargs="?", metavar="OUT", help=argparse.SUPPRESS)
     m.add_argument("--out", help="output folder (created; refused if non-empty unless --overwrite)")

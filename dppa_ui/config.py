@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-PRUNES = ("none", "magnitude", "random", "dp")
+PRUNES = ("none", "magnitude", "random", "dp", "apl")
 AMPLIFIES = ("none", "dpa")
 COMBINES = ("sum", "ties", "pcb")
 
@@ -46,6 +46,24 @@ PRESET_INFO: dict[str, tuple[str, str]] = {   # two lines on what it does, and i
             "https://arxiv.org/abs/2410.02396"),
 }
 
+# --- APL and SMILE (issue 9). APL is a prune stage (`prune: apl`, any combine); SMILE is not a
+# pipeline at all: `merge_method: smile` upscales the fine-tunes into a mixture of low-rank experts.
+UPSCALE_METHODS: dict[str, tuple[str, str]] = {
+    "smile": ("Keeps every fine-tune as a low-rank expert (SVD of its delta) behind a zero-shot router: "
+              "an upscaled model, not a merge.", "https://arxiv.org/abs/2408.10174"),
+}
+STAGE_INFO: dict[str, tuple[str, str]] = {
+    "apl": ("Activated Parameter Locating: each block / module / row keeps more of its delta the more the "
+            "fine-tune's loss on its own task rises without it (causal intervention).",
+            "https://arxiv.org/abs/2408.09485"),
+}
+APL_LEVELS = ("block", "module", "row")
+APL_IMPORTANCE = ("auto", "exact", "gradient")      # auto: exact for block/module, gradient for row
+APL_GRADIENT_AT = ("midpoint", "finetune", "base")   # where −δ·∇L takes its gradient (methods/apl.py)
+APL_EXAMPLES = 16
+SMILE_OTHERS = ("task_arithmetic", "base")
+SMILE_SCOPES = ("blocks", "embeddings", "all")   # paper: the projections in the blocks; + input embeddings; + lm_head
+
 UNSUPPORTED_METHODS = ("linear", "slerp", "nuslerp", "multislerp", "della", "della_linear", "breadcrumbs",
                        "breadcrumbs_ties", "model_stock", "passthrough", "sce", "karcher", "arcee_fusion",
                        "nearswap", "ram", "core")
@@ -55,8 +73,14 @@ DTYPES = {"float32": "float32", "fp32": "float32", "float": "float32",
           "bfloat16": "bfloat16", "bf16": "bfloat16"}
 
 GLOBAL_KEYS = {"lambda", "normalize", "dp_lambda", "dp_outlier_m", "dp_others", "partitions", "amplification",
-               "pcb_ratio", "scope", "weight", "density", "rescale", "int8_mask"}
-MODEL_KEYS = {"weight", "density", "partitions", "amplification", "domain", "rescale"}
+               "pcb_ratio", "scope", "weight", "density", "rescale", "int8_mask",
+               # APL (prune: apl)
+               "apl_examples", "apl_level", "apl_importance", "apl_gradient_at", "apl_lambda", "apl_drop",
+               "apl_weights", "apl_others",
+               # SMILE (merge_method: smile)
+               "rank_of_expert", "rank_of_router", "num_experts_per_tok", "smile_others", "smile_scope"}
+MODEL_KEYS = {"weight", "density", "partitions", "amplification", "domain", "rescale",
+              "apl_data"}     # APL: a JSONL of {"prompt", "answer"} (demo models: their dev split)
 TOP_KEYS = {"merge_method", "prune", "amplify", "combine", "base_model", "models", "parameters", "dtype",
             "out_dtype", "seed", "tokenizer_source", "tokenizer", "chat_template", "name"}
 MERGEKIT_UNSUPPORTED_TOP = {"slices": "slices (layer ranges) are not supported yet: list whole models under `models:`",
@@ -93,6 +117,7 @@ class ModelSpec:
     amplification: list[float] | str | None = None    # list, or "auto" (greedy search)
     domain: str | list[str] | None = None
     rescale: str = "paper"
+    apl_data: str | None = None          # APL: JSONL of the fine-tune's own task (None: its demo domain)
 
 
 @dataclass
@@ -115,6 +140,22 @@ class MergeConfig:
     tokenizer_source: str | None = None   # None/"base" = the base's tokenizer; else a model ref
     chat_template: str | None = None      # None/"auto" = the tokenizer source's; else a Jinja template
     name: str | None = None
+    # APL (prune: apl), see methods/apl.py
+    apl_examples: int = APL_EXAMPLES
+    apl_level: str = "module"
+    apl_importance: str = "auto"
+    apl_gradient_at: str = "midpoint"
+    apl_lambda: float = 0.5
+    apl_drop: str = "random"
+    apl_weights: bool = False
+    apl_others: str = "keep"             # tensors outside the partitions: keep the delta, or prune at the density
+    # SMILE (merge_method: smile), see methods/smile.py; rank_of_expert None = full rank
+    upscale: str | None = None
+    rank_of_expert: int | None = 64
+    rank_of_router: int = 8
+    num_experts_per_tok: int = 1
+    smile_others: str = "task_arithmetic"
+    smile_scope: str = "blocks"
     notices: list[str] = field(default_factory=list)
 
     @property
@@ -122,7 +163,16 @@ class MergeConfig:
         return self.prune, self.amplify, self.combine
 
     @property
+    def apl_importance_kind(self) -> str:
+        """"exact" or "gradient": what `apl_importance` resolves to at `apl_level`."""
+        if self.apl_importance != "auto":
+            return self.apl_importance
+        return "gradient" if self.apl_level == "row" else "exact"
+
+    @property
     def method_name(self) -> str:
+        if self.upscale:
+            return self.upscale
         if self.merge_method and PRESETS.get(self.merge_method) == self.stages:
             return self.merge_method
         return "+".join(self.stages)
@@ -132,7 +182,9 @@ class MergeConfig:
         d: dict[str, Any] = {}
         if self.merge_method:
             d["merge_method"] = self.merge_method
-        d.update(prune=self.prune, amplify=self.amplify, combine=self.combine, base_model=self.base_model)
+        if not self.upscale:
+            d.update(prune=self.prune, amplify=self.amplify, combine=self.combine)
+        d["base_model"] = self.base_model
         models = []
         for m in self.models:
             p: dict[str, Any] = {"weight": m.weight, "density": m.density}
@@ -143,6 +195,8 @@ class MergeConfig:
                 p["rescale"] = m.rescale
             if m.domain is not None:
                 p["domain"] = m.domain
+            if self.prune == "apl" and m.apl_data is not None:
+                p["apl_data"] = m.apl_data
             models.append({"model": m.model, "parameters": p})
         d["models"] = models
         params: dict[str, Any] = {"lambda": self.lambda_, "normalize": self.normalize}
@@ -150,6 +204,14 @@ class MergeConfig:
             params.update(dp_lambda=self.dp_lambda, dp_outlier_m=self.dp_outlier_m, dp_others=self.dp_others)
         if self.combine == "pcb":
             params.update(pcb_ratio=self.pcb_ratio, scope=self.scope)
+        if self.prune == "apl":
+            params.update(apl_examples=self.apl_examples, apl_level=self.apl_level, apl_importance=self.apl_importance,
+                          apl_gradient_at=self.apl_gradient_at, apl_lambda=self.apl_lambda, apl_drop=self.apl_drop,
+                          apl_weights=self.apl_weights, apl_others=self.apl_others)
+        if self.upscale == "smile":
+            params.update(rank_of_expert="full" if self.rank_of_expert is None else self.rank_of_expert,
+                          rank_of_router=self.rank_of_router, num_experts_per_tok=self.num_experts_per_tok,
+                          smile_others=self.smile_others, smile_scope=self.smile_scope)
         d["parameters"] = params
         if self.dtype:
             d["dtype"] = self.dtype
@@ -252,6 +314,52 @@ def _read(source) -> dict:
     return data
 
 
+# ----------------------------------------------------------------------------- APL and SMILE keys
+
+def _apl_data(value, key: str) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"`{key}` must be the path of a JSONL file of {{\"prompt\", \"answer\"}} lines, got {value!r}")
+    return value.strip()
+
+
+def _load_apl(cfg: MergeConfig, params: dict) -> None:
+    given = sorted(k for k in params if k.startswith("apl_"))
+    if cfg.prune != "apl":
+        if given:
+            cfg.notices.append(f"`{given[0]}` is ignored: this pipeline does not prune with apl")
+        return
+    cfg.apl_examples = _num(params.get("apl_examples", APL_EXAMPLES), "parameters.apl_examples", lo=1, integer=True)
+    cfg.apl_level = _choice(params.get("apl_level", "module"), "parameters.apl_level", APL_LEVELS)
+    cfg.apl_importance = _choice(params.get("apl_importance", "auto"), "parameters.apl_importance", APL_IMPORTANCE)
+    if cfg.apl_level == "row" and cfg.apl_importance == "exact":
+        raise ConfigError("`parameters.apl_importance` = exact at `apl_level: row` would need one forward pass "
+                          "per row of every matrix; use `apl_importance: gradient` (or auto) for rows")
+    cfg.apl_gradient_at = _choice(params.get("apl_gradient_at", "midpoint"), "parameters.apl_gradient_at",
+                                  APL_GRADIENT_AT)
+    cfg.apl_lambda = _num(params.get("apl_lambda", 0.5), "parameters.apl_lambda", lo=0, hi=1)
+    cfg.apl_drop = _choice(params.get("apl_drop", "random"), "parameters.apl_drop", ("random", "magnitude"))
+    cfg.apl_weights = _bool(params.get("apl_weights", False), "parameters.apl_weights")
+    cfg.apl_others = _choice(params.get("apl_others", "keep"), "parameters.apl_others", ("keep", "prune"))
+
+
+def _load_smile(cfg: MergeConfig, params: dict) -> None:
+    keys = ("rank_of_expert", "rank_of_router", "num_experts_per_tok", "smile_others", "smile_scope")
+    if cfg.upscale != "smile":
+        given = [k for k in keys if k in params]
+        if given:
+            cfg.notices.append(f"`{given[0]}` is ignored: it belongs to merge_method smile")
+        return
+    rank = params.get("rank_of_expert", 64)
+    cfg.rank_of_expert = None if rank == "full" else _num(rank, "parameters.rank_of_expert", lo=1, integer=True)
+    cfg.rank_of_router = _num(params.get("rank_of_router", 8), "parameters.rank_of_router", lo=1, integer=True)
+    cfg.num_experts_per_tok = _num(params.get("num_experts_per_tok", 1), "parameters.num_experts_per_tok",
+                                   lo=1, integer=True)
+    cfg.smile_others = _choice(params.get("smile_others", "task_arithmetic"), "parameters.smile_others", SMILE_OTHERS)
+    cfg.smile_scope = _choice(params.get("smile_scope", "blocks"), "parameters.smile_scope", SMILE_SCOPES)
+
+
 # ----------------------------------------------------------------------------- load
 
 def load_config(source) -> MergeConfig:
@@ -266,12 +374,21 @@ def load_config(source) -> MergeConfig:
             raise ConfigError(f"unknown key `{key}`; known keys: {', '.join(sorted(TOP_KEYS))}")
 
     method = data.get("merge_method")
-    if method is not None:
+    upscale = None
+    if method in UPSCALE_METHODS:
+        stages = [k for k in ("prune", "amplify", "combine") if k in data]
+        if stages:
+            raise ConfigError(f"merge_method `{method}` upscales instead of merging: it takes no "
+                              f"`{stages[0]}` stage (remove it; `smile_others` sets how the tensors outside "
+                              f"the experts are merged)")
+        upscale, prune, amplify, combine = method, "none", "none", "sum"
+    elif method is not None:
         if method in UNSUPPORTED_METHODS:
             raise ConfigError(f"merge_method `{method}` is not supported yet; supported: {', '.join(PRESETS)} "
                               f"(or explicit prune/amplify/combine stages)")
         if method not in PRESETS:
-            raise ConfigError(f"unknown merge_method `{method}`; supported: {', '.join(PRESETS)}")
+            raise ConfigError(f"unknown merge_method `{method}`; supported: "
+                              f"{', '.join([*PRESETS, *UPSCALE_METHODS])}")
         prune, amplify, combine = PRESETS[method]
     elif not any(k in data for k in ("prune", "amplify", "combine")):
         raise ConfigError(f"the config needs `merge_method` (one of {', '.join(PRESETS)}) or explicit "
@@ -310,8 +427,10 @@ def load_config(source) -> MergeConfig:
         pcb_ratio=_num(params.get("pcb_ratio", 0.1), "parameters.pcb_ratio", lo=0, hi=1, lo_open=True),
         scope=_choice(params.get("scope", "tensor"), "parameters.scope", ("tensor", "model")),
         seed=_num(data.get("seed", 0), "seed", lo=0, integer=True),
-        name=data.get("name"), notices=notices,
+        name=data.get("name"), notices=notices, upscale=upscale,
     )
+    _load_apl(cfg, params)
+    _load_smile(cfg, params)
 
     # Output dtype: mergekit's out_dtype wins over dtype; default = the base's.
     for key in ("dtype", "out_dtype"):
@@ -377,6 +496,7 @@ def load_config(source) -> MergeConfig:
             density=_num(p.get("density", g_density), f"{where}.parameters.density", lo=0, hi=1, lo_open=True),
             domain=p.get("domain", item.get("domain")),
             rescale=_rescale(p["rescale"], f"{where}.parameters.rescale") if "rescale" in p else g_rescale,
+            apl_data=_apl_data(p.get("apl_data"), f"{where}.parameters.apl_data"),
         )
         if amplify == "dpa":
             parts = p.get("partitions", params.get("partitions"))
@@ -406,6 +526,11 @@ def load_config(source) -> MergeConfig:
         notices.append("`partitions`/`amplification` are ignored: this pipeline has no dpa amplify stage")
     if not cfg.models:
         raise ConfigError("`models` lists only the base model; add at least one fine-tuned model")
+    if cfg.upscale == "smile" and cfg.num_experts_per_tok > len(cfg.models):
+        raise ConfigError(f"`parameters.num_experts_per_tok` = {cfg.num_experts_per_tok} is more than the "
+                          f"{len(cfg.models)} fine-tune(s) listed (one expert each); use at most {len(cfg.models)}")
+    if cfg.prune != "apl" and any(m.apl_data is not None for m in cfg.models):
+        notices.append("`apl_data` is ignored: this pipeline does not prune with apl")
     if cfg.combine == "pcb" and cfg.scope == "model":
         notices.append("scope: model flattens the whole model at once; it needs all deltas in memory")
     return cfg

@@ -11,6 +11,7 @@ raw inputs and one pending output, whatever the depth of the model.
 from __future__ import annotations
 
 import copy
+import json
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -28,10 +29,11 @@ from .pipeline import (Scratch, dominant_float_dtype, dp_maps_from_stats, kept_f
 from .stats import DeltaStats, collect_stats, save_stats
 
 STATS_FILE = "dppa_stats.json"
+APL_FILE = "dppa_apl.json"
 CONFIG_FILE = "dppa_merge.yaml"
 # CPU throughput (delta entries per second, all fine-tunes together) measured on 2 cores at 0.5 B
 # parameters (benchmarks/merge_speed.py), used only for --dry-run's rough time estimate.
-_EST_RATE = {"none": 3e8, "magnitude": 7.5e7, "random": 1.2e8, "dp": 6e7, "pcb": 2.7e7}
+_EST_RATE = {"none": 3e8, "magnitude": 7.5e7, "random": 1.2e8, "dp": 6e7, "apl": 7.5e7, "pcb": 2.7e7}
 
 
 @dataclass
@@ -118,6 +120,9 @@ def _plan_report(cfg: MergeConfig, inputs: _Inputs, out_dtype: torch.dtype, devi
     lines += [f"parameters: lambda={cfg.lambda_}, normalize={cfg.normalize}, seed={cfg.seed}"
               + (f", dp_lambda={cfg.dp_lambda}, dp_outlier_m={cfg.dp_outlier_m}, dp_others={cfg.dp_others}"
                  if cfg.prune == "dp" else "")
+              + (f", apl_level={cfg.apl_level}, apl_importance={cfg.apl_importance_kind}, "
+                 f"apl_examples={cfg.apl_examples}, apl_lambda={cfg.apl_lambda}, apl_drop={cfg.apl_drop}, "
+                 f"apl_weights={cfg.apl_weights}, apl_others={cfg.apl_others}" if cfg.prune == "apl" else "")
               + (f", pcb_ratio={cfg.pcb_ratio}, scope={cfg.scope}" if cfg.combine == "pcb" else ""),
               f"tensors: {len(inputs.names)} ({n_params:,} parameters), output dtype {str(out_dtype).split('.')[-1]}",
               f"device: {device}",
@@ -206,8 +211,15 @@ def merge(config, out: str | Path | None, *, device: str = "auto", seed: int | N
     for note in cfg.notices:
         log(f"notice: {note}")
     dev = pick_device(device)
+    if cfg.upscale == "smile":
+        from . import smile
+        return smile.upscale(cfg, out, device=dev, overwrite=overwrite, dry_run=dry_run, log=log,
+                             allow_pickle=allow_pickle, shard_bytes=shard_bytes, t0=t0)
     inputs = _Inputs(cfg, allow_pickle, allow_vocab_trim)
     try:
+        if cfg.prune == "apl":      # every fine-tune's task data, before anything is computed
+            from . import apl
+            apl.check_data(cfg, inputs.model_dirs)
         # The output dtype: the config's, else the base's (its most common floating dtype).
         out_dtype = output_dtype(cfg, dominant_float_dtype(inputs.base.dtype(n) for n in inputs.names) or torch.float32)
         report, disk = _plan_report(cfg, inputs, out_dtype, dev)
@@ -239,8 +251,17 @@ def _merge_to(cfg: MergeConfig, inputs: _Inputs, tmp: Path, dev: torch.device, o
     total = len(names) + (len(float_names) + sum(
         1 for n in float_names if len(inputs.shapes[n]) == 2) if passes else 0)
     bar, tick = _progress(progress, total)
+    merge_cfg, apl_plan = cfg, None
     try:
         dp_maps = None
+        if cfg.prune == "apl":
+            from . import apl
+            float_shapes = {n: inputs.shapes[n] for n in float_names}
+            apl_plan = apl.plan(cfg, float_shapes, inputs.base_dir, inputs.model_dirs, device=dev)
+            dp_maps, merge_cfg = apl_plan.maps, apl.weighted(cfg, apl_plan.weights)
+            (tmp / APL_FILE).write_text(json.dumps(apl_report(cfg, apl_plan), indent=1))
+            for m, w in zip(cfg.models, apl_plan.weights):
+                log(f"apl: {m.model} merge weight x{w:.3f}")
         if cfg.prune != "dp":
             stats = None
         elif passes:
@@ -255,7 +276,7 @@ def _merge_to(cfg: MergeConfig, inputs: _Inputs, tmp: Path, dev: torch.device, o
                 base_sd[n], ft_tensors = inputs.load(n)
                 for sd, t in zip(fts, ft_tensors):
                     sd[n] = t
-            merged = merge_state_dicts(base_sd, fts, cfg, device=dev, stats=stats)
+            merged = merge_state_dicts(base_sd, fts, cfg, device=dev, stats=stats, apl_plan=apl_plan)
             specs = [(n, tuple(merged[n].shape), merged[n].dtype) for n in names]
             with io.ShardedWriter(tmp, specs, max_shard_bytes=shard_bytes) as w:
                 for n in names:
@@ -275,7 +296,7 @@ def _merge_to(cfg: MergeConfig, inputs: _Inputs, tmp: Path, dev: torch.device, o
                     base, fts = pending_read.result()
                     if k + 1 < len(names):          # overlap the next read with this tensor's math
                         pending_read = reader.submit(inputs.load, names[k + 1])
-                    merged = merge_tensor(cfg, name, base.to(dev), fts, dp_maps, out_dtype=out_dtype,
+                    merged = merge_tensor(merge_cfg, name, base.to(dev), fts, dp_maps, out_dtype=out_dtype,
                                           scratch=scratch).to("cpu")
                     if pending_write is not None:
                         pending_write.result()
@@ -292,6 +313,19 @@ def _merge_to(cfg: MergeConfig, inputs: _Inputs, tmp: Path, dev: torch.device, o
     return MergeResult(out=None, seconds=0.0, device=str(dev), tensors=len(names),
                        params=inputs.n_params,
                        kept_fraction=kept_fraction(cfg, float_shapes, dp_maps), config=cfg, notices=cfg.notices)
+
+
+def apl_report(cfg: MergeConfig, plan) -> dict:
+    """What dppa_apl.json records: per fine-tune its task data, losses, merge weight, and every
+    partitioned tensor's importance (exact or gradient; row level: summed per tensor) and density."""
+    out = {"level": cfg.apl_level, "importance": cfg.apl_importance_kind, "examples": cfg.apl_examples,
+           "apl_lambda": cfg.apl_lambda, "drop": cfg.apl_drop, "models": []}
+    for m, imp, dmap, w in zip(cfg.models, plan.importance, plan.maps, plan.weights):
+        values = {str(k): (float(v.sum()) if isinstance(v, torch.Tensor) else float(v)) for k, v in imp.values.items()}
+        out["models"].append({"model": m.model, "data": imp.data, "loss_finetune": imp.loss_finetune,
+                              "loss_base": imp.loss_base, "merge_weight": w, "importance": values,
+                              "density": {n: d.density for n, d in dmap.items()}})
+    return out
 
 
 def _to(pair, dev):

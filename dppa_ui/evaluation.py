@@ -204,28 +204,42 @@ def teacher_forced(model, tokenizer, items: Sequence[dict], batch_size: int = 25
 
     Right padding: with causal attention no real token attends to the pads after it."""
     acc, ll = [], []
-    pad, dev = _pad_id(tokenizer), _device(model)
     for i in range(0, len(items), batch_size):
-        enc = [encode_item(tokenizer, it["prompt"], it["answer"]) for it in items[i:i + batch_size]]
-        n = max(len(p) + len(a) for p, a in enc)
-        ids = torch.full((len(enc), n), pad, dtype=torch.long)
-        mask = torch.zeros((len(enc), n), dtype=torch.long)
-        tgt_mask = torch.zeros((len(enc), n), dtype=torch.bool)   # positions whose NEXT token is an answer token
-        for j, (p, a) in enumerate(enc):
-            seq = p + a
-            ids[j, :len(seq)] = torch.tensor(seq)
-            mask[j, :len(seq)] = 1
-            tgt_mask[j, len(p) - 1:len(seq) - 1] = True
-        ids, mask, tgt_mask = ids.to(dev), mask.to(dev), tgt_mask.to(dev)
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-        targets = ids[:, 1:]
-        tm = tgt_mask[:, :-1]
+        logits, targets, tm = answer_logits(model, tokenizer, items[i:i + batch_size])
         logp = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         hit = (logits.argmax(-1) == targets) & tm
         counts = tm.sum(1).clamp(min=1)
         acc += (hit.sum(1) / counts).tolist()
         ll += ((logp * tm).sum(1) / counts).tolist()
     return acc, ll
+
+
+def answer_logits(model, tokenizer, items: Sequence[dict]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One teacher-forced forward over prompt + answer of each item (right-padded): (float32 logits
+    (B, T-1, V), next-token targets (B, T-1), mask of the positions whose next token is an answer
+    token). Differentiable: under inference_mode only where the caller asks for it."""
+    pad, dev = _pad_id(tokenizer), _device(model)
+    enc = [encode_item(tokenizer, it["prompt"], it["answer"]) for it in items]
+    n = max(len(p) + len(a) for p, a in enc)
+    ids = torch.full((len(enc), n), pad, dtype=torch.long)
+    mask = torch.zeros((len(enc), n), dtype=torch.long)
+    tgt_mask = torch.zeros((len(enc), n), dtype=torch.bool)   # positions whose NEXT token is an answer token
+    for j, (p, a) in enumerate(enc):
+        seq = p + a
+        ids[j, :len(seq)] = torch.tensor(seq)
+        mask[j, :len(seq)] = 1
+        tgt_mask[j, len(p) - 1:len(seq) - 1] = True
+    ids, mask, tgt_mask = ids.to(dev), mask.to(dev), tgt_mask.to(dev)
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+    return logits, ids[:, 1:], tgt_mask[:, :-1]
+
+
+def answer_loss(model, tokenizer, items: Sequence[dict]) -> torch.Tensor:
+    """Mean over items of the mean answer-token cross-entropy (= −mean `loglik`), as a scalar tensor
+    that can be differentiated (APL's task loss)."""
+    logits, targets, tm = answer_logits(model, tokenizer, items)
+    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+    return ((nll * tm).sum(1) / tm.sum(1).clamp(min=1)).mean()
 
 
 @torch.inference_mode()
@@ -340,10 +354,13 @@ _SKELETONS: dict = {}
 
 
 def load_model(ref: str | Path):
-    """(model, tokenizer) of a model dir or demo:NAME, float32, eval mode, offline."""
+    """(model, tokenizer) of a model dir or demo:NAME (or a SMILE folder), float32, eval mode, offline."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model(ref)
+    from . import smile
+    if smile.is_smile_folder(path):
+        return smile.load(path)
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
     model.eval()
     return model, AutoTokenizer.from_pretrained(str(path))

@@ -14,6 +14,7 @@ import torch
 from .config import MergeConfig, load_config
 from .methods import (dare_prune, dp_prune, dpa_amplify, is_dp_target, keep_count, magnitude_prune, pcb_combine,
                       sum_combine, tensor_generator, ties_combine)
+from .methods.apl import APLDensity, apl_prune
 from .methods.dp import DPDensity
 from .stats import DeltaStats, collect_stats
 
@@ -24,22 +25,30 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 class Step:
     """What happens to one fine-tune's delta of one tensor."""
     prune: bool           # False: the whole delta is kept (no prune, or DP's `dp_others: keep`)
-    density: float        # the density it is pruned at (DP: the module's d_m)
+    density: float        # the density it is pruned at (DP: the module's d_m; APL: the partition's)
     offset: float = 0.0   # DPA band shift (DP: d_m - target density)
+    rows: torch.Tensor | None = None    # APL at the row level: every row's own density
 
 
-def plan_steps(cfg: MergeConfig, name: str, shape, dp_maps: list[dict[str, DPDensity]] | None) -> list[Step]:
-    """The per-model Step for tensor `name`."""
+DensityMap = dict[str, DPDensity | APLDensity]
+
+
+def plan_steps(cfg: MergeConfig, name: str, shape, dp_maps: list[DensityMap] | None) -> list[Step]:
+    """The per-model Step for tensor `name`. `dp_maps`: per fine-tune, the per-tensor densities of
+    a DP or APL prune (from `dp_maps_from_stats` or `apl.plan`)."""
     steps = []
     for i, m in enumerate(cfg.models):
         if cfg.prune == "none":
             steps.append(Step(prune=False, density=1.0))
-        elif cfg.prune != "dp":
+        elif cfg.prune not in ("dp", "apl"):
             steps.append(Step(prune=True, density=m.density))
         elif is_dp_target(name, shape):
+            if dp_maps is None:
+                raise ValueError(f"prune {cfg.prune} needs its per-tensor density maps: "
+                                 + ("dp_maps_from_stats(cfg, stats)" if cfg.prune == "dp" else "apl.plan(cfg).maps"))
             d = dp_maps[i][name]
-            steps.append(Step(prune=True, density=d.density, offset=d.offset))
-        elif cfg.dp_others == "keep":
+            steps.append(Step(prune=True, density=d.density, offset=d.offset, rows=getattr(d, "rows", None)))
+        elif (cfg.dp_others if cfg.prune == "dp" else cfg.apl_others) == "keep":
             steps.append(Step(prune=False, density=1.0))
         else:
             steps.append(Step(prune=True, density=m.density))
@@ -57,6 +66,9 @@ def prune_amplify(cfg: MergeConfig, i: int, name: str, delta: torch.Tensor, step
         delta = dare_prune(delta, step.density, gen, m.rescale, inplace=inplace)
     elif cfg.prune == "dp":     # magnitude pruning at the module's own density
         delta = dp_prune(delta, step.density, inplace=inplace)
+    elif cfg.prune == "apl":    # the partition's density (or each row's), random or by magnitude
+        gen = tensor_generator(cfg.seed, i, name, delta.device) if cfg.apl_drop == "random" else None
+        delta = apl_prune(delta, step.density, step.rows, cfg.apl_drop, gen, m.rescale, inplace=inplace)
     else:
         delta = magnitude_prune(delta, step.density, inplace=inplace)
     if cfg.amplify == "dpa":
@@ -105,7 +117,7 @@ def to_float32(t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
 
 
 def merge_tensor(cfg: MergeConfig, name: str, base: torch.Tensor, fts: list[torch.Tensor],
-                 dp_maps: list[dict[str, DPDensity]] | None = None, out_dtype: torch.dtype | None = None,
+                 dp_maps: list[DensityMap] | None = None, out_dtype: torch.dtype | None = None,
                  scratch: Scratch | None = None) -> torch.Tensor:
     """The merged tensor for `name`, a new tensor on base's device in `out_dtype` (default float32).
     Non-float tensors: the base's, unchanged. `scratch` lends reusable work buffers."""
@@ -127,10 +139,15 @@ def merge_tensor(cfg: MergeConfig, name: str, base: torch.Tensor, fts: list[torc
         torch.add(base32, merged, out=out)
 
 
-def kept_fraction(cfg: MergeConfig, shapes: dict[str, tuple], dp_maps: list[dict[str, DPDensity]] | None
+def kept_fraction(cfg: MergeConfig, shapes: dict[str, tuple], dp_maps: list[DensityMap] | None
                   ) -> list[float]:
     """Share of each fine-tune's delta entries (over the tensors in `shapes`) that the prune keeps:
-    exact for magnitude and DP, the expected value for random."""
+    exact for magnitude and DP, the expected value for random. APL without maps computes them
+    (cached importance, see apl.plan)."""
+    if cfg.prune == "apl" and dp_maps is None:
+        from . import apl
+        dp_maps = apl.plan(cfg).maps
+    expected = cfg.prune == "random" or (cfg.prune == "apl" and cfg.apl_drop == "random")
     out = []
     for i in range(len(cfg.models)):
         kept = total = 0
@@ -138,8 +155,14 @@ def kept_fraction(cfg: MergeConfig, shapes: dict[str, tuple], dp_maps: list[dict
             n = torch.Size(shape).numel()
             step = plan_steps(cfg, name, shape, dp_maps)[i]
             total += n
-            kept += n if not step.prune else (step.density * n if cfg.prune == "random"
-                                              else keep_count(step.density, n))
+            if not step.prune:
+                kept += n
+            elif step.rows is not None:
+                cols = n // int(shape[0])
+                kept += float(step.rows.sum()) * cols if expected else sum(keep_count(float(d), cols)
+                                                                          for d in step.rows)
+            else:
+                kept += step.density * n if expected else keep_count(step.density, n)
         out.append(kept / max(total, 1))
     return out
 
@@ -162,11 +185,14 @@ def dp_maps_from_stats(cfg: MergeConfig, stats: list[DeltaStats]) -> list[dict[s
 def merge_state_dicts(base_sd: dict[str, torch.Tensor], ft_sds: list[dict[str, torch.Tensor]], config,
                       device: str | torch.device = "cpu", stats: list[DeltaStats] | None = None,
                       progress: Callable[[int, int], None] | None = None,
-                      cancel: Callable[[], bool] | None = None) -> dict[str, torch.Tensor]:
+                      cancel: Callable[[], bool] | None = None, apl_plan=None) -> dict[str, torch.Tensor]:
     """Merge state dicts held in memory, with no disk round-trip. Returns tensors on CPU in the
     output dtype (the base's unless the config sets one). `stats` (from `collect_stats`) can be
-    passed to skip the DP statistics passes."""
+    passed to skip the DP statistics passes. APL's importance is measured on the models the
+    config's refs name (cached; `apl_plan` from `apl.plan` skips even the cache look-up)."""
     cfg = config if isinstance(config, MergeConfig) else load_config(config)
+    if cfg.upscale:
+        raise ValueError(f"merge_method {cfg.upscale} builds a model, not a state dict: use dppa_ui.smile.build")
     if len(ft_sds) != len(cfg.models):
         raise ValueError(f"the config lists {len(cfg.models)} fine-tunes but {len(ft_sds)} state dicts were given")
     if any(isinstance(m.amplification, str) for m in cfg.models):
@@ -175,6 +201,10 @@ def merge_state_dicts(base_sd: dict[str, torch.Tensor], ft_sds: list[dict[str, t
     names = list(base_sd)
     float_names = [n for n in names if base_sd[n].is_floating_point()]
     dp_maps = None
+    if cfg.prune == "apl":
+        from . import apl
+        plan = apl_plan or apl.plan(cfg, {n: tuple(base_sd[n].shape) for n in float_names}, device=device)
+        dp_maps, cfg = plan.maps, apl.weighted(cfg, plan.weights)
     if cfg.prune == "dp":
         if stats is None:
             stats = collect_stats(float_names, lambda n: (base_sd[n].to(device), [sd[n].to(device) for sd in ft_sds]),

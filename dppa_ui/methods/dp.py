@@ -36,6 +36,15 @@ def block_of(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def module_of(name: str) -> str | None:
+    """`model.layers.3.self_attn.q_proj.weight` -> `self_attn.q_proj` (None outside blocks)."""
+    m = _BLOCK.search(name)
+    if not m:
+        return None
+    rest = name[m.end():]
+    return rest[: -len(".weight")] if rest.endswith(".weight") else rest
+
+
 def is_dp_target(name: str, shape) -> bool:
     """True for 2-D weights inside numbered blocks: the tensors DP prunes dynamically."""
     return len(tuple(shape)) == 2 and block_of(name) is not None
