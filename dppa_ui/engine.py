@@ -118,7 +118,9 @@ def _plan_report(cfg: MergeConfig, inputs: _Inputs, out_dtype: torch.dtype, devi
     lines += [f"parameters: lambda={cfg.lambda_}, normalize={cfg.normalize}, seed={cfg.seed}"
               + (f", dp_lambda={cfg.dp_lambda}, dp_outlier_m={cfg.dp_outlier_m}, dp_others={cfg.dp_others}"
                  if cfg.prune == "dp" else "")
-              + (f", pcb_ratio={cfg.pcb_ratio}, scope={cfg.scope}" if cfg.combine == "pcb" else ""),
+              + (f", dpa_whole={cfg.dpa_whole}" if cfg.amplify == "dpa" else "")
+              + (f", pcb_ratio={cfg.pcb_ratio}, clip_ratio={cfg.clip_ratio}, scope={cfg.scope}"
+                 if cfg.combine == "pcb" else ""),
               f"tensors: {len(inputs.names)} ({n_params:,} parameters), output dtype {str(out_dtype).split('.')[-1]}",
               f"device: {device}",
               f"estimated peak memory: {mem / 1e9:.2f} GB; disk: {disk / 1e9:.2f} GB; time: ~{secs:.0f} s (rough)"]

@@ -12,8 +12,8 @@ from typing import Callable, Iterable
 import torch
 
 from .config import MergeConfig, load_config
-from .methods import (dare_prune, dp_prune, dpa_amplify, is_dp_target, keep_count, magnitude_prune, pcb_combine,
-                      sum_combine, tensor_generator, ties_combine)
+from .methods import (band_edges, dare_prune, dp_prune, dpa_amplify, is_dp_target, keep_count, magnitude_prune,
+                      pcb_combine, sum_combine, tensor_generator, ties_combine)
 from .methods.dp import DPDensity
 from .stats import DeltaStats, collect_stats
 
@@ -46,11 +46,28 @@ def plan_steps(cfg: MergeConfig, name: str, shape, dp_maps: list[dict[str, DPDen
     return steps
 
 
+def whole_factor(cfg: MergeConfig, i: int) -> float:
+    """The factor DPA gives fine-tune i's delta of a tensor the prune keeps whole (DP's embeddings,
+    norms, lm_head and biases under `dp_others: keep`). The official enhance_offset.py max-merges the
+    K pruned copies of every tensor, each times its alpha; a whole-kept tensor is whole in every
+    copy, so each entry ends at max_k alpha_k. `dpa_whole: keep` (or no DPA stage): 1."""
+    if cfg.amplify != "dpa" or cfg.dpa_whole == "keep":
+        return 1.0
+    amp = cfg.models[i].amplification
+    if isinstance(amp, str):
+        raise ValueError(f"amplification {amp!r} of {cfg.models[i].model} must be resolved first "
+                         f"(dppa_ui.engine.search_amplification)")
+    return float(max(amp))
+
+
 def prune_amplify(cfg: MergeConfig, i: int, name: str, delta: torch.Tensor, step: Step,
                   inplace: bool = False) -> torch.Tensor:
     """Stages 1 and 2 for fine-tune i's delta of tensor `name` (`inplace`: may overwrite delta)."""
     if not step.prune:
-        return delta
+        f = whole_factor(cfg, i)
+        if f == 1.0:
+            return delta
+        return delta.mul_(f) if inplace else delta * f
     m = cfg.models[i]
     if cfg.prune == "random":
         gen = tensor_generator(cfg.seed, i, name, delta.device)
@@ -127,21 +144,65 @@ def merge_tensor(cfg: MergeConfig, name: str, base: torch.Tensor, fts: list[torc
         torch.add(base32, merged, out=out)
 
 
+@dataclass(frozen=True)
+class TensorFate:
+    """What the prune and amplify stages do to one fine-tune's delta of one tensor (the inspect
+    views read this; `kept_fraction` sums it)."""
+    pruned: bool          # False: the prune keeps the whole delta (no prune, or DP's `dp_others: keep`)
+    density: float        # share of entries the prune keeps (DP: the module's d_m; random: expected)
+    bands: tuple[tuple[float, float, float], ...]   # DPA: (from, to, alpha) as shares of all entries ranked
+    #                       by |delta|, top band first; a whole-kept tensor: ((0, 1, factor),); no DPA: ()
+    kept: float           # share of entries left non-zero: a band (or whole tensor) at alpha 0 is dropped
+
+    @property
+    def amplified(self) -> bool:
+        return any(a != 1.0 for _, _, a in self.bands)
+
+
+def _fate(cfg: MergeConfig, i: int, step: Step, n: int) -> tuple[TensorFate, float]:
+    """(the fate, its exact kept count) of fine-tune i's delta with `n` entries under `step`."""
+    if not step.prune:
+        f = whole_factor(cfg, i)
+        bands = ((0.0, 1.0, f),) if cfg.amplify == "dpa" else ()
+        kept = float(n) if f != 0.0 else 0.0
+        return TensorFate(False, 1.0, bands, kept / max(n, 1)), kept
+    if cfg.prune == "random":
+        return TensorFate(True, step.density, (), step.density), step.density * n
+    k = keep_count(step.density, n)
+    if cfg.amplify != "dpa":
+        return TensorFate(True, step.density, (), k / max(n, 1)), float(k)
+    m = cfg.models[i]
+    bands, kept, lo, lo_count = [], 0, 0.0, 0
+    for edge, alpha in zip(band_edges(m.partitions, step.offset), m.amplification):
+        hi = min(edge, step.density)
+        count = min(keep_count(edge, n), k)       # dpa_amplify's band = the next ranks up to this edge
+        bands.append((lo, max(hi, lo), float(alpha)))
+        if alpha != 0:
+            kept += max(count - lo_count, 0)
+        lo, lo_count = max(hi, lo), max(count, lo_count)
+    return TensorFate(True, step.density, tuple(bands), kept / max(n, 1)), float(kept)
+
+
+def tensor_fates(cfg: MergeConfig, name: str, shape, dp_maps: list[dict[str, DPDensity]] | None
+                 ) -> list[TensorFate]:
+    """Per fine-tune: is tensor `name` pruned, at which density, which DPA factor per band (or on
+    the whole tensor), and what share of its delta survives."""
+    n = torch.Size(shape).numel()
+    return [_fate(cfg, i, step, n)[0] for i, step in enumerate(plan_steps(cfg, name, shape, dp_maps))]
+
+
 def kept_fraction(cfg: MergeConfig, shapes: dict[str, tuple], dp_maps: list[dict[str, DPDensity]] | None
                   ) -> list[float]:
-    """Share of each fine-tune's delta entries (over the tensors in `shapes`) that the prune keeps:
-    exact for magnitude and DP, the expected value for random."""
-    out = []
-    for i in range(len(cfg.models)):
-        kept = total = 0
-        for name, shape in shapes.items():
-            n = torch.Size(shape).numel()
-            step = plan_steps(cfg, name, shape, dp_maps)[i]
-            total += n
-            kept += n if not step.prune else (step.density * n if cfg.prune == "random"
-                                              else keep_count(step.density, n))
-        out.append(kept / max(total, 1))
-    return out
+    """Share of each fine-tune's delta entries (over the tensors in `shapes`) left non-zero by the
+    prune and amplify stages: exact for magnitude and DP, the expected value for random. A DPA band
+    whose alpha is 0 counts as dropped."""
+    kept, total = [0.0] * len(cfg.models), 0
+    for name, shape in shapes.items():
+        n = torch.Size(shape).numel()
+        total += n
+        for i, step in enumerate(plan_steps(cfg, name, shape, dp_maps)):
+            kept[i] += _fate(cfg, i, step, n)[1]
+    return [k / max(total, 1) for k in kept]
 
 
 def output_dtype(cfg: MergeConfig, base_dtype: torch.dtype) -> torch.dtype:

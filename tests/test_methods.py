@@ -656,13 +656,34 @@ def test_dpa_bands_shifted_by_offset():
         assert torch.equal(out[top], d[top] * 1.7)
 
 
-@pytest.mark.parametrize("others", ["keep", "magnitude"])
-def test_dppa_pipeline_matches_reference(others):
+def ref_enhance_offset(copies: list[torch.Tensor], alphas: list[float]) -> torch.Tensor:
+    """The official enhance_offset.py on one tensor: start from zeros, then for the widest copy
+    first, x = my_max(x, copy * alpha), where my_max keeps x unless the new value is larger in
+    magnitude or x is 0 there (and skips a new value that is all zeros)."""
+    x = [0.0] * copies[0].numel()
+    for copy, a in reversed(list(zip(copies, alphas))):
+        y = [v * a for v in copy.reshape(-1).tolist()]
+        if not any(v != 0 for v in y):
+            continue
+        x = [yv if (abs(yv) > abs(xv) or (yv != 0 and xv == 0)) else xv for xv, yv in zip(x, y)]
+    return torch.tensor(x, dtype=copies[0].dtype).view(copies[0].shape)
+
+
+def test_official_whole_tensor_factor_is_the_largest_alpha():
+    # A tensor DP keeps whole is whole in every pruned copy, so the official max-merge scales it
+    # by the largest alpha (and by the only non-zero one when the other is 0).
+    d = heavy((6, 5), 21)
+    for alphas in ([1.8, 0.0], [1.8, 1.0], [0.9, 1.3], [0.0, 0.0]):
+        assert torch.allclose(ref_enhance_offset([d, d], alphas), d * max(alphas)), alphas
+
+
+@pytest.mark.parametrize("others,whole", [("keep", "amplify"), ("keep", "keep"), ("magnitude", "amplify")])
+def test_dppa_pipeline_matches_reference(others, whole):
     base, fts = make_sds(2, seed=13)
     models = [{"model": "a", "parameters": {"density": 0.2, "partitions": [0.1, 0.2], "amplification": [1.8, 1.0]}},
               {"model": "b", "parameters": {"density": 0.4, "partitions": [0.15, 0.4], "amplification": [1.5, 1.2],
                                             "weight": 0.7}}]
-    c = cfg("dppa", models=models, params={"dp_others": others})
+    c = cfg("dppa", models=models, params={"dp_others": others, "dpa_whole": whole})
     out = merge_in_memory(base, fts, c)
     deltas = deltas_of(base, fts)
     for k in base:
@@ -674,12 +695,51 @@ def test_dppa_pipeline_matches_reference(others):
                 d_m, raw = dens[k]
                 off = raw - p["density"]
                 q = ref_dpa(deltas[i][k], d_m, [f + off for f in p["partitions"]], p["amplification"])
-            elif others == "keep":   # left whole -> not amplified either
-                q = deltas[i][k]
+            elif others == "keep":   # left whole: the official max-merge of whole copies, or x1 (keep)
+                q = ref_enhance_offset([deltas[i][k]] * 2, p["amplification"]) if whole == "amplify" else deltas[i][k]
             else:                    # plain magnitude at the target density, bands unshifted
                 q = ref_dpa(deltas[i][k], p["density"], p["partitions"], p["amplification"])
             ref = ref + p.get("weight", 1.0) * q
         assert torch.allclose(out[k], ref, atol=1e-6), k
+
+
+def test_tensor_fates_and_kept_fraction_count_a_zero_band_as_dropped():
+    from dppa_ui.pipeline import kept_fraction, tensor_fates
+    models = [{"model": "a", "parameters": {"density": 0.3, "partitions": [0.1, 0.3], "amplification": [2.0, 0.0]}},
+              {"model": "c", "parameters": {"density": 0.3, "partitions": [0.1, 0.3], "amplification": [2.0, 1.0]}}]
+    c = load_config({"prune": "magnitude", "amplify": "dpa", "combine": "sum", "base_model": "b", "models": models})
+    shapes = {"x.weight": (10, 10), "y.weight": (7,)}
+    # a: only its top band survives, int(0.1*100) + int(0.1*7); c: int(0.3*100) + int(0.3*7)
+    assert kept_fraction(c, shapes, None) == pytest.approx([(10 + 0) / 107, (30 + 2) / 107])
+    fa, fc = tensor_fates(c, "x.weight", (10, 10), None)
+    assert fa.pruned and fa.density == 0.3 and fa.bands == ((0.0, 0.1, 2.0), (0.1, 0.3, 0.0))
+    assert fa.kept == pytest.approx(0.1) and fc.kept == pytest.approx(0.3) and fa.amplified
+
+
+@pytest.mark.parametrize("whole,alphas", [("amplify", [1.5, 0.0]), ("keep", [1.5, 0.0]), ("amplify", [0.0, 0.0]),
+                                          ("amplify", [1.2, 1.4])])
+def test_dp_kept_fraction_and_fates_match_the_merged_tensors(whole, alphas):
+    from dppa_ui.pipeline import dp_maps_from_stats, kept_fraction, tensor_fates
+    base, fts = make_sds(1, seed=15)
+    c = cfg("dppa", models=[{"model": "a", "parameters": {"density": 0.3, "partitions": [0.1, 0.3],
+                                                           "amplification": alphas}}],
+            params={"dpa_whole": whole})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = merge_in_memory(base, fts, c)
+        stats = collect_stats(list(base), lambda n: (base[n], [fts[0][n]]), ["a"], 5.0)
+        maps = dp_maps_from_stats(c, stats)
+    changed = sum(int((out[k] != base[k]).sum()) for k in base)
+    total = sum(t.numel() for t in base.values())
+    assert kept_fraction(c, {k: tuple(t.shape) for k, t in base.items()}, maps)[0] == pytest.approx(changed / total)
+    (norm,) = tensor_fates(c, "model.norm.weight", (8,), maps)
+    factor = max(alphas) if whole == "amplify" else 1.0
+    assert not norm.pruned and norm.bands == ((0.0, 1.0, factor),) and norm.kept == (1.0 if factor else 0.0)
+    assert torch.allclose(out["model.norm.weight"], base["model.norm.weight"]
+                          + factor * (fts[0]["model.norm.weight"] - base["model.norm.weight"]))
+    (q,) = tensor_fates(c, "model.layers.0.self_attn.q_proj.weight", (8, 8), maps)
+    assert q.pruned and q.density == maps[0]["model.layers.0.self_attn.q_proj.weight"].density
+    assert [a for _, _, a in q.bands] == alphas
 
 
 def test_magnitude_dpa_explicit_stages_match_reference():

@@ -9,6 +9,11 @@ density offset (d_m - D) and clamped to [0, 1], so the last edge is the module's
 The official code instead prunes at each f_k, amplifies each copy and keeps the larger magnitude,
 so its top band gets max(a_1, a_2); the two agree whenever a_1 >= a_2.
 
+Tensors the prune keeps whole (DP's embeddings, norms, lm_head, biases under `dp_others: keep`)
+are whole in every one of those copies, so the official max-merge scales them by max_k a_k (1.8
+at the search start). That is the default here too (pipeline.whole_factor); `dpa_whole: keep`
+leaves them x1.
+
 "Dynamic": a_k are found by `greedy_alpha_search` on a score of the pruned fine-tune alone.
 """
 from __future__ import annotations
