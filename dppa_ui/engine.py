@@ -167,10 +167,11 @@ def search_amplification(cfg: MergeConfig, base_dir: Path, model_dirs: list[Path
             return s
 
         log(f"searching amplification for {m.model} on {', '.join(domains)} (dev split)")
-        res = greedy_alpha_search(score, n_bands=len(m.partitions), max_evals=max_evals)
+        res = greedy_alpha_search(score, n_bands=len(m.partitions), start=cfg.alpha_start, step=cfg.alpha_step,
+                                  max_evals=max_evals, mode=cfg.alpha_search)
         m.amplification = res.alpha
         report[m.model] = {"alpha": res.alpha, "score": res.score, "path": res.path}
-        log(f"  chose {res.alpha} (score {res.score:.4f})")
+        log(f"  chose {res.alpha} (score {'not scored' if res.score is None else f'{res.score:.4f}'})")
     return report
 
 

@@ -789,13 +789,32 @@ def test_explicit_stage_compositions_match_reference(prune, combine):
 # ======================================================================= greedy alpha search
 
 def quad(a):
-    return -(a[0] - 2.1) ** 2 - (a[1] - 1.3) ** 2
+    return 10 - (a[0] - 2.1) ** 2 - (a[1] - 1.3) ** 2
+
+
+def ref_python_contral(score, start, step=0.1):
+    """The official python_contral.py loop, transcribed (its `.1f` model keys read as rounding;
+    here to 6 decimals). Returns (end state, every alpha scored)."""
+    alpha, idx, perfermence, tried = list(start), 0, 0, []
+    while idx < len(alpha):
+        tried.append(list(alpha))
+        temp = score(alpha)
+        if temp > perfermence:
+            perfermence = temp
+            alpha[idx] = round(alpha[idx] + step, 6)
+        else:
+            if alpha[idx] > 1:
+                alpha[idx] = round(alpha[idx] - step, 6)
+            idx += 1
+            if idx < len(alpha):
+                alpha[idx] = 1 if alpha[idx] < 0.1 else round(alpha[idx] + step, 6)
+    return alpha, tried
 
 
 def hand_path():
-    # simulated by hand from the issue's pseudo-code, start [1.8, 0.0], step 0.1
+    # simulated by hand from python_contral.py, start [1.8, 0.0], step 0.1
     alphas = [[1.8, 0.0], [1.9, 0.0], [2.0, 0.0], [2.1, 0.0], [2.2, 0.0],     # 2.2 worse: back to 2.1, k=1
-              [2.1, 1.0], [2.1, 1.1], [2.1, 1.2], [2.1, 1.3], [2.1, 1.4]]     # 1.4 worse: stop
+              [2.1, 1.0], [2.1, 1.1], [2.1, 1.2], [2.1, 1.3], [2.1, 1.4]]     # 1.4 worse: back to 1.3, stop
     return alphas
 
 
@@ -806,34 +825,57 @@ def test_greedy_alpha_search_path_on_quadratic():
     for got, want in zip(path, hand_path()):
         assert got == pytest.approx(want, abs=1e-9)
     assert res.alpha == pytest.approx([2.1, 1.3], abs=1e-9)
-    assert res.score == pytest.approx(0.0, abs=1e-12)
+    assert res.score == pytest.approx(10.0, abs=1e-12)
     assert [s for _, s in res.path] == pytest.approx([quad(a) for a in hand_path()], abs=1e-9)
+    end, tried = ref_python_contral(quad, [1.8, 0.0])
+    assert path == [pytest.approx(t, abs=1e-9) for t in tried] and res.alpha == pytest.approx(end, abs=1e-9)
+
+
+def test_greedy_walk_returns_the_end_state_not_the_best():
+    # The second band starts at 1.0 and is worse there than at 0.0: the official walk still ends
+    # at 1.0 (1.0 is not > 1, so it does not step back); `best` mode returns [2.0, 0.0].
+    def score(a):
+        return 5 - (a[0] - 2.0) ** 2 - 0.5 * a[1]
+    end, tried = ref_python_contral(score, [1.8, 0.0])
+    res = greedy_alpha_search(score)
+    assert [a for a, _ in res.path] == [pytest.approx(t, abs=1e-9) for t in tried]
+    assert end == pytest.approx([2.0, 1.0]) and res.alpha == pytest.approx(end, abs=1e-9)
+    assert res.score == pytest.approx(score([2.0, 1.0])) and res.best == pytest.approx([2.0, 0.0])
+    best = greedy_alpha_search(score, mode="best")
+    assert best.alpha == pytest.approx([2.0, 0.0]) and best.score == pytest.approx(5.0)
+    # A first step that does not beat the official floor of 0 still steps the band down by one.
+    res0 = greedy_alpha_search(lambda a: 0.0, n_bands=1)
+    assert [a for a, _ in res0.path] == [[1.8]] and res0.alpha == pytest.approx([1.7]) and res0.score is None
 
 
 def test_greedy_alpha_search_eval_cap():
     calls = []
     res = greedy_alpha_search(lambda a: calls.append(list(a)) or quad(a), max_evals=4)
     assert len(calls) == 4 and len(res.path) == 4
-    assert res.alpha == pytest.approx([2.1, 0.0], abs=1e-9)
+    assert res.alpha == pytest.approx([2.1, 0.0], abs=1e-9)      # cut short: the best point scored
     assert res.score == pytest.approx(quad([2.1, 0.0]), abs=1e-9)
 
 
 def test_greedy_alpha_search_flat_score():
-    # first score beats -inf, the second ties (not better): alpha[0] > 1 steps back, next band
-    # starts at 1.0 (it was < 0.1), which does not beat the best either; alpha 1.0 is not > 1.
+    # first score beats the floor 0, the second ties (not better): alpha[0] > 1 steps back, the
+    # next band starts at 1.0 (it was < 0.1), which does not beat the best either; 1.0 is not > 1,
+    # so the walk ends at [1.8, 1.0] (the best seen was [1.8, 0.0]).
     res = greedy_alpha_search(lambda a: 0.5)
     assert [a for a, _ in res.path] == [pytest.approx([1.8, 0.0]), pytest.approx([1.9, 0.0]),
                                         pytest.approx([1.8, 1.0])]
-    assert res.alpha == pytest.approx([1.8, 0.0])
+    assert res.alpha == pytest.approx([1.8, 1.0]) and res.best == pytest.approx([1.8, 0.0])
+    assert ref_python_contral(lambda a: 0.5, [1.8, 0.0])[0] == pytest.approx(res.alpha)
 
 
 def test_greedy_alpha_search_start_step_and_bands():
     # from [1.0, 0.6, 0.0] with step 0.2 on a score peaked at [1.4, 0.85, 1.2]
     target = [1.4, 0.85, 1.2]
-    res = greedy_alpha_search(lambda a: -sum((x - t) ** 2 for x, t in zip(a, target)), n_bands=3,
-                              start=[1.0, 0.6, 0.0], step=0.2)
+
+    def score(a):
+        return 10 - sum((x - t) ** 2 for x, t in zip(a, target))
+    res = greedy_alpha_search(score, n_bands=3, start=[1.0, 0.6, 0.0], step=0.2)
     # band 0: 1.0 1.2 1.4 1.6 (worse -> back to 1.4); band 1: 0.6+0.2 = 0.8, 1.0 (worse; 1.0 is not
-    # > 1 so it stays 1.0); band 2: 0.0 < 0.1 -> 1.0, 1.2, 1.4 (worse -> stop)
+    # > 1 so it stays 1.0); band 2: 0.0 < 0.1 -> 1.0, 1.2, 1.4 (worse -> back to 1.2, stop)
     want = [[1.0, 0.6, 0.0], [1.2, 0.6, 0.0], [1.4, 0.6, 0.0], [1.6, 0.6, 0.0],
             [1.4, 0.8, 0.0], [1.4, 1.0, 0.0],
             [1.4, 1.0, 1.0], [1.4, 1.0, 1.2], [1.4, 1.0, 1.4]]
@@ -842,15 +884,17 @@ def test_greedy_alpha_search_start_step_and_bands():
     for got, w in zip(path, want):
         assert got == pytest.approx(w, abs=1e-9)
     assert res.alpha == pytest.approx([1.4, 1.0, 1.2], abs=1e-9)
+    assert ref_python_contral(score, [1.0, 0.6, 0.0], 0.2)[0] == pytest.approx(res.alpha)
 
 
 def test_greedy_alpha_search_uses_the_given_start():
     # The issue: step and start are parameters; the walk starts at `start` as given. 1.5 is not a
     # multiple of 0.2, which must not move the start (flat score: start, +step, next band at 1.0).
-    res = greedy_alpha_search(lambda a: 0.0, start=[1.5, 0.0], step=0.2)
+    res = greedy_alpha_search(lambda a: 1.0, start=[1.5, 0.0], step=0.2)
     path = [a for a, _ in res.path]
     assert path[0] == pytest.approx([1.5, 0.0], abs=1e-9)
     assert path == [pytest.approx([1.5, 0.0]), pytest.approx([1.7, 0.0]), pytest.approx([1.5, 1.0])]
+    assert res.alpha == pytest.approx([1.5, 1.0])
 
 
 # ======================================================================= config-level method defaults
