@@ -533,7 +533,7 @@ def test_pcb_pipeline_tensor_and_model_scope():
 # ======================================================================= DP
 
 def test_dp_densities_hand_computed():
-    block_pct = {0: 10.0, 1: 30.0}
+    block_pct = {"m.0": 10.0, "m.1": 30.0}
     module_pct = {"m.0.a": 2.0, "m.0.b": 6.0, "m.1.c": 4.0, "m.1.d": 4.0}
     numel = {"m.0.a": 100, "m.0.b": 300, "m.1.c": 200, "m.1.d": 400}
     # r centred {-10, 10} -> scaled {-0.08, 0.08}: D_0 = 0.12, D_1 = 0.28
@@ -550,9 +550,9 @@ def test_dp_densities_hand_computed():
 
 
 def test_dp_zero_spread_skips_scaling():
-    out = dp_densities({3: 12.0}, {"x.3.a": 5.0, "x.3.b": 5.0}, {"x.3.a": 10, "x.3.b": 30}, 0.3, 0.08)
+    out = dp_densities({"x.3": 12.0}, {"x.3.a": 5.0, "x.3.b": 5.0}, {"x.3.a": 10, "x.3.b": 30}, 0.3, 0.08)
     assert all(v.density == pytest.approx(0.3) and v.offset == pytest.approx(0.0) for v in out.values())
-    out = dp_densities({0: 0.0, 1: 0.0}, {"x.0.a": 0.0, "x.1.b": 0.0}, {"x.0.a": 10, "x.1.b": 30}, 0.3, 0.08)
+    out = dp_densities({"x.0": 0.0, "x.1": 0.0}, {"x.0.a": 0.0, "x.1.b": 0.0}, {"x.0.a": 10, "x.1.b": 30}, 0.3, 0.08)
     assert all(v.density == pytest.approx(0.3) for v in out.values())
 
 
@@ -583,17 +583,106 @@ def test_dp_stats_pass_matches_python_formula():
 
 def test_dp_clamps_and_warns_at_zero():
     with pytest.warns(UserWarning, match="density 0"):
-        out = dp_densities({0: 0.0, 1: 50.0}, {"x.0.a": 9.0, "x.0.b": 0.0, "x.1.c": 1.0},
+        out = dp_densities({"x.0": 0.0, "x.1": 50.0}, {"x.0.a": 9.0, "x.0.b": 0.0, "x.1.c": 1.0},
                            {"x.0.a": 10, "x.0.b": 10, "x.1.c": 10}, 0.05, 0.2)
     low = [v for v in out.values() if v.density == 0.0]
     assert low and all(v.clamped and v.offset < -0.05 for v in low)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        hi = dp_densities({0: 0.0, 1: 50.0}, {"x.0.a": 0.0, "x.1.b": 9.0, "x.1.c": 9.0},
+        hi = dp_densities({"x.0": 0.0, "x.1": 50.0}, {"x.0.a": 0.0, "x.1.b": 9.0, "x.1.c": 9.0},
                           {"x.0.a": 10, "x.1.b": 10, "x.1.c": 10}, 0.98, 0.2)
     top = [v for v in hi.values() if v.density == 1.0]
     assert top and all(v.clamped and v.offset > 0.02 for v in top)
     assert all(0.0 <= v.density <= 1.0 for v in hi.values())
+
+
+# Multi-stack names: a multimodal model (vision tower + language model) and an encoder-decoder.
+MULTIMODAL = {
+    "model.vision_tower.embeddings.patch_embedding.weight": (8, 12),
+    **{f"model.vision_tower.layers.{b}.{m}.weight": s for b in range(3)
+       for m, s in (("self_attn.q_proj", (8, 8)), ("mlp.fc1", (16, 8)), ("layer_norm1", (8,)))},
+    "model.multi_modal_projector.linear_1.weight": (8, 8),
+    "model.language_model.embed_tokens.weight": (20, 8),
+    **{f"model.language_model.layers.{b}.{m}.weight": s for b in range(2)
+       for m, s in (("self_attn.q_proj", (8, 8)), ("self_attn.o_proj", (8, 8)), ("mlp.up_proj", (24, 8)),
+                    ("input_layernorm", (8,)))},
+    "lm_head.weight": (20, 8),
+}
+ENCODER_DECODER = {
+    "shared.weight": (20, 8),
+    **{f"{stack}.block.{b}.layer.{j}.{m}.weight": s for stack in ("encoder", "decoder") for b in range(2)
+       for j, m, s in ((0, "SelfAttention.q", (8, 8)), (0, "SelfAttention.o", (8, 8)), (1, "DenseReluDense.wi", (16, 8)),
+                       (0, "layer_norm", (8,)))},
+    "decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight": (4, 2),
+    "encoder.final_layer_norm.weight": (8,),
+}
+
+
+def multi_stack_deltas(shapes, seed):
+    out = {}
+    for j, (k, s) in enumerate(shapes.items()):
+        g = torch.Generator().manual_seed(1000 * seed + j)
+        rate = 0.01 * (j % 6)
+        out[k] = heavy(s, 1000 * seed + j) + (torch.rand(s, generator=g) < rate) * torch.randn(s, generator=g) * 0.3
+    return out
+
+
+def ref_dp_per_stack(deltas, density, dp_lambda=0.08, m=5.0):
+    """The official DP run on each stack as if it were the model's one `model.layers`."""
+    stacks: dict[str, dict] = {}
+    for n, t in deltas.items():
+        hit = _BLOCK.search(n)
+        if hit and t.dim() == 2:
+            stacks.setdefault(n[:hit.start()], {})[n] = t
+    out = {}
+    for sub in stacks.values():
+        out.update(ref_dp(sub, density, dp_lambda, m))
+    return out
+
+
+@pytest.mark.parametrize("shapes,stacks", [(MULTIMODAL, {"model.vision_tower.layers", "model.language_model.layers"}),
+                                           (ENCODER_DECODER, {"encoder.block", "decoder.block"})])
+def test_dp_blocks_are_keyed_per_stack(shapes, stacks):
+    from dppa_ui.methods import block_key, block_of
+    from dppa_ui.stats import DeltaStats
+    import json
+    keys = {block_key(n) for n in shapes if block_key(n)}
+    assert {k.rsplit(".", 1)[0] for k in keys} == stacks
+    assert block_key("model.vision_tower.layers.1.mlp.fc1.weight") == "model.vision_tower.layers.1"
+    assert block_key("decoder.block.1.layer.0.SelfAttention.q.weight") == "decoder.block.1"
+    assert block_of("decoder.block.1.layer.0.SelfAttention.q.weight") == 1
+    deltas = multi_stack_deltas(shapes, 3)
+    ref = ref_dp_per_stack(deltas, 0.3, 0.1, 5.0)
+    got = dp_densities_from_deltas(deltas, 0.3, 0.1, 5.0)
+    assert set(got) == set(ref)
+    for n, (d, raw) in ref.items():
+        assert got[n].density == pytest.approx(d, abs=1e-9), n
+        assert got[n].offset == pytest.approx(raw - 0.3, abs=1e-9), n
+    # Each stack keeps the target density on average over its blocks (the official single-stack rule).
+    base = {k: torch.zeros(s) for k, s in shapes.items()}
+    (st,) = collect_stats(list(base), lambda n: (base[n], [deltas[n]]), ["ft"], 5.0)
+    assert set(st.block_pct) == keys
+    from_stats = st.dp_map(0.3, 0.1)
+    for n, (d, raw) in ref.items():
+        assert from_stats[n].density == pytest.approx(d, abs=1e-6), n
+    # JSON round trip keeps the block keys; a file from before (block numbers, one stack) still loads.
+    again = DeltaStats.from_json(json.loads(json.dumps(st.to_json())))
+    assert again.block_pct == st.block_pct and again.dp_map(0.3, 0.1) == from_stats
+    assert again.tensors == st.tensors
+
+
+def test_stats_json_with_block_numbers_still_loads():
+    from dppa_ui.stats import DeltaStats
+    base, fts = make_sds(1, seed=5)
+    (st,) = collect_stats(list(base), lambda n: (base[n], [fts[0][n]]), ["ft"], 5.0)
+    old = st.to_json()
+    old["block_pct"] = {k.rsplit(".", 1)[1]: v for k, v in old["block_pct"].items()}
+    for t in old["tensors"].values():
+        t.pop("block_key")
+    again = DeltaStats.from_json(old)
+    assert again.block_pct == st.block_pct == {"model.layers.0": pytest.approx(st.block_pct["model.layers.0"]),
+                                               "model.layers.1": pytest.approx(st.block_pct["model.layers.1"])}
+    assert again.dp_map(0.2, 0.08) == st.dp_map(0.2, 0.08)
 
 
 @pytest.mark.parametrize("others,m", [("keep", 5.0), ("magnitude", 5.0), ("keep", 3.0)])
