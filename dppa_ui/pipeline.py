@@ -88,7 +88,7 @@ def combine(cfg: MergeConfig, deltas: torch.Tensor, inplace: bool = False) -> to
         return sum_combine(deltas, weights, cfg.normalize, inplace=inplace)
     if cfg.combine == "ties":
         return ties_combine(deltas, weights, cfg.normalize, inplace=inplace)
-    return pcb_combine(deltas, weights, cfg.pcb_ratio)
+    return pcb_combine(deltas, weights, cfg.pcb_ratio, cfg.clip_ratio)
 
 
 class Scratch:
@@ -256,8 +256,36 @@ def merge_state_dicts(base_sd: dict[str, torch.Tensor], ft_sds: list[dict[str, t
     return out
 
 
+def tied_duplicates(base_sd: dict[str, torch.Tensor], ft_sds: list[dict[str, torch.Tensor]],
+                    names: list[str]) -> dict[str, str]:
+    """{duplicate: primary} for tensors tied to an earlier one (T5's encoder/decoder embed_tokens
+    to `shared`, a tied lm_head): the same storage, or equal values, in the base and every
+    fine-tune. A first-entries check keeps unrelated same-shape tensors from a full comparison."""
+    def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+        if a.data_ptr() == b.data_ptr() and a.stride() == b.stride():
+            return True
+        fa, fb = a.reshape(-1), b.reshape(-1)
+        return torch.equal(fa[:16], fb[:16]) and torch.equal(fa, fb)
+
+    out: dict[str, str] = {}
+    seen: dict[tuple, list[str]] = {}
+    for name in names:
+        key = (tuple(base_sd[name].shape), base_sd[name].dtype)
+        for prev in seen.get(key, []):
+            if all(same(sd[name], sd[prev]) for sd in (base_sd, *ft_sds)):
+                out[name] = prev
+                break
+        else:
+            seen.setdefault(key, []).append(name)
+    return out
+
+
 def _pcb_model_scope(cfg, base_sd, ft_sds, float_names, device, dp_maps):
-    """PCB's official whole-model flattening: one n x d matrix over every floating tensor."""
+    """PCB's official whole-model flattening: one n x d matrix over every floating tensor. Tied
+    duplicates are left out of it and get their primary's merged values, as the official code's
+    `remove_keys` does for T5's embed_tokens (counted twice they would shift every row statistic)."""
+    tied = tied_duplicates(base_sd, ft_sds, float_names)
+    float_names = [n for n in float_names if n not in tied]
     flat = []
     for i, sd in enumerate(ft_sds):
         parts = []
@@ -274,6 +302,8 @@ def _pcb_model_scope(cfg, base_sd, ft_sds, float_names, device, dp_maps):
             m = merged[pos:pos + n].view(t.shape) + t.to(device, torch.float32)
             out[name] = m.to("cpu", output_dtype(cfg, t.dtype))
             pos += n
-        else:
+        elif name not in tied:
             out[name] = t
-    return out
+    for name, primary in tied.items():
+        out[name] = out[primary].clone()
+    return {name: out[name] for name in base_sd}

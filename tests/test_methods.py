@@ -93,11 +93,11 @@ def _ref_clamp(x: torch.Tensor, min_ratio: float, max_ratio: float) -> torch.Ten
     return torch.clamp(x, lo, hi)
 
 
-def ref_pcb(flat: torch.Tensor, weights, ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
+def ref_pcb(flat: torch.Tensor, weights, ratio: float, clip: float = 0.0001) -> tuple[torch.Tensor, torch.Tensor]:
     """PCB-Merging's official pcb_merging (clamp/normalize/act as published), with per-task weights
     in the numerator only. Returns (merged, scale)."""
     n, d = flat.shape
-    a = _ref_clamp(flat.abs(), 0.0001, 0.0001)
+    a = _ref_clamp(flat.abs(), clip, clip)
     clamped = torch.sign(flat) * a
     self_act = torch.exp(n * _ref_minmax(a) ** 2)
     cross_act = torch.tanh(flat * flat.sum(dim=0))
@@ -528,6 +528,49 @@ def test_pcb_pipeline_tensor_and_model_scope():
                 assert torch.allclose(out[k], base[k] + merged[pos:pos + n].view(base[k].shape),
                                       rtol=1e-5, atol=1e-7), k
                 pos += n
+
+
+@pytest.mark.parametrize("clip", [0.0, 0.01, 0.05])
+def test_pcb_clip_ratio_matches_official_clamp(clip):
+    flat = heavy((3, 400), 31)
+    got = pcb_combine(flat, [1.0, 0.7, 1.2], 0.2, clip_ratio=clip)
+    assert torch.allclose(got, ref_pcb(flat, [1.0, 0.7, 1.2], 0.2, clip)[0], rtol=1e-5, atol=1e-8)
+    base, fts = make_sds(2, seed=19)
+    out = merge_in_memory(base, fts, cfg("pcb", n=2, params={"clip_ratio": clip, "pcb_ratio": 0.3}))
+    k = "model.layers.0.mlp.up_proj.weight"
+    flat = torch.stack([(ft[k] - base[k]).reshape(-1) for ft in fts])
+    assert torch.allclose(out[k], base[k] + ref_pcb(flat, [1.0, 1.0], 0.3, clip)[0].view(base[k].shape),
+                          rtol=1e-5, atol=1e-7)
+
+
+def test_pcb_model_scope_drops_tied_duplicates():
+    # T5-shaped: encoder/decoder embed_tokens are tied to `shared` (equal values here, shared
+    # storage in the base): the official remove_keys leaves them out of the flattened vector and
+    # gives them shared's merged values.
+    base, fts = make_sds(2, seed=23)
+    tied = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
+    for sd in (base, *fts):
+        sd["shared.weight"] = sd.pop("model.embed_tokens.weight")
+    base["encoder.embed_tokens.weight"] = base["decoder.embed_tokens.weight"] = base["shared.weight"]
+    for ft in fts:
+        for k in tied:
+            ft[k] = ft["shared.weight"].clone()
+    out = merge_in_memory(base, fts, cfg("pcb", n=2, params={"scope": "model", "pcb_ratio": 0.2}))
+    assert list(out) == list(base)
+    keys = [k for k in base if k not in tied]
+    flat = torch.stack([torch.cat([(ft[k] - base[k]).reshape(-1) for k in keys]) for ft in fts])
+    merged, pos = ref_pcb(flat, [1.0, 1.0], 0.2)[0], 0
+    for k in keys:
+        n = base[k].numel()
+        assert torch.allclose(out[k], base[k] + merged[pos:pos + n].view(base[k].shape), rtol=1e-5, atol=1e-7), k
+        pos += n
+    for k in tied:
+        assert torch.equal(out[k], out["shared.weight"])
+    # An untied copy that differs in one fine-tune is a tensor of its own.
+    fts[1]["decoder.embed_tokens.weight"] = fts[1]["decoder.embed_tokens.weight"] + 0.01
+    out2 = merge_in_memory(base, fts, cfg("pcb", n=2, params={"scope": "model", "pcb_ratio": 0.2}))
+    assert not torch.equal(out2["decoder.embed_tokens.weight"], out2["shared.weight"])
+    assert torch.equal(out2["encoder.embed_tokens.weight"], out2["shared.weight"])
 
 
 # ======================================================================= DP
