@@ -191,11 +191,14 @@ def write_model_files(out: Path, cfg: MergeConfig, base_dir: Path, dtype: torch.
 def merge(config, out: str | Path | None, *, device: str = "auto", seed: int | None = None,
           overwrite: bool = False, dry_run: bool = False, progress: bool | Callable[[int, int], None] = False,
           cancel: Callable[[], bool] | None = None, allow_pickle: bool = False, allow_vocab_trim: bool = False,
-          shard_bytes: int = 5 * 10**9, log: Callable[[str], None] | None = None) -> MergeResult:
+          shard_bytes: int = 5 * 10**9, log: Callable[[str], None] | None = None,
+          stats: list[DeltaStats] | None = None) -> MergeResult:
     """Run a merge from a config (dict, YAML text or path) into the folder `out`.
 
     `progress`: True for a tqdm bar on stderr, or a callable(done, total). `cancel`: a callable
     polled between tensors; when it returns True the merge stops and nothing is left on disk.
+    `stats`: the fine-tunes' DeltaStats (aligned with the config's models, at its dp_outlier_m)
+    when the caller has them (the app's statistics cache): DP then skips its statistics passes.
     """
     log = log or (lambda s: print(s, file=sys.stderr))
     t0 = time.perf_counter()
@@ -222,7 +225,7 @@ def merge(config, out: str | Path | None, *, device: str = "auto", seed: int | N
         alpha_report = search_amplification(cfg, inputs.base_dir, inputs.model_dirs, log)
         lambda_report = search_lambda(cfg, inputs.base_dir, inputs.model_dirs, log)
         with io.atomic_output_dir(out, overwrite=overwrite) as tmp:
-            result = _merge_to(cfg, inputs, tmp, dev, out_dtype, progress, cancel, shard_bytes, log)
+            result = _merge_to(cfg, inputs, tmp, dev, out_dtype, progress, cancel, shard_bytes, log, stats)
             tok_dir = io.resolve_model(cfg.tokenizer_source, allow_pickle=allow_pickle) if cfg.tokenizer_source else None
             write_model_files(tmp, cfg, inputs.base_dir, out_dtype, tok_dir, result.kept_fraction, str(dev),
                               config_overrides=inputs.vocab_override())
@@ -234,17 +237,21 @@ def merge(config, out: str | Path | None, *, device: str = "auto", seed: int | N
 
 
 def _merge_to(cfg: MergeConfig, inputs: _Inputs, tmp: Path, dev: torch.device, out_dtype: torch.dtype,
-              progress, cancel, shard_bytes: int, log) -> MergeResult:
+              progress, cancel, shard_bytes: int, log, stats: list[DeltaStats] | None = None) -> MergeResult:
     names = inputs.names
     float_names = [n for n in names if inputs.base.dtype(n).is_floating_point]
+    passes = cfg.prune == "dp" and stats is None
     total = len(names) + (len(float_names) + sum(
-        1 for n in float_names if len(inputs.shapes[n]) == 2) if cfg.prune == "dp" else 0)
+        1 for n in float_names if len(inputs.shapes[n]) == 2) if passes else 0)
     bar, tick = _progress(progress, total)
     try:
-        dp_maps = stats = None
-        if cfg.prune == "dp":
+        dp_maps = None
+        if cfg.prune != "dp":
+            stats = None
+        elif passes:
             stats = collect_stats(float_names, lambda n: _to(inputs.load(n), dev),
                                   [m.model for m in cfg.models], cfg.dp_outlier_m, progress=tick)
+        if cfg.prune == "dp":
             dp_maps = dp_maps_from_stats(cfg, stats)
             save_stats(stats, tmp / STATS_FILE)
         if cfg.combine == "pcb" and cfg.scope == "model":

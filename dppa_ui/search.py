@@ -313,11 +313,12 @@ class Scoring:
 
 
 def model_domains(cfg: MergeConfig, model_dirs: Sequence[Path]) -> list[list[str] | None]:
-    """Each model's domains: its `domain:`, else what a demo model says of itself, else None."""
-    from . import zoo
+    """Each model's domains: its `domain:`, else what a registered look-up knows (demo models
+    know theirs), else None."""
+    from .evaluation import model_domain
     out = []
     for m, d in zip(cfg.models, model_dirs):
-        dom = m.domain or zoo.model_info(d).get("domain")
+        dom = m.domain or model_domain(d)
         out.append(None if not dom else [dom] if isinstance(dom, str) else list(dom))
     return out
 

@@ -2,6 +2,8 @@
 refusal test per bad input, each asserting the offending key or value is named. No tensors here."""
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from dppa_ui import PRESETS, ConfigError, load_config
@@ -288,6 +290,21 @@ def test_refuse_missing_config_file(tmp_path):
 def test_refuse_invalid_yaml():
     refused("merge_method: [ties\nbase_model: x\n", "YAML")
 
+
+@pytest.mark.parametrize("text", ["weight: .inf", "weight: 1.0e400", "weight: -.inf", "weight: .nan",
+                                  "density: .nan", "lambda: .inf"])
+def test_refuse_every_non_finite_number(text):
+    key, value = text.split(": ")
+    where = "parameters" if key == "lambda" else "models[0].parameters"
+    params = f"parameters: {{{key}: {value}}}\n" if key == "lambda" else ""
+    model = f"  - model: a\n    parameters: {{{key}: {value}}}\n" if key != "lambda" else "  - model: a\n"
+    with pytest.raises(ConfigError, match=rf"`{re.escape(where)}\.{key}` must be a finite number"):
+        load_config(f"merge_method: ties\nbase_model: b\nmodels:\n{model}{params}")
+
+
+def test_invalid_yaml_names_the_line_and_column():
+    with pytest.raises(ConfigError, match=r"not valid YAML at line 3, column 1"):
+        load_config("merge_method: ties\nmodels: [a, b\n")
 
 # --------------------------------------------------------------------------- issue 8: official DPPA / PCB keys
 
