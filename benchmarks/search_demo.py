@@ -10,8 +10,9 @@ quality: for every pair of the four fine-tunes, the TEST-split scores (never see
   `--budget` candidates). Objective = geometric mean over the two domains of the smooth score / the
   fine-tune's own (the searches' objective), and EM per domain.
 timing: one search of `--budget` candidates (reverse + sort, weights and densities, rounds of 2
-  candidates so every run scores the same candidates) in-process with 1 and 2 torch threads, in 2
-  worker processes, and on 2 local Ray actors; wall time, with the load average beside it.
+  candidates so every run scores the same candidates) in-process with 1 torch thread (and 2 with
+  --two-threads), in 2 worker processes, and on 2 local Ray actors, alternating for `--repeat`
+  rounds; wall time, with the load average beside it.
 Every number is measured in this run; the machine may be shared, so compare ratios within a run.
 """
 from __future__ import annotations
@@ -124,26 +125,10 @@ def quality(budget: int, n_pairs: int) -> None:
     print(f"quality part: {time.perf_counter() - t0:.0f} s")
 
 
-def timing(budget: int) -> None:
+def timing(budget: int, repeat: int, two_threads: bool) -> None:
     pair = ("reverse", "sort")
     cfg = dppa(pair, search={"parameters": {"models[*].weight": [0.5, 1.5], "models[*].density": [0.05, 0.6]},
                              "budget": budget, "seed": 0})
-    runs = []
-
-    def run(label, **kw):
-        la = load_avg()
-        t = time.perf_counter()
-        res = search.run_search(copy.deepcopy(cfg), test=False, **kw)
-        wall = time.perf_counter() - t
-        per = sum(r["seconds"] for r in res.rows) / len(res.rows)
-        runs.append((label, wall, per, la, res.objective))
-        print(f"  {label}: {wall:.1f} s wall for {len(res.rows)} candidates ({per:.3f} s merge+score each, "
-              f"in the worker); {la}", flush=True)
-
-    print(f"timing: {budget} candidates, rounds of 2 (every run scores the same candidates)", flush=True)
-    run("1 process, 1 thread", batch=2, threads=1)
-    run("1 process, 2 threads", batch=2, threads=2)
-    run("2 worker processes (1 thread each)", workers=2)
     try:
         import ray
     except ImportError:
@@ -152,14 +137,38 @@ def timing(budget: int) -> None:
     if ray is not None:
         t = time.perf_counter()
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-        start = time.perf_counter() - t
-        run(f"2 Ray actors (local; ray.init {start:.1f} s not included)", workers=2, ray="auto")
+        print(f"  ray.init (local, 2 CPUs): {time.perf_counter() - t:.1f} s, not counted below", flush=True)
+    kinds = [("1 process, 1 thread", dict(batch=2, threads=1)),
+             ("2 worker processes, 1 thread each", dict(workers=2)),
+             ("2 Ray actors (local), 1 thread each", dict(workers=2, ray="auto"))][:3 if ray else 2]
+    if two_threads:
+        kinds.insert(1, ("1 process, 2 threads", dict(batch=2, threads=2)))
+    walls: dict[str, list] = {k: [] for k, _ in kinds}
+    objectives = set()
+    print(f"timing: {budget} candidates, rounds of 2 (every run scores the same candidates); the runs "
+          f"alternate, {repeat} round(s), so a change in the machine's load hits each kind alike", flush=True)
+    for rnd in range(repeat):
+        for label, kw in kinds:
+            la = os.getloadavg()[0]
+            t = time.perf_counter()
+            res = search.run_search(copy.deepcopy(cfg), test=False, **kw)
+            wall = time.perf_counter() - t
+            walls[label].append((wall, la))
+            objectives.add(round(res.objective, 12))
+            per = sum(r["seconds"] for r in res.rows) / len(res.rows)
+            print(f"  [{rnd + 1}] {label}: {wall:.1f} s wall ({per:.3f} s merge+score per candidate in its "
+                  f"worker); load average {la:.2f} at start", flush=True)
+    if ray is not None:
         ray.shutdown()
-    print("\n| run | wall s | vs 1 process, 1 thread | load average at start |")
+    first = kinds[0][0]
+    print("\n| run | wall s (each round) | vs 1 process, 1 thread (same round) | load average at start |")
     print("|---|---|---|---|")
-    for label, wall, per, la, obj in runs:
-        print(f"| {label} | {wall:.1f} | {wall / runs[0][1]:.2f}x | {la.split('average ')[1]} |")
-    print(f"same result everywhere: {len({round(r[4], 12) for r in runs}) == 1}")
+    for label, _ in kinds:
+        ws = walls[label]
+        ratios = " / ".join(f"{w / walls[first][r][0]:.2f}x" for r, (w, _) in enumerate(ws))
+        print(f"| {label} | {' / '.join(f'{w:.1f}' for w, _ in ws)} | {ratios} | "
+              f"{' / '.join(f'{la:.1f}' for _, la in ws)} |")
+    print(f"same result in every run: {len(objectives) == 1}")
 
 
 def main() -> None:
@@ -167,9 +176,11 @@ def main() -> None:
     ap.add_argument("--part", choices=("quality", "timing", "all"), default="all")
     ap.add_argument("--budget", type=int, default=100)
     ap.add_argument("--pairs", type=int, default=6)
+    ap.add_argument("--repeat", type=int, default=2, help="timing: rounds of alternating runs")
+    ap.add_argument("--two-threads", action="store_true", help="timing: also 1 process with 2 torch threads")
     args = ap.parse_args()
     if args.part in ("timing", "all"):
-        timing(args.budget)
+        timing(args.budget, args.repeat, args.two_threads)
     if args.part in ("quality", "all"):
         quality(args.budget, args.pairs)
 

@@ -62,7 +62,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .config import ConfigError, MergeConfig, load_config
+from .config import ConfigError, MergeConfig, _num, load_config
 
 OPTIMIZERS = {"ngopt": "NGOpt", "cma": "CMA", "oneplusone": "OnePlusOne", "random": "RandomSearch", "greedy": None}
 METRICS = ("smooth", "em")
@@ -125,11 +125,8 @@ def _bounds(value, name: str) -> tuple[float, float, float | None]:
         (lo, hi), init = value, None
     else:
         raise _err(f"parameters.{name}", f"give bounds as [lower, upper] or {{lower, upper, init}}, got {value!r}")
-    for what, v in (("lower", lo), ("upper", hi), ("init", init)):
-        if v is None and what == "init":
-            continue
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise _err(f"parameters.{name}", f"{what} must be a finite number, got {v!r}")
+    lo, hi = (_num(v, f"search.parameters.{name}.{what}") for what, v in (("lower", lo), ("upper", hi)))
+    init = None if init is None else _num(init, f"search.parameters.{name}.init")
     if not lo < hi:
         raise _err(f"parameters.{name}", f"empty bounds [{lo}, {hi}]: lower must be below upper")
     if init is not None and not lo <= init <= hi:
@@ -198,9 +195,7 @@ def parse_search(cfg: MergeConfig, block: dict | None = None) -> SearchSpec:
     optimizer = str(block.get("optimizer", "ngopt")).lower()
     if optimizer not in OPTIMIZERS:
         raise _err("optimizer", f"{block.get('optimizer')!r} is not one of {', '.join(OPTIMIZERS)}")
-    budget = block.get("budget", 100)
-    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
-        raise _err("budget", f"must be a whole number >= 1 (candidates to score), got {budget!r}")
+    budget = _num(block.get("budget", 100), "search.budget", lo=1, integer=True)
     metric = block.get("metric", "smooth")
     if metric not in METRICS:
         raise _err("metric", f"{metric!r} is not one of {', '.join(METRICS)}")
@@ -215,12 +210,8 @@ def parse_search(cfg: MergeConfig, block: dict | None = None) -> SearchSpec:
     if domains is not None and (not isinstance(domains, list) or not domains
                                 or not all(isinstance(d, str) and d for d in domains)):
         raise _err("domains", f"a list of domain names, got {domains!r}")
-    seed = block.get("seed", cfg.seed)
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise _err("seed", f"a whole number >= 0, got {seed!r}")
-    step = block.get("step", cfg.alpha_step)
-    if isinstance(step, bool) or not isinstance(step, (int, float)) or not step > 0:
-        raise _err("step", f"the greedy walk's step must be > 0, got {step!r}")
+    seed = _num(block.get("seed", cfg.seed), "search.seed", lo=0, integer=True)
+    step = _num(block.get("step", cfg.alpha_step), "search.step", lo=0, lo_open=True)
     mode = block.get("mode", cfg.alpha_search)
     if mode not in ("official", "best"):
         raise _err("mode", f"`official` (the walk's end state) or `best`, got {mode!r}")
@@ -722,7 +713,8 @@ def run_search(config, spec: SearchSpec | None = None, *, base_dir=None, model_d
     ev = Evaluator(base_dir, base_sd, ft_sds, scoring, stats, cfg.dp_outlier_m)
     serial = _Serial(ev, threads if not ray and workers == 1 else None)   # the reference and test run here
     base = search_base(cfg)
-    job = EvalJob(str(base_dir), [str(d) for d in model_dirs], scoring, allow_pickle, base)
+    # Workers resolve the config's own refs where they run (a hub id or demo: ref resolves on any node).
+    job = EvalJob(cfg.base_model, [m.model for m in cfg.models], scoring, allow_pickle, base)
     pool = None
     try:       # workers start loading the models while the reference is scored here
         pool = _Ray(job, workers, ray, threads or 1) if ray else \

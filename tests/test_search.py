@@ -107,6 +107,8 @@ def test_cancel_stops_between_rounds_and_keeps_the_best():
     ({"parameters": {"models[*].weight": [0.5, 0.5]}}, ["models[*].weight", "empty bounds"]),
     ({"parameters": {"models[*].weight": [1.5, 0.5]}}, ["models[*].weight", "empty bounds"]),
     ({"parameters": {"models[*].weight": [0.5, 1.5]}, "budget": 0}, ["search.budget", ">= 1"]),
+    ({"parameters": {"models[*].weight": [0.5, 1.5]}, "budget": 2.5}, ["search.budget", "integer"]),
+    ({"parameters": {"models[*].weight": [0.5, "x"]}}, ["search.parameters.models[*].weight.upper", "number"]),
     ({"parameters": {}}, ["search.parameters", "at least one"]),
     ({"parameters": {"pcb_ratio": [0.05, 0.3]}}, ["pcb_ratio", "no effect", "combine: pcb"]),
     ({"parameters": {"models[2].weight": [0.5, 1.5]}}, ["models[2].weight", "out of range", "2 model(s)"]),
