@@ -1,10 +1,11 @@
-"""`python -m dppa_ui merge|zoo|score`: the headless entry points.
+"""`python -m dppa_ui merge|search|zoo|score`: the headless entry points.
 
 Every failure exits non-zero with a one-line reason (no traceback unless DPPA_UI_DEBUG=1).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import sys
@@ -39,6 +40,50 @@ def _merge(args) -> int:
     return 0
 
 
+def _search(args) -> int:
+    from . import io, search
+    from .config import load_config
+    from .engine import search_amplification, search_lambda
+    cfg = load_config(args.config)
+    autos = cfg.lambda_auto or any(m.amplification == "auto" for m in cfg.models)
+    if cfg.search is None and not autos:
+        print("error: the config has no `search:` block (and no `amplification: auto` / `lambda: auto`); "
+              "add one, e.g. `search: {parameters: {models[*].weight: [0.5, 1.5]}, budget: 100}`", file=sys.stderr)
+        return 2
+    spec = search.parse_search(cfg) if cfg.search is not None else None
+    if spec is not None:
+        spec.budget = args.budget or spec.budget
+        spec.seed = spec.seed if args.seed is None else args.seed
+    log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr))
+    with contextlib.ExitStack() as stack:   # a non-empty --out is refused before any work
+        tmp = stack.enter_context(io.atomic_output_dir(args.out, overwrite=args.overwrite)) if args.out else None
+        base_dir = io.resolve_model(cfg.base_model)
+        model_dirs = [io.resolve_model(m.model) for m in cfg.models]
+        search_amplification(cfg, base_dir, model_dirs, log)
+        search_lambda(cfg, base_dir, model_dirs, log)
+        if spec is not None:
+            def progress(row):
+                if not args.quiet:
+                    print(f"  eval {row['eval']}/{spec.budget}: objective {row['objective']:.4f} "
+                          f"(best {row['best']:.4f})", file=sys.stderr)
+            res = search.run_search(cfg, spec, base_dir=base_dir, model_dirs=model_dirs, workers=args.workers,
+                                    ray=args.ray, batch=args.batch, threads=args.threads, on_eval=progress,
+                                    log=log, test=not args.no_test)
+        else:                         # only the presets: their result is the config
+            cfg.search = None
+            res = search.SearchResult(config=cfg, values={}, objective=float("nan"))
+        files = search.write_outputs(res, tmp) if tmp else {}
+    print(f"best: {res.values or 'the presets above'} (dev objective {res.objective:.4f})")
+    if res.test:
+        line = ", ".join(f"{d} EM {s['em']:.3f} / smooth {s['smooth']:.3f}" for d, s in res.test["scores"].items())
+        print(f"test split: objective {res.test['objective']:.4f}; {line}")
+    if args.out:
+        print("wrote " + ", ".join(p.name for p in files.values()) + f" to {args.out}")
+    else:
+        print(res.config.to_yaml())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m dppa_ui", description="Merge fine-tuned language models (DPPA, TIES, DARE, PCB).")
     sub = p.add_subparsers(dest="command", required=True)
@@ -56,6 +101,22 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--shard-size", type=_size, default=5 * 10**9, help="output shard size (default 5GB)")
     m.add_argument("--quiet", action="store_true", help="no progress bar")
     m.set_defaults(func=_merge)
+    s = sub.add_parser("search", help="search merge parameters on dev data (the config's `search:` block)",
+                       description="Every candidate is merged in memory and scored on the dev split; writes "
+                                   "best.yaml (runs with `merge`), search_log.csv and a plot of the objective.")
+    s.add_argument("config", help="YAML config with a `search:` block (or `amplification: auto` / `lambda: auto`)")
+    s.add_argument("--out", help="output folder for best.yaml, search_log.csv, search_plot.html/png, summary.json")
+    s.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    s.add_argument("--workers", type=int, default=1, help="evaluate candidates in N processes (or N Ray actors)")
+    s.add_argument("--ray", metavar="ADDRESS", help="run the candidates on Ray actors: a cluster address, "
+                                                    "`auto` (the running cluster) or `local` (start one here)")
+    s.add_argument("--batch", type=int, help="candidates asked per round (default: --workers)")
+    s.add_argument("--threads", type=int, help="torch threads per worker (default: cores / workers)")
+    s.add_argument("--budget", type=int, help="overrides search.budget")
+    s.add_argument("--seed", type=int, help="overrides search.seed")
+    s.add_argument("--no-test", action="store_true", help="do not score the result on the test split")
+    s.add_argument("--quiet", action="store_true", help="no per-candidate lines")
+    s.set_defaults(func=_search)
     try:
         from . import zoo_cli
     except ImportError:       # the demo-zoo commands are optional for the merge core

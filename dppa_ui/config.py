@@ -78,11 +78,16 @@ GLOBAL_KEYS = {"lambda", "normalize", "dp_lambda", "dp_outlier_m", "dp_others", 
                "apl_examples", "apl_level", "apl_importance", "apl_gradient_at", "apl_lambda", "apl_drop",
                "apl_weights", "apl_others",
                # SMILE (merge_method: smile)
-               "rank_of_expert", "rank_of_router", "num_experts_per_tok", "smile_others", "smile_scope"}
+               "rank_of_expert", "rank_of_router", "num_experts_per_tok", "smile_others", "smile_scope",
+               # DPPA as the official code does it (issue 8): whole-kept tensors, the greedy alpha walk
+               "dpa_whole", "alpha_search", "alpha_start", "alpha_step",
+               # PCB as the official code does it (issue 8)
+               "clip_ratio"}
 MODEL_KEYS = {"weight", "density", "partitions", "amplification", "domain", "rescale",
               "apl_data"}     # APL: a JSONL of {"prompt", "answer"} (demo models: their dev split)
 TOP_KEYS = {"merge_method", "prune", "amplify", "combine", "base_model", "models", "parameters", "dtype",
-            "out_dtype", "seed", "tokenizer_source", "tokenizer", "chat_template", "name"}
+            "out_dtype", "seed", "tokenizer_source", "tokenizer", "chat_template", "name",
+            "search"}   # the merge-parameter search block (dppa_ui/search.py)
 MERGEKIT_UNSUPPORTED_TOP = {"slices": "slices (layer ranges) are not supported yet: list whole models under `models:`",
                             "modules": "modules are not supported yet: list whole models under `models:`"}
 # mergekit's named templates, written out here (same conversation formats, our own Jinja).
@@ -129,12 +134,21 @@ class MergeConfig:
     amplify: str = "none"
     combine: str = "sum"
     lambda_: float = 1.0
+    lambda_auto: bool = False           # `lambda: auto`: PCB's per-model lambda search (dppa_ui.search)
     normalize: bool = False
     dp_lambda: float = 0.08
     dp_outlier_m: float = 5.0
     dp_others: str = "keep"
     pcb_ratio: float = 0.1
     scope: str = "tensor"
+    # DPPA details (issue 8)
+    dpa_whole: str = "amplify"          # tensors DP keeps whole: "amplify" (official, x max alpha) or "keep" (x1)
+    alpha_search: str = "official"      # greedy alpha walk returns its end state ("official") or the "best" seen
+    alpha_start: list[float] | None = None   # walk start; None = official [1.8, 0.0, ...]
+    alpha_step: float = 0.1
+    # PCB details (issue 8)
+    clip_ratio: float = 0.0001          # |delta| clipped at these tails per row (pcb-merging.py)
+    search: dict | None = None          # the raw `search:` block, validated by dppa_ui.search
     dtype: str | None = None            # output dtype; None = the base's
     seed: int = 0
     tokenizer_source: str | None = None   # None/"base" = the base's tokenizer; else a model ref
@@ -199,11 +213,15 @@ class MergeConfig:
                 p["apl_data"] = m.apl_data
             models.append({"model": m.model, "parameters": p})
         d["models"] = models
-        params: dict[str, Any] = {"lambda": self.lambda_, "normalize": self.normalize}
+        params: dict[str, Any] = {"lambda": "auto" if self.lambda_auto else self.lambda_, "normalize": self.normalize}
         if self.prune == "dp":
             params.update(dp_lambda=self.dp_lambda, dp_outlier_m=self.dp_outlier_m, dp_others=self.dp_others)
+        if self.amplify == "dpa":
+            params.update(dpa_whole=self.dpa_whole, alpha_search=self.alpha_search, alpha_step=self.alpha_step)
+            if self.alpha_start is not None:
+                params["alpha_start"] = list(self.alpha_start)
         if self.combine == "pcb":
-            params.update(pcb_ratio=self.pcb_ratio, scope=self.scope)
+            params.update(pcb_ratio=self.pcb_ratio, clip_ratio=self.clip_ratio, scope=self.scope)
         if self.prune == "apl":
             params.update(apl_examples=self.apl_examples, apl_level=self.apl_level, apl_importance=self.apl_importance,
                           apl_gradient_at=self.apl_gradient_at, apl_lambda=self.apl_lambda, apl_drop=self.apl_drop,
@@ -219,6 +237,8 @@ class MergeConfig:
         for key in ("tokenizer_source", "chat_template", "name"):
             if getattr(self, key) is not None:
                 d[key] = getattr(self, key)
+        if self.search is not None:
+            d["search"] = copy.deepcopy(self.search)
         return d
 
     def to_yaml(self) -> str:
@@ -419,13 +439,18 @@ def load_config(source) -> MergeConfig:
     default_normalize = method == "ties" if method else combine == "ties"
     cfg = MergeConfig(
         base_model=base, models=[], merge_method=method, prune=prune, amplify=amplify, combine=combine,
-        lambda_=_num(params.get("lambda", 1.0), "parameters.lambda"),
+        lambda_=1.0 if params.get("lambda") == "auto" else _num(params.get("lambda", 1.0), "parameters.lambda"),
+        lambda_auto=params.get("lambda") == "auto",
         normalize=_bool(params.get("normalize", default_normalize), "parameters.normalize"),
         dp_lambda=_num(params.get("dp_lambda", 0.08), "parameters.dp_lambda", lo=0, hi=1),
         dp_outlier_m=_num(params.get("dp_outlier_m", 5.0), "parameters.dp_outlier_m", lo=0, lo_open=True),
         dp_others=_choice(params.get("dp_others", "keep"), "parameters.dp_others", ("keep", "magnitude")),
         pcb_ratio=_num(params.get("pcb_ratio", 0.1), "parameters.pcb_ratio", lo=0, hi=1, lo_open=True),
         scope=_choice(params.get("scope", "tensor"), "parameters.scope", ("tensor", "model")),
+        dpa_whole=_choice(params.get("dpa_whole", "amplify"), "parameters.dpa_whole", ("amplify", "keep")),
+        alpha_search=_choice(params.get("alpha_search", "official"), "parameters.alpha_search", ("official", "best")),
+        alpha_step=_num(params.get("alpha_step", 0.1), "parameters.alpha_step", lo=0, lo_open=True),
+        clip_ratio=_num(params.get("clip_ratio", 0.0001), "parameters.clip_ratio", lo=0, hi=0.5, lo_open=False),
         seed=_num(data.get("seed", 0), "seed", lo=0, integer=True),
         name=data.get("name"), notices=notices, upscale=upscale,
     )
@@ -531,6 +556,21 @@ def load_config(source) -> MergeConfig:
                           f"{len(cfg.models)} fine-tune(s) listed (one expert each); use at most {len(cfg.models)}")
     if cfg.prune != "apl" and any(m.apl_data is not None for m in cfg.models):
         notices.append("`apl_data` is ignored: this pipeline does not prune with apl")
+    if cfg.clip_ratio >= 0.5:
+        raise ConfigError(f"`parameters.clip_ratio` = {cfg.clip_ratio} must be below 0.5 (it clips each tail)")
+    if "alpha_start" in params:
+        start = _floats(params["alpha_start"], "parameters.alpha_start")
+        if any(a < 0 for a in start):
+            raise ConfigError(f"`parameters.alpha_start` {start} must be >= 0")
+        for i, m in enumerate(cfg.models):
+            if amplify == "dpa" and m.amplification == "auto" and len(start) != len(m.partitions):
+                raise ConfigError(f"`parameters.alpha_start` has {len(start)} values but models[{i}] has "
+                                  f"{len(m.partitions)} partitions")
+        cfg.alpha_start = start
+    if "search" in data and data["search"] is not None:
+        from .search import parse_search      # validated before any tensor is read
+        cfg.search = copy.deepcopy(data["search"])
+        parse_search(cfg)
     if cfg.combine == "pcb" and cfg.scope == "model":
         notices.append("scope: model flattens the whole model at once; it needs all deltas in memory")
     return cfg

@@ -10,7 +10,6 @@ raw inputs and one pending output, whatever the depth of the model.
 """
 from __future__ import annotations
 
-import copy
 import json
 import sys
 import time
@@ -23,7 +22,6 @@ import torch
 
 from . import io
 from .config import MergeConfig, load_config
-from .methods import greedy_alpha_search
 from .pipeline import (Scratch, dominant_float_dtype, dp_maps_from_stats, kept_fraction, merge_state_dicts, merge_tensor,
                        output_dtype)
 from .stats import DeltaStats, collect_stats, save_stats
@@ -47,6 +45,7 @@ class MergeResult:
     config: MergeConfig
     notices: list[str] = field(default_factory=list)
     alpha_search: dict[str, dict] = field(default_factory=dict)   # model -> {alpha, score, path}
+    lambda_search: dict = field(default_factory=dict)              # {weights, score, evaluations}
     plan: str = ""                                   # the dry-run report
 
 
@@ -123,7 +122,9 @@ def _plan_report(cfg: MergeConfig, inputs: _Inputs, out_dtype: torch.dtype, devi
               + (f", apl_level={cfg.apl_level}, apl_importance={cfg.apl_importance_kind}, "
                  f"apl_examples={cfg.apl_examples}, apl_lambda={cfg.apl_lambda}, apl_drop={cfg.apl_drop}, "
                  f"apl_weights={cfg.apl_weights}, apl_others={cfg.apl_others}" if cfg.prune == "apl" else "")
-              + (f", pcb_ratio={cfg.pcb_ratio}, scope={cfg.scope}" if cfg.combine == "pcb" else ""),
+              + (f", dpa_whole={cfg.dpa_whole}" if cfg.amplify == "dpa" else "")
+              + (f", pcb_ratio={cfg.pcb_ratio}, clip_ratio={cfg.clip_ratio}, scope={cfg.scope}"
+                 if cfg.combine == "pcb" else ""),
               f"tensors: {len(inputs.names)} ({n_params:,} parameters), output dtype {str(out_dtype).split('.')[-1]}",
               f"device: {device}",
               f"estimated peak memory: {mem / 1e9:.2f} GB; disk: {disk / 1e9:.2f} GB; time: ~{secs:.0f} s (rough)"]
@@ -135,46 +136,48 @@ def search_amplification(cfg: MergeConfig, base_dir: Path, model_dirs: list[Path
                          log: Callable[[str], None] = print, max_evals: int = 60,
                          loaded: tuple[dict, list[dict]] | None = None,
                          stats: list[DeltaStats] | None = None) -> dict[str, dict]:
-    """Resolve `amplification: auto`: DPPA's greedy alpha search, per fine-tune, on the dev split
-    of its domain, scoring the pruned fine-tune alone against the unpruned one.
+    """Resolve `amplification: auto`: DPPA's greedy alpha walk (search.alpha_search), per
+    fine-tune alone, on the dev split of its domain, scoring the pruned fine-tune against the
+    unpruned one. Sets each model's amplification; returns {model: {alpha, score, path}}.
 
     `loaded` = (base state dict, fine-tunes' state dicts, aligned with cfg.models) and `stats`
     (their DeltaStats at cfg.dp_outlier_m) spare the reads when the caller (the app) holds them."""
     todo = [i for i, m in enumerate(cfg.models) if m.amplification == "auto"]
     if not todo:
         return {}
-    from . import evaluation, zoo   # the scorer and the demo models' domains
+    from .search import alpha_search
     base_sd = loaded[0] if loaded else io.read_state_dict(base_dir)
     report = {}
     for i in todo:
         m = cfg.models[i]
-        domains = m.domain or zoo.model_info(model_dirs[i]).get("domain")
-        if not domains:
-            raise ValueError(f"amplification: auto for {m.model} needs `domain:` (the dev split its alpha is "
-                             f"scored on); demo models know theirs")
-        domains = [domains] if isinstance(domains, str) else list(domains)
         ft_sd = loaded[1][i] if loaded else io.read_state_dict(model_dirs[i])
-        objective = evaluation.alpha_objective(model_dirs[i], domains, split="dev")
-        single = copy.deepcopy(cfg)
-        single.models = [copy.deepcopy(m)]
-        single.models[0].weight, single.lambda_, single.combine, single.normalize = 1.0, 1.0, "sum", False
-        ft_stats = None
-        if single.prune == "dp":
-            ft_stats = [stats[i]] if stats else collect_stats(list(base_sd), lambda n: (base_sd[n], [ft_sd[n]]),
-                                                              [m.model], cfg.dp_outlier_m)
-
-        def score(alpha: list[float]) -> float:
-            single.models[0].amplification = alpha
-            s = objective(merge_state_dicts(base_sd, [ft_sd], single, stats=ft_stats))
-            log(f"  alpha {alpha} -> {s:.4f}")
-            return s
-
-        log(f"searching amplification for {m.model} on {', '.join(domains)} (dev split)")
-        res = greedy_alpha_search(score, n_bands=len(m.partitions), max_evals=max_evals)
-        m.amplification = res.alpha
-        report[m.model] = {"alpha": res.alpha, "score": res.score, "path": res.path}
-        log(f"  chose {res.alpha} (score {res.score:.4f})")
+        log(f"searching amplification for {m.model} (dev split)")
+        res = alpha_search(cfg, i, base_dir, model_dirs[i], ft_sd=ft_sd, base_sd=base_sd,
+                           stats=[stats[i]] if stats else None, max_evals=max_evals,
+                           on_eval=lambda r: log(f"  alpha {list(r['params'].values())} -> {r['objective']:.4f}"))
+        alpha = [round(v, 9) for v in res.values.values()]
+        m.amplification = alpha
+        path = [([round(v, 9) for v in r["params"].values()], r["objective"]) for r in res.rows if r["phase"] == "search"]
+        report[m.model] = {"alpha": alpha, "score": res.objective, "path": path}
+        log(f"  chose {alpha} (score {res.objective:.4f})")
     return report
+
+
+def search_lambda(cfg: MergeConfig, base_dir: Path, model_dirs: list[Path],
+                  log: Callable[[str], None] = print, loaded: tuple[dict, list[dict]] | None = None,
+                  stats: list[DeltaStats] | None = None) -> dict:
+    """Resolve `lambda: auto`: PCB's NGOpt search of one lambda_i (model weight) per model
+    (search.lambda_search). Sets the weights and lambda 1; returns {weights, score, evaluations}."""
+    if not cfg.lambda_auto:
+        return {}
+    from .search import lambda_search
+    log("searching lambda per model (PCB: NGOpt, init 1.0, bounds [0.8, 1.3], budget 100; dev split)")
+    res = lambda_search(cfg, base_dir, model_dirs, loaded=loaded, stats=stats)
+    for m, w in zip(cfg.models, res.config.models):
+        m.weight = w.weight
+    cfg.lambda_, cfg.lambda_auto = 1.0, False
+    log(f"  chose weights {[m.weight for m in cfg.models]} (score {res.objective:.4f})")
+    return {"weights": [m.weight for m in cfg.models], "score": res.objective, "evaluations": len(res.rows)}
 
 
 def write_model_files(out: Path, cfg: MergeConfig, base_dir: Path, dtype: torch.dtype, tokenizer_dir: Path | None,
@@ -232,12 +235,14 @@ def merge(config, out: str | Path | None, *, device: str = "auto", seed: int | N
         out = Path(out)
         io.check_free_disk(out.parent if not out.exists() else out, int(disk * 1.02) + (1 << 20))
         alpha_report = search_amplification(cfg, inputs.base_dir, inputs.model_dirs, log)
+        lambda_report = search_lambda(cfg, inputs.base_dir, inputs.model_dirs, log)
         with io.atomic_output_dir(out, overwrite=overwrite) as tmp:
             result = _merge_to(cfg, inputs, tmp, dev, out_dtype, progress, cancel, shard_bytes, log, stats)
             tok_dir = io.resolve_model(cfg.tokenizer_source, allow_pickle=allow_pickle) if cfg.tokenizer_source else None
             write_model_files(tmp, cfg, inputs.base_dir, out_dtype, tok_dir, result.kept_fraction, str(dev),
                               config_overrides=inputs.vocab_override())
         result.out, result.seconds, result.alpha_search = out, time.perf_counter() - t0, alpha_report
+        result.lambda_search = lambda_report
         return result
     finally:
         inputs.close()

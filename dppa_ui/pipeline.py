@@ -12,8 +12,8 @@ from typing import Callable, Iterable
 import torch
 
 from .config import MergeConfig, load_config
-from .methods import (dare_prune, dp_prune, dpa_amplify, is_dp_target, keep_count, magnitude_prune, pcb_combine,
-                      sum_combine, tensor_generator, ties_combine)
+from .methods import (band_edges, dare_prune, dp_prune, dpa_amplify, is_dp_target, keep_count, magnitude_prune,
+                      pcb_combine, sum_combine, tensor_generator, ties_combine)
 from .methods.apl import APLDensity, apl_prune
 from .methods.dp import DPDensity
 from .stats import DeltaStats, collect_stats
@@ -55,11 +55,28 @@ def plan_steps(cfg: MergeConfig, name: str, shape, dp_maps: list[DensityMap] | N
     return steps
 
 
+def whole_factor(cfg: MergeConfig, i: int) -> float:
+    """The factor DPA gives fine-tune i's delta of a tensor the prune keeps whole (DP's embeddings,
+    norms, lm_head and biases under `dp_others: keep`). The official enhance_offset.py max-merges the
+    K pruned copies of every tensor, each times its alpha; a whole-kept tensor is whole in every
+    copy, so each entry ends at max_k alpha_k. `dpa_whole: keep` (or no DPA stage): 1."""
+    if cfg.amplify != "dpa" or cfg.dpa_whole == "keep":
+        return 1.0
+    amp = cfg.models[i].amplification
+    if isinstance(amp, str):
+        raise ValueError(f"amplification {amp!r} of {cfg.models[i].model} must be resolved first "
+                         f"(dppa_ui.engine.search_amplification)")
+    return float(max(amp))
+
+
 def prune_amplify(cfg: MergeConfig, i: int, name: str, delta: torch.Tensor, step: Step,
                   inplace: bool = False) -> torch.Tensor:
     """Stages 1 and 2 for fine-tune i's delta of tensor `name` (`inplace`: may overwrite delta)."""
     if not step.prune:
-        return delta
+        f = whole_factor(cfg, i)
+        if f == 1.0:
+            return delta
+        return delta.mul_(f) if inplace else delta * f
     m = cfg.models[i]
     if cfg.prune == "random":
         gen = tensor_generator(cfg.seed, i, name, delta.device)
@@ -83,7 +100,7 @@ def combine(cfg: MergeConfig, deltas: torch.Tensor, inplace: bool = False) -> to
         return sum_combine(deltas, weights, cfg.normalize, inplace=inplace)
     if cfg.combine == "ties":
         return ties_combine(deltas, weights, cfg.normalize, inplace=inplace)
-    return pcb_combine(deltas, weights, cfg.pcb_ratio)
+    return pcb_combine(deltas, weights, cfg.pcb_ratio, cfg.clip_ratio)
 
 
 class Scratch:
@@ -139,32 +156,73 @@ def merge_tensor(cfg: MergeConfig, name: str, base: torch.Tensor, fts: list[torc
         torch.add(base32, merged, out=out)
 
 
+@dataclass(frozen=True)
+class TensorFate:
+    """What the prune and amplify stages do to one fine-tune's delta of one tensor (the inspect
+    views read this; `kept_fraction` sums it)."""
+    pruned: bool          # False: the prune keeps the whole delta (no prune, or DP's `dp_others: keep`)
+    density: float        # share of entries the prune keeps (DP: the module's d_m; random: expected)
+    bands: tuple[tuple[float, float, float], ...]   # DPA: (from, to, alpha) as shares of all entries ranked
+    #                       by |delta|, top band first; a whole-kept tensor: ((0, 1, factor),); no DPA: ()
+    kept: float           # share of entries left non-zero: a band (or whole tensor) at alpha 0 is dropped
+
+    @property
+    def amplified(self) -> bool:
+        return any(a != 1.0 for _, _, a in self.bands)
+
+
+def _fate(cfg: MergeConfig, i: int, step: Step, shape) -> tuple[TensorFate, float]:
+    """(the fate, its exact kept count) of fine-tune i's delta of `shape` under `step`."""
+    n = torch.Size(shape).numel()
+    if not step.prune:
+        f = whole_factor(cfg, i)
+        bands = ((0.0, 1.0, f),) if cfg.amplify == "dpa" else ()
+        kept = float(n) if f != 0.0 else 0.0
+        return TensorFate(False, 1.0, bands, kept / max(n, 1)), kept
+    expected = cfg.prune == "random" or (cfg.prune == "apl" and cfg.apl_drop == "random")
+    if step.rows is not None:           # APL's row level: each row at its own density
+        cols = n // int(shape[0])
+        kept = (float(step.rows.sum()) * cols if expected
+                else float(sum(keep_count(float(d), cols) for d in step.rows)))
+        return TensorFate(True, step.density, (), kept / max(n, 1)), kept
+    if expected:
+        return TensorFate(True, step.density, (), step.density), step.density * n
+    k = keep_count(step.density, n)
+    if cfg.amplify != "dpa":
+        return TensorFate(True, step.density, (), k / max(n, 1)), float(k)
+    m = cfg.models[i]
+    bands, kept, lo, lo_count = [], 0, 0.0, 0
+    for edge, alpha in zip(band_edges(m.partitions, step.offset), m.amplification):
+        hi = min(edge, step.density)
+        count = min(keep_count(edge, n), k)       # dpa_amplify's band = the next ranks up to this edge
+        bands.append((lo, max(hi, lo), float(alpha)))
+        if alpha != 0:
+            kept += max(count - lo_count, 0)
+        lo, lo_count = max(hi, lo), max(count, lo_count)
+    return TensorFate(True, step.density, tuple(bands), kept / max(n, 1)), float(kept)
+
+
+def tensor_fates(cfg: MergeConfig, name: str, shape, dp_maps: list[DensityMap] | None) -> list[TensorFate]:
+    """Per fine-tune: is tensor `name` pruned, at which density, which DPA factor per band (or on
+    the whole tensor), and what share of its delta survives."""
+    return [_fate(cfg, i, step, shape)[0] for i, step in enumerate(plan_steps(cfg, name, shape, dp_maps))]
+
+
 def kept_fraction(cfg: MergeConfig, shapes: dict[str, tuple], dp_maps: list[DensityMap] | None
                   ) -> list[float]:
-    """Share of each fine-tune's delta entries (over the tensors in `shapes`) that the prune keeps:
-    exact for magnitude and DP, the expected value for random. APL without maps computes them
-    (cached importance, see apl.plan)."""
+    """Share of each fine-tune's delta entries (over the tensors in `shapes`) left non-zero by the
+    prune and amplify stages: exact for magnitude, DP and APL, the expected value for random drops.
+    A DPA band whose alpha is 0 counts as dropped. APL without maps computes them (cached
+    importance, see apl.plan)."""
     if cfg.prune == "apl" and dp_maps is None:
         from . import apl
         dp_maps = apl.plan(cfg).maps
-    expected = cfg.prune == "random" or (cfg.prune == "apl" and cfg.apl_drop == "random")
-    out = []
-    for i in range(len(cfg.models)):
-        kept = total = 0
-        for name, shape in shapes.items():
-            n = torch.Size(shape).numel()
-            step = plan_steps(cfg, name, shape, dp_maps)[i]
-            total += n
-            if not step.prune:
-                kept += n
-            elif step.rows is not None:
-                cols = n // int(shape[0])
-                kept += float(step.rows.sum()) * cols if expected else sum(keep_count(float(d), cols)
-                                                                          for d in step.rows)
-            else:
-                kept += step.density * n if expected else keep_count(step.density, n)
-        out.append(kept / max(total, 1))
-    return out
+    kept, total = [0.0] * len(cfg.models), 0
+    for name, shape in shapes.items():
+        total += torch.Size(shape).numel()
+        for i, step in enumerate(plan_steps(cfg, name, shape, dp_maps)):
+            kept[i] += _fate(cfg, i, step, shape)[1]
+    return [k / max(total, 1) for k in kept]
 
 
 def output_dtype(cfg: MergeConfig, base_dtype: torch.dtype) -> torch.dtype:
@@ -225,8 +283,36 @@ def merge_state_dicts(base_sd: dict[str, torch.Tensor], ft_sds: list[dict[str, t
     return out
 
 
+def tied_duplicates(base_sd: dict[str, torch.Tensor], ft_sds: list[dict[str, torch.Tensor]],
+                    names: list[str]) -> dict[str, str]:
+    """{duplicate: primary} for tensors tied to an earlier one (T5's encoder/decoder embed_tokens
+    to `shared`, a tied lm_head): the same storage, or equal values, in the base and every
+    fine-tune. A first-entries check keeps unrelated same-shape tensors from a full comparison."""
+    def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+        if a.data_ptr() == b.data_ptr() and a.stride() == b.stride():
+            return True
+        fa, fb = a.reshape(-1), b.reshape(-1)
+        return torch.equal(fa[:16], fb[:16]) and torch.equal(fa, fb)
+
+    out: dict[str, str] = {}
+    seen: dict[tuple, list[str]] = {}
+    for name in names:
+        key = (tuple(base_sd[name].shape), base_sd[name].dtype)
+        for prev in seen.get(key, []):
+            if all(same(sd[name], sd[prev]) for sd in (base_sd, *ft_sds)):
+                out[name] = prev
+                break
+        else:
+            seen.setdefault(key, []).append(name)
+    return out
+
+
 def _pcb_model_scope(cfg, base_sd, ft_sds, float_names, device, dp_maps):
-    """PCB's official whole-model flattening: one n x d matrix over every floating tensor."""
+    """PCB's official whole-model flattening: one n x d matrix over every floating tensor. Tied
+    duplicates are left out of it and get their primary's merged values, as the official code's
+    `remove_keys` does for T5's embed_tokens (counted twice they would shift every row statistic)."""
+    tied = tied_duplicates(base_sd, ft_sds, float_names)
+    float_names = [n for n in float_names if n not in tied]
     flat = []
     for i, sd in enumerate(ft_sds):
         parts = []
@@ -243,6 +329,8 @@ def _pcb_model_scope(cfg, base_sd, ft_sds, float_names, device, dp_maps):
             m = merged[pos:pos + n].view(t.shape) + t.to(device, torch.float32)
             out[name] = m.to("cpu", output_dtype(cfg, t.dtype))
             pos += n
-        else:
+        elif name not in tied:
             out[name] = t
-    return out
+    for name, primary in tied.items():
+        out[name] = out[primary].clone()
+    return {name: out[name] for name in base_sd}

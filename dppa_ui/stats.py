@@ -2,8 +2,8 @@
 
 Per fine-tune and tensor: numel, mean |delta|, the percent of entries above M x mean (DP's module
 outlier ratio) and above 3 x mean, and a 64-bin histogram of log10 |delta| (from a fixed-size
-sample on large tensors). Per block: r_b, the percent of the block's concatenated 2-D weights
-above 3 x their joint mean. That needs the block mean first, so DP costs two statistics passes
+sample on large tensors). Per block (keyed by `block_key`, e.g. `model.layers.3`): r_b, the percent
+of the block's concatenated 2-D weights above 3 x their joint mean. That needs the block mean first, so DP costs two statistics passes
 over the inputs (reads from the page cache) before the merge pass.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from .methods.dp import BLOCK_FACTOR, DPDensity, block_of, dp_densities, is_dp_target, outlier_percent
+from .methods.dp import BLOCK_FACTOR, DPDensity, block_key, block_of, dp_densities, is_dp_target, outlier_percent
 
 HIST_BINS = 64
 HIST_SAMPLE = 1 << 16
@@ -24,7 +24,7 @@ HIST_SAMPLE = 1 << 16
 @dataclass
 class TensorStat:
     numel: int
-    block: int | None
+    block: int | None           # block index, for display (two stacks share indices)
     dp_target: bool
     mean_abs: float
     pct_outlier: float          # % above outlier_m x mean (DP module ratio o_m before normalising)
@@ -33,6 +33,7 @@ class TensorStat:
     hist_hi: float
     hist: list[int]             # HIST_BINS counts over a sample (zeros excluded)
     zero_frac: float            # fraction of exactly-zero entries in the sample
+    block_key: str | None = None    # the block it belongs to (`block_key`): what DP groups by
 
 
 @dataclass
@@ -41,7 +42,7 @@ class DeltaStats:
     model: str
     outlier_m: float
     tensors: dict[str, TensorStat] = field(default_factory=dict)
-    block_pct: dict[int, float] = field(default_factory=dict)
+    block_pct: dict[str, float] = field(default_factory=dict)     # block key -> r_b
 
     def dp_map(self, density: float, dp_lambda: float) -> dict[str, DPDensity]:
         """DP densities for every dynamically pruned tensor of this fine-tune."""
@@ -56,9 +57,13 @@ class DeltaStats:
 
     @classmethod
     def from_json(cls, d: dict) -> "DeltaStats":
-        return cls(model=d["model"], outlier_m=d["outlier_m"],
-                   tensors={n: TensorStat(**t) for n, t in d["tensors"].items()},
-                   block_pct={int(b): v for b, v in d["block_pct"].items()})
+        """Also reads files written before blocks were keyed by name (block numbers as keys, one
+        stack): each number becomes the key of the block its tensors carry."""
+        tensors = {n: TensorStat(**{**t, "block_key": t.get("block_key") or block_key(n)})
+                   for n, t in d["tensors"].items()}
+        by_number = {t.block: t.block_key for t in tensors.values() if t.block is not None}
+        block_pct = {by_number.get(int(b), b) if b.isdigit() else b: v for b, v in d["block_pct"].items()}
+        return cls(model=d["model"], outlier_m=d["outlier_m"], tensors=tensors, block_pct=block_pct)
 
 
 def sample_flat(t: torch.Tensor, size: int = HIST_SAMPLE) -> torch.Tensor:
@@ -89,7 +94,7 @@ def tensor_stat(name: str, abs_delta: torch.Tensor, outlier_m: float) -> TensorS
     return TensorStat(numel=abs_delta.numel(), block=block_of(name), dp_target=is_dp_target(name, abs_delta.shape),
                       mean_abs=float(mean), pct_outlier=outlier_percent(abs_delta, outlier_m, mean),
                       pct_3x=outlier_percent(abs_delta, 3.0, mean), hist_lo=lo, hist_hi=hi, hist=hist,
-                      zero_frac=zero_frac)
+                      zero_frac=zero_frac, block_key=block_key(name))
 
 
 Loader = Callable[[str], tuple[torch.Tensor, list[torch.Tensor]]]
@@ -104,7 +109,7 @@ def collect_stats(names: Iterable[str], load: Loader, models: list[str], outlier
     """
     names = list(names)
     stats = [DeltaStats(model=m, outlier_m=outlier_m) for m in models]
-    block_sum: list[dict[int, float]] = [{} for _ in models]
+    block_sum: list[dict[str, float]] = [{} for _ in models]
     for name in names:
         base, fts = load(name)
         for i, ft in enumerate(fts):
@@ -112,18 +117,18 @@ def collect_stats(names: Iterable[str], load: Loader, models: list[str], outlier
             t = tensor_stat(name, a, outlier_m)
             stats[i].tensors[name] = t
             if t.dp_target:
-                block_sum[i][t.block] = block_sum[i].get(t.block, 0.0) + t.mean_abs * t.numel
+                block_sum[i][t.block_key] = block_sum[i].get(t.block_key, 0.0) + t.mean_abs * t.numel
         if progress:
             progress(1)
     targets = [n for n in names if stats[0].tensors[n].dp_target] if models else []
-    block_numel: dict[int, int] = {}
+    block_numel: dict[str, int] = {}
     for n in targets:
-        b = stats[0].tensors[n].block
+        b = stats[0].tensors[n].block_key
         block_numel[b] = block_numel.get(b, 0) + stats[0].tensors[n].numel
-    above: list[dict[int, int]] = [{} for _ in models]
+    above: list[dict[str, int]] = [{} for _ in models]
     for name in targets:
         base, fts = load(name)
-        b = stats[0].tensors[name].block
+        b = stats[0].tensors[name].block_key
         for i, ft in enumerate(fts):
             mean_b = block_sum[i][b] / block_numel[b]
             a = (ft.float() - base.float()).abs_()

@@ -219,7 +219,7 @@ def test_apl_merge_in_memory_equals_disk_and_records_importance(tmp_path, read_w
     weights = [m["merge_weight"] for m in rec["models"]]
     assert sum(weights) == pytest.approx(2.0) and weights[0] != weights[1]
     # the saved YAML reruns to the same tensors (the importance, hence the weights, are recomputed)
-    again = dppa_ui.merge(str(tmp_path / "out" / "dppa_merge.yaml"), tmp_path / "again")
+    dppa_ui.merge(str(tmp_path / "out" / "dppa_merge.yaml"), tmp_path / "again")
     assert all(torch.equal(disk[k], v) for k, v in read_weights(tmp_path / "again").items())
     # magnitude drop: the block matrices keep the target share, up to one entry per row (int(d·cols));
     # the other tensors (embeddings, norms, lm_head) are kept whole

@@ -305,3 +305,26 @@ def test_refuse_every_non_finite_number(text):
 def test_invalid_yaml_names_the_line_and_column():
     with pytest.raises(ConfigError, match=r"not valid YAML at line 3, column 1"):
         load_config("merge_method: ties\nmodels: [a, b\n")
+
+# --------------------------------------------------------------------------- issue 8: official DPPA / PCB keys
+
+def test_official_dppa_and_pcb_defaults_and_round_trip():
+    cfg = load_config(c("dppa"))
+    assert (cfg.dpa_whole, cfg.alpha_search, cfg.alpha_start, cfg.alpha_step) == ("amplify", "official", None, 0.1)
+    assert load_config(c("pcb")).clip_ratio == 0.0001
+    opts = {"dpa_whole": "keep", "alpha_search": "best", "alpha_start": [1.0, 1.0], "alpha_step": 0.05}
+    cfg = load_config(c("dppa", params=opts))
+    again = load_config(cfg.to_dict())
+    assert (again.dpa_whole, again.alpha_search, again.alpha_start, again.alpha_step) == ("keep", "best", [1.0, 1.0], 0.05)
+    pcb = load_config(load_config(c("pcb", params={"clip_ratio": 0.01, "lambda": "auto"})).to_dict())
+    assert pcb.clip_ratio == 0.01 and pcb.lambda_auto and pcb.lambda_ == 1.0
+
+
+def test_refuse_bad_official_keys():
+    refused(c("dppa", params={"dpa_whole": "scale"}), "parameters.dpa_whole", "scale")
+    refused(c("dppa", params={"alpha_search": "greedy"}), "parameters.alpha_search")
+    refused(c("dppa", params={"alpha_step": 0}), "parameters.alpha_step")
+    refused(c("dppa", params={"alpha_start": [1.8, -0.1]}), "parameters.alpha_start")
+    refused(c("dppa", params={"alpha_start": [1.8], "amplification": "auto"}), "alpha_start", "2 partitions")
+    refused(c("pcb", params={"clip_ratio": 0.5}), "parameters.clip_ratio")
+    refused(c("pcb", params={"lambda": "best"}), "parameters.lambda")

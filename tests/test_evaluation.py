@@ -10,7 +10,6 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from dppa_ui import cli, zoo

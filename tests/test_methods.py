@@ -93,11 +93,11 @@ def _ref_clamp(x: torch.Tensor, min_ratio: float, max_ratio: float) -> torch.Ten
     return torch.clamp(x, lo, hi)
 
 
-def ref_pcb(flat: torch.Tensor, weights, ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
+def ref_pcb(flat: torch.Tensor, weights, ratio: float, clip: float = 0.0001) -> tuple[torch.Tensor, torch.Tensor]:
     """PCB-Merging's official pcb_merging (clamp/normalize/act as published), with per-task weights
     in the numerator only. Returns (merged, scale)."""
     n, d = flat.shape
-    a = _ref_clamp(flat.abs(), 0.0001, 0.0001)
+    a = _ref_clamp(flat.abs(), clip, clip)
     clamped = torch.sign(flat) * a
     self_act = torch.exp(n * _ref_minmax(a) ** 2)
     cross_act = torch.tanh(flat * flat.sum(dim=0))
@@ -530,10 +530,53 @@ def test_pcb_pipeline_tensor_and_model_scope():
                 pos += n
 
 
+@pytest.mark.parametrize("clip", [0.0, 0.01, 0.05])
+def test_pcb_clip_ratio_matches_official_clamp(clip):
+    flat = heavy((3, 400), 31)
+    got = pcb_combine(flat, [1.0, 0.7, 1.2], 0.2, clip_ratio=clip)
+    assert torch.allclose(got, ref_pcb(flat, [1.0, 0.7, 1.2], 0.2, clip)[0], rtol=1e-5, atol=1e-8)
+    base, fts = make_sds(2, seed=19)
+    out = merge_in_memory(base, fts, cfg("pcb", n=2, params={"clip_ratio": clip, "pcb_ratio": 0.3}))
+    k = "model.layers.0.mlp.up_proj.weight"
+    flat = torch.stack([(ft[k] - base[k]).reshape(-1) for ft in fts])
+    assert torch.allclose(out[k], base[k] + ref_pcb(flat, [1.0, 1.0], 0.3, clip)[0].view(base[k].shape),
+                          rtol=1e-5, atol=1e-7)
+
+
+def test_pcb_model_scope_drops_tied_duplicates():
+    # T5-shaped: encoder/decoder embed_tokens are tied to `shared` (equal values here, shared
+    # storage in the base): the official remove_keys leaves them out of the flattened vector and
+    # gives them shared's merged values.
+    base, fts = make_sds(2, seed=23)
+    tied = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
+    for sd in (base, *fts):
+        sd["shared.weight"] = sd.pop("model.embed_tokens.weight")
+    base["encoder.embed_tokens.weight"] = base["decoder.embed_tokens.weight"] = base["shared.weight"]
+    for ft in fts:
+        for k in tied:
+            ft[k] = ft["shared.weight"].clone()
+    out = merge_in_memory(base, fts, cfg("pcb", n=2, params={"scope": "model", "pcb_ratio": 0.2}))
+    assert list(out) == list(base)
+    keys = [k for k in base if k not in tied]
+    flat = torch.stack([torch.cat([(ft[k] - base[k]).reshape(-1) for k in keys]) for ft in fts])
+    merged, pos = ref_pcb(flat, [1.0, 1.0], 0.2)[0], 0
+    for k in keys:
+        n = base[k].numel()
+        assert torch.allclose(out[k], base[k] + merged[pos:pos + n].view(base[k].shape), rtol=1e-5, atol=1e-7), k
+        pos += n
+    for k in tied:
+        assert torch.equal(out[k], out["shared.weight"])
+    # An untied copy that differs in one fine-tune is a tensor of its own.
+    fts[1]["decoder.embed_tokens.weight"] = fts[1]["decoder.embed_tokens.weight"] + 0.01
+    out2 = merge_in_memory(base, fts, cfg("pcb", n=2, params={"scope": "model", "pcb_ratio": 0.2}))
+    assert not torch.equal(out2["decoder.embed_tokens.weight"], out2["shared.weight"])
+    assert torch.equal(out2["encoder.embed_tokens.weight"], out2["shared.weight"])
+
+
 # ======================================================================= DP
 
 def test_dp_densities_hand_computed():
-    block_pct = {0: 10.0, 1: 30.0}
+    block_pct = {"m.0": 10.0, "m.1": 30.0}
     module_pct = {"m.0.a": 2.0, "m.0.b": 6.0, "m.1.c": 4.0, "m.1.d": 4.0}
     numel = {"m.0.a": 100, "m.0.b": 300, "m.1.c": 200, "m.1.d": 400}
     # r centred {-10, 10} -> scaled {-0.08, 0.08}: D_0 = 0.12, D_1 = 0.28
@@ -550,9 +593,9 @@ def test_dp_densities_hand_computed():
 
 
 def test_dp_zero_spread_skips_scaling():
-    out = dp_densities({3: 12.0}, {"x.3.a": 5.0, "x.3.b": 5.0}, {"x.3.a": 10, "x.3.b": 30}, 0.3, 0.08)
+    out = dp_densities({"x.3": 12.0}, {"x.3.a": 5.0, "x.3.b": 5.0}, {"x.3.a": 10, "x.3.b": 30}, 0.3, 0.08)
     assert all(v.density == pytest.approx(0.3) and v.offset == pytest.approx(0.0) for v in out.values())
-    out = dp_densities({0: 0.0, 1: 0.0}, {"x.0.a": 0.0, "x.1.b": 0.0}, {"x.0.a": 10, "x.1.b": 30}, 0.3, 0.08)
+    out = dp_densities({"x.0": 0.0, "x.1": 0.0}, {"x.0.a": 0.0, "x.1.b": 0.0}, {"x.0.a": 10, "x.1.b": 30}, 0.3, 0.08)
     assert all(v.density == pytest.approx(0.3) for v in out.values())
 
 
@@ -583,17 +626,106 @@ def test_dp_stats_pass_matches_python_formula():
 
 def test_dp_clamps_and_warns_at_zero():
     with pytest.warns(UserWarning, match="density 0"):
-        out = dp_densities({0: 0.0, 1: 50.0}, {"x.0.a": 9.0, "x.0.b": 0.0, "x.1.c": 1.0},
+        out = dp_densities({"x.0": 0.0, "x.1": 50.0}, {"x.0.a": 9.0, "x.0.b": 0.0, "x.1.c": 1.0},
                            {"x.0.a": 10, "x.0.b": 10, "x.1.c": 10}, 0.05, 0.2)
     low = [v for v in out.values() if v.density == 0.0]
     assert low and all(v.clamped and v.offset < -0.05 for v in low)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        hi = dp_densities({0: 0.0, 1: 50.0}, {"x.0.a": 0.0, "x.1.b": 9.0, "x.1.c": 9.0},
+        hi = dp_densities({"x.0": 0.0, "x.1": 50.0}, {"x.0.a": 0.0, "x.1.b": 9.0, "x.1.c": 9.0},
                           {"x.0.a": 10, "x.1.b": 10, "x.1.c": 10}, 0.98, 0.2)
     top = [v for v in hi.values() if v.density == 1.0]
     assert top and all(v.clamped and v.offset > 0.02 for v in top)
     assert all(0.0 <= v.density <= 1.0 for v in hi.values())
+
+
+# Multi-stack names: a multimodal model (vision tower + language model) and an encoder-decoder.
+MULTIMODAL = {
+    "model.vision_tower.embeddings.patch_embedding.weight": (8, 12),
+    **{f"model.vision_tower.layers.{b}.{m}.weight": s for b in range(3)
+       for m, s in (("self_attn.q_proj", (8, 8)), ("mlp.fc1", (16, 8)), ("layer_norm1", (8,)))},
+    "model.multi_modal_projector.linear_1.weight": (8, 8),
+    "model.language_model.embed_tokens.weight": (20, 8),
+    **{f"model.language_model.layers.{b}.{m}.weight": s for b in range(2)
+       for m, s in (("self_attn.q_proj", (8, 8)), ("self_attn.o_proj", (8, 8)), ("mlp.up_proj", (24, 8)),
+                    ("input_layernorm", (8,)))},
+    "lm_head.weight": (20, 8),
+}
+ENCODER_DECODER = {
+    "shared.weight": (20, 8),
+    **{f"{stack}.block.{b}.layer.{j}.{m}.weight": s for stack in ("encoder", "decoder") for b in range(2)
+       for j, m, s in ((0, "SelfAttention.q", (8, 8)), (0, "SelfAttention.o", (8, 8)), (1, "DenseReluDense.wi", (16, 8)),
+                       (0, "layer_norm", (8,)))},
+    "decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight": (4, 2),
+    "encoder.final_layer_norm.weight": (8,),
+}
+
+
+def multi_stack_deltas(shapes, seed):
+    out = {}
+    for j, (k, s) in enumerate(shapes.items()):
+        g = torch.Generator().manual_seed(1000 * seed + j)
+        rate = 0.01 * (j % 6)
+        out[k] = heavy(s, 1000 * seed + j) + (torch.rand(s, generator=g) < rate) * torch.randn(s, generator=g) * 0.3
+    return out
+
+
+def ref_dp_per_stack(deltas, density, dp_lambda=0.08, m=5.0):
+    """The official DP run on each stack as if it were the model's one `model.layers`."""
+    stacks: dict[str, dict] = {}
+    for n, t in deltas.items():
+        hit = _BLOCK.search(n)
+        if hit and t.dim() == 2:
+            stacks.setdefault(n[:hit.start()], {})[n] = t
+    out = {}
+    for sub in stacks.values():
+        out.update(ref_dp(sub, density, dp_lambda, m))
+    return out
+
+
+@pytest.mark.parametrize("shapes,stacks", [(MULTIMODAL, {"model.vision_tower.layers", "model.language_model.layers"}),
+                                           (ENCODER_DECODER, {"encoder.block", "decoder.block"})])
+def test_dp_blocks_are_keyed_per_stack(shapes, stacks):
+    from dppa_ui.methods import block_key, block_of
+    from dppa_ui.stats import DeltaStats
+    import json
+    keys = {block_key(n) for n in shapes if block_key(n)}
+    assert {k.rsplit(".", 1)[0] for k in keys} == stacks
+    assert block_key("model.vision_tower.layers.1.mlp.fc1.weight") == "model.vision_tower.layers.1"
+    assert block_key("decoder.block.1.layer.0.SelfAttention.q.weight") == "decoder.block.1"
+    assert block_of("decoder.block.1.layer.0.SelfAttention.q.weight") == 1
+    deltas = multi_stack_deltas(shapes, 3)
+    ref = ref_dp_per_stack(deltas, 0.3, 0.1, 5.0)
+    got = dp_densities_from_deltas(deltas, 0.3, 0.1, 5.0)
+    assert set(got) == set(ref)
+    for n, (d, raw) in ref.items():
+        assert got[n].density == pytest.approx(d, abs=1e-9), n
+        assert got[n].offset == pytest.approx(raw - 0.3, abs=1e-9), n
+    # Each stack keeps the target density on average over its blocks (the official single-stack rule).
+    base = {k: torch.zeros(s) for k, s in shapes.items()}
+    (st,) = collect_stats(list(base), lambda n: (base[n], [deltas[n]]), ["ft"], 5.0)
+    assert set(st.block_pct) == keys
+    from_stats = st.dp_map(0.3, 0.1)
+    for n, (d, raw) in ref.items():
+        assert from_stats[n].density == pytest.approx(d, abs=1e-6), n
+    # JSON round trip keeps the block keys; a file from before (block numbers, one stack) still loads.
+    again = DeltaStats.from_json(json.loads(json.dumps(st.to_json())))
+    assert again.block_pct == st.block_pct and again.dp_map(0.3, 0.1) == from_stats
+    assert again.tensors == st.tensors
+
+
+def test_stats_json_with_block_numbers_still_loads():
+    from dppa_ui.stats import DeltaStats
+    base, fts = make_sds(1, seed=5)
+    (st,) = collect_stats(list(base), lambda n: (base[n], [fts[0][n]]), ["ft"], 5.0)
+    old = st.to_json()
+    old["block_pct"] = {k.rsplit(".", 1)[1]: v for k, v in old["block_pct"].items()}
+    for t in old["tensors"].values():
+        t.pop("block_key")
+    again = DeltaStats.from_json(old)
+    assert again.block_pct == st.block_pct == {"model.layers.0": pytest.approx(st.block_pct["model.layers.0"]),
+                                               "model.layers.1": pytest.approx(st.block_pct["model.layers.1"])}
+    assert again.dp_map(0.2, 0.08) == st.dp_map(0.2, 0.08)
 
 
 @pytest.mark.parametrize("others,m", [("keep", 5.0), ("magnitude", 5.0), ("keep", 3.0)])
@@ -656,13 +788,34 @@ def test_dpa_bands_shifted_by_offset():
         assert torch.equal(out[top], d[top] * 1.7)
 
 
-@pytest.mark.parametrize("others", ["keep", "magnitude"])
-def test_dppa_pipeline_matches_reference(others):
+def ref_enhance_offset(copies: list[torch.Tensor], alphas: list[float]) -> torch.Tensor:
+    """The official enhance_offset.py on one tensor: start from zeros, then for the widest copy
+    first, x = my_max(x, copy * alpha), where my_max keeps x unless the new value is larger in
+    magnitude or x is 0 there (and skips a new value that is all zeros)."""
+    x = [0.0] * copies[0].numel()
+    for copy, a in reversed(list(zip(copies, alphas))):
+        y = [v * a for v in copy.reshape(-1).tolist()]
+        if not any(v != 0 for v in y):
+            continue
+        x = [yv if (abs(yv) > abs(xv) or (yv != 0 and xv == 0)) else xv for xv, yv in zip(x, y)]
+    return torch.tensor(x, dtype=copies[0].dtype).view(copies[0].shape)
+
+
+def test_official_whole_tensor_factor_is_the_largest_alpha():
+    # A tensor DP keeps whole is whole in every pruned copy, so the official max-merge scales it
+    # by the largest alpha (and by the only non-zero one when the other is 0).
+    d = heavy((6, 5), 21)
+    for alphas in ([1.8, 0.0], [1.8, 1.0], [0.9, 1.3], [0.0, 0.0]):
+        assert torch.allclose(ref_enhance_offset([d, d], alphas), d * max(alphas)), alphas
+
+
+@pytest.mark.parametrize("others,whole", [("keep", "amplify"), ("keep", "keep"), ("magnitude", "amplify")])
+def test_dppa_pipeline_matches_reference(others, whole):
     base, fts = make_sds(2, seed=13)
     models = [{"model": "a", "parameters": {"density": 0.2, "partitions": [0.1, 0.2], "amplification": [1.8, 1.0]}},
               {"model": "b", "parameters": {"density": 0.4, "partitions": [0.15, 0.4], "amplification": [1.5, 1.2],
                                             "weight": 0.7}}]
-    c = cfg("dppa", models=models, params={"dp_others": others})
+    c = cfg("dppa", models=models, params={"dp_others": others, "dpa_whole": whole})
     out = merge_in_memory(base, fts, c)
     deltas = deltas_of(base, fts)
     for k in base:
@@ -674,12 +827,51 @@ def test_dppa_pipeline_matches_reference(others):
                 d_m, raw = dens[k]
                 off = raw - p["density"]
                 q = ref_dpa(deltas[i][k], d_m, [f + off for f in p["partitions"]], p["amplification"])
-            elif others == "keep":   # left whole -> not amplified either
-                q = deltas[i][k]
+            elif others == "keep":   # left whole: the official max-merge of whole copies, or x1 (keep)
+                q = ref_enhance_offset([deltas[i][k]] * 2, p["amplification"]) if whole == "amplify" else deltas[i][k]
             else:                    # plain magnitude at the target density, bands unshifted
                 q = ref_dpa(deltas[i][k], p["density"], p["partitions"], p["amplification"])
             ref = ref + p.get("weight", 1.0) * q
         assert torch.allclose(out[k], ref, atol=1e-6), k
+
+
+def test_tensor_fates_and_kept_fraction_count_a_zero_band_as_dropped():
+    from dppa_ui.pipeline import kept_fraction, tensor_fates
+    models = [{"model": "a", "parameters": {"density": 0.3, "partitions": [0.1, 0.3], "amplification": [2.0, 0.0]}},
+              {"model": "c", "parameters": {"density": 0.3, "partitions": [0.1, 0.3], "amplification": [2.0, 1.0]}}]
+    c = load_config({"prune": "magnitude", "amplify": "dpa", "combine": "sum", "base_model": "b", "models": models})
+    shapes = {"x.weight": (10, 10), "y.weight": (7,)}
+    # a: only its top band survives, int(0.1*100) + int(0.1*7); c: int(0.3*100) + int(0.3*7)
+    assert kept_fraction(c, shapes, None) == pytest.approx([(10 + 0) / 107, (30 + 2) / 107])
+    fa, fc = tensor_fates(c, "x.weight", (10, 10), None)
+    assert fa.pruned and fa.density == 0.3 and fa.bands == ((0.0, 0.1, 2.0), (0.1, 0.3, 0.0))
+    assert fa.kept == pytest.approx(0.1) and fc.kept == pytest.approx(0.3) and fa.amplified
+
+
+@pytest.mark.parametrize("whole,alphas", [("amplify", [1.5, 0.0]), ("keep", [1.5, 0.0]), ("amplify", [0.0, 0.0]),
+                                          ("amplify", [1.2, 1.4])])
+def test_dp_kept_fraction_and_fates_match_the_merged_tensors(whole, alphas):
+    from dppa_ui.pipeline import dp_maps_from_stats, kept_fraction, tensor_fates
+    base, fts = make_sds(1, seed=15)
+    c = cfg("dppa", models=[{"model": "a", "parameters": {"density": 0.3, "partitions": [0.1, 0.3],
+                                                           "amplification": alphas}}],
+            params={"dpa_whole": whole})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = merge_in_memory(base, fts, c)
+        stats = collect_stats(list(base), lambda n: (base[n], [fts[0][n]]), ["a"], 5.0)
+        maps = dp_maps_from_stats(c, stats)
+    changed = sum(int((out[k] != base[k]).sum()) for k in base)
+    total = sum(t.numel() for t in base.values())
+    assert kept_fraction(c, {k: tuple(t.shape) for k, t in base.items()}, maps)[0] == pytest.approx(changed / total)
+    (norm,) = tensor_fates(c, "model.norm.weight", (8,), maps)
+    factor = max(alphas) if whole == "amplify" else 1.0
+    assert not norm.pruned and norm.bands == ((0.0, 1.0, factor),) and norm.kept == (1.0 if factor else 0.0)
+    assert torch.allclose(out["model.norm.weight"], base["model.norm.weight"]
+                          + factor * (fts[0]["model.norm.weight"] - base["model.norm.weight"]))
+    (q,) = tensor_fates(c, "model.layers.0.self_attn.q_proj.weight", (8, 8), maps)
+    assert q.pruned and q.density == maps[0]["model.layers.0.self_attn.q_proj.weight"].density
+    assert [a for _, _, a in q.bands] == alphas
 
 
 def test_magnitude_dpa_explicit_stages_match_reference():
@@ -729,13 +921,32 @@ def test_explicit_stage_compositions_match_reference(prune, combine):
 # ======================================================================= greedy alpha search
 
 def quad(a):
-    return -(a[0] - 2.1) ** 2 - (a[1] - 1.3) ** 2
+    return 10 - (a[0] - 2.1) ** 2 - (a[1] - 1.3) ** 2
+
+
+def ref_python_contral(score, start, step=0.1):
+    """The official python_contral.py loop, transcribed (its `.1f` model keys read as rounding;
+    here to 6 decimals). Returns (end state, every alpha scored)."""
+    alpha, idx, perfermence, tried = list(start), 0, 0, []
+    while idx < len(alpha):
+        tried.append(list(alpha))
+        temp = score(alpha)
+        if temp > perfermence:
+            perfermence = temp
+            alpha[idx] = round(alpha[idx] + step, 6)
+        else:
+            if alpha[idx] > 1:
+                alpha[idx] = round(alpha[idx] - step, 6)
+            idx += 1
+            if idx < len(alpha):
+                alpha[idx] = 1 if alpha[idx] < 0.1 else round(alpha[idx] + step, 6)
+    return alpha, tried
 
 
 def hand_path():
-    # simulated by hand from the issue's pseudo-code, start [1.8, 0.0], step 0.1
+    # simulated by hand from python_contral.py, start [1.8, 0.0], step 0.1
     alphas = [[1.8, 0.0], [1.9, 0.0], [2.0, 0.0], [2.1, 0.0], [2.2, 0.0],     # 2.2 worse: back to 2.1, k=1
-              [2.1, 1.0], [2.1, 1.1], [2.1, 1.2], [2.1, 1.3], [2.1, 1.4]]     # 1.4 worse: stop
+              [2.1, 1.0], [2.1, 1.1], [2.1, 1.2], [2.1, 1.3], [2.1, 1.4]]     # 1.4 worse: back to 1.3, stop
     return alphas
 
 
@@ -746,34 +957,57 @@ def test_greedy_alpha_search_path_on_quadratic():
     for got, want in zip(path, hand_path()):
         assert got == pytest.approx(want, abs=1e-9)
     assert res.alpha == pytest.approx([2.1, 1.3], abs=1e-9)
-    assert res.score == pytest.approx(0.0, abs=1e-12)
+    assert res.score == pytest.approx(10.0, abs=1e-12)
     assert [s for _, s in res.path] == pytest.approx([quad(a) for a in hand_path()], abs=1e-9)
+    end, tried = ref_python_contral(quad, [1.8, 0.0])
+    assert path == [pytest.approx(t, abs=1e-9) for t in tried] and res.alpha == pytest.approx(end, abs=1e-9)
+
+
+def test_greedy_walk_returns_the_end_state_not_the_best():
+    # The second band starts at 1.0 and is worse there than at 0.0: the official walk still ends
+    # at 1.0 (1.0 is not > 1, so it does not step back); `best` mode returns [2.0, 0.0].
+    def score(a):
+        return 5 - (a[0] - 2.0) ** 2 - 0.5 * a[1]
+    end, tried = ref_python_contral(score, [1.8, 0.0])
+    res = greedy_alpha_search(score)
+    assert [a for a, _ in res.path] == [pytest.approx(t, abs=1e-9) for t in tried]
+    assert end == pytest.approx([2.0, 1.0]) and res.alpha == pytest.approx(end, abs=1e-9)
+    assert res.score == pytest.approx(score([2.0, 1.0])) and res.best == pytest.approx([2.0, 0.0])
+    best = greedy_alpha_search(score, mode="best")
+    assert best.alpha == pytest.approx([2.0, 0.0]) and best.score == pytest.approx(5.0)
+    # A first step that does not beat the official floor of 0 still steps the band down by one.
+    res0 = greedy_alpha_search(lambda a: 0.0, n_bands=1)
+    assert [a for a, _ in res0.path] == [[1.8]] and res0.alpha == pytest.approx([1.7]) and res0.score is None
 
 
 def test_greedy_alpha_search_eval_cap():
     calls = []
     res = greedy_alpha_search(lambda a: calls.append(list(a)) or quad(a), max_evals=4)
     assert len(calls) == 4 and len(res.path) == 4
-    assert res.alpha == pytest.approx([2.1, 0.0], abs=1e-9)
+    assert res.alpha == pytest.approx([2.1, 0.0], abs=1e-9)      # cut short: the best point scored
     assert res.score == pytest.approx(quad([2.1, 0.0]), abs=1e-9)
 
 
 def test_greedy_alpha_search_flat_score():
-    # first score beats -inf, the second ties (not better): alpha[0] > 1 steps back, next band
-    # starts at 1.0 (it was < 0.1), which does not beat the best either; alpha 1.0 is not > 1.
+    # first score beats the floor 0, the second ties (not better): alpha[0] > 1 steps back, the
+    # next band starts at 1.0 (it was < 0.1), which does not beat the best either; 1.0 is not > 1,
+    # so the walk ends at [1.8, 1.0] (the best seen was [1.8, 0.0]).
     res = greedy_alpha_search(lambda a: 0.5)
     assert [a for a, _ in res.path] == [pytest.approx([1.8, 0.0]), pytest.approx([1.9, 0.0]),
                                         pytest.approx([1.8, 1.0])]
-    assert res.alpha == pytest.approx([1.8, 0.0])
+    assert res.alpha == pytest.approx([1.8, 1.0]) and res.best == pytest.approx([1.8, 0.0])
+    assert ref_python_contral(lambda a: 0.5, [1.8, 0.0])[0] == pytest.approx(res.alpha)
 
 
 def test_greedy_alpha_search_start_step_and_bands():
     # from [1.0, 0.6, 0.0] with step 0.2 on a score peaked at [1.4, 0.85, 1.2]
     target = [1.4, 0.85, 1.2]
-    res = greedy_alpha_search(lambda a: -sum((x - t) ** 2 for x, t in zip(a, target)), n_bands=3,
-                              start=[1.0, 0.6, 0.0], step=0.2)
+
+    def score(a):
+        return 10 - sum((x - t) ** 2 for x, t in zip(a, target))
+    res = greedy_alpha_search(score, n_bands=3, start=[1.0, 0.6, 0.0], step=0.2)
     # band 0: 1.0 1.2 1.4 1.6 (worse -> back to 1.4); band 1: 0.6+0.2 = 0.8, 1.0 (worse; 1.0 is not
-    # > 1 so it stays 1.0); band 2: 0.0 < 0.1 -> 1.0, 1.2, 1.4 (worse -> stop)
+    # > 1 so it stays 1.0); band 2: 0.0 < 0.1 -> 1.0, 1.2, 1.4 (worse -> back to 1.2, stop)
     want = [[1.0, 0.6, 0.0], [1.2, 0.6, 0.0], [1.4, 0.6, 0.0], [1.6, 0.6, 0.0],
             [1.4, 0.8, 0.0], [1.4, 1.0, 0.0],
             [1.4, 1.0, 1.0], [1.4, 1.0, 1.2], [1.4, 1.0, 1.4]]
@@ -782,15 +1016,17 @@ def test_greedy_alpha_search_start_step_and_bands():
     for got, w in zip(path, want):
         assert got == pytest.approx(w, abs=1e-9)
     assert res.alpha == pytest.approx([1.4, 1.0, 1.2], abs=1e-9)
+    assert ref_python_contral(score, [1.0, 0.6, 0.0], 0.2)[0] == pytest.approx(res.alpha)
 
 
 def test_greedy_alpha_search_uses_the_given_start():
     # The issue: step and start are parameters; the walk starts at `start` as given. 1.5 is not a
     # multiple of 0.2, which must not move the start (flat score: start, +step, next band at 1.0).
-    res = greedy_alpha_search(lambda a: 0.0, start=[1.5, 0.0], step=0.2)
+    res = greedy_alpha_search(lambda a: 1.0, start=[1.5, 0.0], step=0.2)
     path = [a for a, _ in res.path]
     assert path[0] == pytest.approx([1.5, 0.0], abs=1e-9)
     assert path == [pytest.approx([1.5, 0.0]), pytest.approx([1.7, 0.0]), pytest.approx([1.5, 1.0])]
+    assert res.alpha == pytest.approx([1.5, 1.0])
 
 
 # ======================================================================= config-level method defaults

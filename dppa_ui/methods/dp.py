@@ -11,10 +11,19 @@ fine-tune's knowledge, so they keep more entries. Given a target density D:
              subtracted, and it is scaled so max|o| = dp_lambda.
   density:   d_m = clamp(o_m + D_b, 0, 1); the module keeps int(d_m * n) entries by magnitude.
 
-Only 2-D weights inside numbered blocks (names with ".N.", block = the first such number) are
-pruned dynamically. Other tensors (embeddings, norms, lm_head, biases) follow `dp_others`:
-"keep" (official: whole delta kept) or "magnitude" (plain magnitude pruning at D).
-Where a spread (or a mean used as divisor) is zero, that scaling step is skipped.
+Only 2-D weights inside numbered blocks are pruned dynamically. A block is keyed by the whole
+name up to its first ".N." number (`model.language_model.layers.3`), so the stacks of a
+multimodal model (`model.vision_tower.layers.3`) or of an encoder-decoder (`encoder.block.3`,
+`decoder.block.3`) are different blocks. Other tensors (embeddings, norms, lm_head, biases)
+follow `dp_others`: "keep" (official: whole delta kept) or "magnitude" (plain magnitude pruning
+at D). Where a spread (or a mean used as divisor) is zero, that scaling step is skipped.
+
+Stacks: the official code (scrips/pruning/lib/prune_all.py, prune_mag_outlier_layer_wei) runs on
+the one stack `model.model.layers` of a Llama, centring and scaling r over its layers and
+normalising o over its modules. A model with several stacks (the prefix before the block number)
+is treated as several such models: r is centred and scaled, and o normalised, within each stack.
+A vision tower's outlier profile then never shifts the language model's densities; every stack
+keeps D on average, as the one stack does in the official code.
 """
 from __future__ import annotations
 
@@ -31,7 +40,8 @@ BLOCK_FACTOR = 3.0   # block outliers: entries above 3x the block's mean |delta|
 
 
 def block_of(name: str) -> int | None:
-    """The block index of a tensor name: the first ".N." number, else None."""
+    """The block index of a tensor name, for display: the first ".N." number, else None. Two
+    stacks share indices; group by `block_key`."""
     m = _BLOCK.search(name)
     return int(m.group(1)) if m else None
 
@@ -43,6 +53,18 @@ def module_of(name: str) -> str | None:
         return None
     rest = name[m.end():]
     return rest[: -len(".weight")] if rest.endswith(".weight") else rest
+
+
+def block_key(name: str) -> str | None:
+    """The block a tensor belongs to: its name up to the first ".N." number
+    (`model.vision_tower.layers.3.mlp.fc1.weight` -> `model.vision_tower.layers.3`), else None."""
+    m = _BLOCK.search(name)
+    return name[:m.end(1)] if m else None
+
+
+def stack_of(key: str) -> str:
+    """The stack of a block key: the prefix before its number (`encoder.block.3` -> `encoder.block`)."""
+    return key.rsplit(".", 1)[0]
 
 
 def is_dp_target(name: str, shape) -> bool:
@@ -81,34 +103,45 @@ class DPDensity:
     clamped: bool         # True when o_m + D_b fell outside [0, 1]
 
 
-def block_densities(block_pct: dict[int, float], density: float, dp_lambda: float) -> dict[int, float]:
-    """D_b = density + r_b, with r centred over blocks and scaled so max|r| = dp_lambda."""
-    if not block_pct:
-        return {}
-    mean = sum(block_pct.values()) / len(block_pct)
-    centred = _scale_to({b: r - mean for b, r in block_pct.items()}, dp_lambda)
-    return {b: density + r for b, r in centred.items()}
+def _by_stack(keys, stack) -> dict[str, list]:
+    groups: dict[str, list] = {}
+    for k in keys:
+        groups.setdefault(stack(k), []).append(k)
+    return groups
+
+
+def block_densities(block_pct: dict[str, float], density: float, dp_lambda: float) -> dict[str, float]:
+    """D_b = density + r_b, with r centred over the blocks of each stack and scaled so max|r| =
+    dp_lambda within it. Keys are block keys (`block_key`)."""
+    out = {}
+    for keys in _by_stack(block_pct, stack_of).values():
+        mean = sum(block_pct[b] for b in keys) / len(keys)
+        centred = _scale_to({b: block_pct[b] - mean for b in keys}, dp_lambda)
+        out.update({b: density + r for b, r in centred.items()})
+    return out
 
 
 def module_offsets(module_pct: dict[str, float], module_numel: dict[str, int], dp_lambda: float) -> dict[str, float]:
-    """o_m: divided by their mean, numel-weighted mean subtracted, scaled so max|o| = dp_lambda."""
-    if not module_pct:
-        return {}
-    mean = sum(module_pct.values()) / len(module_pct)
-    o = {m: v / mean for m, v in module_pct.items()} if mean != 0 else dict(module_pct)
-    total = sum(module_numel[m] for m in o)
-    wmean = sum(o[m] * module_numel[m] for m in o) / total
-    return _scale_to({m: v - wmean for m, v in o.items()}, dp_lambda)
+    """o_m per stack: divided by their mean, numel-weighted mean subtracted, scaled so max|o| = dp_lambda."""
+    out = {}
+    for names in _by_stack(module_pct, lambda n: stack_of(block_key(n))).values():
+        mean = sum(module_pct[m] for m in names) / len(names)
+        o = {m: module_pct[m] / mean for m in names} if mean != 0 else {m: module_pct[m] for m in names}
+        total = sum(module_numel[m] for m in o)
+        wmean = sum(o[m] * module_numel[m] for m in o) / total
+        out.update(_scale_to({m: v - wmean for m, v in o.items()}, dp_lambda))
+    return out
 
 
-def dp_densities(block_pct: dict[int, float], module_pct: dict[str, float], module_numel: dict[str, int],
+def dp_densities(block_pct: dict[str, float], module_pct: dict[str, float], module_numel: dict[str, int],
                  density: float, dp_lambda: float = 0.08) -> dict[str, DPDensity]:
-    """Per-module densities d_m = clamp(o_m + D_b, 0, 1) from the outlier percentages."""
+    """Per-module densities d_m = clamp(o_m + D_b, 0, 1) from the outlier percentages
+    (`block_pct` keyed by block key, the others by tensor name)."""
     d_block = block_densities(block_pct, density, dp_lambda)
     offsets = module_offsets(module_pct, module_numel, dp_lambda)
     out = {}
     for name, o in offsets.items():
-        raw = o + d_block[block_of(name)]
+        raw = o + d_block[block_key(name)]
         d = min(max(raw, 0.0), 1.0)
         out[name] = DPDensity(density=d, offset=raw - density, clamped=(d != raw))
     zeroed = [n for n, v in out.items() if v.density == 0.0]
@@ -122,11 +155,11 @@ def dp_densities_from_deltas(deltas: dict[str, torch.Tensor], density: float, dp
                              outlier_m: float = 5.0) -> dict[str, DPDensity]:
     """Convenience for deltas held in memory: computes the statistics, then `dp_densities`."""
     targets = {n: d for n, d in deltas.items() if is_dp_target(n, d.shape)}
-    blocks: dict[int, list[torch.Tensor]] = {}
+    blocks: dict[str, list[torch.Tensor]] = {}
     module_pct, module_numel = {}, {}
     for name, d in targets.items():
         a = d.float().abs()
-        blocks.setdefault(block_of(name), []).append(a)
+        blocks.setdefault(block_key(name), []).append(a)
         module_pct[name] = outlier_percent(a, outlier_m)
         module_numel[name] = a.numel()
     block_pct = {b: block_outlier_percent(ts) for b, ts in blocks.items()}

@@ -9,11 +9,15 @@ density offset (d_m - D) and clamped to [0, 1], so the last edge is the module's
 The official code instead prunes at each f_k, amplifies each copy and keeps the larger magnitude,
 so its top band gets max(a_1, a_2); the two agree whenever a_1 >= a_2.
 
+Tensors the prune keeps whole (DP's embeddings, norms, lm_head, biases under `dp_others: keep`)
+are whole in every one of those copies, so the official max-merge scales them by max_k a_k (1.8
+at the search start). That is the default here too (pipeline.whole_factor); `dpa_whole: keep`
+leaves them x1.
+
 "Dynamic": a_k are found by `greedy_alpha_search` on a score of the pruned fine-tune alone.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -52,19 +56,28 @@ def dpa_amplify(pruned: torch.Tensor, partitions: Sequence[float], amplification
     return out.view(pruned.shape)
 
 
+OFFICIAL_START = 1.8      # python_contral.py / run.sh: nine_ratio = 1.8 (top band), eight_ratio = 0.0
+
+
+def official_start(n_bands: int) -> list[float]:
+    """The official walk's start: 1.8 for the top band, 0.0 for the others."""
+    return [OFFICIAL_START] + [0.0] * (n_bands - 1)
+
+
 @dataclass
 class AlphaSearchResult:
-    alpha: list[float]                  # best-scoring amplification seen
-    score: float                        # its score
+    alpha: list[float]                  # the returned amplification (the walk's end state, or the best seen)
+    score: float | None                 # its score; None when the walk ended on a point it never scored
     path: list[tuple[list[float], float]] = field(default_factory=list)   # every (alpha, score) tried
+    best: list[float] | None = None     # the best-scoring amplification seen
+    best_score: float | None = None
 
 
-def greedy_alpha_search(score: Callable[[list[float]], float], n_bands: int = 2,
-                        start: Sequence[float] | None = None, step: float = 0.1,
-                        max_evals: int = 60) -> AlphaSearchResult:
-    """DPPA's greedy coordinate search for the band factors, exactly as the official code walks:
+class GreedyAlphaWalk:
+    """DPPA's greedy coordinate walk over the band factors, as the official python_contral.py
+    walks it, one score at a time (`ask` the next point, `tell` its score):
 
-        a = [1.8, 0.0]; best = -inf; k = 0
+        a = start (official: [1.8, 0.0]); best = 0; k = 0
         while k < K:
             s = score(a)
             if s > best: best = s; a[k] += step
@@ -73,25 +86,65 @@ def greedy_alpha_search(score: Callable[[list[float]], float], n_bands: int = 2,
                 k += 1
                 if k < K: a[k] = 1.0 if a[k] < 0.1 else a[k] + step
 
-    Values are rounded to 9 decimals after each step so float drift (0.1 + 0.2) never changes a
-    comparison; the walk stays on the grid its start defines. Stops early after `max_evals`
-    scores. Returns the best-scoring a seen, its score and the path.
-    """
-    alpha = [1.8] + [0.0] * (n_bands - 1) if start is None else [float(x) for x in start]
-    if len(alpha) != n_bands:
-        raise ValueError(f"start has {len(alpha)} values for {n_bands} bands")
-    snap = lambda x: round(x, 9)  # noqa: E731
-    best, best_alpha, path, k = -math.inf, list(alpha), [], 0
-    while k < n_bands and len(path) < max_evals:
-        s = float(score(list(alpha)))
-        path.append((list(alpha), s))
-        if s > best:
-            best, best_alpha = s, list(alpha)
-            alpha[k] = snap(alpha[k] + step)
+    The official script keeps the model of the END state (it rebuilds `a` after the loop), not
+    the best point scored: once a band starts at 1.0 it never ends below 1, and a band that did
+    not improve on its first step still ends one step down. `mode="best"` returns the best point
+    scored instead. `best` starts at `floor` (the official 0: scores are ratios >= 0). Values are
+    rounded to 9 decimals after each step so float drift (0.1 + 0.2) never changes a comparison.
+    A walk cut short by `max_evals` returns the best point scored (its end state is a point it
+    has not scored yet)."""
+
+    def __init__(self, n_bands: int = 2, start: Sequence[float] | None = None, step: float = 0.1,
+                 mode: str = "official", max_evals: int = 60, floor: float = 0.0):
+        self.alpha = official_start(n_bands) if start is None else [float(x) for x in start]
+        if len(self.alpha) != n_bands:
+            raise ValueError(f"start has {len(self.alpha)} values for {n_bands} bands")
+        if mode not in ("official", "best"):
+            raise ValueError(f"mode must be 'official' or 'best', got {mode!r}")
+        self.n_bands, self.step, self.mode, self.max_evals = n_bands, float(step), mode, int(max_evals)
+        self.best, self.best_alpha, self.k = float(floor), None, 0
+        self.path: list[tuple[list[float], float]] = []
+
+    @property
+    def done(self) -> bool:
+        return self.k >= self.n_bands or len(self.path) >= self.max_evals
+
+    def ask(self) -> list[float] | None:
+        """The next point to score, or None when the walk has ended."""
+        return None if self.done else list(self.alpha)
+
+    def tell(self, s: float) -> None:
+        """The score of the point `ask` gave; moves the walk one step."""
+        snap = lambda x: round(x, 9)  # noqa: E731
+        s, a, k = float(s), self.alpha, self.k
+        self.path.append((list(a), s))
+        if s > self.best:
+            self.best, self.best_alpha = s, list(a)
+            a[k] = snap(a[k] + self.step)
         else:
-            if alpha[k] > 1:
-                alpha[k] = snap(alpha[k] - step)
-            k += 1
-            if k < n_bands:
-                alpha[k] = 1.0 if alpha[k] < 0.1 else snap(alpha[k] + step)
-    return AlphaSearchResult(alpha=best_alpha, score=best, path=path)
+            if a[k] > 1:
+                a[k] = snap(a[k] - self.step)
+            self.k = k = k + 1
+            if k < self.n_bands:
+                a[k] = 1.0 if a[k] < 0.1 else snap(a[k] + self.step)
+
+    def result(self) -> AlphaSearchResult:
+        best = self.best_alpha
+        best_score = self.best if best is not None else None
+        if self.mode == "best" or self.k < self.n_bands:      # "best", or cut short by max_evals
+            alpha = best if best is not None else list(self.path[0][0]) if self.path else list(self.alpha)
+        else:
+            alpha = list(self.alpha)
+        seen = [s for a, s in self.path if all(abs(x - y) < 1e-9 for x, y in zip(a, alpha))]
+        return AlphaSearchResult(alpha=alpha, score=seen[-1] if seen else None, path=list(self.path),
+                                 best=best, best_score=best_score)
+
+
+def greedy_alpha_search(score: Callable[[list[float]], float], n_bands: int = 2,
+                        start: Sequence[float] | None = None, step: float = 0.1,
+                        max_evals: int = 60, mode: str = "official") -> AlphaSearchResult:
+    """Run `GreedyAlphaWalk` on `score` (a function of the band factors) to its end."""
+    walk = GreedyAlphaWalk(n_bands, start, step, mode, max_evals)
+    while (alpha := walk.ask()) is not None:
+        walk.tell(score(alpha))
+    return walk.result()

@@ -2,7 +2,9 @@
 the official code's exact steps.
 
 On the n x d matrix of the n task vectors (each flattened):
-  clip:   |delta| clipped per row to its sorted values at index int(d*0.0001) and int(d*0.9999)-1
+  clip:   |delta| clipped per row to its sorted values at index int(d*c) and int(d*(1-c))-1, where
+          c = clip_ratio: 0.0001 in pcb-merging.py (the default), 0.01 in the experiment scripts
+          (vision_source_code/pcb.py, pcb_ES.py); 0 clips nothing
   intra:  exp(n * minmax_row(|delta|_clipped)^2)       (how much an entry stands out in its task)
   inter:  tanh(delta * sum_j delta_j)                 (how much it agrees with the other tasks)
   score = intra * inter; each row clipped below at its sorted value at index int(d*(1-ratio))
@@ -31,30 +33,33 @@ def minmax_rows(x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     return y.mul_(~flat_rows) if bool(flat_rows.any()) else y
 
 
-def clip_abs(flat: torch.Tensor) -> torch.Tensor:
-    """|delta| clipped per row to its [int(d*1e-4), int(d*(1-1e-4))-1] order statistics."""
+def clip_abs(flat: torch.Tensor, clip_ratio: float = CLIP_RATIO) -> torch.Tensor:
+    """|delta| clipped per row to its [int(d*c), int(d*(1-c))-1] order statistics (c = clip_ratio)."""
     d = flat.shape[1]
     a = flat.abs()
-    lo = row_kth_smallest(a, int(d * CLIP_RATIO))
-    hi = row_kth_smallest(a, int(d * (1 - CLIP_RATIO) - 1))
+    if clip_ratio <= 0:          # the indices are the row's min and max: nothing to clip
+        return a
+    lo = row_kth_smallest(a, int(d * clip_ratio))
+    hi = row_kth_smallest(a, max(int(d * (1 - clip_ratio) - 1), 0))
     return a.clamp_(lo, hi)
 
 
-def pcb_scale(flat: torch.Tensor, ratio: float = 0.1, clipped_abs: torch.Tensor | None = None) -> torch.Tensor:
+def pcb_scale(flat: torch.Tensor, ratio: float = 0.1, clipped_abs: torch.Tensor | None = None,
+              clip_ratio: float = CLIP_RATIO) -> torch.Tensor:
     """The (n, d) balancing weights in [0, 1] of n flattened task vectors."""
     n, d = flat.shape
-    a = clip_abs(flat) if clipped_abs is None else clipped_abs
+    a = clip_abs(flat, clip_ratio) if clipped_abs is None else clipped_abs
     score = minmax_rows(a).square_().mul_(n).exp_()                        # intra-balancing
     score.mul_(torch.mul(flat, flat.sum(dim=0, keepdim=True)).tanh_())      # x inter-balancing
     floor = row_kth_smallest(score, min(int(d * (1 - ratio)), d - 1))
     return minmax_rows(score.clamp_(min=floor), inplace=True)
 
 
-def pcb_combine(deltas: torch.Tensor, weights, ratio: float = 0.1) -> torch.Tensor:
+def pcb_combine(deltas: torch.Tensor, weights, ratio: float = 0.1, clip_ratio: float = CLIP_RATIO) -> torch.Tensor:
     """deltas: (n, ...) task vectors; weights: n per-task lambdas. Returns the merged delta."""
     shape = deltas.shape[1:]
     flat = deltas.reshape(deltas.shape[0], -1)
-    a = clip_abs(flat)
+    a = clip_abs(flat, clip_ratio)
     scale = pcb_scale(flat, ratio, clipped_abs=a)
     num = a.mul_(torch.sign(flat)).mul_(scale)                # sign(delta) |delta|_clipped scale
     if any(float(w) != 1.0 for w in weights):

@@ -14,7 +14,7 @@ import gradio as gr
 from ..modelbuild import warm_up
 from ..refs import resolve_model
 from . import chat, inspect, lessons, merge, method, models, score
-from .common import CONCURRENCY, SESSION_TTL, AppState, close_state, on_space
+from .common import CONCURRENCY, SESSION_TTL, AppState, close_state
 from .page import Page
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"

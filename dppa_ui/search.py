@@ -1,0 +1,855 @@
+"""Merge-parameter search: the merge settings that score best on held-out dev data.
+
+mergekit-evolve's idea (evolve the merge parameters against a score), done on merges held in
+memory: every candidate config is merged by `pipeline.merge_state_dicts` (no disk) and scored by
+`evaluation` (one batched teacher-forced pass over the dev items). The optimizers are
+nevergrad's (NGOpt, CMA, OnePlusOne, random search), plus DPPA's greedy alpha walk
+(`methods.dpa.GreedyAlphaWalk`) as one more optimizer of the same loop. So the two searches of
+the seed papers are presets of this one search, not separate code:
+
+  amplification: auto   DPPA (python_contral.py): each fine-tune alone (weight 1, sum), its band
+                        factors walked greedily from `alpha_start` (official [1.8, 0.0]) in steps
+                        of `alpha_step` (0.1); the walk's end state, or its best (`alpha_search`).
+  lambda: auto          PCB (pcb-merging.py, vision pcb_ES.py): one lambda_i per model (our model
+                        `weight`, which PCB multiplies into the numerator only), NGOpt, init 1.0,
+                        bounds [0.8, 1.3], budget 100. (The NLP merging.py uses [0.5, 3.0] and
+                        budget 200: write a `search:` block for that.)
+
+A `search:` block in the YAML names what moves and how:
+
+  search:
+    parameters:                      # any numeric parameter, each with [lower, upper] bounds
+      models[*].weight: [0.5, 1.5]   #   one value per model (models[0].weight: one model only;
+      models[*].density: [0.1, 0.5]  #   plain `weight`: one value shared by every model)
+      lambda: {lower: 0.8, upper: 1.3, init: 1.0}
+      models[0].amplification[0]: [1.0, 3.0]
+    optimizer: ngopt                 # ngopt | cma | oneplusone | random | greedy
+    budget: 100                      # candidates scored
+    objective: geometric             # geometric mean over domains of score / the best fine-tune's
+                                     #   score there (DPPA's objective); or one domain's name
+    metric: smooth                   # smooth (teacher-forced answer accuracy) | em (greedy decoding)
+    data: zoo                        # the demo family's dev splits, or a list of JSONL files
+    test_data: [test.jsonl]          # optional (zoo: its test split): scored once, for the result only
+    domains: [reverse, cipher]       # optional: the objective's domains (default: the models' own)
+    seed: 0
+
+Global parameters: lambda, dp_lambda, dp_outlier_m (DP), pcb_ratio, clip_ratio (PCB). Per model:
+weight, density, amplification[k], partitions[k] (not the last: it is the density). A moved
+density scales its model's partitions with it. Values at both bounds are validated as configs
+before any tensor is read.
+
+Parallel: candidates are asked in rounds of `batch` (default: the number of workers) and told to
+the optimizer in the order asked, so the result depends on the seed, budget and batch only, not
+on where or how fast each candidate ran: in-process, `workers` processes, or Ray actors (`ray`:
+an address, or "auto"; optional dependency, imported only then). Each process or actor loads the
+models once; candidates go to whichever is idle.
+
+The best candidate scored (nevergrad's own recommendation can be a point it never scored) or the
+greedy walk's end state is the result; its config runs unchanged with `merge`. The test split is
+scored only for that result, never during the search.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import csv
+import math
+import os
+import re
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from .config import ConfigError, MergeConfig, _num, load_config
+
+OPTIMIZERS = {"ngopt": "NGOpt", "cma": "CMA", "oneplusone": "OnePlusOne", "random": "RandomSearch", "greedy": None}
+METRICS = ("smooth", "em")
+# parameter -> (MergeConfig attribute, the stage it needs to have an effect)
+GLOBAL_PARAMS = {"lambda": ("lambda_", "any"), "dp_lambda": ("dp_lambda", "dp"),
+                 "dp_outlier_m": ("dp_outlier_m", "dp"), "pcb_ratio": ("pcb_ratio", "pcb"),
+                 "clip_ratio": ("clip_ratio", "pcb")}
+MODEL_PARAMS = {"weight": "any", "density": "prune", "amplification": "dpa", "partitions": "dpa"}
+LIST_PARAMS = ("amplification", "partitions")
+BLOCK_KEYS = {"parameters", "optimizer", "budget", "objective", "metric", "data", "test_data", "domains", "seed",
+              "step", "mode"}
+LAMBDA_BOUNDS, LAMBDA_INIT, LAMBDA_BUDGET = (0.8, 1.3), 1.0, 100     # pcb-merging.py / pcb_ES.py
+_NAME = re.compile(r"^(?:models\[(\d+|\*)\]\.)?([a-z_]+)(?:\[(\d+)\])?$")
+_NEEDS = {"any": lambda c: True, "prune": lambda c: c.prune != "none", "dp": lambda c: c.prune == "dp",
+          "pcb": lambda c: c.combine == "pcb", "dpa": lambda c: c.amplify == "dpa"}
+_NEEDS_TEXT = {"prune": "a prune stage", "dp": "prune: dp", "pcb": "combine: pcb", "dpa": "amplify: dpa"}
+
+
+# ------------------------------------------------------------------------------------ the spec
+
+@dataclass(frozen=True)
+class Param:
+    """One searched number: `key` of model `model` (an index, "all" = one value shared by every
+    model, None = a global parameter), list position `index` for amplification / partitions."""
+    name: str
+    key: str
+    model: int | str | None
+    index: int | None
+    lower: float
+    upper: float
+    init: float | None = None
+
+
+@dataclass
+class SearchSpec:
+    params: list[Param]
+    optimizer: str = "ngopt"
+    budget: int = 100
+    objective: str = "geometric"
+    metric: str = "smooth"
+    data: str | list[str] = "zoo"
+    test_data: list[str] | None = None
+    domains: list[str] | None = None
+    seed: int = 0
+    step: float = 0.1               # greedy only: the walk's step
+    mode: str = "official"          # greedy only: "official" (end state) or "best"
+
+
+def _err(key: str, msg: str) -> ConfigError:
+    return ConfigError(f"`search.{key}`: {msg}")
+
+
+def _bounds(value, name: str) -> tuple[float, float, float | None]:
+    if isinstance(value, dict):
+        unknown = set(value) - {"lower", "upper", "init"}
+        if unknown:
+            raise _err(f"parameters.{name}", f"unknown key(s) {sorted(unknown)}; use lower, upper, init")
+        lo, hi, init = value.get("lower"), value.get("upper"), value.get("init")
+    elif isinstance(value, (list, tuple)) and len(value) == 2:
+        (lo, hi), init = value, None
+    else:
+        raise _err(f"parameters.{name}", f"give bounds as [lower, upper] or {{lower, upper, init}}, got {value!r}")
+    lo, hi = (_num(v, f"search.parameters.{name}.{what}") for what, v in (("lower", lo), ("upper", hi)))
+    init = None if init is None else _num(init, f"search.parameters.{name}.init")
+    if not lo < hi:
+        raise _err(f"parameters.{name}", f"empty bounds [{lo}, {hi}]: lower must be below upper")
+    if init is not None and not lo <= init <= hi:
+        raise _err(f"parameters.{name}", f"init {init} is outside [{lo}, {hi}]")
+    return float(lo), float(hi), None if init is None else float(init)
+
+
+def _params(cfg: MergeConfig, raw) -> list[Param]:
+    if not isinstance(raw, dict) or not raw:
+        raise _err("parameters", "name at least one parameter to move, e.g. `models[*].weight: [0.5, 1.5]`")
+    known = sorted(GLOBAL_PARAMS) + sorted(f"models[i|*].{k}" for k in MODEL_PARAMS) + \
+        ["weight", "density", "amplification[k]", "partitions[k]"]
+    out: list[Param] = []
+    for name, value in raw.items():
+        m = _NAME.match(str(name))
+        key = m.group(2) if m else None
+        is_model = m is not None and (m.group(1) is not None or key in MODEL_PARAMS)
+        if m is None or (key not in GLOBAL_PARAMS and key not in MODEL_PARAMS) or \
+                (m.group(1) is not None and key not in MODEL_PARAMS):
+            raise _err(f"parameters.{name}", f"unknown parameter; known: {', '.join(known)}")
+        need = GLOBAL_PARAMS[key][1] if not is_model else MODEL_PARAMS[key]
+        if not _NEEDS[need](cfg):
+            raise _err(f"parameters.{name}", f"has no effect on {cfg.method_name}: it needs {_NEEDS_TEXT[need]}")
+        index = int(m.group(3)) if m.group(3) is not None else None
+        if (key in LIST_PARAMS) != (index is not None):
+            raise _err(f"parameters.{name}", f"{key}[k] takes a band index" if key in LIST_PARAMS
+                       else f"{key} is a number, not a list")
+        lo, hi, init = _bounds(value, name)
+        if not is_model:
+            out.append(Param(name, key, None, None, lo, hi, init))
+            continue
+        models = range(len(cfg.models)) if m.group(1) in (None, "*") else [int(m.group(1))]
+        for i in models:
+            if i >= len(cfg.models):
+                raise _err(f"parameters.{name}", f"model index {i} is out of range: the config has "
+                                                 f"{len(cfg.models)} model(s)")
+            if index is not None:
+                n_bands = len(cfg.models[i].partitions)
+                top = n_bands - 1 if key == "partitions" else n_bands
+                if index >= top:
+                    raise _err(f"parameters.{name}", f"index {index} is out of range for models[{i}] "
+                               f"({n_bands} bands" + ("; the last partition is the density" if key == "partitions"
+                                                       else "") + ")")
+        if m.group(1) is None:       # `weight`: one value shared by every model
+            out.append(Param(name, key, "all", index, lo, hi, init))
+        else:
+            out += [Param(f"models[{i}].{key}" + (f"[{index}]" if index is not None else ""), key, i, index,
+                          lo, hi, init) for i in models]
+    names = [p.name for p in out]
+    dup = {n for n in names if names.count(n) > 1}
+    if dup:
+        raise _err("parameters", f"{sorted(dup)} named twice")
+    return out
+
+
+def parse_search(cfg: MergeConfig, block: dict | None = None) -> SearchSpec:
+    """Validate a `search:` block (default: the config's own) against the config it searches.
+    Raises ConfigError naming the key; reads no tensor."""
+    block = cfg.search if block is None else block
+    if not isinstance(block, dict):
+        raise ConfigError(f"`search` must be a mapping with at least `parameters`, got {block!r}")
+    for key in block:
+        if key not in BLOCK_KEYS:
+            raise _err(key, f"unknown key; known: {', '.join(sorted(BLOCK_KEYS))}")
+    params = _params(cfg, block.get("parameters"))
+    optimizer = str(block.get("optimizer", "ngopt")).lower()
+    if optimizer not in OPTIMIZERS:
+        raise _err("optimizer", f"{block.get('optimizer')!r} is not one of {', '.join(OPTIMIZERS)}")
+    budget = _num(block.get("budget", 100), "search.budget", lo=1, integer=True)
+    metric = block.get("metric", "smooth")
+    if metric not in METRICS:
+        raise _err("metric", f"{metric!r} is not one of {', '.join(METRICS)}")
+    objective = block.get("objective", "geometric")
+    if not isinstance(objective, str) or not objective:
+        raise _err("objective", f"`geometric` or a domain name, got {objective!r}")
+    data = block.get("data", "zoo")
+    data = _files(data, "data") if data != "zoo" else "zoo"
+    test = block.get("test_data")
+    test = _files(test, "test_data") if test is not None else None
+    domains = block.get("domains")
+    if domains is not None and (not isinstance(domains, list) or not domains
+                                or not all(isinstance(d, str) and d for d in domains)):
+        raise _err("domains", f"a list of domain names, got {domains!r}")
+    seed = _num(block.get("seed", cfg.seed), "search.seed", lo=0, integer=True)
+    step = _num(block.get("step", cfg.alpha_step), "search.step", lo=0, lo_open=True)
+    mode = block.get("mode", cfg.alpha_search)
+    if mode not in ("official", "best"):
+        raise _err("mode", f"`official` (the walk's end state) or `best`, got {mode!r}")
+    spec = SearchSpec(params=params, optimizer=optimizer, budget=budget, objective=objective, metric=metric,
+                      data=data, test_data=test, domains=domains, seed=seed, step=float(step), mode=mode)
+    base = search_base(cfg)
+    for p in params:                # both bounds must give a valid config (density <= 1, ...)
+        for v in (p.lower, p.upper):
+            try:
+                load_config(apply_values(base, [p], [v]))
+            except ConfigError as e:
+                raise _err(f"parameters.{p.name}", f"the bound {v} gives an invalid config: {e}") from None
+    return spec
+
+
+def _files(value, key: str) -> list[str]:
+    files = [value] if isinstance(value, str) else value
+    if not isinstance(files, list) or not files or not all(isinstance(f, str) for f in files):
+        raise _err(key, f"`zoo` or a list of JSONL files, got {value!r}")
+    for f in files:
+        if not Path(f).is_file():
+            raise _err(key, f"file {f!r} does not exist")
+    return files
+
+
+# ------------------------------------------------------------------------ candidates as configs
+
+def search_base(cfg: MergeConfig) -> dict:
+    """The config every candidate starts from: explicit values, no search block, no `auto`."""
+    d = cfg.to_dict()
+    d.pop("search", None)
+    if d["parameters"].get("lambda") == "auto":
+        d["parameters"]["lambda"] = cfg.lambda_
+    return d
+
+
+def current_value(cfg: MergeConfig, p: Param) -> float:
+    """The value the config gives parameter `p` (the first model's, for a shared one)."""
+    if p.model is None:
+        return float(getattr(cfg, GLOBAL_PARAMS[p.key][0]))
+    v = getattr(cfg.models[0 if p.model == "all" else p.model], p.key)
+    return float(v[p.index] if p.index is not None else v)
+
+
+def apply_values(base: dict, params: Sequence[Param], values: Sequence[float]) -> dict:
+    """A config dict: `base` with each parameter set to its value. A moved density scales that
+    model's partitions with it, so they still end at the density."""
+    d = copy.deepcopy(base)
+    for p, v in zip(params, values):
+        v = float(v)
+        if p.model is None:
+            d["parameters"][p.key] = v
+            continue
+        for i in (range(len(d["models"])) if p.model == "all" else [p.model]):
+            mp = d["models"][i]["parameters"]
+            if p.key == "density" and mp.get("partitions"):
+                old = mp["density"]
+                mp["partitions"] = [f * v / old for f in mp["partitions"][:-1]] + [v]
+            if p.index is not None:
+                mp[p.key] = list(mp[p.key])
+                mp[p.key][p.index] = v
+            else:
+                mp[p.key] = v
+    return d
+
+
+# ------------------------------------------------------------------------------- data, scoring
+
+@dataclass
+class Scoring:
+    """What a candidate is scored on: the dev items, and how scores become the objective."""
+    items: list[dict]
+    domains: list[str]
+    objective: str = "geometric"
+    metric: str = "smooth"
+    reference: dict[str, float] | None = None     # per domain: the best fine-tune's score (geometric)
+
+    def value(self, scores: dict) -> float:
+        """The objective of per-domain scores ({domain: {metric: value}}, as score_model gives)."""
+        if self.objective != "geometric":
+            return float(scores[self.objective][self.metric])
+        from .evaluation import geometric_objective
+        return geometric_objective(scores, {d: {self.metric: r} for d, r in self.reference.items()},
+                                   self.metric, self.domains)
+
+    def rate(self, res: dict) -> dict:
+        """A worker's result ({"scores": {domain: metric}, ...}) with its objective (0 if it failed)."""
+        ok = res["error"] is None
+        return {**res, "objective": self.value({d: {self.metric: v} for d, v in res["scores"].items()}) if ok else 0.0}
+
+
+def model_domains(cfg: MergeConfig, model_dirs: Sequence[Path]) -> list[list[str] | None]:
+    """Each model's domains: its `domain:`, else what a registered look-up knows (demo models
+    know theirs), else None."""
+    from .evaluation import model_domain
+    out = []
+    for m, d in zip(cfg.models, model_dirs):
+        dom = m.domain or model_domain(d)
+        out.append(None if not dom else [dom] if isinstance(dom, str) else list(dom))
+    return out
+
+
+def load_items(data: str | list[str], split: str, domains: Sequence[str] | None) -> list[dict]:
+    from .evaluation import load_suite
+    if data == "zoo":
+        return load_suite("zoo", split, domains=domains)
+    items = []
+    for f in data:
+        items += load_suite(f, split)
+    if domains is not None:
+        missing = set(domains) - {it["domain"] for it in items}
+        if missing:
+            raise ValueError(f"the search data has no items for domain(s) {sorted(missing)}")
+        items = [it for it in items if it["domain"] in domains]
+    return items
+
+
+def objective_domains(spec: SearchSpec, per_model: list[list[str] | None], what: str) -> list[str] | None:
+    """The objective's domains: the block's `domains`, else every model's own; None = every
+    domain of JSONL data. Zoo data needs each model's domain (demo models know theirs)."""
+    if spec.domains is not None:
+        return list(spec.domains)
+    if spec.objective != "geometric":
+        return [spec.objective]
+    if any(d is None for d in per_model):
+        if spec.data == "zoo":
+            raise ValueError(f"{what} needs `domain:` for each model (the dev split it is scored on); "
+                             f"demo models know theirs")
+        return None
+    return list(dict.fromkeys(d for ds in per_model for d in ds))
+
+
+# --------------------------------------------------------------------------------- evaluation
+
+@dataclass
+class EvalJob:
+    """What a worker process or Ray actor needs to score candidates (small and picklable): model
+    refs are loaded where the job runs, once."""
+    base: str
+    models: list[str]
+    scoring: Scoring
+    allow_pickle: bool = False
+    config: dict | None = None          # a candidate to prepare for (DP statistics, the scorer's model)
+
+
+class Evaluator:
+    """Holds the models and merges + scores candidate configs (dicts) in memory."""
+
+    def __init__(self, base_dir: Path, base_sd: dict, ft_sds: list[dict], scoring: Scoring,
+                 stats: list | None = None, stats_m: float | None = None):
+        self.base_dir, self.base_sd, self.ft_sds, self.scoring = Path(base_dir), base_sd, ft_sds, scoring
+        self._stats = {round(stats_m, 9): stats} if stats is not None and stats_m is not None else {}
+
+    @classmethod
+    def from_job(cls, job: EvalJob) -> "Evaluator":
+        from . import io
+        base_dir = io.resolve_model(job.base, allow_pickle=job.allow_pickle)
+        fts = [io.read_state_dict(io.resolve_model(m, allow_pickle=job.allow_pickle), allow_pickle=job.allow_pickle)
+               for m in job.models]
+        ev = cls(base_dir, io.read_state_dict(base_dir, allow_pickle=job.allow_pickle), fts, job.scoring)
+        if job.config is not None:         # now, not in the first candidate's time
+            from .evaluation import _skeleton
+            ev.stats(load_config(job.config))
+            _skeleton(base_dir)
+        return ev
+
+    def stats(self, cfg: MergeConfig):
+        if cfg.prune != "dp":
+            return None
+        key = round(cfg.dp_outlier_m, 9)
+        if key not in self._stats:
+            from .stats import collect_stats
+            names = [n for n, t in self.base_sd.items() if t.is_floating_point()]
+            self._stats[key] = collect_stats(names, lambda n: (self.base_sd[n], [sd[n] for sd in self.ft_sds]),
+                                             [m.model for m in cfg.models], cfg.dp_outlier_m)
+        return self._stats[key]
+
+    def scores(self, state_dict: dict, items: list[dict] | None = None, generate: bool | None = None) -> dict:
+        from .evaluation import score_state_dict
+        gen = self.scoring.metric == "em" if generate is None else generate
+        return score_state_dict(self.base_dir, state_dict, items if items is not None else self.scoring.items,
+                                generate=gen)
+
+    def merged(self, config: dict | MergeConfig) -> dict:
+        from .pipeline import merge_state_dicts
+        cfg = config if isinstance(config, MergeConfig) else load_config(config)
+        with warnings.catch_warnings():        # "DP pruned a module to density 0" is a candidate's problem
+            warnings.simplefilter("ignore")
+            return merge_state_dicts(self.base_sd, self.ft_sds, cfg, stats=self.stats(cfg))
+
+    def evaluate(self, config: dict) -> dict:
+        """{"scores" (per domain: the metric), "seconds", "error"} for one candidate; a candidate
+        that is not a valid config gets no scores and the reason. The objective is computed by
+        the caller (`Scoring.rate`), so workers need no reference scores."""
+        t0 = time.perf_counter()
+        try:
+            scores = self.scores(self.merged(config))
+        except ConfigError as e:
+            return {"scores": {}, "seconds": time.perf_counter() - t0, "error": str(e)}
+        return {"scores": {d: s[self.scoring.metric] for d, s in scores.items()},
+                "seconds": time.perf_counter() - t0, "error": None}
+
+
+# ------------------------------------------------------------------------------------ executors
+
+class _Serial:
+    def __init__(self, evaluator: Evaluator, threads: int | None = None):
+        import torch
+        self.ev, self.torch, self.restore = evaluator, torch, torch.get_num_threads()
+        if threads:
+            torch.set_num_threads(threads)
+
+    def map(self, configs: list[dict]) -> list[dict]:
+        return [self.ev.evaluate(c) for c in configs]
+
+    def close(self):
+        self.torch.set_num_threads(self.restore)
+
+
+_WORKER: Evaluator | None = None
+
+
+def _pool_init(job: EvalJob, threads: int) -> None:
+    import torch
+    global _WORKER
+    torch.set_num_threads(threads)
+    _WORKER = Evaluator.from_job(job)
+
+
+def _pool_eval(config: dict) -> dict:
+    return _WORKER.evaluate(config)
+
+
+class _Pool:
+    """Worker processes, each loading the models once. They start from a fork server that has
+    imported torch and transformers but run nothing yet: a process forked after torch's OpenMP
+    threads have run hangs in its first parallel op, and a spawned one re-imports everything."""
+
+    def __init__(self, job: EvalJob, n: int, threads: int):
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+        if "forkserver" in mp.get_all_start_methods():
+            ctx = mp.get_context("forkserver")
+            ctx.set_forkserver_preload(["torch", "transformers", "dppa_ui.search"])
+        else:
+            ctx = mp.get_context("spawn")
+        self.pool = ProcessPoolExecutor(n, mp_context=ctx, initializer=_pool_init, initargs=(job, threads))
+        for _ in range(n):      # start every worker now (each submit starts at most one)
+            self.pool.submit(int)
+
+    def map(self, configs: list[dict]) -> list[dict]:
+        return list(self.pool.map(_pool_eval, configs))
+
+    def close(self):
+        self.pool.shutdown(cancel_futures=True)
+
+
+class _Ray:
+    """Ray actors (`ray` imported only here). Each actor loads the models once, by ref, where it
+    runs (so the paths or hub ids must resolve on every node); a round's candidates go to idle
+    actors as they free up, and come back in the order asked."""
+
+    def __init__(self, job: EvalJob, n: int, address: str, threads: int = 1):
+        try:
+            import ray
+            from ray.util import ActorPool
+        except ImportError:
+            raise RuntimeError("--ray needs Ray: pip install 'ray[default]'") from None
+        if not ray.is_initialized():
+            ray.init(address=None if address == "local" else address, ignore_reinit_error=True,
+                     log_to_driver=False)
+
+        @ray.remote(num_cpus=threads)
+        class _Actor:
+            def __init__(self, job):
+                import torch
+                torch.set_num_threads(threads)
+                self.ev = Evaluator.from_job(job)
+
+            def evaluate(self, config):
+                return self.ev.evaluate(config)
+
+        self.ray = ray
+        self.actors = [_Actor.remote(job) for _ in range(n)]
+        self.pool = ActorPool(self.actors)
+
+    def map(self, configs: list[dict]) -> list[dict]:
+        return list(self.pool.map(lambda a, c: a.evaluate.remote(c), configs))
+
+    def close(self):
+        for a in self.actors:
+            self.ray.kill(a)
+
+
+# ------------------------------------------------------------------------------------ optimizers
+
+@contextlib.contextmanager
+def _quiet_nevergrad():
+    """Silence nevergrad's and cma's chatter, and make its meta-model work on numpy >= 2.4:
+    nevergrad 1.0.12 calls float() on a one-element array from sklearn's LinearRegression.predict
+    (its issue #1612), which numpy 2.4 turned from a warning into a TypeError. During our ask and
+    tell, predict returns a 0-d array for one row; nothing else changes."""
+    import sklearn.linear_model as lm
+    orig = lm.LinearRegression
+
+    class _LinearRegression(orig):
+        def predict(self, X):
+            out = super().predict(X)
+            return out.reshape(()) if getattr(out, "shape", None) == (1,) else out
+
+    lm.LinearRegression = _LinearRegression
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        lm.LinearRegression = orig
+
+
+class _Nevergrad:
+    def __init__(self, name: str, params: list[Param], init: list[float], budget: int, batch: int, seed: int):
+        import numpy as np
+        with _quiet_nevergrad():
+            import nevergrad as ng
+            arr = ng.p.Array(init=np.array(init, dtype=float), lower=np.array([p.lower for p in params]),
+                             upper=np.array([p.upper for p in params]))
+            arr.random_state = np.random.RandomState(seed)
+            self.opt = ng.optimizers.registry[OPTIMIZERS[name]](parametrization=arr, budget=budget, num_workers=batch)
+        self.pending: dict[int, Any] = {}
+
+    def ask(self, n: int) -> list[tuple[int, list[float]]]:
+        out = []
+        with _quiet_nevergrad():
+            for _ in range(n):
+                cand = self.opt.ask()
+                self.pending[id(cand)] = cand
+                out.append((id(cand), [float(x) for x in cand.value]))
+        return out
+
+    def tell(self, token: int, objective: float) -> None:
+        with _quiet_nevergrad():
+            self.opt.tell(self.pending.pop(token), -float(objective))     # nevergrad minimises
+
+    def choice(self, rows: list[dict]) -> list[float] | None:
+        return None        # the best candidate scored
+
+
+class _Greedy:
+    """DPPA's greedy walk over the parameters in order (their start: `init`)."""
+
+    def __init__(self, init: list[float], budget: int, step: float, mode: str):
+        from .methods.dpa import GreedyAlphaWalk
+        self.walk = GreedyAlphaWalk(len(init), init, step, mode, max_evals=budget)
+
+    def ask(self, n: int) -> list[tuple[int, list[float]]]:
+        a = self.walk.ask()
+        return [] if a is None else [(0, a)]
+
+    def tell(self, token: int, objective: float) -> None:
+        self.walk.tell(objective)
+
+    def choice(self, rows: list[dict]) -> list[float] | None:
+        return self.walk.result().alpha
+
+
+# ---------------------------------------------------------------------------------------- search
+
+@dataclass
+class SearchResult:
+    config: MergeConfig                 # the chosen config (no search block): runs with `merge`
+    values: dict[str, float]            # the chosen value of each searched parameter
+    objective: float                    # its dev objective
+    rows: list[dict] = field(default_factory=list)     # one per candidate scored (see `run_search`)
+    test: dict | None = None            # the chosen config on the test split: {"scores", "objective"}
+    cancelled: bool = False
+    seconds: float = 0.0
+    spec: SearchSpec | None = None
+
+    @property
+    def best_so_far(self) -> list[float]:
+        return [r["best"] for r in self.rows]
+
+
+def _resolve(cfg: MergeConfig, base_dir, model_dirs, allow_pickle: bool):
+    from . import io
+    base_dir = Path(base_dir) if base_dir is not None else io.resolve_model(cfg.base_model, allow_pickle=allow_pickle)
+    model_dirs = [Path(d) for d in model_dirs] if model_dirs is not None else \
+        [io.resolve_model(m.model, allow_pickle=allow_pickle) for m in cfg.models]
+    return base_dir, model_dirs
+
+
+@dataclass
+class Optimized:
+    values: list[float]                 # the chosen point
+    objective: float                    # its objective
+    rows: list[dict]
+    cancelled: bool = False
+
+
+def optimize(spec: SearchSpec, evaluate: Callable[[list[list[float]]], list[dict]],
+             init: Sequence[float] | None = None, batch: int = 1,
+             on_eval: Callable[[dict], None] | None = None, cancel: Callable[[], bool] | None = None) -> Optimized:
+    """The search loop on any objective: `evaluate(points)` returns, per point (a value per
+    spec parameter), {"objective", and optionally "scores", "seconds", "error"}. Rounds of
+    `batch` points are asked, evaluated together and told in the order asked. The choice: the
+    greedy walk's (end state or best), else the best point scored (the first of equals); a
+    chosen point never scored is scored once more (a row with phase "final")."""
+    init = [min(max(p.init if p.init is not None else v, p.lower), p.upper)
+            for p, v in zip(spec.params, init or [p.init if p.init is not None else p.lower for p in spec.params])]
+    if spec.optimizer == "greedy":
+        batch = 1                                    # each step needs the last score
+    opt = _Greedy(init, spec.budget, spec.step, spec.mode) if spec.optimizer == "greedy" else \
+        _Nevergrad(spec.optimizer, spec.params, init, spec.budget, batch, spec.seed)
+    rows: list[dict] = []
+    best = -math.inf
+
+    def record(values, res, phase):
+        nonlocal best
+        if phase == "search":
+            best = max(best, res["objective"])
+        row = {"eval": len(rows) + 1, "phase": phase, "params": {p.name: float(v) for p, v in zip(spec.params, values)},
+               "objective": float(res["objective"]), "best": best, "scores": res.get("scores", {}),
+               "seconds": res.get("seconds", 0.0), "error": res.get("error")}
+        rows.append(row)
+        if on_eval:
+            on_eval(row)
+        return row
+
+    cancelled, done = False, 0
+    while done < spec.budget:
+        if cancel and cancel():
+            cancelled = True
+            break
+        asked = opt.ask(min(batch, spec.budget - done))
+        if not asked:
+            break
+        for (token, values), res in zip(asked, evaluate([v for _, v in asked])):
+            opt.tell(token, res["objective"])
+            record(values, res, "search")
+        done += len(asked)
+    scored = [r for r in rows if r["phase"] == "search"]
+    chosen = None if cancelled else opt.choice(rows)
+    if chosen is None:
+        if not scored:
+            raise InterruptedError("search cancelled before any candidate was scored")
+        top = max(scored, key=lambda r: r["objective"])
+        return Optimized([top["params"][p.name] for p in spec.params], top["objective"], rows, cancelled)
+    seen = [r for r in scored if all(abs(r["params"][p.name] - v) < 1e-9 for p, v in zip(spec.params, chosen))]
+    objective = seen[-1]["objective"] if seen else record(chosen, evaluate([chosen])[0], "final")["objective"]
+    return Optimized(list(chosen), objective, rows, cancelled)
+
+
+def run_search(config, spec: SearchSpec | None = None, *, base_dir=None, model_dirs=None,
+               loaded: tuple[dict, list[dict]] | None = None, stats: list | None = None,
+               workers: int = 1, ray: str | None = None, batch: int | None = None,
+               on_eval: Callable[[dict], None] | None = None, cancel: Callable[[], bool] | None = None,
+               log: Callable[[str], None] | None = None, test: bool = True,
+               threads: int | None = None, allow_pickle: bool = False) -> SearchResult:
+    """Search `config`'s `search:` block (or `spec`): merge and score every candidate, return the
+    chosen config and every row.
+
+    `loaded` = (base state dict, fine-tunes' state dicts aligned with the config's models) and
+    `stats` (their DeltaStats at the config's dp_outlier_m) spare the reads when the caller holds
+    them (the app). `workers` > 1: that many processes; `ray`: Ray actors (an address or "auto";
+    "local" starts one here) instead. `batch`: candidates per round (default: the workers).
+    `threads`: torch threads per worker process (default: the cores / workers) or, in-process, for
+    the search's duration (default: unchanged). On a busy machine one thread per process is far
+    faster than several: torch's OpenMP threads spin-wait for each other.
+
+    `on_eval(row)` is called after every candidate with the row: {"eval" (1-based), "phase"
+    ("search", or "final" for a chosen point the search never scored), "params" {name: value},
+    "objective", "best" (best objective so far), "scores" {domain: metric}, "seconds", "error"}.
+    `cancel()` is polled between rounds: when it returns True the search stops and returns the
+    best found so far (cancelled=True). Nothing is written to disk (see `write_outputs`)."""
+    t_start = time.perf_counter()
+    log = log or (lambda s: None)
+    cfg = config if isinstance(config, MergeConfig) else load_config(config)
+    spec = spec or parse_search(cfg)
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    if cfg.lambda_auto or any(isinstance(m.amplification, str) for m in cfg.models):
+        raise ValueError("resolve `amplification: auto` / `lambda: auto` first (engine.search_amplification, "
+                         "engine.search_lambda), or run `python -m dppa_ui search`, which does")
+    batch = 1 if spec.optimizer == "greedy" else batch or workers
+    base_dir, model_dirs = _resolve(cfg, base_dir, model_dirs, allow_pickle)
+
+    # Data and the objective's domains: checked before any tensor is read.
+    domains = objective_domains(spec, model_domains(cfg, model_dirs), "the search")
+    items = load_items(spec.data, "dev", domains)
+    domains = domains or list(dict.fromkeys(it["domain"] for it in items))
+    if spec.objective != "geometric" and spec.objective not in domains:
+        raise ValueError(f"search objective {spec.objective!r} is not a domain of the data ({', '.join(domains)})")
+    scoring = Scoring(items=items, domains=domains, objective=spec.objective, metric=spec.metric)
+
+    from . import io
+    base_sd, ft_sds = loaded if loaded is not None else (
+        io.read_state_dict(base_dir, allow_pickle=allow_pickle),
+        [io.read_state_dict(d, allow_pickle=allow_pickle) for d in model_dirs])
+    ev = Evaluator(base_dir, base_sd, ft_sds, scoring, stats, cfg.dp_outlier_m)
+    serial = _Serial(ev, threads if not ray and workers == 1 else None)   # the reference and test run here
+    base = search_base(cfg)
+    # Workers resolve the config's own refs where they run (a hub id or demo: ref resolves on any node).
+    job = EvalJob(cfg.base_model, [m.model for m in cfg.models], scoring, allow_pickle, base)
+    pool = None
+    try:       # workers start loading the models while the reference is scored here
+        pool = _Ray(job, workers, ray, threads or 1) if ray else \
+            _Pool(job, workers, threads or max(1, (os.cpu_count() or 1) // workers)) if workers > 1 else None
+        if spec.objective == "geometric":         # each domain's reference: the best fine-tune there
+            per_ft = [ev.scores(sd) for sd in ft_sds]
+            scoring.reference = {d: max(s[d][spec.metric] for s in per_ft) for d in domains}
+        executor = pool or serial
+        log(f"search: {len(spec.params)} parameter(s), {spec.optimizer}, budget {spec.budget}, batch {batch}, "
+            f"{'Ray' if ray else f'{workers} worker(s)'}; objective {spec.objective} ({spec.metric}) on "
+            f"{', '.join(domains)} (dev, {len(items)} items)")
+        run = optimize(spec, lambda points: [scoring.rate(r) for r in executor.map(
+                           [apply_values(base, spec.params, v) for v in points])],
+                       init=[current_value(cfg, p) for p in spec.params], batch=batch, on_eval=on_eval, cancel=cancel)
+        if pool is not None:
+            pool.close()
+            pool = None
+        best_cfg = load_config(apply_values(base, spec.params, run.values))
+        result = SearchResult(config=best_cfg, values={p.name: float(v) for p, v in zip(spec.params, run.values)},
+                              objective=run.objective, rows=run.rows, cancelled=run.cancelled, spec=spec)
+        if test and not run.cancelled:
+            result.test = _test_report(ev, best_cfg, spec, domains)
+    finally:
+        if pool is not None:
+            pool.close()
+        serial.close()
+    result.seconds = time.perf_counter() - t_start
+    log(f"search: chose {result.values} (dev objective {run.objective:.4f}) after "
+        f"{sum(r['phase'] == 'search' for r in run.rows)} candidates in {result.seconds:.1f} s")
+    return result
+
+
+def _test_report(ev: Evaluator, cfg: MergeConfig, spec: SearchSpec, domains: list[str]) -> dict | None:
+    """The chosen config on the test split (EM and smooth per domain, and the objective against the
+    best fine-tune's test score): reported once, never used by the search."""
+    if spec.data != "zoo" and not spec.test_data:
+        return None
+    items = load_items(spec.test_data or "zoo", "test", domains)
+    scores = ev.scores(ev.merged(cfg), items, generate=True)
+    refs = [ev.scores(sd, items, generate=spec.metric == "em") for sd in ev.ft_sds]
+    ref = {d: max(r[d][spec.metric] for r in refs) for d in domains}
+    scoring = Scoring(items, domains, spec.objective, spec.metric, ref)
+    return {"scores": scores, "objective": scoring.value(scores), "reference": ref}
+
+
+# ------------------------------------------------------------------------------------- presets
+
+def alpha_search(cfg: MergeConfig, i: int, base_dir, model_dir, *, ft_sd: dict | None = None,
+                 base_sd: dict | None = None, stats=None, max_evals: int = 60,
+                 log: Callable[[str], None] | None = None, on_eval=None, cancel=None) -> SearchResult:
+    """`amplification: auto` for model i: its fine-tune alone (weight 1, lambda 1, sum), the greedy
+    walk over its band factors from `alpha_start`, on its own domains' dev split."""
+    from .methods.dpa import official_start
+    m = cfg.models[i]
+    single = copy.deepcopy(cfg)
+    single.models = [copy.deepcopy(m)]
+    sm = single.models[0]
+    sm.weight, single.lambda_, single.lambda_auto, single.combine, single.normalize = 1.0, 1.0, False, "sum", False
+    start = list(cfg.alpha_start) if cfg.alpha_start is not None else official_start(len(m.partitions))
+    sm.amplification = list(start)
+    block = dict(cfg.search or {})
+    dom = model_domains(single, [model_dir])[0]
+    if dom is None and block.get("data", "zoo") == "zoo":
+        raise ValueError(f"amplification: auto for {m.model} needs `domain:` (the dev split its alpha is "
+                         f"scored on); demo models know theirs")
+    spec = SearchSpec(params=[Param(f"models[0].amplification[{k}]", "amplification", 0, k, 0.0, 1e3, a)
+                              for k, a in enumerate(start)],
+                      optimizer="greedy", budget=max_evals, objective="geometric", metric="smooth",
+                      data=block.get("data", "zoo"), domains=dom, step=cfg.alpha_step, mode=cfg.alpha_search)
+    loaded = (base_sd, [ft_sd]) if base_sd is not None and ft_sd is not None else None
+    return run_search(single, spec, base_dir=base_dir, model_dirs=[model_dir], loaded=loaded, stats=stats,
+                      log=log, on_eval=on_eval, cancel=cancel, test=False)
+
+
+def lambda_search(cfg: MergeConfig, base_dir, model_dirs, *, loaded=None, stats=None,
+                  budget: int | None = None, bounds: tuple[float, float] | None = None,
+                  log=None, on_eval=None, cancel=None, workers: int = 1, ray: str | None = None) -> SearchResult:
+    """`lambda: auto`: PCB's search of one lambda_i (model weight) per model, NGOpt from 1.0 within
+    [0.8, 1.3], budget 100, on the dev split of every model's domains; the global lambda is 1."""
+    block = dict(cfg.search or {})
+    if block.get("data", "zoo") == "zoo" and not block.get("domains") and \
+            any(d is None for d in model_domains(cfg, model_dirs)):
+        raise ValueError("lambda: auto needs `domain:` for each model (the dev split it is scored on); "
+                         "demo models know theirs")
+    budget, bounds = budget or LAMBDA_BUDGET, bounds or LAMBDA_BOUNDS
+    c = copy.deepcopy(cfg)
+    c.lambda_, c.lambda_auto = 1.0, False
+    spec = SearchSpec(params=[Param(f"models[{i}].weight", "weight", i, None, bounds[0], bounds[1], LAMBDA_INIT)
+                              for i in range(len(cfg.models))],
+                      optimizer="ngopt", budget=budget, objective="geometric", metric="smooth",
+                      data=block.get("data", "zoo"), domains=block.get("domains"), seed=cfg.seed)
+    return run_search(c, spec, base_dir=base_dir, model_dirs=model_dirs, loaded=loaded, stats=stats, log=log,
+                      on_eval=on_eval, cancel=cancel, test=False, workers=workers, ray=ray)
+
+
+# -------------------------------------------------------------------------------------- outputs
+
+def write_outputs(result: SearchResult, out: Path) -> dict[str, Path]:
+    """Into folder `out` (which must exist): best.yaml (runs with `merge`), search_log.csv (one row
+    per candidate), search_plot.html (+ .png when kaleido is installed), summary.json."""
+    import json
+    out = Path(out)
+    files = {"yaml": out / "best.yaml", "csv": out / "search_log.csv", "html": out / "search_plot.html",
+             "summary": out / "summary.json"}
+    files["yaml"].write_text(result.config.to_yaml())
+    names = list(result.values)
+    domains = list(dict.fromkeys(d for r in result.rows for d in r["scores"]))
+    with open(files["csv"], "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["eval", "phase", *names, "objective", "best_so_far", *(f"score:{d}" for d in domains),
+                    "seconds", "error"])
+        for r in result.rows:
+            w.writerow([r["eval"], r["phase"], *(r["params"][n] for n in names), r["objective"], r["best"],
+                        *(r["scores"].get(d, "") for d in domains), round(r["seconds"], 4), r["error"] or ""])
+    fig = search_figure(result.rows)
+    fig.write_html(str(files["html"]), include_plotlyjs="cdn")
+    try:
+        fig.write_image(str(out / "search_plot.png"))
+        files["png"] = out / "search_plot.png"
+    except Exception:          # kaleido (and its browser) are optional
+        pass
+    files["summary"].write_text(json.dumps({
+        "values": result.values, "objective": result.objective, "test": result.test, "cancelled": result.cancelled,
+        "seconds": result.seconds, "evaluations": len(result.rows)}, indent=2, default=float))
+    return files
+
+
+def search_figure(rows: list[dict]):
+    """Objective per evaluation (dots) and the best so far (line)."""
+    import plotly.graph_objects as go
+    x = [r["eval"] for r in rows if r["phase"] == "search"]
+    fig = go.Figure([go.Scatter(x=x, y=[r["objective"] for r in rows if r["phase"] == "search"], mode="markers",
+                                name="objective"),
+                     go.Scatter(x=x, y=[r["best"] for r in rows if r["phase"] == "search"], mode="lines",
+                                name="best so far", line=dict(shape="hv"))])
+    fig.update_layout(xaxis_title="evaluation", yaxis_title="objective (dev)", template="plotly_white",
+                      margin=dict(l=50, r=20, t=30, b=40), height=360)
+    return fig
