@@ -363,3 +363,14 @@ def test_auto_lambda_writes_the_lambdas_it_found_into_the_weights(pair, monkeypa
     assert len(tried) == 6 and all(0.8 <= x <= 1.3 for _, lam in tried for x in lam)
     assert weights == pytest.approx(max(tried)[1], abs=1e-3)                  # the best candidate's λ_i
     assert len(outs) >= 2                                                     # the log streamed before the end
+
+
+def test_auto_alpha_streams_the_official_walk_and_writes_what_it_chose(pair):
+    outs = list(method.auto_alpha({"state": pair, **ctl(preset="dppa")}))
+    last = outs[-1]
+    assert last["method_status"].startswith("✓") and len(outs) >= 3          # the log streamed before the end
+    chosen = [[float(x) for x in a.split(",")] for a in re.findall(r"chose \[([0-9., ]+)\]", last["alpha_log"])]
+    written = controls_from({**DEFAULT_UI, "alpha_per_model": last["alpha_per_model"]}).alpha_per_model
+    assert list(written) == FTS[::2] and list(written.values()) == chosen
+    # the official walk starts at [1.8, 0.0]: its first step is scored there, whatever the sliders say
+    assert "alpha [1.8, 0.0] ->" in last["alpha_log"]
