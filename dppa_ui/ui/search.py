@@ -19,11 +19,11 @@ from typing import Any, Callable
 import gradio as gr
 
 from .. import figures, search
-from ..config import PRESETS, ConfigError
+from ..config import ConfigError
 from ..controls import MethodControls
 from ..workspace import short
-from .common import (CONTROL_KEYS, DEFAULT_UI, AppState, UserError, _expected, controls_from, message, ok, values_of,
-                     warn)
+from .common import (CONTROL_KEYS, DEFAULT_UI, AppState, UserError, _expected, _finite, controls_from, message, ok,
+                     values_of, warn)
 from .method import CONTROLS_OUT, controls_of, show_controls
 from .score import UPLOAD_SUITE, _read_upload, _upload_path, upload_only, upload_suite
 
@@ -79,16 +79,6 @@ def _truthy(x) -> bool:
     return x is True or str(x).strip().lower() in ("true", "1", "yes", "✓", "x")
 
 
-def _bound(x, what: str) -> float:
-    try:
-        f = float(x)
-    except (TypeError, ValueError):
-        raise UserError(f"{what} must be a number, got {x!r}") from None
-    if not math.isfinite(f):
-        raise UserError(f"{what} must be a finite number, got {x!r}")
-    return f
-
-
 def parameters_block(rows, refs: list[str]) -> dict:
     """The ticked table rows as a `search.parameters` mapping {name: [low, high]}; a row that names
     no parameter or model, or has a bound that is not a finite number, is refused by its name."""
@@ -116,7 +106,7 @@ def parameters_block(rows, refs: list[str]) -> dict:
                             f"fine-tune ({', '.join(short(r) for r in refs)})")
         if name in out:
             raise UserError(f"parameter {row[1]} ({who or 'global'}) is ticked twice")
-        out[name] = [_bound(row[3], f"parameter {row[1]}: low"), _bound(row[4], f"parameter {row[1]}: high")]
+        out[name] = [_finite(row[3], f"parameter {row[1]}: low"), _finite(row[4], f"parameter {row[1]}: high")]
     if not out:
         raise UserError("tick at least one parameter to move (the `move` column)")
     return out
@@ -240,11 +230,11 @@ def start(v: dict):
         c = controls_of(v)
         cfg = ws.config(c)
         refs = [m.model for m in cfg.models]
-        budget = _bound(v["search_budget"], "budget")
+        budget = _finite(v["search_budget"], "budget")
         if not (budget == int(budget) and 1 <= budget <= MAX_BUDGET):
             raise UserError(f"budget {v['search_budget']!r}: a whole number of candidates from 1 to {MAX_BUDGET} "
                             f"(bigger searches: `python -m dppa_ui search`)")
-        seed = _bound(v["search_seed"] if v["search_seed"] is not None else 0, "seed")
+        seed = _finite(v["search_seed"] if v["search_seed"] is not None else 0, "seed")
         data, path = _data(state, v["search_data"], v["search_upload"])
         objective = str(v["search_objective"] or GEOMETRIC).strip()
         if data == "zoo" and objective not in (GEOMETRIC, *_domains()):
