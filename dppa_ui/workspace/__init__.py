@@ -18,7 +18,6 @@ import warnings
 from pathlib import Path
 from typing import Callable, Iterable
 
-
 from ..config import MergeConfig, load_config
 from ..methods.dp import DPDensity
 from ..pipeline import kept_fraction
