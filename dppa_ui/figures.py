@@ -145,31 +145,33 @@ def apl_importance(table: dict, model: str, index: int, gradient_at: str = "midp
     scale = dict(colorscale="RdBu", reversescale=True, zmid=0, zmin=-top, zmax=top)
     hover_d = "; APL keeps %{customdata:.3f}" if dens is not None else ""
     heat_e = go.Heatmap(z=exact, x=mods, y=blocks, text=cells(exact), texttemplate="%{text}", customdata=dens,
-                        xaxis="x", yaxis="y", showscale=False, **scale,
+                        textfont=dict(size=10), xaxis="x", yaxis="y", showscale=False, **scale,
                         hovertemplate="block %{y}, %{x}: exact ΔL %{z:.4g}" + hover_d + "<extra></extra>")
     heat_g = go.Heatmap(z=grad, x=mods, y=blocks, text=cells(grad), texttemplate="%{text}", xaxis="x2", yaxis="y2",
-                        colorbar=dict(title=dict(text="ΔL"), x=0.765, thickness=10, len=0.9), **scale,
+                        textfont=dict(size=10), colorbar=dict(title=dict(text="ΔL"), x=0.745, xanchor="left",
+                                                              thickness=10, len=0.9), **scale,
                         hovertemplate="block %{y}, %{x}: gradient −δ·∇L %{z:.4g}<extra></extra>")
     c = color(index)
     bar_e = go.Bar(y=blocks, x=table["block_exact"], orientation="h", name="exact: the block's delta removed",
-                   marker_color=c, xaxis="x3", yaxis="y3", hovertemplate="block %{y}: exact %{x:.4g}<extra></extra>")
+                   marker_color=c, xaxis="x3", yaxis="y3", showlegend=False,
+                   hovertemplate="block %{y}: exact (its whole delta removed) %{x:.4g}<extra></extra>")
     bar_g = go.Bar(y=blocks, x=table["block_gradient"], orientation="h", name="gradient: sum over its modules",
-                   marker=dict(color=c, opacity=0.4), xaxis="x3", yaxis="y3",
-                   hovertemplate="block %{y}: gradient %{x:.4g}<extra></extra>")
+                   marker=dict(color=c, opacity=0.4), xaxis="x3", yaxis="y3", showlegend=False,
+                   hovertemplate="block %{y}: gradient (sum over its modules) %{x:.4g}<extra></extra>")
     ycat = dict(type="category", autorange="reversed", showgrid=False)
     layout = dict(
         xaxis=dict(domain=[0, 0.355], title=dict(text="exact intervention"), tickangle=-40, showgrid=False),
         yaxis=dict(title=dict(text="block"), anchor="x", **ycat),
         xaxis2=dict(domain=[0.385, 0.74], title=dict(text=f"gradient at the {gradient_at}"), tickangle=-40,
                     showgrid=False),
-        yaxis2=dict(anchor="x2", showticklabels=False, **ycat),
-        xaxis3=dict(domain=[0.83, 1.0], title=dict(text="per block"), zeroline=True, zerolinecolor="#9ca3af"),
-        yaxis3=dict(anchor="x3", **ycat))
+        yaxis2=dict(anchor="x2", showticklabels=False, ticks="", **ycat),
+        xaxis3=dict(domain=[0.84, 1.0], title=dict(text="per block<br>dark: exact · light: gradient", font=dict(size=11)),
+                    zeroline=True, zerolinecolor="#9ca3af"),
+        yaxis3=dict(anchor="x3", showticklabels=False, ticks="", **ycat))
     what = (f"loss rise on {table['examples']} examples ({table['data']}) when a delta is removed; "
             f"the whole delta: {table['model_exact']:+.3g}")
     return figure([heat_e, heat_g, bar_e, bar_g],
                   title=dict(text=f"APL importance — {short(model)}<br><sup>{what}</sup>"), barmode="group",
-                  legend=dict(orientation="h", x=1.0, xanchor="right", y=-0.3, yanchor="top", font=dict(size=11)),
                   height=max(340, 34 * len(blocks) + 230), margin=dict(t=70, l=60, r=10, b=40), **layout)
 
 

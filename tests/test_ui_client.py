@@ -152,12 +152,12 @@ def test_smile_button_builds_the_model_chat_and_score_use(client):
     """/upscale builds the SMILE model of the loaded fine-tunes into a run: the leaderboard lists it
     with its size beside the plain merge's, and /chat and /score work on it as on a merge."""
     assert client.predict("demo:base", FTS, api_name="/load_models")[1].startswith("✓")
-    summary, board, download, size, status = client.predict(16, False, 8, 1, "blocks (the paper)",
+    summary, board, download, size, status = client.predict(16, False, 8, 1, "blocks (paper)",
                                                             api_name="/upscale")
     assert status.startswith("✓") and "smile of reverse, cipher, sort, brackets" in summary, (status, size)
     assert "a plain merge's 879,232" in size and board["data"][-1][1] == "smile"
     assert "rank_of_expert 16" in board["data"][-1][3]
-    refused = client.predict(200, False, 8, 1, "blocks (the paper)", api_name="/upscale")
+    refused = client.predict(200, False, 8, 1, "blocks (paper)", api_name="/upscale")
     assert "at most 128" in refused[3] and len(client.predict(api_name="/save")) == 2
     hist, hist_c, box, status = client.predict("sort: 5213", [], [], "base", "", 0.0, 0.9, 16, api_name="/chat")
     assert box == "" and isinstance(last_reply(hist), str) and not status.startswith("⚠")

@@ -311,7 +311,7 @@ def test_an_apl_config_inspects_pending_then_its_maps_and_merges_like_the_cli(st
     assert ws.runs.last.kept_fraction == pytest.approx(ws.kept_fraction(cfg))
 
 
-SMILE = {"smile_rank": 16, "smile_full": False, "smile_router": 8, "smile_k": 1, "smile_scope": "blocks (the paper)"}
+SMILE = {"smile_rank": 16, "smile_full": False, "smile_router": 8, "smile_k": 1, "smile_scope": "blocks (paper)"}
 
 
 def test_smile_upscale_chats_with_routing_and_scores_with_routing_accuracy(state):

@@ -14,7 +14,7 @@ from ..workspace import short, size_text
 from .common import (CONTROL_KEYS, DOWNLOAD_LIMIT, AppState, _expected, hub_offline, message, ok, on_space, warn)
 from .method import controls_of
 
-SMILE_SCOPES = {"blocks (the paper)": "blocks", "blocks + input embeddings": "embeddings"}
+SMILE_SCOPES = {"blocks (paper)": "blocks", "blocks + embeddings": "embeddings"}
 
 
 def build(page) -> None:
@@ -54,10 +54,10 @@ def build(page) -> None:
                                                info="each expert = its whole delta"))
         with gr.Row(equal_height=True):
             page.add("smile_router", gr.Slider(1, 64, value=8, step=1, label="rank_of_router", scale=2,
-                                               info="right singular vectors the router measures", elem_id="smile-router"))
+                                               info="singular vectors per router", elem_id="smile-router"))
             page.add("smile_k", gr.Slider(1, 8, value=1, step=1, label="num_experts_per_tok (k)", scale=2,
-                                          info="experts mixed per token (at most the fine-tunes)", elem_id="smile-k"))
-            page.add("smile_scope", gr.Radio(list(SMILE_SCOPES), value="blocks (the paper)", label="Upscaled layers",
+                                          info="experts mixed per token", elem_id="smile-k"))
+            page.add("smile_scope", gr.Radio(list(SMILE_SCOPES), value="blocks (paper)", label="Upscaled layers",
                                              scale=2, elem_id="smile-scope"))
         page.add("smile_btn", gr.Button("Upscale (SMILE)", variant="primary", elem_id="smile-btn"))
         page.add("smile_size", gr.Markdown("", elem_id="smile-size"))
@@ -158,8 +158,9 @@ def smile_estimate(v: dict) -> dict:
         ws = state.workspace()
         total = ws.smile_parameters(smile_config(v, ws))
     except _expected() as e:
-        return {"smile_size": f"⚠ {message(e)}"}
-    return {"smile_size": f"would build about {size_text({'total': total, 'plain': ws.access.n_params})}"}
+        return {"smile_size": f"⚠ {message(e)}", "smile_rank": gr.update(interactive=not v["smile_full"])}
+    return {"smile_size": f"would build about {size_text({'total': total, 'plain': ws.access.n_params})}",
+            "smile_rank": gr.update(interactive=not v["smile_full"])}
 
 
 SMILE_IN = ["state", "smile_rank", "smile_full", "smile_router", "smile_k", "smile_scope"]
@@ -223,7 +224,7 @@ def wire(page) -> None:
     up = page.on(page["smile_btn"].click, upscale, SMILE_IN, SMILE_OUT, progress=True, api_name="upscale",
                  concurrency_limit=1, concurrency_id="merge")
     page.on([page["smile_rank"].release, page["smile_router"].release, page["smile_k"].release,
-             page["smile_full"].input, page["smile_scope"].input], smile_estimate, SMILE_IN, ["smile_size"],
+             page["smile_full"].input, page["smile_scope"].input], smile_estimate, SMILE_IN, ["smile_size", "smile_rank"],
             api_visibility="private", show_progress="hidden", trigger_mode="always_last")
     page.on(page["cancel_btn"].click, cancel, ["state"], ["merge_status"], cancels=[ev, up], api_name="cancel",
             queue=False)

@@ -28,9 +28,9 @@ LEADERBOARD_HEADERS = ["run", "method", "models", "settings", "objective", "EM p
 _SCORES: OrderedDict = OrderedDict()        # (model files identity, suite key) -> scores, every session
 _SCORES_LOCK = threading.Lock()
 ROUTING_HEADERS = ["domain", "own expert: all tokens", "own expert: answer tokens", "items mostly routed to it"]
-ROUTING_HELP = ("**Routing accuracy** of the SMILE model: the share of (layer, token) routing decisions whose top "
-                "expert is the domain's own fine-tune (chance: 1 / experts), over every token of prompt and answer "
-                "and over the positions that predict the answer, and the share of items whose most-picked expert "
+ROUTING_HELP = ("**Routing accuracy of the SMILE model**: the share of (layer, token) routing decisions whose top "
+                "expert is the domain's own fine-tune's (chance: 1 / experts), over every token of prompt and answer "
+                "and over the positions that predict the answer; and the share of items whose most-picked expert "
                 "is their own.")
 
 
@@ -75,14 +75,16 @@ def build(page) -> None:
     gr.Markdown('One JSON object per line: `{"prompt": …, "answer": …, "domain": …}`.', elem_id="suite-help")
     page.add("score_status", gr.Markdown("", elem_id="score-status", elem_classes=["status"]))
     page.add("objective", gr.Markdown("", elem_id="objective"))
-    with gr.Row():
-        page.add("score_plot", gr.Plot(label="Scores", elem_id="score-plot", scale=3))
-        with gr.Column(scale=2, visible=False, elem_id="routing-col") as routing_col:
-            gr.Markdown(ROUTING_HELP, elem_id="routing-help")
-            page.add("routing_table", gr.Dataframe(headers=ROUTING_HEADERS, label="Routing accuracy per domain",
-                                                   interactive=False, wrap=True, elem_id="routing-table"))
-            page.add("routing_status", gr.Markdown("", elem_id="routing-status", elem_classes=["status"]))
-        page.add("routing_col", routing_col)
+    page.add("score_plot", gr.Plot(label="Scores", elem_id="score-plot"))
+    # Under the scores rather than beside them: a plot drawn before a column appears beside it
+    # keeps its width and is cut off.
+    with gr.Group(visible=False, elem_id="routing-col") as routing_col:
+        gr.Markdown(ROUTING_HELP, elem_id="routing-help")
+        page.add("routing_table", gr.Dataframe(headers=ROUTING_HEADERS, label="Routing accuracy per domain",
+                                               interactive=False, wrap=True, elem_id="routing-table",
+                                               column_widths=["22%", "26%", "26%", "26%"]))
+        page.add("routing_status", gr.Markdown("", elem_id="routing-status", elem_classes=["status"]))
+    page.add("routing_col", routing_col)
     with gr.Accordion("All scores (JSON)", open=False):
         page.add("score_json", gr.JSON(label="Scores (all models)", elem_id="score-json"))
     page.add("leaderboard", gr.Dataframe(headers=LEADERBOARD_HEADERS, label="Session leaderboard", interactive=False,
