@@ -228,6 +228,9 @@ def test_apl_config_reads_only_registered_data_and_merges_like_the_cli(fam, cach
     from dppa_ui.config import ConfigError, load_config
     data, raw = _apl_setup(fam, tmp_path, monkeypatch)
     ws = open_ws(fam, cache, tmp_path, start_stats=False)
+    bare = ws.config({**raw, "models": [{"model": str(f), "parameters": {"density": 0.3}} for f in fam.fts[:2]]})
+    with pytest.raises(ConfigError, match="APL needs a few examples of .*apl_data"):
+        ws.dp_maps(bare)                                                # no task data: refused before compute
     cfg = ws.config(raw)
     with pytest.raises(ConfigError, match="'task.jsonl' was not uploaded in this session") as e:
         ws.dp_maps(cfg)

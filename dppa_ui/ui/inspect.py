@@ -83,7 +83,18 @@ def start_statistics(ws, cfg) -> None:
     if cfg.prune == "dp":
         ws.stats.start(cfg.dp_outlier_m)
     if cfg.prune == "apl":
-        ws.apl.start(cfg, ws.align(cfg))
+        try:
+            ws.apl.start(cfg, ws.align(cfg))
+        except _expected():         # no task data: the views that need APL's densities say so
+            pass
+
+
+def apl_running(ws, cfg) -> bool:
+    """A `prune: apl` config whose importance is being computed in the background."""
+    try:
+        return cfg.prune == "apl" and ws.apl_progress(cfg).state == "running"
+    except _expected():
+        return False
 
 
 def pending_text(ws, cfg) -> str:
@@ -229,7 +240,7 @@ def apl_view(v: dict) -> dict:
     except _expected():
         return {}
     out = {}
-    if cfg.prune == "apl" and ws.apl_progress(cfg).state == "running":
+    if apl_running(ws, cfg):
         out["stats_timer"] = gr.Timer(active=True)
     if table is None:
         return {**out, "apl_plot": gr.update(visible=False),
@@ -271,7 +282,7 @@ def stats_tick(v: dict) -> dict:
     running = [p for p in progress if p.state == "running"]
     if running:
         return {"stats_status": f"⏳ whole-model statistics {running[0].text()}"}
-    if cfg is not None and cfg.prune == "apl" and ws.apl_progress(cfg).state == "running":
+    if cfg is not None and apl_running(ws, cfg):
         return {"stats_status": f"⏳ {apl_pending_text(ws, cfg)}"}
     out = {"stats_timer": gr.Timer(active=False), "summary": summary_markdown(ws),
            "stats_status": "" if all(p.state == "done" for p in progress)

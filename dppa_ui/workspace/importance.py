@@ -16,7 +16,7 @@ from typing import Callable
 from .. import apl
 from ..config import ConfigError, MergeConfig
 from .access import ModelAccess
-from .statistics import Progress
+from .statistics import Progress, stop_jobs
 
 
 class _Job:
@@ -103,7 +103,7 @@ class APLService:
         self.start(cfg, idx)
         job = self._jobs[key]
         if job.progress.state == "failed":
-            raise RuntimeError(f"APL importance failed: {job.progress.error}")
+            raise ValueError(f"APL importance failed: {job.progress.error}")
         if not job.done:
             return None
         pkey = (key, tuple(round(m.density, 9) for m in cfg.models), round(cfg.apl_lambda, 9), cfg.apl_weights,
@@ -169,8 +169,4 @@ class APLService:
         """Stop the background jobs at their next fine-tune."""
         with self._lock:
             jobs = list(self._jobs.values())
-        for job in jobs:
-            job.cancel.set()
-        for job in jobs:
-            if job.thread is not None:
-                job.thread.join(5)
+        stop_jobs(jobs)
