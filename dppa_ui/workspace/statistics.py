@@ -87,6 +87,15 @@ class Progress:
         return self.state
 
 
+def stop_jobs(jobs) -> None:
+    """Ask each background job (with .cancel, an Event, and .thread) to stop, then wait for it."""
+    for job in jobs:
+        job.cancel.set()
+    for job in jobs:
+        if job.thread is not None:
+            job.thread.join(5)
+
+
 class _Job:
     def __init__(self):
         self.progress = Progress()
@@ -216,11 +225,7 @@ class StatsService:
         """Stop every running job (at its next tensor); a later `start` resumes from the cache."""
         with self._lock:
             jobs = list(self._jobs.values())
-        for job in jobs:
-            job.cancel.set()
-        for job in jobs:
-            if job.thread is not None:
-                job.thread.join(5)
+        stop_jobs(jobs)
         with self._lock:
             for m, job in list(self._jobs.items()):
                 if job.result is None:
