@@ -6,7 +6,7 @@ or, for a demo model, its own domain's dev split; the first `apl_examples` items
 with none of these is refused before anything is computed.
 
 Importance is cached per (base checkpoint, fine-tune checkpoint, data, number of examples, level,
-kind): in memory, and on disk under $DPPA_UI_CACHE/apl (default ~/.cache/dppa_ui/apl), keyed by the
+kind): in memory, and on disk under io.cache_root()/apl (DPPA_UI_CACHE_DIR, default ~/.cache/dppa-ui), keyed by the
 checkpoint files' identity (refs.files_identity: name, size, mtime) and the examples' content, so a
 changed checkpoint or data file is recomputed.
 """
@@ -32,7 +32,7 @@ from .methods.apl import (APLDensity, density_map, gradient_importance, importan
 from .methods.dp import block_of, module_of
 from .refs import files_identity
 
-CACHE_ENV = "DPPA_UI_CACHE"
+CACHE_ENV = io.CACHE_ENV      # the folder is io.cache_root(); tests point it elsewhere
 _FORMAT = 1
 _MEMORY: dict[str, "Importance"] = {}
 _LOCK = threading.Lock()
@@ -104,8 +104,7 @@ class Importance:
 
 
 def cache_dir() -> Path:
-    root = os.environ.get(CACHE_ENV)
-    return (Path(root) if root else Path.home() / ".cache" / "dppa_ui") / "apl"
+    return io.cache_root() / "apl"
 
 
 def _key(base_dir, ft_dir, data: TaskData, level: str, kind: str, at: str | None) -> str:

@@ -122,7 +122,8 @@ def inspect(v: dict) -> dict:
         name = ws.access.tensor_name(int(v["block"]), v["module"])
         shown, apl_pending = view_config(ws, cfg)
         rows = analysis.thresholds(ws, shown, name)
-        fig = figures.histogram(analysis.histogram(ws, shown, name, rows), cfg.method_name, shown.prune, cfg.amplify)
+        drop = "random" if analysis.random_drop(shown) else shown.prune      # how the figure explains its lines
+        fig = figures.histogram(analysis.histogram(ws, shown, name, rows), cfg.method_name, drop, cfg.amplify)
     except _expected() as e:
         return {"inspect_status": warn(message(e))}
     notes = []

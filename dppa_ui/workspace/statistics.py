@@ -20,20 +20,12 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..io import cache_root
 from ..refs import files_identity
 from ..stats import DeltaStats, TensorStat, tensor_stat
 from .access import ModelAccess
 
 STATS_VERSION = 1          # bump when what a statistics file holds changes
-
-
-def cache_root() -> Path:
-    """DPPA_UI_CACHE_DIR, else $XDG_CACHE_HOME/dppa-ui, else ~/.cache/dppa-ui."""
-    env = os.environ.get("DPPA_UI_CACHE_DIR")
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "dppa-ui"
 
 
 class DiskCache:
