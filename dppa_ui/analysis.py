@@ -54,8 +54,11 @@ def thresholds(ws, cfg: MergeConfig, name: str) -> list[dict]:
         row = {"model": m.model, "index": j, "prune": cfg.prune if step.prune else "none",
                "density": step.density if step.prune else 1.0, "threshold": None, "band_edges": [],
                "band_fractions": [], "kept": n, "numel": n, "pending": pending}
-        if step.prune and cfg.prune == "random":
-            row["kept"] = int(uniform(ws, cfg.seed, i, name).lt(step.density).sum()) if step.density < 1 else n
+        if step.prune and random_drop(cfg):
+            row["kept"] = int(random_keep(ws, cfg, i, name, step).sum())
+        elif step.prune and step.rows is not None:        # APL's rows: each at its own density, no one threshold
+            cols = n // acc.shape(name)[0]
+            row["kept"] = sum(keep_count(float(d), cols) for d in step.rows)
         elif step.prune:
             k = keep_count(step.density, n)
             row["kept"] = k
@@ -66,6 +69,19 @@ def thresholds(ws, cfg: MergeConfig, name: str) -> list[dict]:
                 row["band_edges"] = [acc.value_at_rank(name, j, keep_count(f, n)) for f in edges]
         out.append(row)
     return out
+
+
+def random_drop(cfg: MergeConfig) -> bool:
+    """True when the prune keeps entries at random (DARE, or APL with `apl_drop: random`)."""
+    return cfg.prune == "random" or (cfg.prune == "apl" and cfg.apl_drop == "random")
+
+
+def random_keep(ws, cfg: MergeConfig, i: int, name: str, step: Step) -> torch.Tensor:
+    """The flat keep mask of a random drop: the draws under the density (APL rows: each row's)."""
+    u = uniform(ws, cfg.seed, i, name)
+    if step.rows is None:
+        return u < step.density if step.density < 1 else torch.ones_like(u, dtype=torch.bool)
+    return (u.view(len(step.rows), -1) < step.rows.to(u.dtype).unsqueeze(1)).reshape(-1)
 
 
 def uniform(ws, seed: int, i: int, name: str) -> torch.Tensor:
@@ -103,8 +119,8 @@ def histogram(ws, cfg: MergeConfig, name: str, rows: list[dict] | None = None) -
 
     series = []
     for i, (j, step, m, logs) in enumerate(zip(idx, stp, cfg.models, samples)):
-        if cfg.prune == "random" and step.prune:
-            keep = sample_flat(uniform(ws, cfg.seed, i, name), HIST_SAMPLE) < step.density   # the same entries
+        if random_drop(cfg) and step.prune:
+            keep = sample_flat(random_keep(ws, cfg, i, name, step), HIST_SAMPLE)     # the same entries as logs
             series.append({"model": m.model, "index": j, "part": "kept", "counts": counts(logs[keep])})
             series.append({"model": m.model, "index": j, "part": "dropped", "counts": counts(logs[~keep])})
         else:

@@ -6,7 +6,7 @@ or, for a demo model, its own domain's dev split; the first `apl_examples` items
 with none of these is refused before anything is computed.
 
 Importance is cached per (base checkpoint, fine-tune checkpoint, data, number of examples, level,
-kind): in memory, and on disk under $DPPA_UI_CACHE/apl (default ~/.cache/dppa_ui/apl), keyed by the
+kind): in memory, and on disk under io.cache_root()/apl (DPPA_UI_CACHE_DIR, default ~/.cache/dppa-ui), keyed by the
 checkpoint files' identity (refs.files_identity: name, size, mtime) and the examples' content, so a
 changed checkpoint or data file is recomputed.
 """
@@ -21,7 +21,7 @@ import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -32,7 +32,7 @@ from .methods.apl import (APLDensity, density_map, gradient_importance, importan
 from .methods.dp import block_of, module_of
 from .refs import files_identity
 
-CACHE_ENV = "DPPA_UI_CACHE"
+CACHE_ENV = io.CACHE_ENV      # the folder is io.cache_root(); tests point it elsewhere
 _FORMAT = 1
 _MEMORY: dict[str, "Importance"] = {}
 _LOCK = threading.Lock()
@@ -104,8 +104,7 @@ class Importance:
 
 
 def cache_dir() -> Path:
-    root = os.environ.get(CACHE_ENV)
-    return (Path(root) if root else Path.home() / ".cache" / "dppa_ui") / "apl"
+    return io.cache_root() / "apl"
 
 
 def _key(base_dir, ft_dir, data: TaskData, level: str, kind: str, at: str | None) -> str:
@@ -266,7 +265,8 @@ def weighted(cfg: MergeConfig, weights: Sequence[float]) -> MergeConfig:
 
 def importance_table(base: str | Path, finetune: str | Path, data: str | None = None,
                      examples: int = APL_EXAMPLES, gradient_at: str = "midpoint", density: float | None = None,
-                     apl_lambda: float = 0.5, domain: str | None = None, device: str = "cpu") -> dict:
+                     apl_lambda: float = 0.5, domain: str | None = None, device: str = "cpu",
+                     progress: Callable[[int, int, str], None] | None = None) -> dict:
     """The APL importance map of one fine-tune, blocks x module types, exact intervention and its
     gradient approximation side by side (each computed once and cached):
 
@@ -277,11 +277,16 @@ def importance_table(base: str | Path, finetune: str | Path, data: str | None = 
          "density": [[d per module] per block] or None (APL's module densities at `density`),
          "examples": n, "data": "demo dev split: reverse", "seconds": compute time (0 when cached)}
 
-    None marks a (block, module) the model does not have. `data` is an apl_data JSONL path."""
+    None marks a (block, module) the model does not have. `data` is an apl_data JSONL path.
+    `progress(step, 3, what)` is called before each of the three importance computations."""
     base_dir, ft_dir = io.resolve_model(str(base)), io.resolve_model(str(finetune))
     td = task_data(ft_dir, str(finetune), data, domain, examples)
+    tick = progress or (lambda step, total, what: None)
+    tick(0, 3, "exact intervention per module")
     exact_m = importance(base_dir, ft_dir, td, "module", "exact", device=device)
+    tick(1, 3, "exact intervention per block")
     exact_b = importance(base_dir, ft_dir, td, "block", "exact", device=device)
+    tick(2, 3, "gradient approximation")
     grad = importance(base_dir, ft_dir, td, "module", "gradient", gradient_at, device=device)
     names = list(exact_m.values)
     blocks = sorted({block_of(n) for n in names})

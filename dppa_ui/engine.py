@@ -217,7 +217,8 @@ def merge(config, out: str | Path | None, *, device: str = "auto", seed: int | N
     if cfg.upscale == "smile":
         from . import smile
         return smile.upscale(cfg, out, device=dev, overwrite=overwrite, dry_run=dry_run, log=log,
-                             allow_pickle=allow_pickle, shard_bytes=shard_bytes, t0=t0)
+                             allow_pickle=allow_pickle, shard_bytes=shard_bytes, t0=t0,
+                             progress=progress if callable(progress) else None, cancel=cancel)
     inputs = _Inputs(cfg, allow_pickle, allow_vocab_trim)
     try:
         if cfg.prune == "apl":      # every fine-tune's task data, before anything is computed

@@ -120,6 +120,61 @@ def heatmap(blocks: list[int], types: list[str], z: list[list], metric_label: st
                   height=max(320, 26 * len(blocks) + 160), margin=dict(t=70, l=60, r=10, b=80))
 
 
+# ------------------------------------------------------------------------------------ APL
+
+def _module_labels(modules: list[str]) -> list[str]:
+    """Module types by their last part (q_proj, down_proj) when that is unambiguous."""
+    tails = [m.rsplit(".", 1)[-1] for m in modules]
+    return tails if len(set(tails)) == len(tails) else list(modules)
+
+
+def apl_importance(table: dict, model: str, index: int, gradient_at: str = "midpoint") -> go.Figure:
+    """apl.importance_table as three panels: the exact intervention per (block, module), its
+    gradient approximation on the same diverging scale (red: the loss rises without that delta),
+    and per block the exact value (the whole block's delta removed) beside the gradient's sum."""
+    blocks = [str(b) for b in table["blocks"]]
+    mods = _module_labels(table["modules"])
+    exact, grad = table["exact"], table["gradient"]
+    values = [abs(v) for grid in (exact, grad) for row in grid for v in row if v is not None]
+    top = max(values, default=1.0) or 1.0
+    dens = table.get("density")
+
+    def cells(grid):
+        return [[("" if v is None else format(v, ".2g")) for v in row] for row in grid]
+
+    scale = dict(colorscale="RdBu", reversescale=True, zmid=0, zmin=-top, zmax=top)
+    hover_d = "; APL keeps %{customdata:.3f}" if dens is not None else ""
+    heat_e = go.Heatmap(z=exact, x=mods, y=blocks, text=cells(exact), texttemplate="%{text}", customdata=dens,
+                        textfont=dict(size=10), xaxis="x", yaxis="y", showscale=False, **scale,
+                        hovertemplate="block %{y}, %{x}: exact ΔL %{z:.4g}" + hover_d + "<extra></extra>")
+    heat_g = go.Heatmap(z=grad, x=mods, y=blocks, text=cells(grad), texttemplate="%{text}", xaxis="x2", yaxis="y2",
+                        textfont=dict(size=10), colorbar=dict(title=dict(text="ΔL"), x=0.745, xanchor="left",
+                                                              thickness=10, len=0.9), **scale,
+                        hovertemplate="block %{y}, %{x}: gradient −δ·∇L %{z:.4g}<extra></extra>")
+    c = color(index)
+    bar_e = go.Bar(y=blocks, x=table["block_exact"], orientation="h", name="exact: the block's delta removed",
+                   marker_color=c, xaxis="x3", yaxis="y3", showlegend=False,
+                   hovertemplate="block %{y}: exact (its whole delta removed) %{x:.4g}<extra></extra>")
+    bar_g = go.Bar(y=blocks, x=table["block_gradient"], orientation="h", name="gradient: sum over its modules",
+                   marker=dict(color=c, opacity=0.4), xaxis="x3", yaxis="y3", showlegend=False,
+                   hovertemplate="block %{y}: gradient (sum over its modules) %{x:.4g}<extra></extra>")
+    ycat = dict(type="category", autorange="reversed", showgrid=False)
+    layout = dict(
+        xaxis=dict(domain=[0, 0.355], title=dict(text="exact intervention"), tickangle=-40, showgrid=False),
+        yaxis=dict(title=dict(text="block"), anchor="x", **ycat),
+        xaxis2=dict(domain=[0.385, 0.74], title=dict(text=f"gradient at the {gradient_at}"), tickangle=-40,
+                    showgrid=False),
+        yaxis2=dict(anchor="x2", showticklabels=False, ticks="", **ycat),
+        xaxis3=dict(domain=[0.84, 1.0], title=dict(text="per block<br>dark: exact · light: gradient", font=dict(size=11)),
+                    zeroline=True, zerolinecolor="#9ca3af"),
+        yaxis3=dict(anchor="x3", showticklabels=False, ticks="", **ycat))
+    what = (f"loss rise on {table['examples']} examples ({table['data']}) when a delta is removed; "
+            f"the whole delta: {table['model_exact']:+.3g}")
+    return figure([heat_e, heat_g, bar_e, bar_g],
+                  title=dict(text=f"APL importance — {short(model)}<br><sup>{what}</sup>"), barmode="group",
+                  height=max(340, 34 * len(blocks) + 230), margin=dict(t=70, l=60, r=10, b=40), **layout)
+
+
 # ------------------------------------------------------------------------------------ masks
 
 def _top(x: torch.Tensor) -> float:

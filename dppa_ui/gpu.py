@@ -17,7 +17,9 @@ from .refs import resolve_model, weight_files
 
 # Seconds per GB of weights read (measured orders of magnitude on one GPU, with headroom), plus
 # the worker's start; ZeroGPU refuses calls that ask for more than the quota left.
-_PER_GB = {"merge": 6.0, "stats": 3.0, "score": 4.0, "chat": 2.0}
+_PER_GB = {"merge": 6.0, "stats": 3.0, "score": 4.0, "chat": 2.0,
+           "smile": 30.0,         # an SVD of every projection's delta per fine-tune
+           "apl": 40.0}           # one forward pass (of a few examples) per partition, per level
 _FLOOR, _CAP = 15, 600
 
 
@@ -42,11 +44,36 @@ def _config_refs(config) -> list[str]:
     return [cfg.base_model, *[m.model for m in cfg.models]]
 
 
-@spaces.GPU(duration=lambda config, out, **kw: duration("merge", _config_refs(config)))
+def _merge_duration(config) -> int:
+    from .config import load_config
+    cfg = load_config(config)
+    return duration("smile" if cfg.upscale == "smile" else "merge", [cfg.base_model, *[m.model for m in cfg.models]])
+
+
+@spaces.GPU(duration=lambda config, out, **kw: _merge_duration(config))
 def merge(config, out: str | Path, **kwargs):
-    """engine.merge on the best device: the streaming merge of `config` into the folder `out`."""
+    """engine.merge on the best device: the streaming merge of `config` into the folder `out`
+    (for `merge_method: smile`, the SMILE folder)."""
     from .engine import merge as run
     return run(config, out, device="auto", **kwargs)
+
+
+def _device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@spaces.GPU(duration=lambda base_dir, ft_dir, data, *a, **kw: duration("apl", [ft_dir]))
+def apl_importance(base_dir: str | Path, ft_dir: str | Path, data, level: str, kind: str, gradient_at: str):
+    """apl.importance of one fine-tune (cached in memory and on disk by the apl module)."""
+    from . import apl
+    return apl.importance(base_dir, ft_dir, data, level, kind, gradient_at, device=_device())
+
+
+@spaces.GPU(duration=lambda base_dir, ft_dir, **kw: duration("apl", [ft_dir], extra=10))
+def apl_table(base_dir: str | Path, ft_dir: str | Path, **kwargs) -> dict:
+    """apl.importance_table of one fine-tune: the block x module map, exact and gradient."""
+    from . import apl
+    return apl.importance_table(base_dir, ft_dir, device=_device(), **kwargs)
 
 
 @spaces.GPU(duration=lambda base_dir, ft_dirs, *a, **kw: duration("stats", [base_dir, *ft_dirs]))
@@ -105,3 +132,25 @@ def chat(model_dir: str | Path, history, message: str, *, load_kwargs: dict | No
     from .modelbuild import POOL
     model, tok = POOL.get(model_dir, **(load_kwargs or {}))
     yield from chat_stream(model, tok, history, message, **chat_kwargs)
+
+
+@spaces.GPU(duration=lambda model_dir, *a, **kw: duration("chat", [model_dir]))
+def reply_routing(model_dir: str | Path, history, message: str, reply: str, system_prompt: str | None = None,
+                  load_kwargs: dict | None = None) -> list[dict]:
+    """smile.reply_routing of a SMILE model: per token of the reply, the expert that produced it."""
+    from . import smile
+    from .modelbuild import POOL
+    model, tok = POOL.get(model_dir, **(load_kwargs or {}))
+    return smile.reply_routing(model, tok, history, message, reply, system_prompt)
+
+
+@spaces.GPU(duration=lambda model_dir, items, **kw: duration("score", [model_dir], extra=0.05 * len(items)))
+def routing_accuracy(model_dir: str | Path, items: Sequence[dict], **load_kwargs) -> dict:
+    """smile.routing_accuracy of a SMILE model over all tokens and over the answer positions:
+    {domain: {"all": {...}, "answer": {...}}}."""
+    from . import smile
+    from .modelbuild import POOL
+    model, tok = POOL.get(model_dir, **load_kwargs)
+    every = smile.routing_accuracy(model, tok, list(items), positions="all")
+    answer = smile.routing_accuracy(model, tok, list(items), positions="answer")
+    return {d: {"all": every[d], "answer": answer[d]} for d in every}

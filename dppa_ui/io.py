@@ -30,6 +30,22 @@ import torch
 # The one model-ref resolver lives in refs.py; the engine and the CLI reach it as io.resolve_model.
 from .refs import ModelRefError, resolve_model  # noqa: F401
 
+# --------------------------------------------------------------------------------------- caches
+
+CACHE_ENV = "DPPA_UI_CACHE_DIR"
+
+
+def cache_root() -> Path:
+    """Where computed-once results live (delta statistics, APL importance): DPPA_UI_CACHE_DIR, else
+    $XDG_CACHE_HOME/dppa-ui, else ~/.cache/dppa-ui. Each user keys its files by the checkpoints'
+    identity, so nothing in it goes stale."""
+    env = os.environ.get(CACHE_ENV)
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "dppa-ui"
+
+
 # --------------------------------------------------------------------------------------- dtypes
 
 # safetensors header dtype strings <-> torch dtypes (only those torch has).

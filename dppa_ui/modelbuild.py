@@ -1,7 +1,7 @@
 """The one model builder: a checkpoint folder as a transformers causal LM for chat and scoring, at
 any size, with accelerate's big-model loading.
 
-  skeleton(dir)        the model built on the meta device (`init_empty_weights`): no memory
+  skeleton(dir)        the model built on the meta device (thread-local): no memory
   model_bytes(dir, dt) its weights' bytes in dtype dt, from that skeleton (what estimates show)
   plan(dir, ...)       where it would go: dtype, device map and whether layers go to disk
   load(dir, ...)       the model on that plan (`device_map="auto"`, `max_memory` from the free GPU
@@ -40,14 +40,16 @@ def stored_dtype(model_dir: Path) -> torch.dtype:
 
 
 def skeleton(model_dir: str | Path):
-    """The causal LM of `model_dir/config.json` with every weight on the meta device."""
-    from accelerate import init_empty_weights
+    """The causal LM of `model_dir/config.json` with every weight on the meta device. Built under
+    torch's meta device context, which holds for this thread only: accelerate's init_empty_weights
+    patches nn.Module for every thread, so a model loading meanwhile in another thread (a chat, a
+    score, the warm-up) would get meta weights."""
     from transformers import AutoConfig, AutoModelForCausalLM
     try:
         config = AutoConfig.from_pretrained(str(model_dir))
     except Exception as e:
         raise ValueError(f"cannot read {Path(model_dir).name}/config.json: {type(e).__name__}: {e}") from None
-    with init_empty_weights():
+    with torch.device("meta"):
         try:
             return AutoModelForCausalLM.from_config(config)
         except Exception as e:
@@ -114,9 +116,13 @@ def load(model_ref: str | Path, *, max_memory: dict | None = None, dtype: torch.
          offload_dir: str | Path | None = None, tokenizer_dir: str | Path | None = None,
          chat_template: str | None = None):
     """(model, tokenizer) of a checkpoint folder or ref, eval mode, placed by `plan`. Layers that
-    fit nowhere are offloaded to `offload_dir` (required then)."""
+    fit nowhere are offloaded to `offload_dir` (required then). A SMILE folder is built by
+    `smile.load`, whole on one device (see `load_smile`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     model_dir = resolve_model(model_ref)
+    from . import smile
+    if smile.is_smile_folder(model_dir):
+        return load_smile(model_dir, max_memory=max_memory, tokenizer_dir=tokenizer_dir, chat_template=chat_template)
     p = plan(model_dir, max_memory=max_memory, dtype=dtype)
     kwargs: dict = {"dtype": p.dtype}
     if p.offload or any(v != "cpu" for v in p.device_map.values()):
@@ -141,6 +147,33 @@ def load(model_ref: str | Path, *, max_memory: dict | None = None, dtype: torch.
     if chat_template:
         tok.chat_template = chat_template
     model.load_plan = p
+    return model, tok
+
+
+def load_smile(model_dir: Path, *, max_memory: dict | None = None, tokenizer_dir: str | Path | None = None,
+               chat_template: str | None = None):
+    """(model, tokenizer) of a SMILE folder (smile.load: no remote code), float32, on the first
+    GPU when it fits there, else on the CPU; its experts are not split across devices or offloaded,
+    so a folder larger than the free memory is refused with the numbers."""
+    from . import smile
+    spec = json.loads((Path(model_dir) / smile.SMILE_CONFIG).read_text())
+    size = int((spec.get("parameters") or {}).get("total", 0)) * 4
+    budget = dict(max_memory) if max_memory is not None else {k: int(v * 0.8) for k, v in free_memory().items()}
+    device = next((f"cuda:{k}" for k, v in budget.items() if k != "cpu" and size <= v), None)
+    if device is None:
+        if size > budget.get("cpu", 0):
+            raise MemoryError(f"{Path(model_dir).name} is a SMILE model of {size / 1e9:.2f} GB in float32 and does "
+                              f"not fit in the {budget.get('cpu', 0) / 1e9:.2f} GB free; SMILE models load whole "
+                              f"(lower rank_of_expert to shrink it)")
+        device = "cpu"
+    model, tok = smile.load(model_dir, device=device)
+    if tokenizer_dir is not None:
+        from transformers import AutoTokenizer
+        tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    if chat_template:
+        tok.chat_template = chat_template
+    model.load_plan = LoadPlan(dtype=torch.float32, bytes=size, max_memory=budget, offload=False,
+                               device_map={"": device})
     return model, tok
 
 

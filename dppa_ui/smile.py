@@ -84,10 +84,12 @@ def _domains(cfg: MergeConfig, dirs: Sequence[Path]) -> list[str | None]:
 
 
 def build(config, device: str | torch.device = "cpu", base_sd: dict | None = None,
-          ft_sds: Sequence[dict] | None = None, log=None) -> tuple[nn.Module, object]:
+          ft_sds: Sequence[dict] | None = None, log=None, progress=None, cancel=None) -> tuple[nn.Module, object]:
     """The SMILE model of a `merge_method: smile` config, in memory: (model, tokenizer), float32,
     eval mode (tokenizer None for a checkpoint without tokenizer files). `base_sd` / `ft_sds` (aligned with the config's models) spare the reads when the
-    caller holds them. Bad ranks are refused before any tensor is read."""
+    caller holds them. Bad ranks are refused before any tensor is read. `progress(done, total)`
+    is called after each upscaled layer; `cancel()`, polled before each, stops the build
+    (InterruptedError)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .pipeline import merge_tensor
@@ -120,6 +122,10 @@ def build(config, device: str | torch.device = "cpu", base_sd: dict | None = Non
             else:
                 t.copy_(base_sd[name])
         for k, name in enumerate(shapes):
+            if cancel is not None and cancel():
+                raise InterruptedError("upscale cancelled")
+            if progress is not None and k:
+                progress(k, len(shapes))
             base = modules[name]
             embedding = isinstance(base, nn.Embedding)
             w0 = base.weight.detach().float() if embedding else linear_weight(base).detach().float()
@@ -140,6 +146,8 @@ def build(config, device: str | torch.device = "cpu", base_sd: dict | None = Non
             setattr(modules[parent] if parent else model, child, layer)
             upscaled.append(name)
             log(f"smile: {name} ({k + 1}/{len(shapes)})")
+        if progress is not None:
+            progress(len(shapes), len(shapes))
     model.smile = {"format": FORMAT, "version": VERSION, "base_model": cfg.base_model,
                    "experts": [m.model for m in cfg.models], "domains": _domains(cfg, dirs),
                    "rank_of_expert": "full" if cfg.rank_of_expert is None else cfg.rank_of_expert,
@@ -402,7 +410,8 @@ def routing_accuracy(model: nn.Module, tokenizer, items: Sequence[dict], expert_
 # ------------------------------------------------------------------------------------ CLI path
 
 def upscale(cfg: MergeConfig, out, *, device: torch.device, overwrite: bool = False, dry_run: bool = False,
-            log=None, allow_pickle: bool = False, shard_bytes: int = 0, t0: float | None = None):
+            log=None, allow_pickle: bool = False, shard_bytes: int = 0, t0: float | None = None,
+            progress=None, cancel=None):
     """`python -m dppa_ui merge` for `merge_method: smile`: build and save the SMILE folder (or,
     with dry_run, check the ranks and report the size without reading a tensor)."""
     from .engine import MergeResult
@@ -434,7 +443,7 @@ def upscale(cfg: MergeConfig, out, *, device: torch.device, overwrite: bool = Fa
                            params=plain + extra, kept_fraction=[], config=cfg, notices=cfg.notices, plan=plan)
     if out is None:
         raise ValueError("an output folder is needed (--out DIR)")
-    model, tok = build(cfg, device=device, log=log)
+    model, tok = build(cfg, device=device, log=log, progress=progress, cancel=cancel)
     path = save(model, tok, out, overwrite=overwrite)
     counts = parameter_count(model)
     return MergeResult(out=path, seconds=time.perf_counter() - t0, device=str(device),

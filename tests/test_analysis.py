@@ -151,3 +151,19 @@ def test_figures_render_with_kaleido(ws):
     except Exception as e:  # kaleido/chromium setup problems are not this module's
         pytest.skip(f"kaleido could not render: {e}")
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_apl_random_drop_is_shown_as_a_random_drop(tmp_path):
+    """APL drops at random by default: the views count its real mask (as DARE's), with no threshold."""
+    ws = Workspace(temp_root=tmp_path, stats_cache=DiskCache(tmp_path / "c")).load("demo:base", ["demo:reverse"])
+    cfg = ws.config({"base_model": "demo:base", "prune": "apl", "combine": "sum", "seed": 3,
+                     "models": [{"model": "demo:reverse", "parameters": {"density": 0.3}}]})
+    ws.apl.wait(cfg, ws.align(cfg), timeout=120)
+    name = "model.layers.1.mlp.up_proj.weight"
+    (row,) = analysis.thresholds(ws, cfg, name)
+    dens = ws.dp_maps(cfg)[0][name].density
+    mask = torch.rand(ws.access.shape(name), generator=tensor_generator(3, 0, name)) < dens
+    assert row["threshold"] is None and row["kept"] == int(mask.sum()) and row["density"] == pytest.approx(dens)
+    data = analysis.histogram(ws, cfg, name)
+    assert [s["part"] for s in data["series"]] == ["kept", "dropped"]
+    ws.close()

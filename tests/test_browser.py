@@ -178,6 +178,45 @@ def test_a_typed_hub_token_is_stored_nowhere_in_the_browser(url, browser):
     page.context.close()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def apl_cache(tmp_path_factory):
+    """APL's importance cache in a folder of this module's own (never ~/.cache)."""
+    from dppa_ui import apl
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(apl.CACHE_ENV, str(tmp_path_factory.mktemp("apl-cache")))
+        yield
+
+
+def test_apl_map_smile_upscale_routing_strip_and_routing_accuracy(url, browser):
+    """Issue 9's views by clicking: the APL importance map beside DP's map, the SMILE upscale, the
+    routing strip under a chat reply and routing accuracy beside the scores (screenshots of each)."""
+    page, joins = open_page(browser, url)
+    page.locator("#apl-btn").scroll_into_view_if_needed()
+    page.locator("#apl-btn").click()
+    expect(page.locator("#apl-map .js-plotly-plot")).to_have_count(1, timeout=180_000)
+    expect(page.locator("#apl-map")).to_contain_text("APL importance — reverse")
+    expect(page.locator("#apl-note")).to_contain_text("loss of the fine-tune")
+    page.locator("#heatmap-accordion").scroll_into_view_if_needed()
+    shot(page, "ui_apl_map", "#heatmap-accordion")
+    page.locator("button[role=tab]:has-text('Merge')").first.click()
+    page.locator("#smile-btn").scroll_into_view_if_needed()
+    page.locator("#smile-btn").click()
+    expect(page.locator("#smile-size")).to_contain_text("a plain merge's 879,232", timeout=120_000)
+    expect(page.locator("#merge-summary")).to_contain_text("smile of reverse, cipher, sort, brackets")
+    shot(page, "ui_smile", "#tab-merge")
+    page.locator("button[role=tab]:has-text('Chat')").first.click()
+    page.locator("#chat-examples tr", has_text="sort").first.click()
+    page.locator("#chat-send").click()
+    expect(page.locator("#routing-note")).to_contain_text("tokens", timeout=120_000)
+    expect(page.locator("#chat-routing")).to_be_visible()
+    shot(page, "ui_chat_routing", "#tab-chat")
+    page.locator("button[role=tab]:has-text('Score')").first.click()
+    page.locator("#score-btn").click()
+    expect(page.locator("#routing-status")).to_contain_text("chance 0.25", timeout=180_000)
+    expect(page.locator("#routing-table")).to_contain_text("brackets")
+    shot(page, "ui_score_routing", "#tab-score")
+
+
 def test_a_tiny_search_streams_its_plot_then_stops_asking(url, browser):
     """Search tab: Start a 6-candidate search; the plot grows while it runs (a point per candidate),
     the table and the test-split line follow, and once it ends the page sends nothing more; the

@@ -88,7 +88,7 @@ def test_full_flow_over_the_api(client, tmp_path, read_weights):
     summary, board, download, status = client.predict(*mv, api_name="/merge")
     assert status.startswith("✓") and "run 1: dppa" in summary
     hist, hist_c, box, status = client.predict("reverse: abc", [], [], "base", "", 0.0, 0.9, 24, api_name="/chat")
-    assert box == "" and isinstance(last_reply(hist), str) and isinstance(last_reply(hist_c), str)
+    assert box == "" and isinstance(last_reply(hist), str) and isinstance(last_reply(hist_c), str), status
     plot, objective, board, results, status = client.predict(DEMO_SUITE, None, api_name="/score")
     assert status.startswith("✓"), status
     assert set(results) == {"merged", "base", *FTS}
@@ -146,6 +146,24 @@ def test_bad_input_leaves_the_session_usable(client, tmp_path):
     fig, table, name, matrix, status = client.predict(1, "mlp.up_proj", *method(preset="ties"), api_name="/inspect")
     assert not status.startswith("⚠") and len(table["data"]) == 2
     assert client.predict(*method(preset="ties"), api_name="/merge")[-1].startswith("✓")
+
+
+def test_smile_button_builds_the_model_chat_and_score_use(client):
+    """/upscale builds the SMILE model of the loaded fine-tunes into a run: the leaderboard lists it
+    with its size beside the plain merge's, and /chat and /score work on it as on a merge."""
+    assert client.predict("demo:base", FTS, api_name="/load_models")[1].startswith("✓")
+    summary, board, download, size, status = client.predict(16, False, 8, 1, "blocks (paper)",
+                                                            api_name="/upscale")
+    assert status.startswith("✓") and "smile of reverse, cipher, sort, brackets" in summary, (status, size)
+    assert "a plain merge's 879,232" in size and board["data"][-1][1] == "smile"
+    assert "rank_of_expert 16" in board["data"][-1][3]
+    refused = client.predict(200, False, 8, 1, "blocks (paper)", api_name="/upscale")
+    assert "at most 128" in refused[3] and len(client.predict(api_name="/save")) == 2
+    hist, hist_c, box, status = client.predict("sort: 5213", [], [], "base", "", 0.0, 0.9, 16, api_name="/chat")
+    assert box == "" and isinstance(last_reply(hist), str) and not status.startswith("⚠")
+    plot, objective, board, results, status = client.predict(DEMO_SUITE, None, api_name="/score")
+    assert status.startswith("✓") and set(results) == {"merged", "base", *FTS}
+    assert board["data"][-1][1] == "smile" and board["data"][-1][4] is not None
 
 
 def raw_call(url: str, api: str, data: list) -> str:

@@ -2,10 +2,12 @@
 what each section shows, and that bad input becomes a message and leaves the session usable."""
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from dppa_ui import zoo
 
@@ -215,6 +217,166 @@ def test_session_close_removes_its_files():
     assert any(folder.iterdir())
     s.close()
     assert not folder.exists()
+
+
+# ------------------------------------------------------------------------------ APL and SMILE (issue 9)
+
+APL_YAML = """prune: apl
+combine: ties
+base_model: demo:base
+models:
+  - model: demo:reverse
+    parameters: {density: 0.2}
+  - model: demo:cipher
+    parameters: {density: 0.2}
+parameters: {apl_examples: 4}
+"""
+
+
+@pytest.fixture(scope="module", autouse=True)
+def apl_cache(tmp_path_factory):
+    """APL's importance cache in a folder of this module's own (never ~/.cache)."""
+    from dppa_ui import apl
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(apl.CACHE_ENV, str(tmp_path_factory.mktemp("apl-cache")))
+        yield
+
+
+@pytest.fixture()
+def apl_controls(monkeypatch):
+    """The method controls describe an APL config (the preset list is another section's job): the
+    handlers get it exactly as they get any config from the controls."""
+    from dppa_ui.config import load_config
+    cfg = load_config(APL_YAML)
+    for section in (inspect, merge):
+        monkeypatch.setattr(section, "controls_of", lambda v: cfg)
+    return cfg
+
+
+def test_apl_map_shows_the_importance_table(state, apl_controls, tmp_path, monkeypatch):
+    from dppa_ui import apl
+    v = {**view(state), "heat_model": 1, "progress": Progress()}
+    assert "not computed yet for cipher" in inspect.apl_view(v)["apl_note"]
+    out = inspect.apl_map(v)
+    fig = out["apl_plot"]["value"]
+    exact, grad, bar_e, bar_g = fig.data
+    # an independent computation: empty caches, the core's table for the same fine-tune and data
+    monkeypatch.setenv(apl.CACHE_ENV, str(tmp_path / "fresh"))
+    monkeypatch.setattr(apl, "_MEMORY", {})
+    table = apl.importance_table("demo:base", "demo:cipher", examples=4, density=0.2)
+    assert table["seconds"] > 0                                            # really recomputed
+    def flat(grid):
+        return [float(x) for row in grid for x in row]
+    assert flat(exact.z) == pytest.approx(flat(table["exact"]), rel=1e-9)
+    assert flat(grad.z) == pytest.approx(flat(table["gradient"]), rel=1e-9)
+    assert list(bar_e.x) == pytest.approx(table["block_exact"]) and list(bar_g.x) == pytest.approx(table["block_gradient"])
+    assert flat(exact.customdata) == pytest.approx(flat(table["density"]))
+    assert list(exact.y) == [str(b) for b in table["blocks"]] and len(exact.x) == len(table["modules"])
+    assert "cipher" in fig.layout.title.text and f"{table['model_exact']:+.3g}" in fig.layout.title.text
+    again = inspect.apl_view(v)                                              # a redraw reads the cache
+    assert flat(again["apl_plot"]["value"].data[0].z) == flat(exact.z) and again["apl_note"] == out["apl_note"]
+
+
+def test_an_apl_config_inspects_pending_then_its_maps_and_merges_like_the_cli(state, apl_controls, tmp_path,
+                                                                               read_weights, monkeypatch):
+    import threading
+
+    from dppa_ui import apl, gpu
+    from dppa_ui.engine import merge as cli_merge
+    monkeypatch.setenv(apl.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setattr(apl, "_MEMORY", {})
+    gate, real = threading.Event(), gpu.apl_importance
+    monkeypatch.setattr(gpu, "apl_importance", lambda *a, **k: gate.wait(60) and real(*a, **k))
+    ws, cfg = state.ws, apl_controls
+    state.ws.apl._jobs.clear()
+    out = inspect.inspect(view(state))
+    assert "APL importance of the fine-tunes 0/2 computed" in out["inspect_status"]
+    assert {r[1] for r in out["thresholds"]} == {"0.200"}                   # the target density until then
+    assert "target density shown" in inspect.masks(view(state))["mask_numbers"]
+    assert ws.kept_fraction(cfg) is None
+    gate.set()
+    plan = ws.apl.wait(cfg, ws.align(cfg), timeout=120)
+    name = "model.layers.1.mlp.down_proj.weight"
+    out = inspect.inspect(view(state))
+    assert "APL" not in out["inspect_status"]
+    want = apl.plan(cfg)                                                    # the core's plan, from the refs
+    assert [float(r[1]) for r in out["thresholds"]] == pytest.approx([m[name].density for m in want.maps], abs=1e-3)
+    assert {float(r[1]) for r in out["thresholds"]} != {0.2}
+    assert all(plan.maps[i][n].density == want.maps[i][n].density for i in range(2) for n in want.maps[i])
+    merged = merge.merge({"state": state, "progress": Progress(), **ctl()})
+    assert merged["merge_status"].startswith("✓") and "apl+none+ties" in merged["merge_summary"]
+    cli = cli_merge(APL_YAML, tmp_path / "cli", device="cpu", log=lambda s: None)
+    a, b = read_weights(ws.runs.last.folder), read_weights(cli.out)
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert ws.runs.last.kept_fraction == pytest.approx(ws.kept_fraction(cfg))
+
+
+SMILE = {"smile_rank": 16, "smile_full": False, "smile_router": 8, "smile_k": 1, "smile_scope": "blocks (paper)"}
+
+
+def test_smile_upscale_chats_with_routing_and_scores_with_routing_accuracy(state):
+    from safetensors import safe_open
+
+    from dppa_ui import evaluation, figures, smile
+    from dppa_ui.chat import prompt_ids
+    base = zoo.demo_path("base")
+    with safe_open(str(next(base.glob("*.safetensors"))), framework="pt") as f:
+        shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
+    plain = sum(math.prod(s) for s in shapes.values())
+    # every 2-D weight in a block: 4 experts of rank 16 (U: out x 16, ΣVᵀ: 16 x in) and a router of 8 x in
+    extra = sum(4 * (16 * (o + i) + 8 * i) for k, (o, i) in
+                ((k, s) for k, s in shapes.items() if ".layers." in k and len(s) == 2))
+    est = merge.smile_estimate({"state": state, **SMILE})["smile_size"]
+    assert f"{plain + extra:,} parameters ({(plain + extra) / plain:.1f}× a plain merge's {plain:,})" in est
+    out = merge.upscale({"state": state, "progress": Progress(), **SMILE})
+    run = state.ws.runs.last
+    assert out["merge_status"].startswith("✓") and run.is_smile and run.parameters["total"] == plain + extra
+    assert f"{plain + extra:,} parameters" in out["merge_summary"] and out["leaderboard"][-1][1] == "smile"
+    # chat: the reply of the SMILE folder, and one routing entry per generated token
+    prompt = "sort: 5213"
+    outs = list(chat.chat({"state": state, "msg": prompt, "chat_merged": [], "chat_compare": [], "compare": "none",
+                           "system": "", "temperature": 0.0, "top_p": 0.9, "max_new": 16}))
+    hist = outs[-1]["chat_merged"]
+    model, tok = smile.load(run.folder)
+    ids, _ = prompt_ids(model, tok, [{"role": "user", "content": prompt}], 16)
+    new = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=16,
+                         do_sample=False)[0, ids.shape[1]:].tolist()
+    generated = [t for t in new if t != tok.eos_token_id]
+    assert hist[-1]["content"] == tok.decode(generated)
+    r = chat.routing({"state": state, "chat_merged": hist, "system": ""})
+    strip = r["chat_routing"]
+    assert strip["visible"] and len(strip["value"]) == len(generated) > 0
+    assert "".join(t for t, _ in strip["value"]) == hist[-1]["content"]
+    names = [f.removeprefix("demo:") for f in FTS]
+    assert strip["color_map"] == {n: figures.color(i) for i, n in enumerate(names)}
+    assert {lab for _, lab in strip["value"]} <= set(names) and f"{len(generated)} tokens" in r["routing_note"]
+    # score: the app's scores of the SMILE run are the CLI's, and routing accuracy per demo domain
+    res = score.score({"state": state, "progress": Progress(), "suite": score.DEMO_SUITE, "upload": None})
+    assert res["score_status"].startswith("✓")
+    direct = evaluation.score_model(model, tok, score.demo_items())
+    assert {d: s["em"] for d, s in res["score_json"]["merged"].items()} == {d: s["em"] for d, s in direct.items()}
+    acc = score.score_routing({"state": state, "suite": score.DEMO_SUITE, "upload": None})
+    assert acc["routing_col"]["visible"] and [row[0] for row in acc["routing_table"]] == names
+    want = smile.routing_accuracy(model, tok, score.demo_items())
+    assert [row[1] for row in acc["routing_table"]] == pytest.approx([round(want[n]["decisions"], 3) for n in names])
+    assert all(0 <= x <= 1 for row in acc["routing_table"] for x in row[1:])
+    assert "is a SMILE model" in score.reload_run({"state": state, "run_no": run.number})["score_status"]
+    # a plain merge next: the routing views hide
+    merge.merge({"state": state, "progress": Progress(), **ctl(preset="task_arithmetic")})
+    assert chat.routing({"state": state, "chat_merged": hist, "system": ""})["chat_routing"]["visible"] is False
+    assert score.score_routing({"state": state, "suite": score.DEMO_SUITE, "upload": None})["routing_col"] == \
+        {"__type__": "update", "visible": False}
+
+
+def test_smile_bad_settings_are_refused_by_name(state):
+    n = len(state.ws.runs.items)
+    for bad, text in [(dict(smile_rank=500), "at most 128"), (dict(smile_k=5), "more than the 4 fine-tune(s)"),
+                      (dict(smile_router=float("nan")), "finite")]:
+        out = merge.upscale({"state": state, "progress": Progress(), **SMILE, **bad})
+        assert out["smile_size"].startswith("⚠") and text in out["smile_size"], out
+    assert len(state.ws.runs.items) == n                                   # nothing was built
+    full = merge.smile_estimate({"state": state, **SMILE, "smile_full": True})["smile_size"]
+    assert "parameters" in full and "×" in full
 
 
 # ----------------------------------------------------------------------------------- 7 · Search

@@ -206,3 +206,93 @@ def test_gpu_decorated_steps_run_locally(fam, tmp_path):
     reply = list(gpu.chat(tmp_path / "m", [], "abc", temperature=0, max_new_tokens=5))
     assert reply and isinstance(reply[-1], str)
     assert 15 <= gpu.duration("merge", [fam.base, *fam.fts]) <= 600
+
+
+# ------------------------------------------------------------------------------ APL and SMILE (issue 9)
+
+def _apl_setup(fam, tmp_path, monkeypatch):
+    from dppa_ui import apl
+    monkeypatch.setenv(apl.CACHE_ENV, str(tmp_path / "apl-cache"))
+    monkeypatch.setattr(apl, "_MEMORY", {})
+    data = tmp_path / "uploads" / "task.jsonl"
+    data.parent.mkdir()
+    data.write_text("".join(f'{{"prompt": "abc{i}", "answer": "cba{i}"}}\n' for i in range(3)))
+    cfg = {"prune": "apl", "combine": "sum", "base_model": str(fam.base), "parameters": {"apl_examples": 3},
+           "models": [{"model": str(f), "parameters": {"density": 0.3, "apl_data": str(data)}} for f in fam.fts[:2]]}
+    return data, cfg
+
+
+def test_apl_config_reads_only_registered_data_and_merges_like_the_cli(fam, cache, tmp_path, read_weights,
+                                                                       monkeypatch):
+    from dppa_ui import apl
+    from dppa_ui.config import ConfigError, load_config
+    data, raw = _apl_setup(fam, tmp_path, monkeypatch)
+    ws = open_ws(fam, cache, tmp_path, start_stats=False)
+    bare = ws.config({**raw, "models": [{"model": str(f), "parameters": {"density": 0.3}} for f in fam.fts[:2]]})
+    with pytest.raises(ConfigError, match="APL needs a few examples of .*apl_data"):
+        ws.dp_maps(bare)                                                # no task data: refused before compute
+    cfg = ws.config(raw)
+    with pytest.raises(ConfigError, match="'task.jsonl' was not uploaded in this session") as e:
+        ws.dp_maps(cfg)
+    assert str(data.parent) not in str(e.value)                        # no server path in the message
+    ws.allow_data(data)
+    plan = ws.apl.wait(cfg, ws.align(cfg), timeout=120)
+    assert ws.apl_progress(cfg).state == "done" and ws.dp_maps(cfg) is plan.maps     # computed once, cached
+    want = apl.plan(load_config(raw))
+    assert all(plan.maps[i][n].density == want.maps[i][n].density for i in range(2) for n in want.maps[i])
+    n = "model.layers.1.self_attn.q_proj.weight"
+    assert {round(plan.maps[i][n].density, 6) for i in range(2)} != {0.3}  # importance moved the densities
+    run = ws.merge(cfg)
+    cli = cli_merge(raw, tmp_path / "cli", device="cpu", log=lambda s: None)
+    a, b = read_weights(run.folder), read_weights(cli.out)
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert run.kept_fraction == pytest.approx(ws.kept_fraction(cfg)) and "APL module exact" in runs_mod.params_text(cfg)
+    ws.close()
+
+
+def test_smile_run_counts_its_parameters_and_loads_in_the_pool(fam, cache, tmp_path):
+    from dppa_ui import smile
+    from dppa_ui.config import ConfigError
+    ws = open_ws(fam, cache, tmp_path, start_stats=False)
+    with pytest.raises(ConfigError, match="rank_of_expert"):
+        ws.merge(ws.smile_config(rank_of_expert=1000))
+    assert not ws.runs.items and not any(ws.temp_dir.glob("run-*"))      # refused before anything was written
+    cfg = ws.smile_config(rank_of_expert=4, rank_of_router=2, num_experts_per_tok=2)
+    run = ws.merge(cfg)
+    plain = sum(t.numel() for t in fam.base_sd.values())
+    extra = sum(3 * (4 * (o + i) + 2 * i) for k, (o, i) in
+                ((k, tuple(t.shape)) for k, t in fam.base_sd.items() if ".layers." in k and t.dim() == 2))
+    assert run.is_smile and run.parameters["total"] == plain + extra and run.parameters["plain"] == plain
+    assert ws.smile_parameters(cfg) == plain + extra
+    assert runs_mod.size_text(run.parameters).endswith(f"a plain merge's {plain:,})")
+    model, tok = ws.model("merged")
+    assert smile.smile_layers(model) and model.load_plan.device_map == {"": "cpu"}
+    ref, _ = smile.load(run.folder)
+    ids = torch.tensor([[1, 7, 8, 9, 10, 11]])
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, ref(input_ids=ids).logits)
+    assert ws.model("merged")[0] is model                                 # loaded once into the pool
+    ws.close()
+
+
+def test_a_skeleton_being_built_leaves_other_threads_real_weights(fam, monkeypatch):
+    """modelbuild.skeleton's meta device holds for its own thread: a model built meanwhile in
+    another thread (a chat while the warm-up plans) gets real weights, not meta ones."""
+    from transformers import AutoModelForCausalLM
+    inside, leave = threading.Event(), threading.Event()
+    real = AutoModelForCausalLM.from_config
+
+    def slow(*a, **k):
+        inside.set()
+        leave.wait(30)
+        return real(*a, **k)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_config", slow)
+    t = threading.Thread(target=modelbuild.skeleton, args=(fam.base,))
+    t.start()
+    try:
+        assert inside.wait(30)
+        assert torch.nn.Linear(2, 2).weight.device.type == "cpu"
+    finally:
+        leave.set()
+        t.join(30)

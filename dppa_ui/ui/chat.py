@@ -1,12 +1,17 @@
 """5 · Chat: talk to the last merged model, with the base or a fine-tune answering the same message
 beside it. For the demo family, example prompts of each skill (from its held-out test split) show
-the expected answer next to the replies."""
+the expected answer next to the replies. When the merged model is a SMILE model, a strip under the
+replies shows, per token of its reply, which fine-tune's expert produced it (in that fine-tune's
+colour)."""
 from __future__ import annotations
+
+from collections import Counter
 
 import gradio as gr
 
-from .. import gpu
+from .. import figures, gpu
 from ..chat import MAX_NEW_TOKENS, to_messages
+from ..workspace import short
 from .common import AppState, UserError, _expected, message, warn
 
 EXAMPLES_PER_DOMAIN = 3
@@ -39,6 +44,10 @@ def build(page) -> None:
         page.add("send_btn", gr.Button("Send", variant="primary", scale=1, elem_id="chat-send"))
         page.add("clear_btn", gr.Button("Clear", scale=1, elem_id="chat-clear"))
     page.add("chat_status", gr.Markdown("", elem_id="chat-status", elem_classes=["status"]))
+    page.add("chat_routing", gr.HighlightedText(label="SMILE routing: the expert behind each token of the merged reply",
+                                                show_legend=True, show_inline_category=False, combine_adjacent=False,
+                                                visible=False, elem_id="chat-routing"))
+    page.add("routing_note", gr.Markdown("", elem_id="routing-note", elem_classes=["status"]))
     try:
         rows = example_rows()
     except (OSError, ValueError):           # no demo family: no examples
@@ -119,14 +128,50 @@ CHAT_IN = ["state", "msg", "chat_merged", "chat_compare", "compare", "system", "
 CHAT_OUT = ["chat_merged", "chat_compare", "msg", "chat_status"]
 
 
+def routing(v: dict) -> dict:
+    """After a reply of a SMILE model: per generated token, the expert with the largest routing
+    weight (averaged over the SMILE layers at the position that predicted it), coloured as its
+    fine-tune everywhere else; hidden for a plain merge."""
+    state: AppState = v["state"]
+    hidden = {"chat_routing": gr.update(value=None, visible=False), "routing_note": ""}
+    hist = _plain(v["chat_merged"])
+    ws = state.ws
+    run = ws.runs.last if ws is not None and ws.loaded else None
+    if run is None or not run.is_smile or len(hist) < 2 or hist[-1]["role"] != "assistant" or not hist[-1]["content"]:
+        return hidden
+    try:
+        entries = gpu.reply_routing(ws.model_dir("merged"), hist[:-2], hist[-2]["content"], hist[-1]["content"],
+                                    (v["system"] or "").strip() or None, load_kwargs=ws.load_kwargs())
+        loaded = ws.align(run.config)
+    except (*_expected(), RuntimeError) as e:
+        return {"chat_routing": gr.update(visible=False), "routing_note": warn(f"routing view failed: {message(e)}")}
+    labels = [short(m) for m in run.models]
+    colors = {lab: figures.color(j) for lab, j in zip(labels, loaded)}
+    value = [(e["token"], labels[e["expert"]]) for e in entries]
+    counts = Counter(labels[e["expert"]] for e in entries)
+    mean_top = sum(max(e["weights"]) for e in entries) / max(len(entries), 1)
+    note = (f"{run.name}: {len(entries)} tokens — " + ", ".join(f"{lab} {counts[lab]}" for lab in labels if counts[lab])
+            + f"; mean weight of the top expert {mean_top:.2f} (1.00 = every layer agrees)")
+    return {"chat_routing": gr.update(value=value, color_map=colors, visible=True), "routing_note": note}
+
+
+ROUTING_IN = ["state", "chat_merged", "system"]
+ROUTING_OUT = ["chat_routing", "routing_note"]
+
+
 def clear(v: dict) -> dict:
     v["state"].expected = None
     return {"chat_merged": [], "chat_compare": [], "msg": "", "chat_status": ""}
 
 
 def wire(page, concurrency: int) -> None:
-    page.on(page["send_btn"].click, chat, CHAT_IN, CHAT_OUT, api_name="chat", concurrency_limit=concurrency)
-    page.on(page["msg"].submit, chat, CHAT_IN, CHAT_OUT, api_visibility="private", concurrency_limit=concurrency)
-    page.on(page["clear_btn"].click, clear, ["state"], CHAT_OUT, api_name="clear_chat")
+    sent = [page.on(page["send_btn"].click, chat, CHAT_IN, CHAT_OUT, api_name="chat", concurrency_limit=concurrency),
+            page.on(page["msg"].submit, chat, CHAT_IN, CHAT_OUT, api_visibility="private",
+                    concurrency_limit=concurrency)]
+    for ev in sent:        # the routing strip follows each reply (its own request: /chat's outputs stay)
+        page.then(ev, routing, ROUTING_IN, ROUTING_OUT, api_visibility="private", concurrency_limit=concurrency,
+                  show_progress="hidden")
+    cleared = page.on(page["clear_btn"].click, clear, ["state"], CHAT_OUT, api_name="clear_chat")
+    page.then(cleared, routing, ROUTING_IN, ROUTING_OUT, api_visibility="private", show_progress="hidden")
     page.on(page["chat_examples"].click, pick_example, ["state", "chat_examples"], ["msg", "chat_status"],
             api_visibility="private")

@@ -1,7 +1,11 @@
 """3 · Inspect: what the current settings keep, before any merge. The tensor on screen is read
 on demand; whole-model views (the blocks x modules map, DP's densities) wait for the background
-statistics and say how far they are."""
+statistics and say how far they are. A config that prunes with APL waits the same way for each
+fine-tune's importance; the APL importance map (exact intervention beside its gradient
+approximation) is computed on demand, once per fine-tune."""
 from __future__ import annotations
+
+import dataclasses
 
 import gradio as gr
 
@@ -31,11 +35,23 @@ def build(page) -> None:
             page.add("heat_model", gr.Dropdown([], label="Fine-tune", elem_id="heatmap-model"))
         page.add("heatmap", gr.Plot(label="Blocks × modules", elem_id="heatmap"))
         page.add("heatmap_note", gr.Markdown("", elem_id="heatmap-note", elem_classes=["status"]))
+        with gr.Group(elem_id="apl-map-group"):
+            with gr.Row(equal_height=True):
+                gr.Markdown(APL_INTRO, elem_id="apl-intro")
+                page.add("apl_btn", gr.Button("Compute APL importance", size="sm", scale=0, min_width=220,
+                                              elem_id="apl-btn"))
+            page.add("apl_plot", gr.Plot(label="APL importance", elem_id="apl-map", visible=False))
+            page.add("apl_note", gr.Markdown("", elem_id="apl-note", elem_classes=["status"]))
     with gr.Accordion("Masks of a weight matrix", open=True, elem_id="masks-accordion"):
         page.add("matrix", gr.Dropdown([], label="Weight matrix", elem_id="mask-matrix"))
         page.add("mask_plot", gr.Plot(label="Masks", elem_id="mask-plot"))
         page.add("mask_numbers", gr.Markdown("", elem_id="mask-numbers"))
     page.add("stats_timer", gr.Timer(1.0, active=False))
+
+
+APL_INTRO = ("**APL importance** of the fine-tune picked above ([arXiv 2408.09485](https://arxiv.org/abs/2408.09485)): "
+             "how much its loss on a few examples of its own task rises when one module's delta is removed "
+             "(exact, one forward pass each), beside the one-backward-pass gradient approximation.")
 
 
 def _setup(v: dict):
@@ -44,12 +60,41 @@ def _setup(v: dict):
     return ws, ws.config(controls_of(v))
 
 
+def view_config(ws, cfg):
+    """(the config the views draw, APL pending). While a `prune: apl` config's importance is being
+    computed, the views show the target density with APL's drop rule, as DP's do while its
+    statistics are computed."""
+    if cfg.prune == "apl" and ws.dp_maps(cfg) is None:
+        return dataclasses.replace(cfg, prune="random" if cfg.apl_drop == "random" else "magnitude"), True
+    return cfg, False
+
+
+def apl_pending_text(ws, cfg) -> str:
+    p = ws.apl_progress(cfg)
+    if p.state == "failed":
+        return f"APL importance failed: {p.error}"
+    return f"APL importance of the fine-tunes {p.done}/{p.total} computed"
+
+
 def start_statistics(ws, cfg) -> None:
     """Start the whole-model statistics the views may need (no-op once started). Called after a
     view is computed, so the first view never shares the CPU with them."""
     ws.stats.start(5.0)
     if cfg.prune == "dp":
         ws.stats.start(cfg.dp_outlier_m)
+    if cfg.prune == "apl":
+        try:
+            ws.apl.start(cfg, ws.align(cfg))
+        except _expected():         # no task data: the views that need APL's densities say so
+            pass
+
+
+def apl_running(ws, cfg) -> bool:
+    """A `prune: apl` config whose importance is being computed in the background."""
+    try:
+        return cfg.prune == "apl" and ws.apl_progress(cfg).state == "running"
+    except _expected():
+        return False
 
 
 def pending_text(ws, cfg) -> str:
@@ -75,13 +120,17 @@ def inspect(v: dict) -> dict:
         if not v["module"]:
             raise UserError("pick a module type")
         name = ws.access.tensor_name(int(v["block"]), v["module"])
-        rows = analysis.thresholds(ws, cfg, name)
-        fig = figures.histogram(analysis.histogram(ws, cfg, name, rows), cfg.method_name, cfg.prune, cfg.amplify)
+        shown, apl_pending = view_config(ws, cfg)
+        rows = analysis.thresholds(ws, shown, name)
+        drop = "random" if analysis.random_drop(shown) else shown.prune      # how the figure explains its lines
+        fig = figures.histogram(analysis.histogram(ws, shown, name, rows), cfg.method_name, drop, cfg.amplify)
     except _expected() as e:
         return {"inspect_status": warn(message(e))}
     notes = []
     if rows and rows[0]["pending"]:
         notes.append(f"* DP's module densities: {pending_text(ws, cfg)}; the target density is shown until then")
+    if apl_pending:
+        notes.append(f"APL's module densities: {apl_pending_text(ws, cfg)}; the target density is shown until then")
     notes += [f"⚠ {n}" for n in ws.dp_notices(cfg)]
     out = {"histogram": fig, "thresholds": threshold_rows(rows), "tensor_name": f"`{name}`",
            "inspect_status": "  \n".join(notes)}
@@ -135,10 +184,70 @@ def masks(v: dict) -> dict:
         ws, cfg = _setup(v)
         if not v["matrix"]:
             raise UserError("pick a weight matrix")
-        d = analysis.mask_data(ws, cfg, v["matrix"])
+        shown, apl_pending = view_config(ws, cfg)
+        d = analysis.mask_data(ws, shown, v["matrix"])
     except _expected() as e:
         return {"mask_numbers": warn(message(e))}
-    return {"mask_plot": figures.masks(d, cfg.method_name, cfg.combine), "mask_numbers": numbers_markdown(d)}
+    numbers = numbers_markdown(d)
+    if apl_pending:
+        numbers += f"\n\n_{apl_pending_text(ws, cfg)}: target density shown until then_"
+    return {"mask_plot": figures.masks(d, cfg.method_name, cfg.combine), "mask_numbers": numbers}
+
+
+def _apl_index(v: dict, ws) -> int:
+    i = int(v["heat_model"] or 0)
+    return i if 0 <= i < len(ws.access.ft_refs) else 0
+
+
+def _apl_figure(ws, cfg, i: int, table: dict) -> dict:
+    fig = figures.apl_importance(table, ws.access.ft_refs[i], i, cfg.apl_gradient_at)
+    dens = ""
+    if table.get("density") is not None:
+        m = next(m for m in cfg.models if m.model == ws.access.ft_refs[i])
+        dens = f"; hover a cell for the density APL gives it at target {m.density:g} (APL λ {cfg.apl_lambda:g})"
+    took = f"computed in {table['seconds']:.1f} s" if table["seconds"] else "from the cache"
+    note = (f"loss of the fine-tune {table['loss_finetune']:.3f}, of the base {table['loss_base']:.3f}; "
+            f"{took}{dens}")
+    return {"apl_plot": gr.update(value=fig, visible=True), "apl_note": note}
+
+
+def apl_map(v: dict) -> dict:
+    """The APL importance map of the picked fine-tune: computed on demand (one forward pass per
+    module and per block, one backward pass), then cached for the session and on disk."""
+    progress = v.get("progress")
+    try:
+        ws, cfg = _setup(v)
+        i = _apl_index(v, ws)
+
+        def tick(step, total, what):
+            if progress is not None:
+                progress((step, total), desc=f"APL importance of {short(ws.access.ft_refs[i])}: {what}",
+                         unit="steps")
+
+        table = ws.apl_map(i, cfg, progress=tick)
+    except (*_expected(), RuntimeError) as e:
+        return {"apl_note": warn(message(e))}
+    return _apl_figure(ws, cfg, i, table)
+
+
+def apl_view(v: dict) -> dict:
+    """The map again after a control or the fine-tune picker changed: from the cache only (the
+    button computes it). A `prune: apl` config whose importance is still being computed turns the
+    statistics timer on, so the views follow when it is there."""
+    try:
+        ws, cfg = _setup(v)
+        i = _apl_index(v, ws)
+        table = ws.apl_map(i, cfg, compute=False)
+    except _expected():
+        return {}
+    out = {}
+    if apl_running(ws, cfg):
+        out["stats_timer"] = gr.Timer(active=True)
+    if table is None:
+        return {**out, "apl_plot": gr.update(visible=False),
+                "apl_note": f"not computed yet for {short(ws.access.ft_refs[i])}: press the button (a few seconds "
+                            f"per fine-tune on the demo family)"}
+    return {**out, **_apl_figure(ws, cfg, i, table)}
 
 
 INSPECT_IN = ["state", "block", "module", *CONTROL_KEYS]
@@ -148,6 +257,9 @@ VIEW_IN = ["state", "block", "module", "matrix", "heat_metric", "heat_model", *C
 INSPECT_OUT = ["histogram", "thresholds", "tensor_name", "matrix", "inspect_status"]
 HEATMAP_OUT = ["heatmap", "heatmap_note"]
 MASKS_OUT = ["mask_plot", "mask_numbers"]
+APL_IN = ["state", "heat_model", *CONTROL_KEYS]
+APL_OUT = ["apl_plot", "apl_note"]
+APL_VIEW_OUT = [*APL_OUT, "stats_timer"]
 
 
 def stats_tick(v: dict) -> dict:
@@ -171,6 +283,8 @@ def stats_tick(v: dict) -> dict:
     running = [p for p in progress if p.state == "running"]
     if running:
         return {"stats_status": f"⏳ whole-model statistics {running[0].text()}"}
+    if cfg is not None and apl_running(ws, cfg):
+        return {"stats_status": f"⏳ {apl_pending_text(ws, cfg)}"}
     out = {"stats_timer": gr.Timer(active=False), "summary": summary_markdown(ws),
            "stats_status": "" if all(p.state == "done" for p in progress)
            else f"whole-model statistics: {', '.join(p.text() for p in progress)}"}
@@ -185,13 +299,17 @@ def wire(page, triggers: list, after_load: list) -> None:
     ev = page.on([*triggers, page["block"].release, page["module"].input], inspect, INSPECT_IN, INSPECT_OUT,
                  api_name="inspect", **quiet)
     ev = page.then(ev, heatmap, HEATMAP_IN, HEATMAP_OUT, api_name="heatmap", **quiet)
-    page.then(ev, masks, MASKS_IN, MASKS_OUT, api_name="masks", **quiet)
+    ev = page.then(ev, masks, MASKS_IN, MASKS_OUT, api_name="masks", **quiet)
+    page.then(ev, apl_view, APL_IN, APL_VIEW_OUT, api_visibility="private", **quiet)
     page.on([page["heat_metric"].input, page["heat_model"].input], heatmap, HEATMAP_IN, HEATMAP_OUT,
             api_visibility="private", **quiet)
     page.on(page["matrix"].input, masks, MASKS_IN, MASKS_OUT, api_visibility="private", **quiet)
     page.on(page["stats_timer"].tick, stats_tick, VIEW_IN,
             ["stats_status", "stats_timer", "summary", *INSPECT_OUT, *HEATMAP_OUT, *MASKS_OUT],
             api_visibility="private", **quiet)
+    page.on(page["apl_btn"].click, apl_map, APL_IN, APL_OUT, progress=True, api_name="apl_map",
+            concurrency_limit=1, concurrency_id="merge")
+    page.on(page["heat_model"].input, apl_view, APL_IN, APL_VIEW_OUT, api_visibility="private", **quiet)
     for ev in after_load:
         refresh(page, ev)
 
@@ -201,4 +319,5 @@ def refresh(page, event):
     quiet = dict(show_progress="hidden", api_visibility="private")
     ev = page.then(event, inspect, INSPECT_IN, INSPECT_OUT, **quiet)
     ev = page.then(ev, heatmap, HEATMAP_IN, HEATMAP_OUT, **quiet)
-    return page.then(ev, masks, MASKS_IN, MASKS_OUT, **quiet)
+    ev = page.then(ev, masks, MASKS_IN, MASKS_OUT, **quiet)
+    return page.then(ev, apl_view, APL_IN, APL_VIEW_OUT, **quiet)

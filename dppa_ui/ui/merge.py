@@ -1,14 +1,20 @@
 """4 · Merge: one click streams the merge through the CLI's engine into a run folder (on the GPU
-when there is one); chat and score use it right away. Save offers it as a zip; push uploads it."""
+when there is one); chat and score use it right away. Save offers it as a zip; push uploads it.
+"Upscale (SMILE)" builds, instead of a merge, the loaded fine-tunes' mixture of low-rank experts
+(`merge_method: smile` through the same engine) into a run folder: it becomes the merged model
+for chat and score like any merge."""
 from __future__ import annotations
 
 import time
 
 import gradio as gr
 
-from ..workspace import short
+from ..config import UPSCALE_METHODS
+from ..workspace import short, size_text
 from .common import (CONTROL_KEYS, DOWNLOAD_LIMIT, AppState, _expected, hub_offline, message, ok, on_space, warn)
 from .method import controls_of
+
+SMILE_SCOPES = {"blocks (paper)": "blocks", "blocks + embeddings": "embeddings"}
 
 
 def build(page) -> None:
@@ -33,12 +39,41 @@ def build(page) -> None:
                                                 elem_id="hub-private"))
             page.add("push_btn", gr.Button("Push", interactive=not offline, elem_id="push-btn"))
     page.add("merge_status", gr.Markdown("", elem_id="merge-status", elem_classes=["status"]))
+    with gr.Accordion("Upscale (SMILE): a mixture of low-rank experts instead of a merge", open=True,
+                      elem_id="smile-accordion"):
+        text, url = UPSCALE_METHODS["smile"]
+        gr.Markdown(f"{text} Each token is routed, in every layer, to the expert whose input subspace it "
+                    f"lies in most ([SMILE, arXiv 2408.10174]({url})); chat shows which expert wrote each "
+                    f"token and score shows how often a domain reaches its own fine-tune's expert.",
+                    elem_id="smile-intro")
+        with gr.Row(equal_height=True):
+            page.add("smile_rank", gr.Slider(1, 256, value=64, step=1, label="rank_of_expert", scale=3,
+                                             info="rank of each expert (its delta's top singular vectors)",
+                                             elem_id="smile-rank"))
+            page.add("smile_full", gr.Checkbox(value=False, label="full rank", scale=1, elem_id="smile-full",
+                                               info="each expert = its whole delta"))
+        with gr.Row(equal_height=True):
+            page.add("smile_router", gr.Slider(1, 64, value=8, step=1, label="rank_of_router", scale=2,
+                                               info="singular vectors per router", elem_id="smile-router"))
+            page.add("smile_k", gr.Slider(1, 8, value=1, step=1, label="num_experts_per_tok (k)", scale=2,
+                                          info="experts mixed per token", elem_id="smile-k"))
+            page.add("smile_scope", gr.Radio(list(SMILE_SCOPES), value="blocks (paper)", label="Upscaled layers",
+                                             scale=2, elem_id="smile-scope"))
+        page.add("smile_btn", gr.Button("Upscale (SMILE)", variant="primary", elem_id="smile-btn"))
+        page.add("smile_size", gr.Markdown("", elem_id="smile-size"))
 
 
 def run_summary(run) -> str:
-    kept = ", ".join(f"`{short(m)}` {k:.1%}" for m, k in zip(run.models, run.kept_fraction))
-    lines = [f"**{run.label()}** merged in **{run.seconds:.2f} s** on **{run.device}**.  ",
-             f"Kept of each delta: {kept}.  ", "The merged model is ready: chat with it (5 · Chat) or score it (6 · Score)."]
+    if run.is_smile:
+        lines = [f"**{run.label()}** built in **{run.seconds:.2f} s** on **{run.device}**.  ",
+                 f"Size: {size_text(run.parameters)}.  ",
+                 "The SMILE model is now the merged model: chat with it (5 · Chat shows which expert wrote each "
+                 "token) or score it (6 · Score adds routing accuracy per domain)."]
+    else:
+        kept = ", ".join(f"`{short(m)}` {k:.1%}" for m, k in zip(run.models, run.kept_fraction))
+        lines = [f"**{run.label()}** merged in **{run.seconds:.2f} s** on **{run.device}**.  ",
+                 f"Kept of each delta: {kept}.  ",
+                 "The merged model is ready: chat with it (5 · Chat) or score it (6 · Score)."]
     lines += [f"\n⚠ {n}" for n in run.notices]
     return "\n".join(lines)
 
@@ -73,6 +108,63 @@ def merge(v: dict):
 
 
 MERGE_OUT = ["merge_summary", "leaderboard", "download", "merge_status", "state"]
+
+
+def smile_config(v: dict, ws):
+    """The SMILE config the section's controls describe, over the loaded models."""
+    from .common import _finite
+    full = bool(v["smile_full"])
+    rank = None if full else int(_finite(v["smile_rank"], "rank_of_expert"))
+    scope = SMILE_SCOPES.get(v["smile_scope"], v["smile_scope"])
+    return ws.smile_config(rank, int(_finite(v["smile_router"], "rank_of_router")),
+                           int(_finite(v["smile_k"], "num_experts_per_tok")), scope=scope)
+
+
+def upscale(v: dict) -> dict:
+    """Build the SMILE model of the loaded fine-tunes into a new run (the merged model from now on);
+    ranks a projection cannot hold, or more experts per token than fine-tunes, are refused first."""
+    from .score import leaderboard
+    state: AppState = v["state"]
+    progress = v["progress"]
+    try:
+        ws = state.workspace()
+        cfg = smile_config(v, ws)
+        plain = ws.access.n_params
+        estimate = ws.smile_parameters(cfg)
+    except _expected() as e:
+        return {"smile_size": warn(message(e)), "state": state}
+    state.cancel.clear()
+    progress(0.0, desc=f"SMILE: about {estimate:,} parameters, {estimate / max(plain, 1):.1f}× the merge")
+
+    def tick(done: int, total: int):
+        progress((done, total), desc=f"SMILE: {done}/{total} layers upscaled", unit="layers")
+
+    try:
+        run = ws.merge(cfg, progress=tick, cancel=state.cancel.is_set)
+    except InterruptedError:
+        return {"merge_status": warn("upscale cancelled; the previous merge (if any) is still there"), "state": state}
+    except (*_expected(), RuntimeError, OSError) as e:
+        return {"smile_size": warn(f"upscale refused: {message(e)}"), "state": state}
+    return {"merge_summary": run_summary(run), "leaderboard": leaderboard(state),
+            "download": gr.update(value=None, visible=False),
+            "smile_size": ok(f"{run.name}: {size_text(run.parameters)}"),
+            "merge_status": ok(f"SMILE model built in {run.seconds:.2f} s"), "state": state}
+
+
+def smile_estimate(v: dict) -> dict:
+    """The size the SMILE controls would build, beside the merge's (no tensor read)."""
+    state: AppState = v["state"]
+    try:
+        ws = state.workspace()
+        total = ws.smile_parameters(smile_config(v, ws))
+    except _expected() as e:
+        return {"smile_size": f"⚠ {message(e)}", "smile_rank": gr.update(interactive=not v["smile_full"])}
+    return {"smile_size": f"would build about {size_text({'total': total, 'plain': ws.access.n_params})}",
+            "smile_rank": gr.update(interactive=not v["smile_full"])}
+
+
+SMILE_IN = ["state", "smile_rank", "smile_full", "smile_router", "smile_k", "smile_scope"]
+SMILE_OUT = ["merge_summary", "leaderboard", "download", "smile_size", "merge_status", "state"]
 
 
 def cancel(v: dict) -> dict:
@@ -129,7 +221,13 @@ def wire(page) -> None:
     ev = page.on(page["merge_btn"].click, merge, ["state", *CONTROL_KEYS], MERGE_OUT, progress=True,
                  api_name="merge", concurrency_limit=1, concurrency_id="merge")
     page.merge_event = ev
-    page.on(page["cancel_btn"].click, cancel, ["state"], ["merge_status"], cancels=[ev], api_name="cancel", queue=False)
+    up = page.on(page["smile_btn"].click, upscale, SMILE_IN, SMILE_OUT, progress=True, api_name="upscale",
+                 concurrency_limit=1, concurrency_id="merge")
+    page.on([page["smile_rank"].release, page["smile_router"].release, page["smile_k"].release,
+             page["smile_full"].input, page["smile_scope"].input], smile_estimate, SMILE_IN, ["smile_size", "smile_rank"],
+            api_visibility="private", show_progress="hidden", trigger_mode="always_last")
+    page.on(page["cancel_btn"].click, cancel, ["state"], ["merge_status"], cancels=[ev, up], api_name="cancel",
+            queue=False)
     page.on(page["save_btn"].click, save, ["state"], ["download", "merge_status"], api_name="save")
     page["push_btn"].click(push, page.many(["state", "hub_repo", "hub_token", "hub_private"]), page["merge_status"],
                            api_name="push")

@@ -1,7 +1,8 @@
 """6 · Score: the merged model, the base and each fine-tune per domain (each model scored once and
 shared by every session), the geometric-mean objective, the session's leaderboard (reload any
 run's settings) and the YAML that the CLI runs. A suite file is read only if this session uploaded
-it through the page."""
+it through the page. For a SMILE model, the routing accuracy per domain (how often a domain's
+tokens reach its own fine-tune's expert) sits beside the scores."""
 from __future__ import annotations
 
 import functools
@@ -16,7 +17,7 @@ from .. import evaluation, figures, gpu
 from ..config import ConfigError, load_config
 from ..controls import MethodControls
 from ..refs import files_identity
-from ..workspace import params_text, short
+from ..workspace import params_text, short, size_text
 from .common import (CONTROL_KEYS, MAX_UPLOAD_ITEMS, SCORE_PER_DOMAIN, AppState, UserError, _expected, message,
                      ok, warn)
 from .method import SHOW_OUT, controls_of, show_controls
@@ -26,6 +27,11 @@ UPLOAD_SUITE = "uploaded JSONL"
 LEADERBOARD_HEADERS = ["run", "method", "models", "settings", "objective", "EM per domain"]
 _SCORES: OrderedDict = OrderedDict()        # (model files identity, suite key) -> scores, every session
 _SCORES_LOCK = threading.Lock()
+ROUTING_HEADERS = ["domain", "own expert: all tokens", "own expert: answer tokens", "items mostly routed to it"]
+ROUTING_HELP = ("**Routing accuracy of the SMILE model**: the share of (layer, token) routing decisions whose top "
+                "expert is the domain's own fine-tune's (chance: 1 / experts), over every token of prompt and answer "
+                "and over the positions that predict the answer; and the share of items whose most-picked expert "
+                "is their own.")
 
 
 def _require_upload(path) -> None:
@@ -70,6 +76,15 @@ def build(page) -> None:
     page.add("score_status", gr.Markdown("", elem_id="score-status", elem_classes=["status"]))
     page.add("objective", gr.Markdown("", elem_id="objective"))
     page.add("score_plot", gr.Plot(label="Scores", elem_id="score-plot"))
+    # Under the scores rather than beside them: a plot drawn before a column appears beside it
+    # keeps its width and is cut off.
+    with gr.Group(visible=False, elem_id="routing-col") as routing_col:
+        gr.Markdown(ROUTING_HELP, elem_id="routing-help")
+        page.add("routing_table", gr.Dataframe(headers=ROUTING_HEADERS, label="Routing accuracy per domain",
+                                               interactive=False, wrap=True, elem_id="routing-table",
+                                               column_widths=["22%", "26%", "26%", "26%"]))
+        page.add("routing_status", gr.Markdown("", elem_id="routing-status", elem_classes=["status"]))
+    page.add("routing_col", routing_col)
     with gr.Accordion("All scores (JSON)", open=False):
         page.add("score_json", gr.JSON(label="Scores (all models)", elem_id="score-json"))
     page.add("leaderboard", gr.Dataframe(headers=LEADERBOARD_HEADERS, label="Session leaderboard", interactive=False,
@@ -213,13 +228,57 @@ def score(v: dict):
 SCORE_OUT = ["score_plot", "objective", "leaderboard", "score_json", "score_status"]
 
 
+def routing_folder(folder: Path, items, key: str, load_kwargs: dict) -> dict:
+    """Routing accuracy of the SMILE model in `folder` on a suite, once per (model bytes, suite)."""
+    ck = (files_identity(folder), key, "routing")
+    with _SCORES_LOCK:
+        if ck in _SCORES:
+            return _SCORES[ck]
+    result = gpu.routing_accuracy(folder, items, **load_kwargs)
+    with _SCORES_LOCK:
+        _SCORES[ck] = result
+    return result
+
+
+def routing_rows(result: dict) -> list[list]:
+    return [[d, round(r["all"]["decisions"], 3), round(r["answer"]["decisions"], 3), round(r["all"]["items"], 3)]
+            for d, r in result.items()]
+
+
+def score_routing(v: dict) -> dict:
+    """After scoring: the routing accuracy per domain when the merged model is a SMILE model
+    (hidden otherwise)."""
+    state: AppState = v["state"]
+    ws = state.ws
+    run = ws.runs.last if ws is not None and ws.loaded else None
+    if run is None or not run.is_smile:
+        return {"routing_col": gr.update(visible=False), "routing_table": None, "routing_status": ""}
+    try:
+        items, key, label = suite_items(state, v["suite"], v["upload"])
+        result = routing_folder(ws.model_dir("merged"), items, key, ws.load_kwargs())
+    except (*_expected(), RuntimeError) as e:
+        return {"routing_col": gr.update(visible=True), "routing_status": warn(f"routing accuracy: {message(e)}")}
+    run.routing = result
+    if not result:
+        return {"routing_col": gr.update(visible=True), "routing_table": [],
+                "routing_status": f"no domain of {label} is the domain of one of the experts"}
+    experts = len(run.models)
+    return {"routing_col": gr.update(visible=True), "routing_table": routing_rows(result),
+            "routing_status": f"{run.name} on {label}: {experts} experts, chance {1 / experts:.2f}"}
+
+
+ROUTING_IN = ["state", "suite", "upload"]
+ROUTING_OUT = ["routing_col", "routing_table", "routing_status"]
+
+
 def leaderboard(state: AppState) -> list[list]:
     rows = []
     ws = state.ws
     for r in (ws.runs.items if ws is not None else []):
         em = (" · ".join(f"{d} {s['em']:.2f}" for d, s in r.scores.items() if s.get("em") is not None)
               if r.scores else "not scored")
-        rows.append([r.number, r.config.method_name, ", ".join(short(m) for m in r.models), params_text(r.config),
+        settings = params_text(r.config) + (f"; {size_text(r.parameters)}" if r.is_smile else "")
+        rows.append([r.number, r.config.method_name, ", ".join(short(m) for m in r.models), settings,
                      None if r.objective is None else round(r.objective, 4), em])
     return rows
 
@@ -233,6 +292,9 @@ def reload_run(v: dict) -> dict:
     try:
         ws = state.workspace()
         run = ws.runs.get(int(v["run_no"] or 0))
+        if run.is_smile:
+            raise UserError(f"{run.name} is a SMILE model ({params_text(run.config)}): set these in "
+                            f"4 · Merge › Upscale (SMILE)")
         c = run.controls if isinstance(run.controls, MethodControls) else MethodControls.from_config(run.config)
     except _expected() as e:
         return {"score_status": warn(message(e))}
@@ -282,8 +344,10 @@ def load_yaml_into_controls(v: dict) -> dict:
 def wire(page) -> list:
     """Wires the section; returns the events that set the method controls (the views follow them)."""
     page.on(page["upload"].upload, upload_suite, ["state", "upload"], ["suite", "score_status"], api_name="upload_suite")
-    page.on(page["score_btn"].click, score, ["state", "suite", "upload"], SCORE_OUT, progress=True, api_name="score",
-            concurrency_limit=1, concurrency_id="merge")
+    scored = page.on(page["score_btn"].click, score, ["state", "suite", "upload"], SCORE_OUT, progress=True,
+                     api_name="score", concurrency_limit=1, concurrency_id="merge")
+    page.then(scored, score_routing, ROUTING_IN, ROUTING_OUT, api_visibility="private", concurrency_limit=1,
+              concurrency_id="merge")
     reload = page.on(page["reload_btn"].click, reload_run, ["state", "run_no"], [*SHOW_OUT, "score_status"],
                      api_name="reload_run")
     page.on(page["export_btn"].click, export_yaml, ["state", "base", "fts", *CONTROL_KEYS],

@@ -3,7 +3,9 @@ components to this.
 
   access.py      ModelAccess: lazy per-tensor reads from the memory-mapped checkpoints
   statistics.py  StatsService: on-demand per tensor, whole-model in the background, disk cache
-  runs.py        Runs: merges streamed to folders by the CLI's engine, the leaderboard, archives
+  importance.py  APLService: APL importance in the background (prune: apl) and the importance maps
+  runs.py        Runs: merges (and SMILE upscales) written to folders by the CLI's engine, the
+                 leaderboard, archives
   (modelbuild)   the chat / score models, built by accelerate from those folders
 
 Data flow: refs -> `load` (resolved under the app's RefPolicy; headers only) -> inspect views read
@@ -18,18 +20,18 @@ import warnings
 from pathlib import Path
 from typing import Callable, Iterable
 
-
 from ..config import MergeConfig, load_config
 from ..methods.dp import DPDensity
 from ..pipeline import kept_fraction
 from ..refs import RefPolicy, resolve_model
 from ..stats import DeltaStats
 from .access import ModelAccess, module_type
-from .runs import MergeQueue, MergeRefused, Run, Runs, params_text, short
+from .importance import APLService
+from .runs import MergeQueue, MergeRefused, Run, Runs, params_text, short, size_text
 from .statistics import DiskCache, Progress, StatsService
 
-__all__ = ["Workspace", "ModelAccess", "StatsService", "DiskCache", "Progress", "Run", "Runs", "MergeQueue",
-           "MergeRefused", "params_text", "short", "module_type"]
+__all__ = ["Workspace", "ModelAccess", "StatsService", "APLService", "DiskCache", "Progress", "Run", "Runs",
+           "MergeQueue", "MergeRefused", "params_text", "short", "size_text", "module_type"]
 
 MERGE_QUEUE = MergeQueue()
 
@@ -46,6 +48,8 @@ class Workspace:
         self.queue = queue or MERGE_QUEUE
         self.access: ModelAccess | None = None
         self.stats: StatsService | None = None
+        self.apl: APLService | None = None
+        self.data_files: set[str] = set()           # files an `apl_data` may name (see allow_data)
         self.runs = Runs(self.temp_dir)
         self._dp: dict[tuple, tuple[dict[str, DPDensity], list[str]]] = {}
 
@@ -73,6 +77,7 @@ class Workspace:
         access = ModelAccess(base_ref, base_path, ft_refs, ft_paths)
         self._drop_models()
         self.access, self.stats = access, StatsService(access, self.stats_cache)
+        self.apl = APLService(access, self.data_files)
         self._dp = {}
         if start_stats:
             self.stats.start()
@@ -90,9 +95,16 @@ class Workspace:
     def _drop_models(self) -> None:
         if self.stats is not None:
             self.stats.cancel()
+        if self.apl is not None:
+            self.apl.cancel()
         if self.access is not None:
             self.access.close()
-        self.access = self.stats = None
+        self.access = self.stats = self.apl = None
+
+    def allow_data(self, path: str | Path) -> None:
+        """Let configs of this session name `path` as an `apl_data` file (the UI registers the
+        files uploaded through the page; no other server file is read)."""
+        self.data_files.add(str(Path(path).expanduser().resolve()))
 
     # -- configs
 
@@ -119,11 +131,17 @@ class Workspace:
                              f"{', '.join(acc.ft_refs)}")
         return [acc.ft_refs.index(m.model) for m in cfg.models]
 
-    # -- DP
+    # -- DP and APL
 
-    def dp_maps(self, cfg: MergeConfig) -> list[dict[str, DPDensity]] | None:
-        """DP densities aligned with the config's models, None while the whole-model statistics
-        are still being computed (or when the config does not prune with DP)."""
+    def dp_maps(self, cfg: MergeConfig) -> list[dict] | None:
+        """The per-tensor density maps of a DP or APL prune, aligned with the config's models: DP's
+        from the whole-model statistics, APL's `apl.plan(cfg).maps` from each fine-tune's
+        importance (both computed once in the background and cached); None while they are being
+        computed, or when the config prunes otherwise. APL refuses (ConfigError) a fine-tune
+        without task data, before anything is computed."""
+        if cfg.prune == "apl":
+            plan = self.apl.plan(cfg, self.align(cfg))
+            return None if plan is None else plan.maps
         if cfg.prune != "dp":
             return None
         full = self.stats.full(cfg.dp_outlier_m)
@@ -155,11 +173,33 @@ class Workspace:
     def stats_progress(self, outlier_m: float = 5.0) -> Progress:
         return self.stats.progress(outlier_m) if self.stats else Progress()
 
+    def apl_progress(self, cfg: MergeConfig) -> Progress:
+        """Progress of the APL importance a `prune: apl` config waits for (done/total fine-tunes)."""
+        return self.apl.progress(cfg, self.align(cfg)) if self.apl and cfg.prune == "apl" else Progress()
+
+    def apl_map(self, index: int, cfg: MergeConfig | None = None, compute: bool = True,
+                progress: Callable[[int, int, str], None] | None = None) -> dict | None:
+        """The APL importance map (apl.importance_table: blocks x modules, exact intervention and
+        gradient side by side, APL's densities) of loaded fine-tune `index`, with the task data,
+        examples, gradient point, density and λ of `cfg`'s model for it (defaults without one).
+        Cached; with compute=False, None until it was computed once in this session."""
+        acc = self.require()
+        if not 0 <= index < len(acc.ft_refs):
+            raise ValueError(f"pick a loaded fine-tune (0..{len(acc.ft_refs) - 1}), got {index}")
+        ref = acc.ft_refs[index]
+        m = next((m for m in (cfg.models if cfg is not None else []) if m.model == ref), None)
+        cfg = cfg or MergeConfig(base_model=acc.base_ref, models=[])
+        density = m.density if m is not None and cfg.prune != "none" else None
+        return self.apl.table(index, ref, apl_data=m.apl_data if m is not None else None,
+                              domain=m.domain if m is not None else None, examples=cfg.apl_examples,
+                              gradient_at=cfg.apl_gradient_at, density=density, apl_lambda=cfg.apl_lambda,
+                              compute=compute, progress=progress)
+
     def kept_fraction(self, cfg: MergeConfig) -> list[float] | None:
-        """Share of each fine-tune's delta entries the prune keeps (None while DP waits for statistics)."""
+        """Share of each fine-tune's delta entries the prune keeps (None while DP or APL wait)."""
         acc = self.require()
         maps = self.dp_maps(cfg)
-        if cfg.prune == "dp" and maps is None:
+        if cfg.prune in ("dp", "apl") and maps is None:
             return None
         return kept_fraction(cfg, {n: acc.shapes[n] for n in acc.float_names}, maps)
 
@@ -167,10 +207,13 @@ class Workspace:
 
     def working_bytes(self, cfg: MergeConfig) -> int:
         """Memory a streamed merge needs: (n + 2) float32 buffers of the largest tensor plus one
-        prefetched set of inputs; PCB at model scope flattens every delta at once."""
+        prefetched set of inputs; PCB at model scope flattens every delta at once; SMILE holds
+        every checkpoint and the upscaled model in float32."""
         acc = self.require()
         largest = max((acc.numel[n] for n in acc.float_names), default=0)
         n = len(cfg.models)
+        if cfg.upscale == "smile":
+            return 4 * ((n + 1) * acc.n_params + self.smile_parameters(cfg))
         if cfg.combine == "pcb" and cfg.scope == "model":
             return 3 * n * acc.n_params * 4
         return (n + 2) * largest * 4 + (n + 1) * largest * 4
@@ -190,6 +233,8 @@ class Workspace:
                                f"{free / 2**30:.2f} GB is free; merge fewer models or wait for other merges")
         idx = self.align(cfg)
         alpha = {}
+        if cfg.prune == "apl":          # the engine then finds every importance in apl's cache
+            self.apl.wait(cfg, idx, cancel=cancel)
         with self.queue.slot():
             stats = None
             if cfg.prune == "dp":
@@ -202,8 +247,39 @@ class Workspace:
                             log=lambda s: None)
         run = Run(number=number, config=cfg, folder=folder, seconds=res.seconds, device=res.device,
                   kept_fraction=res.kept_fraction, controls=controls,
-                  notices=list(cfg.notices) + self.dp_notices(cfg), alpha_search=alpha)
+                  notices=list(cfg.notices) + self.dp_notices(cfg), alpha_search=alpha,
+                  parameters=self._parameters(cfg, folder))
         return self.runs.add(run)
+
+    def _parameters(self, cfg: MergeConfig, folder: Path) -> dict:
+        """{"total", "plain"} parameters of a run's model: a merge has the base's; a SMILE model
+        adds its experts and routers (smile.parameter_count, from the folder's smile_config.json)."""
+        if cfg.upscale == "smile":
+            import json
+
+            from ..smile import SMILE_CONFIG
+            return dict(json.loads((Path(folder) / SMILE_CONFIG).read_text())["parameters"])
+        n = self.require().n_params
+        return {"total": n, "plain": n}
+
+    # -- SMILE
+
+    def smile_config(self, rank_of_expert: int | None = 64, rank_of_router: int = 8, num_experts_per_tok: int = 1,
+                     scope: str = "blocks", others: str = "task_arithmetic") -> MergeConfig:
+        """The `merge_method: smile` config of the loaded base and fine-tunes (rank_of_expert None =
+        full rank); `merge(config)` builds it into a run folder. Bad values are refused by name."""
+        acc = self.require()
+        return self.config({"merge_method": "smile", "base_model": acc.base_ref, "models": list(acc.ft_refs),
+                            "parameters": {"rank_of_expert": "full" if rank_of_expert is None else rank_of_expert,
+                                           "rank_of_router": rank_of_router,
+                                           "num_experts_per_tok": num_experts_per_tok,
+                                           "smile_scope": scope, "smile_others": others}})
+
+    def smile_parameters(self, cfg: MergeConfig) -> int:
+        """The SMILE model's parameter count before it is built (the engine's dry run: ranks checked
+        against every projection, no tensor read)."""
+        from ..engine import merge as engine_merge
+        return int(engine_merge(cfg.to_dict(), None, dry_run=True, device="cpu", log=lambda s: None).params)
 
     def search_amplification(self, source, log: Callable[[str], None] | None = None
                              ) -> tuple[MergeConfig, dict[str, dict]]:

@@ -27,6 +27,11 @@ def short(ref: str) -> str:
 def params_text(cfg: MergeConfig) -> str:
     """The settings of a run in one line (what a leaderboard row shows)."""
     m = cfg.models[0]
+    if cfg.upscale == "smile":
+        return (f"rank_of_expert {'full' if cfg.rank_of_expert is None else cfg.rank_of_expert}, "
+                f"rank_of_router {cfg.rank_of_router}, k {cfg.num_experts_per_tok}"
+                + (f", scope {cfg.smile_scope}" if cfg.smile_scope != "blocks" else "")
+                + (f", others {cfg.smile_others}" if cfg.smile_others != "task_arithmetic" else ""))
     parts = []
     if cfg.prune != "none":
         parts.append(f"density {m.density:g}")
@@ -42,7 +47,20 @@ def params_text(cfg: MergeConfig) -> str:
         parts.append(f"ratio {cfg.pcb_ratio:g}")
     if cfg.prune == "random":
         parts.append(f"seed {cfg.seed}")
+    if cfg.prune == "apl":
+        parts.append(f"APL {cfg.apl_level} {cfg.apl_importance_kind}, λ {cfg.apl_lambda:g}")
     return "; ".join(parts) or "defaults"
+
+
+def size_text(parameters: dict | None) -> str:
+    """'3,648,128 parameters (4.1× a plain merge's 879,232)' for a SMILE model; the count alone
+    for a merge."""
+    if not parameters:
+        return ""
+    total, plain = int(parameters["total"]), int(parameters.get("plain") or parameters["total"])
+    if total == plain:
+        return f"{total:,} parameters"
+    return f"{total:,} parameters ({total / plain:.1f}× a plain merge's {plain:,})"
 
 
 @dataclass
@@ -59,6 +77,12 @@ class Run:
     scores: dict | None = None                    # {domain: {"em", "smooth", ...}} once scored
     objective: float | None = None
     suite: str | None = None
+    parameters: dict | None = None                # {"total", "plain", ...}: SMILE adds experts and routers
+    routing: dict | None = None                   # SMILE: routing accuracy per domain once scored
+
+    @property
+    def is_smile(self) -> bool:
+        return self.config.upscale == "smile"
 
     @property
     def models(self) -> list[str]:

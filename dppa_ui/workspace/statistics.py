@@ -20,20 +20,12 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..io import cache_root
 from ..refs import files_identity
 from ..stats import DeltaStats, TensorStat, tensor_stat
 from .access import ModelAccess
 
 STATS_VERSION = 1          # bump when what a statistics file holds changes
-
-
-def cache_root() -> Path:
-    """DPPA_UI_CACHE_DIR, else $XDG_CACHE_HOME/dppa-ui, else ~/.cache/dppa-ui."""
-    env = os.environ.get("DPPA_UI_CACHE_DIR")
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "dppa-ui"
 
 
 class DiskCache:
@@ -85,6 +77,15 @@ class Progress:
         if self.state == "failed":
             return f"failed: {self.error}"
         return self.state
+
+
+def stop_jobs(jobs) -> None:
+    """Ask each background job (with .cancel, an Event, and .thread) to stop, then wait for it."""
+    for job in jobs:
+        job.cancel.set()
+    for job in jobs:
+        if job.thread is not None:
+            job.thread.join(5)
 
 
 class _Job:
@@ -216,11 +217,7 @@ class StatsService:
         """Stop every running job (at its next tensor); a later `start` resumes from the cache."""
         with self._lock:
             jobs = list(self._jobs.values())
-        for job in jobs:
-            job.cancel.set()
-        for job in jobs:
-            if job.thread is not None:
-                job.thread.join(5)
+        stop_jobs(jobs)
         with self._lock:
             for m, job in list(self._jobs.items()):
                 if job.result is None:
