@@ -83,10 +83,12 @@ def _looks_like_path(ref: str) -> bool:
             or "\\" in ref or ref in (".", ".."))
 
 
-def resolve_model(ref: str, *, allow_pickle: bool = False) -> Path:
+def resolve_model(ref: str, *, allow_pickle: bool = False, lora_cache: str | os.PathLike | None = None,
+                  log=None) -> Path:
     """Turn a model ref into a local folder holding its checkpoint.
 
-    `demo:NAME` -> the demo zoo's folder; an existing folder -> itself; otherwise a hub id with an
+    `demo:NAME` -> the demo zoo's folder; an existing folder -> itself; `MODEL+ADAPTER` -> MODEL
+    with the PEFT adapter merged in (lora.py; cached in `lora_cache`); otherwise a hub id with an
     optional `@revision`, fetched with `huggingface_hub.snapshot_download` (weights as safetensors
     only unless `allow_pickle`; honours HF_HUB_OFFLINE and the local cache).
     """
@@ -95,8 +97,11 @@ def resolve_model(ref: str, *, allow_pickle: bool = False) -> Path:
         raise ModelRefError("empty model ref: give a local folder, a hub id (org/name[@revision]) "
                             "or a demo model (demo:NAME)")
     if "+" in ref:
-        raise ModelRefError(f"model ref {ref!r}: LoRA (+) refs are not supported yet; merge the "
-                            "adapter into its base first (peft merge_and_unload) and use that folder")
+        from .lora import AdapterError, resolve_lora
+        try:
+            return resolve_lora(ref, lambda r: resolve_model(r, allow_pickle=allow_pickle), lora_cache, log)
+        except AdapterError as e:
+            raise ModelRefError(str(e)) from None
     if ref.startswith("demo:"):
         from dppa_ui import zoo  # lazy: the zoo is optional for everything else here
         return Path(zoo.demo_path(ref[len("demo:"):]))
@@ -167,8 +172,8 @@ class CheckpointReader:
             return [self.path / "model.safetensors"]
         files = sorted(self.path.glob("*.safetensors"))
         if files and (self.path / "adapter_config.json").is_file():
-            raise ValueError(f"{self.path} holds a LoRA/PEFT adapter, not a full model; adapters are "
-                             "not supported yet: merge it into its base first (peft merge_and_unload)")
+            raise ValueError(f"{self.path} holds a LoRA/PEFT adapter, not a full model: reference it with "
+                             f"its base as BASE_MODEL+{self.path}")
         return files
 
     def _pickle_files(self, allow_pickle: bool) -> list[Path]:
@@ -592,6 +597,31 @@ def copy_model_files(src_dir: str | os.PathLike, out_dir: str | os.PathLike, *, 
         (out / "chat_template.jinja").write_text(chat_template)
         written.append(out / "chat_template.jinja")
     return written
+
+
+_LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+
+
+def layer_overrides(model_dirs: Sequence[str | os.PathLike], origin: Sequence[tuple[int, int]],
+                    donor_dir: str | os.PathLike) -> dict:
+    """config.json changes for a model stacked from layers of others: the layer count (whichever of
+    num_hidden_layers / n_layer / num_layers / n_layers the donor's config has) and per-layer
+    lists (`layer_types`) taken from each output layer's source. `origin`: per output layer,
+    (index into model_dirs, that model's layer)."""
+    cfg = json.loads((Path(donor_dir) / "config.json").read_text())
+    out: dict = {}
+    keys = [k for k in _LAYER_KEYS if k in cfg] or ["num_hidden_layers"]
+    for k in keys:
+        out[k] = len(origin)
+    src_cfgs: dict[int, dict] = {}
+    for key in ("layer_types",):
+        if isinstance(cfg.get(key), list):
+            vals = []
+            for i, layer in origin:
+                c = src_cfgs.setdefault(i, json.loads((Path(model_dirs[i]) / "config.json").read_text()))
+                vals.append(c[key][layer])
+            out[key] = vals
+    return out
 
 
 def library_versions() -> dict[str, str]:

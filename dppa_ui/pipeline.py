@@ -1,8 +1,10 @@
-"""One tensor through the pipeline: theta_b + lambda * combine(amplify(prune(delta_i))).
+"""One tensor through the pipeline: theta_b + lambda * combine(amplify(prune(delta_i))), or
+through an interpolation (dppa_ui/interpolations) for methods that work on the weights.
 
 Everything here is pure tensor work on one tensor name; the engine streams names through it
 from disk, and `merge_state_dicts` runs it over state dicts held in memory (the app's instant
-chat path). All math is float32 on the chosen device.
+chat path). All math is float32 on the chosen device. Per-tensor functions read plain parameter
+values: `merge_tensor` resolves the config for its tensor first (MergeConfig.for_tensor).
 """
 from __future__ import annotations
 
@@ -12,8 +14,10 @@ from typing import Callable, Iterable
 import torch
 
 from .config import MergeConfig, load_config
-from .methods import (dare_prune, dp_prune, dpa_amplify, is_dp_target, keep_count, magnitude_prune, pcb_combine,
-                      sum_combine, tensor_generator, ties_combine)
+from .interpolations import interpolate
+from .methods import (breadcrumbs_counts, breadcrumbs_prune, dare_prune, della_prune, dp_prune, dpa_amplify,
+                      is_dp_target, keep_count, magnitude_prune, pcb_combine, ram_combine, ramplus_tl_combine,
+                      sce_combine, sum_combine, tensor_generator, ties_combine)
 from .methods.dp import DPDensity
 from .stats import DeltaStats, collect_stats
 
@@ -30,6 +34,7 @@ class Step:
 
 def plan_steps(cfg: MergeConfig, name: str, shape, dp_maps: list[dict[str, DPDensity]] | None) -> list[Step]:
     """The per-model Step for tensor `name`."""
+    cfg = cfg.for_tensor(name)
     steps = []
     for i, m in enumerate(cfg.models):
         if cfg.prune == "none":
@@ -51,14 +56,20 @@ def prune_amplify(cfg: MergeConfig, i: int, name: str, delta: torch.Tensor, step
     """Stages 1 and 2 for fine-tune i's delta of tensor `name` (`inplace`: may overwrite delta)."""
     if not step.prune:
         return delta
+    cfg = cfg.for_tensor(name)
     m = cfg.models[i]
     if cfg.prune == "random":
         gen = tensor_generator(cfg.seed, i, name, delta.device)
         delta = dare_prune(delta, step.density, gen, m.rescale, inplace=inplace)
+    elif cfg.prune == "della":
+        gen = tensor_generator(cfg.seed, i, name, delta.device)
+        delta = della_prune(delta, step.density, m.epsilon, gen, m.rescale, inplace=inplace)
+    elif cfg.prune == "breadcrumbs":
+        delta = breadcrumbs_prune(delta, step.density, m.gamma, m.rescale, inplace=inplace)
     elif cfg.prune == "dp":     # magnitude pruning at the module's own density
         delta = dp_prune(delta, step.density, inplace=inplace)
     else:
-        delta = magnitude_prune(delta, step.density, inplace=inplace)
+        delta = magnitude_prune(delta, step.density, inplace=inplace, rescale=m.rescale)
     if cfg.amplify == "dpa":
         delta = dpa_amplify(delta, m.partitions, m.amplification, step.offset)
     return delta
@@ -71,6 +82,12 @@ def combine(cfg: MergeConfig, deltas: torch.Tensor, inplace: bool = False) -> to
         return sum_combine(deltas, weights, cfg.normalize, inplace=inplace)
     if cfg.combine == "ties":
         return ties_combine(deltas, weights, cfg.normalize, inplace=inplace)
+    if cfg.combine == "sce":
+        return sce_combine(deltas, cfg.select_topk, inplace=inplace)
+    if cfg.combine == "ram":
+        return ram_combine(deltas, cfg.epsilon)
+    if cfg.combine == "ramplus_tl":
+        return ramplus_tl_combine(deltas, cfg.r, cfg.alpha, cfg.epsilon)
     return pcb_combine(deltas, weights, cfg.pcb_ratio)
 
 
@@ -104,15 +121,27 @@ def to_float32(t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return out.copy_(t)
 
 
-def merge_tensor(cfg: MergeConfig, name: str, base: torch.Tensor, fts: list[torch.Tensor],
+def merge_tensor(cfg: MergeConfig, name: str, base: torch.Tensor | None, fts: list[torch.Tensor],
                  dp_maps: list[dict[str, DPDensity]] | None = None, out_dtype: torch.dtype | None = None,
-                 scratch: Scratch | None = None) -> torch.Tensor:
+                 scratch: Scratch | None = None, t: float | None = None,
+                 source_names: list[str] | None = None) -> torch.Tensor:
     """The merged tensor for `name`, a new tensor on base's device in `out_dtype` (default float32).
-    Non-float tensors: the base's, unchanged. `scratch` lends reusable work buffers."""
-    if not base.is_floating_point():
-        return base
-    dev = base.device
+    Non-float tensors: the base's (or the first input's), unchanged. `scratch` lends reusable work
+    buffers. `fts` are aligned with cfg.models; `base` is None for interpolations without one.
+    `t` / `source_names`: the gradient position and each model's own tensor name (slices), for
+    resolving per-tensor parameters (default: from `name` and cfg.n_layers)."""
+    cfg = cfg.for_tensor(name, t, source_names)
+    ref = base if base is not None else fts[0]
+    if not ref.is_floating_point():
+        return ref
+    dev = ref.device
     scratch = scratch or Scratch()
+    if cfg.family != "pipeline":
+        b32 = None if base is None else (base if base.dtype == torch.float32 else
+                                         to_float32(base, scratch.get("base", base.shape, dev)))
+        xs = [to_float32(ft.to(dev), scratch.get(f"in{i}", ft.shape, dev)) for i, ft in enumerate(fts)]
+        merged = interpolate(cfg, name, b32, xs)
+        return merged.to(out_dtype or torch.float32, copy=True)
     steps = plan_steps(cfg, name, base.shape, dp_maps)
     deltas = scratch.get("deltas", (len(fts), *base.shape), dev)
     base32 = base if base.dtype == torch.float32 else to_float32(base, scratch.get("base", base.shape, dev))
@@ -131,6 +160,10 @@ def kept_fraction(cfg: MergeConfig, shapes: dict[str, tuple], dp_maps: list[dict
                   ) -> list[float]:
     """Share of each fine-tune's delta entries (over the tensors in `shapes`) that the prune keeps:
     exact for magnitude and DP, the expected value for random."""
+    if cfg.family != "pipeline":       # no prune: every entry of every input counts
+        return [1.0] * len(cfg.models)
+    if cfg.slices is not None:
+        return []
     out = []
     for i in range(len(cfg.models)):
         kept = total = 0
@@ -138,8 +171,14 @@ def kept_fraction(cfg: MergeConfig, shapes: dict[str, tuple], dp_maps: list[dict
             n = torch.Size(shape).numel()
             step = plan_steps(cfg, name, shape, dp_maps)[i]
             total += n
-            kept += n if not step.prune else (step.density * n if cfg.prune == "random"
-                                              else keep_count(step.density, n))
+            if not step.prune or step.density >= 1:
+                kept += n
+            elif cfg.prune in ("random", "della"):      # expected value: the mean keep probability
+                kept += step.density * n
+            elif cfg.prune == "breadcrumbs":
+                kept += breadcrumbs_counts(n, step.density, cfg.for_tensor(name).models[i].gamma)[1]
+            else:
+                kept += keep_count(step.density, n)
         out.append(kept / max(total, 1))
     return out
 
@@ -159,39 +198,63 @@ def dp_maps_from_stats(cfg: MergeConfig, stats: list[DeltaStats]) -> list[dict[s
     return [s.dp_map(m.density, cfg.dp_lambda) for s, m in zip(stats, cfg.models)]
 
 
-def merge_state_dicts(base_sd: dict[str, torch.Tensor], ft_sds: list[dict[str, torch.Tensor]], config,
+def merge_state_dicts(base_sd: dict[str, torch.Tensor] | None, ft_sds, config,
                       device: str | torch.device = "cpu", stats: list[DeltaStats] | None = None,
                       progress: Callable[[int, int], None] | None = None,
                       cancel: Callable[[], bool] | None = None) -> dict[str, torch.Tensor]:
     """Merge state dicts held in memory, with no disk round-trip. Returns tensors on CPU in the
     output dtype (the base's unless the config sets one). `stats` (from `collect_stats`) can be
-    passed to skip the DP statistics passes."""
+    passed to skip the DP statistics passes.
+
+    `ft_sds`: a list aligned with cfg.models (a base listed among them, as linear and karcher
+    keep it, may be left out: `base_sd` fills its place), or a dict {model ref: state dict} (needed
+    for `slices`). `base_sd` may be None for interpolations without a base."""
+    from .plan import DictReader, build_plan, input_refs
     cfg = config if isinstance(config, MergeConfig) else load_config(config)
-    if len(ft_sds) != len(cfg.models):
-        raise ValueError(f"the config lists {len(cfg.models)} fine-tunes but {len(ft_sds)} state dicts were given")
     if any(isinstance(m.amplification, str) for m in cfg.models):
         raise ValueError("amplification: auto must be resolved first (dppa_ui.engine.search_amplification)")
+    by_ref = dict(ft_sds) if isinstance(ft_sds, dict) else None
+    if by_ref is None:
+        non_base = [m for m in cfg.models if m.model != cfg.base_model]
+        if len(ft_sds) == len(cfg.models):
+            by_ref = {m.model: sd for m, sd in zip(cfg.models, ft_sds)}
+        elif len(ft_sds) == len(non_base):
+            by_ref = {m.model: sd for m, sd in zip(non_base, ft_sds)}
+        else:
+            raise ValueError(f"the config lists {len(cfg.models)} fine-tunes but {len(ft_sds)} state dicts were given")
+    if cfg.base_model is not None and base_sd is not None:
+        by_ref.setdefault(cfg.base_model, base_sd)
+    refs = input_refs(cfg)
+    missing = [r for r in refs if r not in by_ref]
+    if missing:
+        raise ValueError(f"no state dict for {', '.join(missing)}")
     device = torch.device(device)
-    names = list(base_sd)
-    float_names = [n for n in names if base_sd[n].is_floating_point()]
-    dp_maps = None
-    if cfg.prune == "dp":
-        if stats is None:
-            stats = collect_stats(float_names, lambda n: (base_sd[n].to(device), [sd[n].to(device) for sd in ft_sds]),
+    if cfg.family == "pipeline" and cfg.slices is None:
+        fts = [by_ref[m.model] for m in cfg.models]
+        names = list(base_sd)
+        float_names = [n for n in names if base_sd[n].is_floating_point()]
+        if cfg.prune == "dp" and stats is None:
+            stats = collect_stats(float_names, lambda n: (base_sd[n].to(device), [sd[n].to(device) for sd in fts]),
                                   [m.model for m in cfg.models], cfg.dp_outlier_m)
-        dp_maps = dp_maps_from_stats(cfg, stats)
-    if cfg.combine == "pcb" and cfg.scope == "model":
-        return _pcb_model_scope(cfg, base_sd, ft_sds, float_names, device, dp_maps)
+        dp_maps = dp_maps_from_stats(cfg, stats) if cfg.prune == "dp" else None
+        if cfg.combine == "pcb" and cfg.scope == "model":
+            return _pcb_model_scope(cfg, base_sd, fts, float_names, device, dp_maps)
+    else:
+        dp_maps = None
+    readers = [DictReader(by_ref[r]) for r in refs]
+    plan = build_plan(cfg, readers)
     out, scratch = {}, Scratch()
-    for k, name in enumerate(names):
+    for k, job in enumerate(plan.jobs):
         if cancel and cancel():
             raise InterruptedError("merge cancelled")
-        base = base_sd[name]
-        merged = merge_tensor(cfg, name, base.to(device), [sd[name] for sd in ft_sds], dp_maps,
-                              out_dtype=output_dtype(cfg, base.dtype), scratch=scratch)
-        out[name] = merged.to("cpu")
+        base = readers[job.base[0]].get(job.base[1]).to(device) if job.base else None
+        fts = [readers[i].get(n) for i, n in job.sources]
+        ref = base if base is not None else fts[0]
+        merged = merge_tensor(job.cfg, job.name, base, fts, dp_maps, out_dtype=output_dtype(cfg, ref.dtype),
+                              scratch=scratch)
+        out[job.name] = merged.to("cpu")
         if progress:
-            progress(k + 1, len(names))
+            progress(k + 1, len(plan.jobs))
     return out
 
 

@@ -87,5 +87,8 @@ def row_kth_smallest(x: torch.Tensor, index: int) -> torch.Tensor:
 
 
 def keep_count(density: float, numel: int) -> int:
-    """Entries kept at `density`: int(density * n), the papers' and mergekit's rounding."""
-    return int(density * numel)
+    """Entries kept at `density`: int(density * n), the papers' rounding, but at least one entry of
+    a non-empty tensor when density > 0 (mergekit 0.1.5's magnitude rule)."""
+    if density <= 0 or numel <= 0:
+        return 0
+    return max(1, int(density * numel))
