@@ -60,10 +60,12 @@ def _same_model(recorded: str, model_ref: str, model_dir: Path) -> bool:
     if rec == model_ref.rstrip("/"):
         return True
     p = Path(rec).expanduser()
-    if p.is_dir() and p.resolve() == model_dir.resolve():
-        return True
-    # a hub id recorded, a local copy named after it (or the other way round)
-    return rec.split("/")[-1] == model_ref.rstrip("/").split("/")[-1] or rec.split("/")[-1] == model_dir.name
+    if p.is_dir():          # a local folder recorded: it must be this very folder
+        return p.resolve() == model_dir.resolve()
+    # a hub id recorded: its snapshot, or a local copy named after the repo
+    name = rec.split("/")[-1]
+    return (f"models--{rec.replace('/', '--')}" in str(model_dir)
+            or name in (model_ref.rstrip("/").split("/")[-1], model_dir.name))
 
 
 def check_adapter(model_ref: str, model_dir: Path, lora_ref: str, a_dir: Path) -> dict:
