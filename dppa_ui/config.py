@@ -125,7 +125,7 @@ class MergeConfig:
     dtype: str | None = None            # output dtype; None = the base's
     seed: int = 0
     tokenizer_source: str | None = None   # a model whose tokenizer files are copied (None: the base's)
-    chat_template: str | None = None      # None/"auto" = the tokenizer source's; else a Jinja template
+    chat_template: str | None = None      # None = the tokenizer source's; else a Jinja template
     name: str | None = None
     notices: list[str] = field(default_factory=list)
     # --- per-method global parameters (mergekit's names; see registry.py)
@@ -146,6 +146,8 @@ class MergeConfig:
     slices: list[SliceSpec] | None = None
     # --- tokenizer surgery (`tokenizer:` / `tokenizer_source:`; None = copy the base's files)
     vocab: VocabSpec | None = None
+    # --- chat_template: auto (the most common template among the inputs, as mergekit picks it)
+    auto_chat_template: bool = False
     # --- runtime: layer count for gradient positions (set by the engine; not part of the YAML)
     n_layers: int | None = field(default=None, compare=False, repr=False)
 
@@ -319,6 +321,8 @@ class MergeConfig:
             d["tokenizer_source"] = self.tokenizer_source
         if self.chat_template is not None:
             d["chat_template"] = self.chat_template
+        elif self.auto_chat_template:
+            d["chat_template"] = "auto"
         return d
 
     def to_yaml(self) -> str:
@@ -680,7 +684,7 @@ def _load(data: dict) -> MergeConfig:
         if ct in NAMED_CHAT_TEMPLATES:
             cfg.chat_template = NAMED_CHAT_TEMPLATES[ct]
         elif ct == "auto":
-            cfg.chat_template = None
+            cfg.chat_template, cfg.auto_chat_template = None, True
         elif "{{" in ct or "{%" in ct:
             cfg.chat_template = ct
         else:

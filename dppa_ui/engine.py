@@ -305,6 +305,8 @@ def _merge(cfg, out, dev, t0, overwrite, dry_run, progress, cancel, allow_pickle
                     else io.resolve_model(cfg.tokenizer_source, allow_pickle=allow_pickle)
             else:
                 tok_dir = None
+            if cfg.auto_chat_template and cfg.chat_template is None:
+                cfg.chat_template = io.most_common_template(inputs.dirs)
             write_model_files(tmp, cfg, inputs.base_dir, out_dtype, tok_dir, result.kept_fraction, str(dev),
                               config_overrides=inputs.config_overrides(cfg))
             if inputs.vocab is not None:

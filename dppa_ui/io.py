@@ -624,6 +624,27 @@ def layer_overrides(model_dirs: Sequence[str | os.PathLike], origin: Sequence[tu
     return out
 
 
+def chat_template_of(folder: str | os.PathLike) -> str | None:
+    """A model folder's chat template (chat_template.jinja, else tokenizer_config.json's), or None."""
+    folder = Path(folder)
+    if (folder / "chat_template.jinja").is_file():
+        return (folder / "chat_template.jinja").read_text().strip() or None
+    try:
+        t = json.loads((folder / "tokenizer_config.json").read_text()).get("chat_template")
+    except (OSError, ValueError):
+        return None
+    if isinstance(t, list):          # named templates: the default one
+        t = next((x.get("template") for x in t if x.get("name") == "default"), None)
+    return t.strip() if isinstance(t, str) and t.strip() else None
+
+
+def most_common_template(folders: Sequence[str | os.PathLike]) -> str | None:
+    """mergekit's `chat_template: auto`: the template most of the inputs carry (first seen on a tie)."""
+    from collections import Counter
+    found = [t for t in (chat_template_of(f) for f in folders) if t]
+    return Counter(found).most_common(1)[0][0] if found else None
+
+
 def library_versions() -> dict[str, str]:
     """Versions of the libraries that shape the output (for the model card)."""
     import importlib.metadata as md

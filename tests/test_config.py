@@ -318,3 +318,47 @@ def test_refuse_missing_config_file(tmp_path):
 
 def test_refuse_invalid_yaml():
     refused("merge_method: [ties\nbase_model: x\n", "YAML")
+
+
+# --------------------------------------------------------------------------- mergekit 0.1.5's whole merge-YAML schema
+
+def test_every_mergekit_schema_key_is_accepted():
+    """MergeConfiguration (modules/slices/models, merge_method, base_model, dtype, out_dtype,
+    tokenizer_source / tokenizer{source, tokens{source, force}, pad_to_multiple_of}, chat_template,
+    parameters), slice (sources, base_model, residual_weight, parameters), source (model,
+    layer_range, parameters), model mapping (model, lora, override_architecture), conditional
+    parameters (filter, value) and mergekit-multimerge's `name`."""
+    d = {"name": "x", "merge_method": "ties", "base_model": {"model": "org/base", "override_architecture": "Llama"},
+         "dtype": "bfloat16", "out_dtype": "float16", "chat_template": "auto",
+         "tokenizer": {"source": "union", "pad_to_multiple_of": 8,
+                       "tokens": {"<x>": {"source": {"kind": "zero"}, "force": True}}},
+         "parameters": {"normalize": True, "int8_mask": True, "rescale": False, "lambda": 0.9,
+                        "density": [{"filter": "mlp", "value": [0.2, 0.5]}, {"value": 0.4}]},
+         "modules": {"text": {"parameters": {"weight": 0.5},
+                              "slices": [{"base_model": "org/base", "residual_weight": 0.1,
+                                          "parameters": {"lambda": 1.0},
+                                          "sources": [{"model": "org/base", "layer_range": [0, 4]},
+                                                      {"model": {"model": "org/a", "lora": "org/l"},
+                                                       "layer_range": [0, 4], "parameters": {"weight": 1.0}}]}]}}}
+    cfg = load_config(d)
+    assert cfg.slices[0].sources[1].model == "org/a+org/l" and cfg.auto_chat_template
+    assert cfg.vocab.source == "union" and cfg.vocab.pad_to_multiple_of == 8
+    assert any("override_architecture" in n for n in cfg.notices)
+    assert any("residual_weight" in n for n in cfg.notices)
+
+
+@pytest.mark.parametrize("d,needle", [
+    ({"slices": [{"sources": [{"model": "org/a", "layer_range": [0, 2], "weights": 1}]}]}, "weights"),
+    ({"slices": [{"sources": [{"model": "org/a", "layer_range": [0, 2]}], "extra": 1}]}, "extra"),
+    ({"models": [{"model": {"model": "org/a", "adapter": "b"}}]}, "adapter"),
+    ({"tokenizer": {"source": "base", "vocab": 1}}, "vocab"),
+    ({"tokenizer": {"tokens": {"t": {"source": "org/a", "strength": 1}}}}, "strength"),
+    ({"chat_template": "not-a-template"}, "chat_template"),
+    ({"modules": {"a": {"models": [{"model": "org/a"}], "layers": 2}}}, "layers"),
+])
+def test_unknown_keys_at_every_level_are_refused_by_name(d, needle):
+    base = {"merge_method": "linear", "models": [{"model": "org/a"}]}
+    base.update(d)
+    if "slices" in d or "modules" in d:
+        base.pop("models")
+    refused(base, needle)
