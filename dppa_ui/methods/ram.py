@@ -16,34 +16,45 @@ import torch
 
 
 def _contributions(deltas: torch.Tensor, epsilon: float) -> tuple[torch.Tensor, torch.Tensor]:
-    contrib = deltas.abs() > epsilon                        # (n, ...) bool
-    count = contrib.sum(dim=0)                              # models contributing to each entry
-    return contrib, count
+    """(n, ...) float 1/0 where a model contributes, and (...) the number of contributors (float:
+    float masks multiply far faster than boolean or integer ones on the CPU)."""
+    contrib = (deltas.abs() > epsilon).to(deltas.dtype)
+    return contrib, contrib.sum(dim=0)
 
 
 def ram_combine(deltas: torch.Tensor, epsilon: float = 1e-5) -> torch.Tensor:
     """deltas: (n, ...). Unique contributions summed, shared ones averaged (see module doc)."""
     contrib, count = _contributions(deltas, epsilon)
-    total = (deltas * contrib).sum(dim=0)
-    return total.div_(count.clamp(min=1))                   # count 1: unchanged; 0: total is 0
+    total = contrib.mul_(deltas).sum(dim=0)
+    return total.div_(count.clamp_(min=1))                  # count 1: unchanged; 0: total is 0
 
 
 def ramplus_gains(deltas: torch.Tensor, r: float = 0.1, alpha: float = 0.2, epsilon: float = 1e-5) -> torch.Tensor:
     """(n,) factors lambda_i = 1 + r clamp(shared_i / max(unique_i, epsilon), 0, alpha)."""
     contrib, count = _contributions(deltas, epsilon)
-    n = deltas.shape[0]
-    flat_c, flat_n = contrib.reshape(n, -1), count.reshape(1, -1)
-    shared = (flat_c & (flat_n > 1)).sum(dim=1).float()
-    unique = (flat_c & (flat_n == 1)).sum(dim=1).float()
-    rho = shared / unique.clamp(min=epsilon)
-    return 1 + r * rho.clamp(min=0, max=alpha)
+    return _gains(contrib, count, r, alpha, epsilon)
+
+
+def _gains(contrib, count, r, alpha, epsilon):
+    unique = count == 1
+    out = []
+    for c in contrib:
+        mine = c.bool()
+        uniq = int(torch.count_nonzero(mine & unique))
+        shared = int(torch.count_nonzero(mine)) - uniq
+        rho = shared / max(uniq, epsilon)
+        out.append(1 + r * min(max(rho, 0.0), alpha))
+    return torch.tensor(out, dtype=torch.float32)
 
 
 def ramplus_tl_combine(deltas: torch.Tensor, r: float = 0.1, alpha: float = 0.2,
                        epsilon: float = 1e-5) -> torch.Tensor:
     """RAM with each model's unique entries scaled by its `ramplus_gains` factor."""
     contrib, count = _contributions(deltas, epsilon)
-    gains = ramplus_gains(deltas, r, alpha, epsilon).to(deltas.dtype).view(-1, *([1] * (deltas.dim() - 1)))
-    unique = (count == 1)
-    factor = torch.where(unique, gains, 1.0 / count.clamp(min=1).to(deltas.dtype))
-    return (deltas * contrib * factor).sum(dim=0)
+    gains = _gains(contrib, count, r, alpha, epsilon).tolist()
+    unique_f = (count == 1).to(deltas.dtype)
+    shared_scale = count.clamp(min=1).reciprocal_().mul_(1 - unique_f)   # 1/c on shared entries, else 0
+    out = torch.zeros_like(count)
+    for d, c, g in zip(deltas, contrib, gains):
+        out.add_(c.mul_(d).mul_(unique_f * g + shared_scale))
+    return out

@@ -28,7 +28,13 @@ def sce_select_mask(deltas: torch.Tensor, select_topk: float) -> torch.Tensor:
         return torch.zeros(shape, dtype=torch.float32, device=deltas.device)
     if select_topk >= 1:
         return torch.ones(shape, dtype=torch.float32, device=deltas.device)
-    var = torch.var(deltas, dim=0, unbiased=False)
+    # population variance over the models, one model at a time (torch.var over a short first
+    # dimension is many times slower on the CPU)
+    mean = deltas.mean(dim=0)
+    var = torch.zeros_like(mean)
+    for d in deltas:
+        var.add_((d - mean).square_())
+    var.div_(deltas.shape[0])
     k = int(int(torch.count_nonzero(var)) * select_topk)
     return topk_mask(var, k, out=var) if k > 0 else var.zero_()
 
