@@ -1,17 +1,20 @@
 """Hugging Face Space entry point (and `python app.py` locally): the dppa-ui app on the demo family.
 
 Host and port come from gradio's defaults or GRADIO_SERVER_NAME / GRADIO_SERVER_PORT; never shared.
+Locally a browser tab opens; on a Space it does not.
 """
 import os
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
+import spaces  # noqa: E402,F401  on a ZeroGPU Space it must be imported before torch touches CUDA
+
 from dppa_ui.ui import build_app, launch_options  # noqa: E402
-from dppa_ui.ui.app import CONCURRENCY  # noqa: E402
+from dppa_ui.ui.common import CONCURRENCY, on_space  # noqa: E402
 
 demo = build_app()
 demo.queue(default_concurrency_limit=CONCURRENCY)
 
 if __name__ == "__main__":
-    demo.launch(**launch_options())
+    demo.launch(inbrowser=not on_space(), **launch_options())

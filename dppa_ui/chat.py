@@ -11,6 +11,8 @@ from typing import Iterator, Sequence
 
 import torch
 
+from .modelbuild import input_device
+
 MAX_NEW_TOKENS = 512
 
 FALLBACK_TEMPLATE = (
@@ -137,7 +139,7 @@ def chat_stream(model, tokenizer, history, message: str, system_prompt: str | No
     if not str(message or "").strip():
         raise ValueError("type a message first")
     ids, max_new_tokens = prompt_ids(model, tokenizer, to_messages(history, message, system_prompt), max_new_tokens)
-    device = next(model.parameters()).device
+    device = input_device(model)
     streamer = _streamer_class()(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=120.0)
     eos = _eos_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)

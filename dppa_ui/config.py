@@ -398,8 +398,16 @@ def _num(value, key: str, *, lo=None, hi=None, lo_open=False, integer=False) -> 
     if isinstance(value, (list, dict)):
         raise ConfigError(f"`{key}` is one value for the whole merge; it cannot be a gradient list or "
                           f"filter entries ({value!r})")
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, float) and math.isnan(value)):
+    if isinstance(value, str):
+        # YAML 1.1 reads `1e-3` (no dot, no exponent sign) as text; mergekit's pydantic takes it as a number.
+        try:
+            value = float(value.strip())
+        except ValueError:
+            raise ConfigError(f"`{key}` must be a number, got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(f"`{key}` must be a number, got {value!r}")
+    if not math.isfinite(value):      # NaN, inf, and YAML's 1e400 (which reads as inf)
+        raise ConfigError(f"`{key}` must be a finite number, got {value!r}")
     if integer and int(value) != value:
         raise ConfigError(f"`{key}` must be an integer, got {value!r}")
     if lo is not None and (value <= lo if lo_open else value < lo):
@@ -493,7 +501,10 @@ def _read_docs(source) -> list[dict]:
     try:
         docs = [d for d in yaml.safe_load_all(text) if d is not None]
     except yaml.YAMLError as e:
-        raise ConfigError(f"the config is not valid YAML: {e}") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"the config is not valid YAML{where}: {problem}") from None
     if not docs or not all(isinstance(d, dict) for d in docs):
         raise ConfigError("the config must be a YAML mapping with at least `merge_method`, `base_model` and `models`")
     return docs

@@ -252,17 +252,23 @@ def merge(config, out: str | Path | None, *, device: str = "auto", seed: int | N
           overwrite: bool = False, dry_run: bool = False, progress: bool | Callable[[int, int], None] = False,
           cancel: Callable[[], bool] | None = None, allow_pickle: bool = False, allow_vocab_trim: bool = False,
           shard_bytes: int = 5 * 10**9, log: Callable[[str], None] | None = None,
-          lora_cache: str | Path | None = None, intermediate_dir: str | Path | None = None) -> MergeResult:
+          stats: list[DeltaStats] | None = None, lora_cache: str | Path | None = None,
+          intermediate_dir: str | Path | None = None) -> MergeResult:
     """Run a merge from a config (dict, YAML text or path) into the folder `out`.
 
     `progress`: True for a tqdm bar on stderr, or a callable(done, total). `cancel`: a callable
     polled between tensors; when it returns True the merge stops and nothing is left on disk.
+    `stats`: the fine-tunes' DeltaStats (aligned with the config's models, at its dp_outlier_m)
+    when the caller has them (the app's statistics cache): DP then skips its statistics passes.
     `lora_cache`: where `MODEL+ADAPTER` inputs are merged and kept for reuse (default: a
-    dppa-ui-lora folder in the system's temp dir). A config of several YAML documents is a multi-stage merge (see `merge_stages`);
-    `intermediate_dir` keeps its named stages' outputs (default: temporary).
+    dppa-ui-lora folder in the system's temp dir). A config of several YAML documents is a
+    multi-stage merge (see `merge_stages`); `intermediate_dir` keeps its named stages' outputs
+    (default: temporary).
     """
     from .config import _read_docs
     if not isinstance(config, MergeConfig) and len(_read_docs(config)) > 1:
+        if stats is not None:
+            raise ValueError("statistics can be passed for a single merge, not for a multi-stage config")
         return merge_stages(config, out, device=device, seed=seed, overwrite=overwrite, dry_run=dry_run,
                             progress=progress, cancel=cancel, allow_pickle=allow_pickle,
                             allow_vocab_trim=allow_vocab_trim, shard_bytes=shard_bytes, log=log,
@@ -277,11 +283,11 @@ def merge(config, out: str | Path | None, *, device: str = "auto", seed: int | N
         log(f"notice: {note}")
     dev = pick_device(device)
     return _merge(cfg, out, dev, t0, overwrite, dry_run, progress, cancel, allow_pickle, allow_vocab_trim,
-                  shard_bytes, log, lora_cache)
+                  shard_bytes, log, lora_cache, stats)
 
 
 def _merge(cfg, out, dev, t0, overwrite, dry_run, progress, cancel, allow_pickle, allow_vocab_trim, shard_bytes,
-           log, lora_cache) -> MergeResult:
+           log, lora_cache, stats=None) -> MergeResult:
     inputs = _Inputs(cfg, allow_pickle, allow_vocab_trim, lora_cache, log)
     try:
         # The output dtype: the config's, else the base's (its most common floating dtype).
@@ -297,7 +303,7 @@ def _merge(cfg, out, dev, t0, overwrite, dry_run, progress, cancel, allow_pickle
         io.check_free_disk(out.parent if not out.exists() else out, int(disk * 1.02) + (1 << 20))
         alpha_report = search_amplification(cfg, inputs.base_dir, inputs.model_dirs, log)
         with io.atomic_output_dir(out, overwrite=overwrite) as tmp:
-            result = _merge_to(cfg, inputs, tmp, dev, out_dtype, progress, cancel, shard_bytes, log)
+            result = _merge_to(cfg, inputs, tmp, dev, out_dtype, progress, cancel, shard_bytes, log, stats)
             if inputs.vocab is not None:
                 tok_dir = inputs.vocab.save(tmp / ".tokenizer")
             elif cfg.tokenizer_source:
@@ -367,17 +373,21 @@ def merge_stages(config, out: str | Path | None, *, intermediate_dir: str | Path
 
 
 def _merge_to(cfg: MergeConfig, inputs: _Inputs, tmp: Path, dev: torch.device, out_dtype: torch.dtype,
-              progress, cancel, shard_bytes: int, log) -> MergeResult:
+              progress, cancel, shard_bytes: int, log, stats: list[DeltaStats] | None = None) -> MergeResult:
     names = inputs.names
     float_names = [n for n in names if inputs.dtype(n).is_floating_point]
+    passes = cfg.prune == "dp" and stats is None
     total = len(names) + (len(float_names) + sum(
-        1 for n in float_names if len(inputs.shapes[n]) == 2) if cfg.prune == "dp" else 0)
+        1 for n in float_names if len(inputs.shapes[n]) == 2) if passes else 0)
     bar, tick = _progress(progress, total)
     try:
-        dp_maps = stats = None
-        if cfg.prune == "dp":
+        dp_maps = None
+        if cfg.prune != "dp":
+            stats = None
+        elif passes:
             stats = collect_stats(float_names, lambda n: _to(inputs.load(n), dev),
                                   [m.model for m in cfg.models], cfg.dp_outlier_m, progress=tick)
+        if cfg.prune == "dp":
             dp_maps = dp_maps_from_stats(cfg, stats)
             save_stats(stats, tmp / STATS_FILE)
         if cfg.combine == "pcb" and cfg.scope == "model":

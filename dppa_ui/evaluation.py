@@ -24,32 +24,54 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
+from .modelbuild import input_device
+from .refs import resolve_model
+
 SPLITS = ("test", "dev")
 
 
 # ----------------------------------------------------------------------------------------- suites
 
-def resolve_model_dir(ref: str | Path) -> Path:
-    """`demo:NAME` -> the demo model's directory; anything else must be an existing directory."""
-    s = str(ref)
-    if s.startswith("demo:"):
-        from .zoo import demo_path
-
-        return demo_path(s)
-    path = Path(s)
-    if not path.is_dir():
-        raise ValueError(f"model {s!r} is not a directory (use a local model dir or demo:NAME)")
-    return path
+# Named suites (folders of data/<domain>/<split>.jsonl), their domain order, and model-domain
+# look-ups, registered by whoever ships them (the demo family registers "zoo"), so the scorer
+# itself knows no model family.
+_SUITES: dict[str, Path] = {}
+_DOMAIN_ORDERS: list[Callable[[Path], list[str] | None]] = []
+_DOMAIN_LOOKUPS: list[Callable[[Path], str | None]] = []
 
 
-def _read_jsonl(path: Path, default_domain: str | None = None) -> list[dict]:
-    """Validated items of one JSONL file; a bad line is a ValueError naming file, line and problem."""
+def register_suite(name: str, folder: Path) -> None:
+    _SUITES[name] = Path(folder)
+
+
+def register_domain_order(order: Callable[[Path], list[str] | None]) -> None:
+    """`order(folder)`: the domains of a suite folder in display order, None if it does not know."""
+    _DOMAIN_ORDERS.append(order)
+
+
+def register_domain_lookup(lookup: Callable[[Path], str | None]) -> None:
+    _DOMAIN_LOOKUPS.append(lookup)
+
+
+def model_domain(path: str | Path) -> str | None:
+    """The domain a model was fine-tuned on, when a registered look-up knows it (demo models do)."""
+    for lookup in _DOMAIN_LOOKUPS:
+        d = lookup(Path(path))
+        if d:
+            return d
+    return None
+
+
+def _read_jsonl(path: Path, default_domain: str | None = None, label: str | None = None) -> list[dict]:
+    """Validated items of one JSONL file; a bad line is a ValueError naming the file (as `label`,
+    default its path), the line and the problem."""
+    label = label or str(path)
     items = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            where = f"{path}, line {lineno}"
+            where = f"{label}, line {lineno}"
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
@@ -71,30 +93,29 @@ def _read_jsonl(path: Path, default_domain: str | None = None) -> list[dict]:
                 raise ValueError(f"{where}: 'domain' must be a non-empty string, got {domain!r}")
             items.append({"prompt": obj["prompt"], "answer": obj["answer"], "domain": domain})
     if not items:
-        raise ValueError(f"{path}: no items (expected JSONL lines with \"prompt\" and \"answer\")")
+        raise ValueError(f"{label}: no items (expected JSONL lines with \"prompt\" and \"answer\")")
     return items
 
 
 def suite_domains(root: Path) -> list[str]:
-    """Domains of a zoo directory, in the manifest's order."""
-    from .zoo import MANIFEST
-
-    manifest = root / MANIFEST
-    if manifest.is_file():
-        return list(json.loads(manifest.read_text())["domains"])
+    """Domains of a suite folder: in a registered order, else its data/ folders sorted."""
+    for order in _DOMAIN_ORDERS:
+        domains = order(Path(root))
+        if domains:
+            return list(domains)
     return sorted(p.name for p in (root / "data").iterdir() if p.is_dir())
 
 
-def load_suite(suite: str | Path = "zoo", split: str = "test", domains: Sequence[str] | None = None) -> list[dict]:
-    """Items to score. `suite`: "zoo" (the shipped demo splits), a zoo directory, or a JSONL file of
-    {"prompt", "answer", "domain"} lines (domain defaults to the file's stem). `split` picks the
-    zoo split ("test" for every reported number, "dev" for the alpha search); `domains` filters."""
+def load_suite(suite: str | Path = "zoo", split: str = "test", domains: Sequence[str] | None = None,
+               label: str | None = None) -> list[dict]:
+    """Items to score. `suite`: a registered suite's name ("zoo": the demo family's splits), a suite
+    folder, or a JSONL file of {"prompt", "answer", "domain"} lines (domain defaults to the file's
+    stem). `split` picks the folder's split ("test" for every reported number, "dev" for
+    searches); `domains` filters. `label` names a JSONL file in error messages (default: its path)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    if str(suite) == "zoo":
-        from .zoo import ZOO_DIR
-
-        suite = ZOO_DIR
+    if str(suite) in _SUITES:
+        suite = _SUITES[str(suite)]
     path = Path(suite)
     if path.is_dir():
         if not (path / "data").is_dir():
@@ -104,7 +125,7 @@ def load_suite(suite: str | Path = "zoo", split: str = "test", domains: Sequence
             if domains is None or d in domains:
                 items += _read_jsonl(path / "data" / d / f"{split}.jsonl", d)
     elif path.is_file():
-        items = _read_jsonl(path, path.stem)
+        items = _read_jsonl(path, path.stem, label)
         if domains is not None:
             items = [it for it in items if it["domain"] in domains]
     else:
@@ -172,7 +193,7 @@ def _pad_id(tokenizer) -> int:
 
 
 def _device(model) -> torch.device:
-    return next(model.parameters()).device
+    return input_device(model)
 
 
 # ---------------------------------------------------------------------------------------- scoring
@@ -322,7 +343,7 @@ def load_model(ref: str | Path):
     """(model, tokenizer) of a model dir or demo:NAME, float32, eval mode, offline."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = resolve_model_dir(ref)
+    path = resolve_model(ref)
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
     model.eval()
     return model, AutoTokenizer.from_pretrained(str(path))
@@ -330,7 +351,7 @@ def load_model(ref: str | Path):
 
 def _skeleton(model_dir) -> tuple:
     """A cached private copy of the model at `model_dir` to load state dicts into."""
-    key = str(resolve_model_dir(model_dir).resolve())
+    key = str(resolve_model(model_dir).resolve())
     if key not in _SKELETONS:
         _SKELETONS[key] = load_model(model_dir)
     return _SKELETONS[key]
@@ -378,9 +399,7 @@ def alpha_objective(model_dir, domains: Sequence[str] | None = None, split: str 
     (demo models know theirs). The fine-tune is read from disk and scored once, here; each call
     then only copies the state dict into that private copy and runs one teacher-forced pass."""
     if domains is None:
-        from .zoo import model_info
-
-        d = model_info(resolve_model_dir(model_dir)).get("domain")
+        d = model_domain(resolve_model(model_dir))
         if not d:
             raise ValueError(f"{model_dir} does not say which domain it was fine-tuned on: "
                              f"give the model a `domain:` in the config")

@@ -2,8 +2,8 @@
 
 The engine touches one tensor at a time, so nothing here holds a whole model:
 
-- `resolve_model` turns a ref (`demo:NAME`, a local folder, or a hub id `org/name[@rev]`) into a
-  local folder, downloading only safetensors/json/tokenizer files (pickles only when asked).
+- `resolve_model` (from refs.py) turns a ref (`demo:NAME`, a local folder, or a hub id
+  `org/name[@rev]`) into a local folder.
 - `CheckpointReader` reads names, shapes and dtypes from the safetensors headers and each tensor
   on demand (`safe_open` memory-maps the files; nothing is read until `get`).
 - `ShardedWriter` plans every output shard up front from the tensor specs, so each shard's header
@@ -26,6 +26,9 @@ from pathlib import Path
 from typing import Iterable, Iterator, Mapping, Sequence
 
 import torch
+
+# The one model-ref resolver lives in refs.py; the engine and the CLI reach it as io.resolve_model.
+from .refs import ModelRefError, resolve_model  # noqa: F401
 
 # --------------------------------------------------------------------------------------- dtypes
 
@@ -66,62 +69,6 @@ def tensor_bytes(shape: Sequence[int], dtype: torch.dtype) -> int:
 def estimate_bytes(specs: Iterable[tuple[str, Sequence[int], torch.dtype]]) -> int:
     """Total payload bytes of `(name, shape, dtype)` specs (what the output weights will take)."""
     return sum(tensor_bytes(shape, dtype) for _, shape, dtype in specs)
-
-
-# ------------------------------------------------------------------------------------ model refs
-
-class ModelRefError(ValueError):
-    """A model ref that cannot be turned into a local checkpoint folder."""
-
-
-_HUB_PATTERNS = ["*.safetensors", "*.json", "*.jinja", "tokenizer*", "*.model", "*.txt"]
-
-
-def _looks_like_path(ref: str) -> bool:
-    # Hub ids are `name` or `org/name`; anything else with a separator is meant as a path.
-    return (ref.startswith(("/", "./", "../", "~", ".\\")) or ref.count("/") > 1
-            or "\\" in ref or ref in (".", ".."))
-
-
-def resolve_model(ref: str, *, allow_pickle: bool = False, lora_cache: str | os.PathLike | None = None,
-                  log=None) -> Path:
-    """Turn a model ref into a local folder holding its checkpoint.
-
-    `demo:NAME` -> the demo zoo's folder; an existing folder -> itself; `MODEL+ADAPTER` -> MODEL
-    with the PEFT adapter merged in (lora.py; cached in `lora_cache`); otherwise a hub id with an
-    optional `@revision`, fetched with `huggingface_hub.snapshot_download` (weights as safetensors
-    only unless `allow_pickle`; honours HF_HUB_OFFLINE and the local cache).
-    """
-    ref = str(ref).strip()
-    if not ref:
-        raise ModelRefError("empty model ref: give a local folder, a hub id (org/name[@revision]) "
-                            "or a demo model (demo:NAME)")
-    if "+" in ref:
-        from .lora import AdapterError, resolve_lora
-        try:
-            return resolve_lora(ref, lambda r: resolve_model(r, allow_pickle=allow_pickle), lora_cache, log)
-        except AdapterError as e:
-            raise ModelRefError(str(e)) from None
-    if ref.startswith("demo:"):
-        from dppa_ui import zoo  # lazy: the zoo is optional for everything else here
-        return Path(zoo.demo_path(ref[len("demo:"):]))
-    local = Path(ref).expanduser()
-    if local.is_dir():
-        return local
-    if local.exists():
-        raise ModelRefError(f"model {ref!r} is a file; give the folder that holds config.json "
-                            "and the *.safetensors weights")
-    if _looks_like_path(ref):
-        raise ModelRefError(f"model folder {ref!r} does not exist")
-    repo_id, _, revision = ref.partition("@")
-    patterns = _HUB_PATTERNS + (["*.bin"] if allow_pickle else [])
-    try:
-        from huggingface_hub import snapshot_download
-        path = snapshot_download(repo_id, revision=revision or None, allow_patterns=patterns)
-    except Exception as e:  # offline, unknown repo, bad revision, invalid id, network ...
-        raise ModelRefError(f"model {ref!r} is not a local folder and could not be fetched from the "
-                            f"hub (offline?): {type(e).__name__}: {e}") from e
-    return Path(path)
 
 
 # -------------------------------------------------------------------------------------- reading
@@ -241,10 +188,6 @@ class CheckpointReader:
     @property
     def total_bytes(self) -> int:
         return sum(self.nbytes(n) for n in self.names)
-
-    @property
-    def largest_bytes(self) -> int:
-        return max((self.nbytes(n) for n in self.names), default=0)
 
     def get(self, name: str, rows: int | None = None) -> torch.Tensor:
         """Read one tensor (CPU, stored dtype). `rows` reads only the first rows (vocab trim)."""

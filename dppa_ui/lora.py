@@ -35,10 +35,12 @@ def default_cache() -> Path:
     return Path(tempfile.gettempdir()) / "dppa-ui-lora"
 
 
-def adapter_dir(lora_ref: str) -> Path:
-    """A local adapter folder (adapter_config.json + weights), from a path or the hub."""
-    local = Path(lora_ref).expanduser()
-    if local.is_dir():
+def adapter_dir(lora_ref: str, local: Callable[[str], Path | None] | None = None) -> Path:
+    """A local adapter folder (adapter_config.json + weights), from a path or the hub. `local`:
+    the caller's local-folder resolver (it enforces the app's allowed roots); None = any path."""
+    local = local(lora_ref) if local is not None else (Path(lora_ref).expanduser()
+                                                       if Path(lora_ref).expanduser().is_dir() else None)
+    if local is not None:
         if not (local / "adapter_config.json").is_file():
             raise AdapterError(f"{lora_ref} is not a PEFT adapter folder (no adapter_config.json)")
         return local
@@ -112,11 +114,11 @@ def merged_path(ref: str, model_dir: Path, a_dir: Path, cache: Path) -> Path:
 
 
 def resolve_lora(ref: str, resolve_model: Callable[[str], Path], cache: str | os.PathLike | None = None,
-                 log: Callable[[str], None] | None = None) -> Path:
+                 log: Callable[[str], None] | None = None, local: Callable[[str], Path | None] | None = None) -> Path:
     """The folder of MODEL with ADAPTER merged in (from the cache when already merged)."""
     model_ref, lora_ref = split_ref(ref)
     model_dir = resolve_model(model_ref)
-    a_dir = adapter_dir(lora_ref)
+    a_dir = adapter_dir(lora_ref, local)
     check_adapter(model_ref, model_dir, lora_ref, a_dir)
     cache = Path(cache) if cache is not None else default_cache()
     out = merged_path(ref, model_dir, a_dir, cache)

@@ -56,9 +56,16 @@ def layer_t(index: int | None, n_layers: int) -> float:
 def check_scalar(value, p: Param, where: str):
     """One scalar value of parameter `p`, validated (numbers: type and bounds)."""
     if p.kind in ("float", "int"):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (
-                isinstance(value, float) and math.isnan(value)):
+        if isinstance(value, str):
+            # YAML 1.1 reads `1e-3` (no dot, no exponent sign) as text; mergekit's pydantic takes it as a number.
+            try:
+                value = float(value.strip())
+            except ValueError:
+                raise SettingError(f"`{where}` must be a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise SettingError(f"`{where}` must be a number, got {value!r}")
+        if not math.isfinite(value):      # NaN, inf, and YAML's 1e400 (which reads as inf)
+            raise SettingError(f"`{where}` must be a finite number, got {value!r}")
         if p.kind == "int" and int(value) != value:
             raise SettingError(f"`{where}` must be an integer, got {value!r}")
         if p.lo is not None and (value <= p.lo if p.lo_open else value < p.lo):

@@ -9,6 +9,8 @@ Fixtures
                    for the whole session; treat its folders as read-only).
   tiny_family      the default family: float32 base + 2 fine-tunes.
   read_weights     read_weights(dir) -> {name: tensor} over every *.safetensors file of a folder.
+  char_tokenizer   (function) the 64-token character tokenizer every tiny model is saved with
+  chat_llama       (function) a tiny LlamaForCausalLM whose greedy replies are never empty
 """
 from __future__ import annotations
 
@@ -19,6 +21,9 @@ _ENV = {"HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "GRADIO_ANALYTIC
         "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 for _k, _v in _ENV.items():
     os.environ.setdefault(_k, _v)
+# The app's statistics cache goes to a fresh folder per test session, never to ~/.cache.
+import tempfile  # noqa: E402
+os.environ.setdefault("DPPA_UI_CACHE_DIR", tempfile.mkdtemp(prefix="dppa-ui-test-cache-"))
 
 from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -28,6 +33,43 @@ import torch  # noqa: E402
 
 TINY_LLAMA = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
                   intermediate_size=64)
+SPECIALS = ["<pad>", "<bos>", "<eos>", "<|user|>", "<|assistant|>", "<unk>"]
+CHARS = list("abcdefghijklmnopqrstuvwxyz0123456789") + list("ABCDEFGHIJKLMNOPQRSTUV")
+TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ '<|user|>' + m['content'] }}"
+            "{% elif m['role'] == 'assistant' %}{{ '<|assistant|>' + m['content'] + eos_token }}{% endif %}"
+            "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
+
+
+def char_tokenizer(template: str | None = TEMPLATE):
+    """A 64-token character-level fast tokenizer (ids 0-5 special), with a chat template."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(SPECIALS + CHARS)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens(SPECIALS)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                                   unk_token="<unk>", additional_special_tokens=["<|user|>", "<|assistant|>"],
+                                   clean_up_tokenization_spaces=False)
+    if template:
+        fast.chat_template = template
+    return fast
+
+
+def chat_llama(seed: int = 0):
+    """A tiny LlamaForCausalLM (random, eval mode) with large logits on the characters and 0 on the
+    specials, so greedy replies are never empty."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(**TINY_LLAMA, vocab_size=64, max_position_embeddings=128, tie_word_embeddings=False,
+                      bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20.0)
+        model.lm_head.weight[:6] = 0.0
+    return model
 
 
 @pytest.fixture(autouse=True)
@@ -62,12 +104,15 @@ def read_weights_from(folder) -> dict[str, torch.Tensor]:
 def write_tiny_llama(path, state_dict: dict[str, torch.Tensor] | None = None, *, seed: int = 0,
                      dtype: torch.dtype = torch.float32, tie: bool = False, max_shard_size=None,
                      vocab: int = 64) -> dict[str, torch.Tensor]:
-    """Save a tiny LlamaForCausalLM (random init from `seed`, or the given weights) with
-    save_pretrained; return the tensors as stored on disk."""
+    """Save a tiny LlamaForCausalLM (`chat_llama`'s init from `seed`, or the given weights) with
+    save_pretrained, and the character tokenizer (64-entry vocabularies); return the tensors as
+    stored on disk."""
     from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(**TINY_LLAMA, vocab_size=vocab, tie_word_embeddings=tie)
-    model = LlamaForCausalLM(cfg)
+    if vocab == 64 and not tie:
+        model = chat_llama(seed)
+    else:
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(LlamaConfig(**TINY_LLAMA, vocab_size=vocab, tie_word_embeddings=tie))
     if state_dict is not None:
         missing, unexpected = model.load_state_dict(state_dict, strict=False)
         assert not unexpected, unexpected
@@ -75,6 +120,8 @@ def write_tiny_llama(path, state_dict: dict[str, torch.Tensor] | None = None, *,
     model = model.to(dtype)
     kw = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(str(path), **kw)
+    if vocab == 64:
+        char_tokenizer().save_pretrained(str(path))
     return read_weights_from(path)
 
 

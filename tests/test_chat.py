@@ -1,26 +1,16 @@
 """Chat prompts and streaming generation (dppa_ui.chat) on tiny random Llamas built in tests."""
 from __future__ import annotations
 
-import os
-import sys
-from pathlib import Path
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-
 import pytest
 import torch
+from conftest import char_tokenizer, chat_llama
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_session import char_tokenizer, make_family, tiny_llama  # noqa: E402
-
-from dppa_ui import chat  # noqa: E402
-from dppa_ui.session import ModelCache, Workspace  # noqa: E402
+from dppa_ui import chat
 
 
 @pytest.fixture(scope="module")
 def pair():
-    return tiny_llama(3), char_tokenizer()
+    return chat_llama(3), char_tokenizer()
 
 
 def test_to_messages_accepts_gradio_shapes():
@@ -107,15 +97,16 @@ def test_errors(pair):
         list(chat.chat_stream(Broken(), tok, [], "ab"))
 
 
-def test_chat_with_workspace_models_and_compare(tmp_path):
-    paths = make_family(tmp_path, n_ft=2)
-    ws = Workspace.load(str(paths["base"]), [str(paths["ft0"]), str(paths["ft1"])], roots=[tmp_path],
-                        cache=ModelCache())
-    ws.merge({"merge_method": "task_arithmetic"})
-    merged = ws.model_for("merged")
-    base = ws.model_for("base")
+def test_chat_with_workspace_models_and_compare(tiny_llama, tmp_path):
+    from dppa_ui.workspace import Workspace
+    fam = tiny_llama("chat", n_ft=2)
+    ws = Workspace(temp_root=tmp_path).load(str(fam.base), [str(f) for f in fam.fts])
+    ws.merge({"merge_method": "task_arithmetic", "base_model": str(fam.base),
+              "models": [{"model": str(f)} for f in fam.fts]})
+    merged, base = ws.model("merged"), ws.model("base")
     replies = list(chat.compare_stream([merged, base], [], "hello", temperature=0, max_new_tokens=8))
     final = replies[-1]
     assert all(final) and final[0] == chat.generate_reply(*merged, [], "hello", temperature=0, max_new_tokens=8)
     assert replies[0][1] == ""        # the second model answers after the first
     assert final[1] == chat.generate_reply(*base, [], "hello", temperature=0, max_new_tokens=8)
+    ws.close()

@@ -2,6 +2,8 @@
 refusal test per bad input, each asserting the offending key or value is named. No tensors here."""
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from dppa_ui import PRESETS, ConfigError, load_config
@@ -362,3 +364,19 @@ def test_unknown_keys_at_every_level_are_refused_by_name(d, needle):
     if "slices" in d or "modules" in d:
         base.pop("models")
     refused(base, needle)
+
+
+@pytest.mark.parametrize("text", ["weight: .inf", "weight: 1.0e400", "weight: -.inf", "weight: .nan",
+                                  "density: .nan", "lambda: .inf"])
+def test_refuse_every_non_finite_number(text):
+    key, value = text.split(": ")
+    where = "parameters" if key == "lambda" else "models[0].parameters"
+    params = f"parameters: {{{key}: {value}}}\n" if key == "lambda" else ""
+    model = f"  - model: a\n    parameters: {{{key}: {value}}}\n" if key != "lambda" else "  - model: a\n"
+    with pytest.raises(ConfigError, match=rf"`{re.escape(where)}\.{key}` must be a finite number"):
+        load_config(f"merge_method: ties\nbase_model: b\nmodels:\n{model}{params}")
+
+
+def test_invalid_yaml_names_the_line_and_column():
+    with pytest.raises(ConfigError, match=r"not valid YAML at line 3, column 1"):
+        load_config("merge_method: ties\nmodels: [a, b\n")

@@ -1,8 +1,7 @@
-"""The whole app flow over its HTTP API with gradio_client, on the committed demo family:
-load -> inspect (the threshold follows the prune-rate slider) -> merge -> chat -> score -> export
-YAML, and the YAML re-run through `python -m dppa_ui merge` gives the same tensors as the app's
-merge. Bad input over the API gives a message and leaves the session usable.
-"""
+"""The app over its HTTP API with gradio_client, on the committed demo family: load -> inspect (the
+threshold follows the density) -> merge -> chat -> score -> save -> export YAML, and the YAML re-run
+through `python -m dppa_ui merge` gives the app's tensors. Bad input gives a message and leaves
+the session usable; server files never reach the scorer."""
 from __future__ import annotations
 
 import os
@@ -24,7 +23,8 @@ try:
 except ValueError:
     pytest.skip("the demo family (assets/zoo) is not built", allow_module_level=True)
 
-from dppa_ui.ui import callbacks as cb  # noqa: E402
+from dppa_ui.ui.common import CONTROL_KEYS, DEFAULT_UI  # noqa: E402
+from dppa_ui.ui.score import DEMO_SUITE, UPLOAD_SUITE, demo_items  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 FTS = ["demo:reverse", "demo:cipher", "demo:sort", "demo:brackets"]
@@ -40,21 +40,20 @@ def free_port() -> int:
 def client():
     from gradio_client import Client
 
-    from dppa_ui.ui import build_app
+    from dppa_ui.ui import build_app, launch_options
     demo = build_app()
     demo.queue(default_concurrency_limit=2)
-    port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    opts = {k: v for k, v in launch_options().items() if k in ("run_history", "head")}
+    demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True, **opts)
     try:
-        yield Client(f"http://127.0.0.1:{port}/", verbose=False)
+        yield Client(demo.local_url, verbose=False)
     finally:
         demo.close()
 
 
 def method(**over) -> list:
-    v = dict(cb.DEFAULTS)
-    v.update(over)
-    return [v[k] for k in cb.METHOD_KEYS]
+    v = {**DEFAULT_UI, **over}
+    return [v[k] for k in CONTROL_KEYS]
 
 
 def value(x):
@@ -67,49 +66,41 @@ def last_reply(history) -> str:
     return chat._text(history[-1]["content"])
 
 
-def test_full_flow_over_the_api(client, tmp_path):
-    # 1. load
+def test_full_flow_over_the_api(client, tmp_path, read_weights):
     out = client.predict("demo:base", FTS, api_name="/load_models")
-    assert out[-1].startswith("✓") and "parameters" in out[0]
-    module = value(out[2])
-    # 3. inspect: the keep threshold rises with the prune rate, for every fine-tune
-    def thresholds(rate):
-        fig, table, name, status = client.predict(0, module, *method(preset="dppa", prune_rate=rate),
-                                                  api_name="/inspect")
-        assert status == "" and fig["type"] == "plotly"
-        rows = table["data"]
-        assert [r[0] for r in rows] == FTS
-        return [float(r[2]) for r in rows]
-    lo, hi = thresholds(0.5), thresholds(0.9)
+    summary, status = out[0], out[1]
+    assert status.startswith("✓") and "parameters" in summary
+
+    def thresholds(density):
+        fig, table, name, matrix, status = client.predict(1, "mlp.down_proj", *method(preset="ties", density=density),
+                                                          api_name="/inspect")
+        assert not status.startswith("⚠") and fig["type"] == "plotly"
+        assert [r[0] for r in table["data"]] == [f.removeprefix("demo:") for f in FTS]
+        return [float(r[2]) for r in table["data"]]
+    lo, hi = thresholds(0.5), thresholds(0.1)
     assert all(h > l > 0 for l, h in zip(lo, hi))
-    # 4. merge (the exported YAML must reproduce exactly this)
-    mv = method(preset="dppa", prune_rate=0.9)
-    summary, board, status = client.predict(*mv, api_name="/merge")
-    assert status.startswith("✓") and "Run 1: dppa" in summary
-    # 5. chat: a streamed reply from the merged model and one from the base, side by side
-    hist, hist_c, box, status = client.predict("reverse: buyoul", [], [], "base", "", 0.0, 0.9, 24, api_name="/chat")
-    assert status == "" and box == ""
-    merged_reply, base_reply = last_reply(hist), last_reply(hist_c)
-    assert isinstance(merged_reply, str) and isinstance(base_reply, str)
-    # 6. score: numbers in range for merged, base and every fine-tune
-    plot, objective, board, results, status = client.predict(cb.DEMO_SUITE, None, api_name="/score")
+    heat, note = client.predict("DP density", 0, *method(preset="dppa"), api_name="/heatmap")
+    assert heat["type"] == "plotly"
+    mask, numbers = client.predict("model.layers.1.mlp.down_proj.weight", *method(preset="ties", density=0.2),
+                                   api_name="/masks")
+    assert "sign conflicts" in numbers
+    mv = method(preset="dppa", density=0.1)
+    summary, board, download, status = client.predict(*mv, api_name="/merge")
+    assert status.startswith("✓") and "run 1: dppa" in summary
+    hist, hist_c, box, status = client.predict("reverse: abc", [], [], "base", "", 0.0, 0.9, 24, api_name="/chat")
+    assert box == "" and isinstance(last_reply(hist), str) and isinstance(last_reply(hist_c), str)
+    plot, objective, board, results, status = client.predict(DEMO_SUITE, None, api_name="/score")
     assert status.startswith("✓"), status
     assert set(results) == {"merged", "base", *FTS}
     for per in results.values():
         for s in per.values():
             assert 0.0 <= s["em"] <= 1.0 and 0.0 <= s["smooth"] <= 1.0
-    obj = float(re.search(r"\*\*([0-9.]+)\*\*", objective).group(1))
-    assert 0.0 <= obj <= 2.0
-    assert board["data"][0][1] == "dppa"
-    # Four skills merged at 90% pruning keep little exact match; the replies are checked below on a
-    # merge whose scores show a kept skill.
-    # save -> the app's merged tensors
+    assert board["data"][0][1] == "dppa" and 0 <= float(re.search(r"\*\*([0-9.]+)\*\*", objective).group(1)) <= 2
     zpath, status = client.predict(api_name="/save")
     assert status.startswith("✓")
     with zipfile.ZipFile(value(zpath)) as z:
         z.extractall(tmp_path / "app")
     app_dir = next((tmp_path / "app").iterdir())
-    # export YAML -> CLI merge -> the same tensors
     text, yfile, status = client.predict("demo:base", FTS, *mv, api_name="/export_yaml")
     assert status.startswith("✓") and "merge_method: dppa" in text
     cfg = tmp_path / "merge.yaml"
@@ -118,45 +109,116 @@ def test_full_flow_over_the_api(client, tmp_path):
     run = subprocess.run([sys.executable, "-m", "dppa_ui", "merge", str(cfg), "--out", str(tmp_path / "cli"),
                           "--quiet", "--device", "cpu"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
-    from conftest import read_weights_from
     import torch
-    a, b = read_weights_from(app_dir), read_weights_from(tmp_path / "cli")
-    assert set(a) == set(b)
-    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:3]
+    a, b = read_weights(app_dir), read_weights(tmp_path / "cli")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_merged_replies_differ_from_the_base_where_the_scores_say_so(client):
-    """One fine-tune pruned by DP to density 0.5 keeps its skill (EM 0.975 in the README table):
-    the scores say so, and its chat replies on that skill are non-empty and unlike the base's."""
-    assert client.predict("demo:base", ["demo:reverse"], api_name="/load_models")[-1].startswith("✓")
-    assert client.predict(*method(preset="dp", prune_rate=0.5), api_name="/merge")[-1].startswith("✓")
-    _, _, _, results, status = client.predict(cb.DEMO_SUITE, None, api_name="/score")
-    assert status.startswith("✓"), status
+    """One fine-tune pruned by DP to density 0.5 keeps its skill: the scores say so, and its chat
+    replies on that skill are non-empty and unlike the base's."""
+    assert client.predict("demo:base", ["demo:reverse"], api_name="/load_models")[1].startswith("✓")
+    assert client.predict(*method(preset="dp", density=0.5), api_name="/merge")[-1].startswith("✓")
+    _, _, _, results, status = client.predict(DEMO_SUITE, None, api_name="/score")
     assert results["merged"]["reverse"]["em"] >= results["base"]["reverse"]["em"] + 0.5, results
-    items = [it for it in cb.demo_items() if it["domain"] == "reverse"][:5]
     differ = 0
-    for it in items:
+    for it in [it for it in demo_items() if it["domain"] == "reverse"][:5]:
         h, hc, *_ = client.predict(it["prompt"], [], [], "base", "", 0.0, 0.9, 32, api_name="/chat")
         assert last_reply(h).strip(), "the merged model answered nothing on a skill it scores on"
         differ += last_reply(h) != last_reply(hc)
     assert differ >= 3, differ
 
 
-def test_bad_input_over_the_api_leaves_the_session_usable(client, tmp_path):
-    out = client.predict("demo:base", FTS[:2], api_name="/load_models")
-    assert out[-1].startswith("✓")
-    assert "at least one fine-tune" in client.predict("demo:base", [], api_name="/load_models")[-1]
-    assert "outside the allowed model folders" in client.predict("/etc", "demo:base", FTS[:2], api_name="/add_model")[-1]
-    assert "hub" in client.predict("nobody/no-such-model", "demo:base", FTS[:2], api_name="/add_model")[-1]
-    assert "weights" in client.predict(0, "mlp.up_proj", *method(weights="1, 2, 3"), api_name="/inspect")[-1]
-    assert "merge first" in client.predict(cb.DEMO_SUITE, None, api_name="/score")[-1]
+def test_bad_input_leaves_the_session_usable(client, tmp_path):
     from gradio_client import handle_file
+    assert client.predict("demo:base", FTS[:2], api_name="/load_models")[1].startswith("✓")
+    assert "at least one fine-tune" in client.predict("demo:base", [], api_name="/load_models")[1]
+    assert "outside the allowed model folders" in client.predict("/etc", "demo:base", FTS[:2], api_name="/add_model")[-1]
+    assert "weights" in client.predict(0, "mlp.up_proj", *method(weights="1, 2, 3"), api_name="/inspect")[-1]
+    for bad in (dict(weights="inf"), dict(weights="1e400, 1"), dict(alpha_per_model="demo:reverse=inf,1")):
+        assert "finite" in client.predict(*method(**bad), api_name="/merge")[-1]
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "q"}\n')
-    client.predict(*method(preset="task_arithmetic"), api_name="/merge")
-    status = client.predict(cb.UPLOAD_SUITE, handle_file(str(bad)), api_name="/score")[-1]
-    assert status.startswith("⚠") and "missing key 'answer'" in status
-    # still usable: the same session inspects and merges
-    fig, table, name, status = client.predict(1, "mlp.up_proj", *method(preset="ties"), api_name="/inspect")
-    assert status == "" and len(table["data"]) == 2
+    assert client.predict(*method(preset="task_arithmetic"), api_name="/merge")[-1].startswith("✓")
+    status = client.predict(handle_file(str(bad)), api_name="/upload_suite")[-1]
+    assert status.startswith("⚠") and "bad.jsonl, line 1: missing key 'answer'" in status
+    assert "/tmp" not in status and "gradio" not in status                 # no server temp path shown
+    fig, table, name, matrix, status = client.predict(1, "mlp.up_proj", *method(preset="ties"), api_name="/inspect")
+    assert not status.startswith("⚠") and len(table["data"]) == 2
     assert client.predict(*method(preset="ties"), api_name="/merge")[-1].startswith("✓")
+
+
+def raw_call(url: str, api: str, data: list) -> str:
+    """POST to gradio's /call route directly (gradio_client would upload a local path itself) and
+    return the event stream's text."""
+    import httpx
+    r = httpx.post(f"{url}gradio_api/call/{api}", json={"data": data}, timeout=30)
+    r.raise_for_status()
+    with httpx.stream("GET", f"{url}gradio_api/call/{api}/{r.json()['event_id']}", timeout=60) as s:
+        return "".join(s.iter_text())
+
+
+def test_server_files_never_reach_the_scorer(client, tmp_path):
+    """A reference to a file on the server's disk (not an upload) is refused by /upload_suite and
+    /score; an upload is scored only once this session registered it."""
+    from gradio_client import handle_file
+    secret = tmp_path / "server-only.jsonl"
+    secret.write_text('{"prompt": "reverse: abc", "answer": "cba", "domain": "private"}\n')
+    raw = {"path": str(secret), "meta": {"_type": "gradio.FileData"}}
+    for api, data in (("upload_suite", [raw]), ("score", [UPLOAD_SUITE, raw])):
+        text = raw_call(client.src, api, data)
+        assert "event: error" in text and "private" not in text, text
+    assert client.predict("demo:base", FTS[:1], api_name="/load_models")[1].startswith("✓")
+    assert client.predict(*method(preset="task_arithmetic"), api_name="/merge")[-1].startswith("✓")
+    out = client.predict(UPLOAD_SUITE, handle_file(str(secret)), api_name="/score")
+    assert "uploaded in this session" in out[-1]
+    assert "1 items" in client.predict(handle_file(str(secret)), api_name="/upload_suite")[-1]
+    out = client.predict(UPLOAD_SUITE, handle_file(str(secret)), api_name="/score")
+    assert out[-1].startswith("✓") and set(out[3]["merged"]) == {"private"}
+
+
+def test_the_upload_guard_refuses_paths_outside_the_upload_folder(tmp_path):
+    """Beside gradio's own check: the suite box's component refuses any path outside gradio's
+    upload folder and any URL, before anything reads it."""
+    import gradio as gr
+    from dppa_ui.ui.score import upload_only
+    comp = upload_only(gr.File())
+    f = tmp_path / "x.jsonl"
+    f.write_text("{}")
+    for bad in (str(f), "https://example.com/x.jsonl", "/etc/passwd"):
+        with pytest.raises(gr.Error, match="only files uploaded through this page"):
+            comp.move_resource_to_block_cache(bad)
+
+
+def test_session_files_are_removed_when_the_server_stops(tmp_path):
+    """The app's temp folder (every session's runs and uploads) goes with the server process, on
+    SIGTERM as on a normal exit."""
+    import signal
+    import time
+    port = free_port()
+    script = tmp_path / "serve.py"
+    script.write_text(
+        "import sys, time\n"
+        "from dppa_ui.ui import build_app\nfrom dppa_ui.ui.common import TEMP\n"
+        "demo = build_app(); demo.queue()\n"
+        f"demo.launch(server_name='127.0.0.1', server_port={port}, prevent_thread_lock=True, quiet=True)\n"
+        "print(TEMP.get(), flush=True)\n"
+        "while True: time.sleep(0.5)\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, str(script)], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        root = Path(proc.stdout.readline().strip())
+        from gradio_client import Client
+        c = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        assert c.predict("demo:base", ["demo:reverse"], api_name="/load_models")[1].startswith("✓")
+        assert c.predict(*method(preset="task_arithmetic"), api_name="/merge")[-1].startswith("✓")
+        assert any(root.rglob("model.safetensors"))
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+        for _ in range(50):
+            if not root.exists():
+                break
+            time.sleep(0.1)
+        assert not root.exists()
+    finally:
+        proc.kill()

@@ -100,7 +100,12 @@ def test_token_sources_force_and_padding(two_vocabs, read_weights, tmp_path):
 
 
 def test_union_without_tokenizers_is_refused(tiny_family, tmp_path):
-    c = {"merge_method": "linear", "models": [str(p) for p in tiny_family.fts], "tokenizer": {"source": "union"}}
+    bare = []
+    for p in tiny_family.fts:                       # copies without tokenizer files
+        shutil.copytree(p, tmp_path / p.name, ignore=shutil.ignore_patterns("tokenizer*", "special_tokens*",
+                                                                          "chat_template*"))
+        bare.append(tmp_path / p.name)
+    c = {"merge_method": "linear", "models": [str(p) for p in bare], "tokenizer": {"source": "union"}}
     with pytest.raises(ConfigError, match="union.*tokenizer"):
         dppa_ui.merge(c, tmp_path / "out")
     assert not (tmp_path / "out").exists()

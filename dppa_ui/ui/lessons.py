@@ -1,138 +1,188 @@
-"""One-click lessons: each sets the models and method, runs the merges, scores them, and ends on
-a sentence saying what to look at. Plain data plus one generator, so a test can run a lesson
-without a browser.
-"""
+"""7 · Lessons: one click sets up the models and the method, runs the merges, scores them, and ends
+on what to look at, next to the button: the lesson's runs (named by their real run numbers) and a
+sentence computed from what they measured."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Callable
 
 import gradio as gr
 
-from . import callbacks as cb
+from .. import analysis
+from ..controls import MethodControls
+from ..workspace import short
+from . import inspect as inspect_section
+from . import merge as merge_section
+from . import models as models_section
+from . import score as score_section
+from .common import AppState, warn
+from .method import SHOW_OUT, show_controls, values_of
 
 
 @dataclass(frozen=True)
 class Lesson:
     title: str
-    fts: tuple[str, ...]                 # demo names of the fine-tunes
-    runs: tuple[dict, ...]               # control overrides, one merge (and score) each; the last stays on screen
-    module: str = "mlp.down_proj"        # what the inspect section shows at the end
+    fts: tuple[str, ...]                       # demo names of the fine-tunes
+    runs: tuple[MethodControls, ...]           # one merge (and score) each
+    look: Callable                             # (ws, runs) -> the closing sentence
+    module: str = "mlp.down_proj"
     block: int = 1
     metric: str = "mean |δ|"
-    look: str = ""                       # the closing sentence
-    extra: dict = field(default_factory=dict)
 
 
+def _em(run, domain: str) -> str:
+    s = (run.scores or {}).get(domain, {}).get("em")
+    return "n/a" if s is None else f"{s:.2f}"
+
+
+def _obj(run) -> str:
+    return "n/a" if run.objective is None else f"{run.objective:.3f}"
+
+
+def _look_dare_vs_dp(ws, runs) -> str:
+    dp, dare = runs
+    return (f"At density 0.1 on the complex fine-tune, {dp.name} (DP) keeps exact match {_em(dp, 'reverse')} on "
+            f"reverse and {dare.name} (DARE, rescaled ×10) keeps {_em(dare, 'reverse')}. The histogram shows why: "
+            f"DARE keeps small and large |δ| alike (its kept and dropped lines overlap), DP keeps the right tail, "
+            f"where this fine-tune's large deltas live.")
+
+
+def _masks_of(ws, run, module: str) -> tuple[str, dict]:
+    """(tensor name, mask data) of `module` in block 1 under `run`'s config."""
+    name = ws.access.tensor_name(1, module)
+    return name, analysis.mask_data(ws, ws.config(run.config), name)
+
+
+def _look_ties(ws, runs) -> str:
+    ta, ties = runs
+    name, d = _masks_of(ws, ties, "self_attn.q_proj")
+    return (f"In {short(name)} {d['conflict_pct']:.1f}% of the entries have a kept delta against the elected sign "
+            f"(the 'sign conflicts' panel): TIES drops those contributions instead of letting them cancel. Objective: "
+            f"{ta.name} (task arithmetic) {_obj(ta)}, {ties.name} (TIES) {_obj(ties)}.")
+
+
+def _look_pcb(ws, runs) -> str:
+    ta, pcb = runs
+    name, d = _masks_of(ws, pcb, "mlp.up_proj")
+    weights = ", ".join(f"{short(k)} {w:.2f}" for k, w in d["pcb_mean_weight"].items())
+    return (f"PCB weighs each entry by how much it stands out in its own task and agrees with the others, and keeps "
+            f"the top 10%: mean weights in {short(name)}: {weights}. Objective: {ta.name} (task arithmetic) "
+            f"{_obj(ta)}, {pcb.name} (PCB) {_obj(pcb)}.")
+
+
+def _look_dpa(ws, runs) -> str:
+    dp, dppa = runs
+    cfg = ws.config(dppa.config)
+    name = ws.access.tensor_name(1, "mlp.down_proj")
+    rows = analysis.thresholds(ws, cfg, name)
+    split = [r for r in rows if r["band_edges"] and r["band_edges"][0] and r["band_edges"][0] > 0]
+    edge = (f"the dotted band-edge line splits the kept entries of {len(split)} of {len(rows)} fine-tunes in "
+            f"{short(name)}" + (f" (DP's module density leaves the top band of {', '.join(short(r['model']) for r in rows if r not in split)} empty)"
+                                if len(split) < len(rows) else ""))
+    return (f"DPA multiplies the top half of the kept entries by α₁ = 2: {edge}. Objective: {dp.name} (DP alone) "
+            f"{_obj(dp)}, {dppa.name} (DP + DPA) {_obj(dppa)}.")
+
+
+FOUR = ("reverse", "cipher", "sort", "brackets")
 LESSONS: dict[str, Lesson] = {
-    "dare_vs_dp": Lesson(
-        title="DARE vs DP on a complex fine-tune",
-        fts=("reverse_complex",),
-        runs=(dict(preset="dp", prune_rate=0.9), dict(preset="dare_linear", prune_rate=0.9, seed=0)),
-        metric="outlier %",
-        look=("Compare runs in the leaderboard: at density 0.1 DARE's random drop (rescaled ×10) loses much more of "
-              "the complex fine-tune's skill than DP. The histogram shows why: DARE keeps small and large |δ| alike "
-              "(kept and dropped overlap), while DP/magnitude keeps only the right tail — switch the preset to dp to "
-              "see its threshold line."),
-    ),
-    "ties_conflicts": Lesson(
-        title="Sign conflicts in TIES",
-        fts=("reverse", "cipher", "sort", "brackets"),
-        runs=(dict(preset="task_arithmetic"), dict(preset="ties", prune_rate=0.8)),
-        module="self_attn.q_proj",
-        look=("Look at the mask viewer: the 'sign conflicts' panel marks entries where a fine-tune disagrees with the "
-              "elected sign — TIES drops those contributions instead of letting them cancel. Compare the TIES run's "
-              "objective with plain task arithmetic (run 1) in the leaderboard."),
-    ),
-    "pcb_balance": Lesson(
-        title="PCB balancing",
-        fts=("reverse", "cipher", "sort", "brackets"),
-        runs=(dict(preset="task_arithmetic"), dict(preset="pcb", pcb_ratio=0.1)),
-        module="mlp.up_proj",
-        look=("Look at the PCB weights panel: each fine-tune's entries are weighted by how much they matter within "
-              "their own task and against the others, and only the top 10% (ratio) survive. The 'winner' panel shows "
-              "which fine-tune dominates each entry; compare the per-domain bars with task arithmetic."),
-    ),
-    "dpa_top_band": Lesson(
-        title="DPA: amplify the top band",
-        fts=("reverse", "cipher", "sort", "brackets"),
-        runs=(dict(preset="dp", prune_rate=0.9),
-              dict(preset="dppa", prune_rate=0.9, n_bands=2, bound1=0.5, alpha1=2.0, alpha2=1.0)),
-        look=("DPA multiplies the largest half of the kept entries by α₁ = 2: the histogram's band-edge line splits "
-              "them. At 90% pruning the kept deltas are too weak; amplifying the top band wins back part of the "
-              "skills — compare run 2 with DP alone (run 1)."),
-    ),
+    "dare_vs_dp": Lesson("DARE vs DP on a complex fine-tune", ("reverse_complex",),
+                         (MethodControls(preset="dp", density=0.1), MethodControls(preset="dare_linear", density=0.1)),
+                         _look_dare_vs_dp, metric="outlier %"),
+    "ties_conflicts": Lesson("Sign conflicts in TIES", FOUR,
+                             (MethodControls(preset="task_arithmetic"), MethodControls(preset="ties", density=0.2)),
+                             _look_ties, module="self_attn.q_proj"),
+    "pcb_balance": Lesson("PCB balancing", FOUR,
+                          (MethodControls(preset="task_arithmetic"), MethodControls(preset="pcb", pcb_ratio=0.1)),
+                          _look_pcb, module="mlp.up_proj"),
+    "dpa_top_band": Lesson("DPA: amplify the top band", FOUR,
+                           (MethodControls(preset="dp", density=0.2),
+                            MethodControls(preset="dppa", density=0.2, band_shares=(0.5,), alphas=(2.0, 1.0))),
+                           _look_dpa),
 }
+RESULT_HEADERS = ["run", "method", "objective", "EM per domain"]
 
 
-def lesson_controls(lesson: Lesson, overrides: dict) -> dict:
-    """Control values for one run of a lesson (defaults + the run's overrides)."""
-    v = dict(cb.DEFAULTS)
-    v.update(overrides)
-    v["base"] = "demo:base"
-    v["fts"] = [f"demo:{n}" for n in lesson.fts]
-    return v
+def build(page) -> None:
+    gr.Markdown("Each lesson loads its models, runs its merges and scores them; its result appears beside its "
+                "button, and the controls, inspect views and scores show the last run.", elem_id="lessons-intro")
+    for key, lesson in LESSONS.items():
+        slug = key.replace("_", "-")
+        with gr.Row(equal_height=False, elem_classes=["lesson-row"]):
+            page.add(f"lesson_btn_{key}", gr.Button(lesson.title, elem_id=f"lesson-{slug}", scale=1, min_width=180))
+            with gr.Column(scale=4):
+                page.add(f"lesson_note_{key}", gr.Markdown("", elem_id=f"lesson-note-{slug}", elem_classes=["lesson-note"]))
+                page.add(f"lesson_runs_{key}", gr.Dataframe(headers=RESULT_HEADERS, interactive=False, visible=False,
+                                                            elem_id=f"lesson-runs-{slug}", wrap=True))
 
 
-# Outputs of run_lesson, in order (the app wires the components with the same names).
-LESSON_OUTPUTS = ("base", "fts", *cb.METHOD_KEYS, "summary", "block", "module", "matrix", "heat_model", "metric",
-                  "compare", "merge_summary", "leaderboard", "score_plot", "objective", "histogram", "thresholds",
-                  "tensor_name", "heatmap", "mask_plot", "mask_numbers", "lesson_note")
+def lesson_outputs(key: str) -> list[str]:
+    return [*SHOW_OUT, *models_section.LOAD_OUTPUTS, *inspect_section.INSPECT_OUT, *inspect_section.HEATMAP_OUT,
+            *inspect_section.MASKS_OUT, "heat_metric", "merge_summary", "leaderboard", "score_plot", "objective",
+            f"lesson_note_{key}", f"lesson_runs_{key}"]
 
 
-def run_lesson(state: cb.AppState, key: str, progress=gr.Progress()):
-    """Set up and run one lesson. Yields tuples matching LESSON_OUTPUTS."""
-    n = len(LESSON_OUTPUTS)
-    idx = {k: i for i, k in enumerate(LESSON_OUTPUTS)}
-    out = [gr.update() for _ in range(n)]
-
-    def emit(**kw):
-        for k, v in kw.items():
-            out[idx[k]] = v
-        return tuple(out)
-
-    lesson = LESSONS.get(key)
-    if lesson is None:
-        yield emit(lesson_note=cb.warn(f"unknown lesson {key!r}"))
-        return
-    refs = cb.demo_choices()[0]
+def run_lesson(key: str, v: dict):
+    """Set up and run one lesson; yields output dicts as it goes."""
+    lesson = LESSONS[key]
+    note, runs_out = f"lesson_note_{key}", f"lesson_runs_{key}"
+    state: AppState = v["state"]
+    refs = models_section.demo_choices()[0]
     missing = [f"demo:{m}" for m in ("base", *lesson.fts) if f"demo:{m}" not in refs]
     if missing:
-        yield emit(lesson_note=cb.warn(f"this lesson needs the demo family; missing {', '.join(missing)} "
-                                       f"(run `python -m dppa_ui zoo build`)"))
+        yield {note: warn(f"this lesson needs the demo family; missing {', '.join(missing)} "
+                          f"(run `python -m dppa_ui zoo build`)")}
         return
-    first = lesson_controls(lesson, lesson.runs[0])
-    yield emit(base=first["base"], fts=gr.update(choices=cb.all_choices(state), value=first["fts"]),
-               lesson_note=f"**{lesson.title}**: loading models …")
-    loaded = cb.load_models(state, first["base"], first["fts"])
-    if loaded[-1].startswith("⚠"):
-        yield emit(lesson_note=loaded[-1])
+    base, fts = "demo:base", [f"demo:{n}" for n in lesson.fts]
+    yield {**show_controls(lesson.runs[0], base, fts, models_section.all_choices(state)),
+           note: f"**{lesson.title}**: loading models …"}
+    loaded = models_section.load_models({"state": state, "base": base, "fts": fts})
+    if loaded["models_status"].startswith("⚠"):
+        yield {note: loaded["models_status"]}
         return
-    summary, block_u, module_u, matrix_u, heat_u, compare_u, _ = loaded
-    yield emit(summary=summary, block=block_u, module=module_u, matrix=matrix_u, heat_model=heat_u,
-               compare=compare_u)
+    yield loaded
     ws = state.ws
-    block = min(lesson.block, max(ws.blocks()))
-    module = lesson.module if lesson.module in ws.module_types() else ws.module_types()[0]
-    matrix = ws.tensor_name(block, module)
-    for k, overrides in enumerate(lesson.runs, 1):
-        v = lesson_controls(lesson, overrides)
-        mv = [v[key_] for key_ in cb.METHOD_KEYS]
-        yield emit(**{key_: v[key_] for key_ in cb.METHOD_KEYS},
-                   lesson_note=f"**{lesson.title}**: merge {k}/{len(lesson.runs)} ({v['preset']}) …")
-        merged = cb.merge(state, *mv, progress=progress)
-        if merged[-1].startswith("⚠"):
-            yield emit(lesson_note=merged[-1])
+    progress = v["progress"]
+    done = []
+    for k, c in enumerate(lesson.runs, 1):
+        yield {**show_controls(c), note: f"**{lesson.title}**: merge {k}/{len(lesson.runs)} ({c.preset}) …"}
+        vals = {"state": state, "progress": progress, **values_of(c)}
+        merged = merge_section.merge(vals)
+        if merged["merge_status"].startswith("⚠"):
+            yield {note: merged["merge_status"]}
             return
-        yield emit(merge_summary=merged[0], leaderboard=merged[1],
-                   lesson_note=f"**{lesson.title}**: scoring merge {k}/{len(lesson.runs)} …")
-        scored = cb.score(state, cb.DEMO_SUITE, None, progress=progress)
-        if scored[-1].startswith("⚠"):
-            yield emit(lesson_note=scored[-1])
+        yield {**merged, note: f"**{lesson.title}**: scoring merge {k}/{len(lesson.runs)} …"}
+        scored = score_section.score({"state": state, "progress": progress, "suite": score_section.DEMO_SUITE,
+                                      "upload": None})
+        if scored["score_status"].startswith("⚠"):
+            yield {note: scored["score_status"]}
             return
-        yield emit(score_plot=scored[0], objective=scored[1], leaderboard=scored[2])
-    hist, thr, name, _ = cb.inspect(state, block, module, *mv)
-    heat, _ = cb.heatmap(state, lesson.metric, 0, *mv)
-    mask, numbers, _ = cb.masks(state, matrix, *mv)
-    yield emit(block=gr.update(value=block), module=gr.update(value=module), matrix=gr.update(value=matrix),
-               metric=lesson.metric, histogram=hist, thresholds=thr, tensor_name=name, heatmap=heat, mask_plot=mask,
-               mask_numbers=numbers, lesson_note=f"**{lesson.title}** — done. 👉 {lesson.look}")
+        yield {k2: scored[k2] for k2 in ("score_plot", "objective", "leaderboard")}
+        done.append(ws.runs.last)
+    block = min(lesson.block, max(ws.access.blocks()))
+    module = lesson.module if lesson.module in ws.access.module_types() else ws.access.module_types()[0]
+    view = {"state": state, "block": block, "module": module, "matrix": ws.access.tensor_name(block, module),
+            "heat_metric": lesson.metric, "heat_model": 0, **values_of(lesson.runs[-1])}
+    out = {"block": gr.update(value=block), "module": gr.update(value=module), "heat_metric": lesson.metric}
+    for view_fn in (inspect_section.inspect, inspect_section.heatmap, inspect_section.masks):
+        out.update(view_fn(view))
+    out["matrix"] = gr.update(value=view["matrix"])
+    rows = [[r.number, r.config.method_name, None if r.objective is None else round(r.objective, 4),
+             " · ".join(f"{d} {s['em']:.2f}" for d, s in (r.scores or {}).items() if s.get("em") is not None)]
+            for r in done]
+    out[runs_out] = gr.update(value=rows, visible=True)
+    out[note] = f"**{lesson.title}** — done. 👉 {lesson.look(ws, done)}"
+    yield out
+
+
+def _lesson_fn(key: str):
+    def fn(v):
+        yield from run_lesson(key, v)
+    fn.__name__ = f"lesson_{key}"
+    return fn
+
+
+def wire(page) -> None:
+    for key in LESSONS:
+        page.on(page[f"lesson_btn_{key}"].click, _lesson_fn(key), ["state"], lesson_outputs(key), progress=True,
+                api_name=f"lesson_{key}", concurrency_limit=1, concurrency_id="merge")
+

@@ -53,6 +53,22 @@ def model_info(path_or_name: str | Path) -> dict:
     return json.loads(f.read_text())
 
 
+def _domain_order(folder: Path) -> list[str] | None:
+    """The domain order of a family folder (this one or any built by build_zoo): its manifest's."""
+    manifest = Path(folder) / MANIFEST
+    return list(json.loads(manifest.read_text())["domains"]) if manifest.is_file() else None
+
+
+def _register() -> None:
+    """Make the family reachable from the core without the core importing it: `demo:NAME` model
+    refs, the `zoo` score suite (its dev/test splits) and each demo model's domain."""
+    from .. import evaluation, refs
+    refs.register_scheme("demo", demo_path)
+    evaluation.register_suite("zoo", ZOO_DIR)
+    evaluation.register_domain_order(_domain_order)
+    evaluation.register_domain_lookup(lambda path: model_info(path).get("domain"))
+
+
 def build_zoo(*args, **kwargs):
     """Rebuild the family; see `dppa_ui.zoo.builder.build_zoo`."""
     from .builder import build_zoo as _build
@@ -61,3 +77,5 @@ def build_zoo(*args, **kwargs):
 
 
 __all__ = ["ZOO_DIR", "INFO_FILE", "MANIFEST", "demo_names", "domain_names", "demo_path", "model_info", "build_zoo"]
+
+_register()

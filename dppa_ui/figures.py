@@ -1,0 +1,225 @@
+"""The app's charts, from analysis.py's data (plotly only, no gradio).
+
+One colour per fine-tune everywhere (its index among the loaded models), the merged model in
+near-black and the base in grey, so a histogram line, a mask panel and a score bar of the same
+model look alike. Legends sit below the plots, where a long list never squeezes the drawing.
+Figures are built in one go (one layout dict): plotly's templates and per-property updates cost
+tens of milliseconds each, most of a slider update's budget.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import plotly.graph_objects as go
+import torch
+
+COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf",
+          "#bcbd22", "#7f7f7f"]
+MERGED_COLOR, BASE_COLOR = "#111827", "#9ca3af"
+_AXIS = dict(gridcolor="#ebf0f8", linecolor="#ebf0f8", zeroline=False, automargin=True)
+_LEGEND_BELOW = dict(orientation="h", x=0, xanchor="left", y=-0.22, yanchor="top", font=dict(size=11))
+
+
+def color(index: int) -> str:
+    """The colour of the loaded fine-tune with this index."""
+    return COLORS[index % len(COLORS)]
+
+
+def short(ref: str) -> str:
+    ref = str(ref)
+    return ref.split(":", 1)[1] if ref.startswith("demo:") else ref.rstrip("/").split("/")[-1]
+
+
+def figure(data: list, **layout) -> go.Figure:
+    for key, value in list(layout.items()):
+        if key.startswith(("xaxis", "yaxis")):
+            layout[key] = {**_AXIS, **value}
+    base = dict(template="none", paper_bgcolor="white", plot_bgcolor="white",
+                font=dict(family="Arial, sans-serif", size=12, color="#2a3f5f"))
+    return go.Figure(data=data, layout={**base, **layout})
+
+
+def _np(t: torch.Tensor, digits: int = 3) -> np.ndarray:
+    """float32 numpy, rounded: plotly sends numpy arrays as compact base64, lists as slow JSON."""
+    return torch.round(t.float() * 10 ** digits).div_(10 ** digits).numpy()
+
+
+def message(text: str, height: int = 320) -> go.Figure:
+    """An empty chart that says why it is empty (statistics still computing, nothing loaded)."""
+    return figure([], height=height, xaxis=dict(visible=False), yaxis=dict(visible=False),
+                  annotations=[dict(text=text, x=0.5, y=0.5, xref="paper", yref="paper", showarrow=False,
+                                    font=dict(size=14, color="#6b7280"))])
+
+
+# ------------------------------------------------------------------------------------ histogram
+
+def histogram(data: dict, method: str, prune: str, amplify: str) -> go.Figure:
+    """|δ| histograms (analysis.histogram) on a log axis, one line per fine-tune, with its keep
+    threshold (dashed) and DPA band edges (dotted) in its colour."""
+    x, rows = data["centers"], {r["model"]: r for r in data["rows"]}
+    traces, peak = [], 1
+    for s in data["series"]:
+        peak = max(peak, max(s["counts"]))
+    for s in data["series"]:
+        r, c = rows[s["model"]], color(s["index"])
+        label = short(s["model"])
+        pct = 100 * r["kept"] / max(r["numel"], 1)
+        if s["part"] == "dropped":
+            traces.append(go.Scatter(x=x, y=s["counts"], mode="lines", line=dict(shape="hvh", color=c, dash="dot"),
+                                     name=f"{label} dropped", legendgroup=label, showlegend=False))
+            continue
+        if s["part"] == "kept":
+            name = f"{label}: kept {pct:.1f}% (solid), dropped (dotted)"
+        elif r["threshold"] is not None:
+            name = f"{label} threshold {r['threshold']:.3g} (density {r['density']:.3f})"
+        else:
+            name = f"{label}: all kept"
+        traces.append(go.Scatter(x=x, y=s["counts"], mode="lines", line=dict(shape="hvh", color=c), name=name,
+                                 legendgroup=label))
+    for r in data["rows"]:
+        c, label = color(r["index"]), short(r["model"])
+        if r["threshold"] is not None and r["threshold"] > 0:
+            t = r["threshold"]
+            traces.append(go.Scatter(x=[t, t], y=[0, peak * 1.05], mode="lines", legendgroup=label, showlegend=False,
+                                     line=dict(color=c, dash="dash", width=2),
+                                     hovertemplate=f"{label}: keep |δ| ≥ {t:.3g}<extra></extra>"))
+        for f, e in zip(r["band_fractions"], r["band_edges"]):
+            if e is not None and e > 0:
+                traces.append(go.Scatter(x=[e, e], y=[0, peak * 1.05], mode="lines", legendgroup=label,
+                                         showlegend=False, line=dict(color=c, dash="dot", width=1.5),
+                                         hovertemplate=f"{label}: band edge {e:.3g} (top {100 * f:.2f}%)<extra></extra>"))
+    n, sampled = data["numel"], data["sampled"]
+    what = "all entries" if sampled == n else f"a fixed sample of {sampled:,} of {n:,} entries"
+    if prune == "random":
+        key = "random drop ignores magnitude: kept and dropped overlap"
+    elif prune == "none":
+        key = "no pruning: every entry is kept"
+    else:
+        key = "dashed: keep threshold" + (", dotted: DPA band edges" if amplify == "dpa" else "")
+    if any(r.get("pending") for r in data["rows"]):
+        key += "; DP densities pending (target density shown)"
+    return figure(traces, title=dict(text=f"|δ| of {data['name']} — {method}<br><sup>{what}; {key}</sup>"),
+                  xaxis=dict(title=dict(text="|δ| (log scale)"), type="log"),
+                  yaxis=dict(title=dict(text="entries per bin")), legend=_LEGEND_BELOW, height=430,
+                  margin=dict(t=70, l=60, r=10, b=40))
+
+
+# ------------------------------------------------------------------------------------ heatmap
+
+def heatmap(blocks: list[int], types: list[str], z: list[list], metric_label: str, model: str,
+            subtitle: str) -> go.Figure:
+    fmt = ".2f" if metric_label != "mean |δ|" else ".3g"
+    text = [[("" if v is None else format(v, fmt)) for v in row] for row in z]
+    heat = go.Heatmap(z=z, x=types, y=[str(b) for b in blocks], text=text, texttemplate="%{text}",
+                      colorscale="Viridis", colorbar=dict(title=dict(text=metric_label)),
+                      hovertemplate="block %{y}, %{x}: %{z:" + fmt + "}<extra></extra>")
+    return figure([heat], title=dict(text=f"{metric_label} — {short(model)}<br><sup>{subtitle}</sup>"),
+                  xaxis=dict(title=dict(text="module type")),
+                  yaxis=dict(title=dict(text="block"), autorange="reversed", type="category"),
+                  height=max(320, 26 * len(blocks) + 160), margin=dict(t=70, l=60, r=10, b=80))
+
+
+# ------------------------------------------------------------------------------------ masks
+
+def _top(x: torch.Tensor) -> float:
+    """Colour-scale top for skewed maps (PCB weights): the 99th percentile."""
+    flat = x.reshape(-1).float()
+    if flat.numel() > 1 << 16:
+        flat = flat[:: flat.numel() // (1 << 16)]
+    return max(float(torch.quantile(flat, 0.99)), 1e-3)
+
+
+def masks(d: dict, method: str, combine: str) -> go.Figure:
+    """analysis.mask_data as panels: row 1 each fine-tune's kept share per cell; row 2 the winner
+    per cell and the sign conflicts; row 3 (PCB) each fine-tune's balancing weights."""
+    labels = [short(r) for r in d["models"]]
+    n = len(labels)
+    has_pcb = d["pcb"] is not None
+    nrows, cols = (3 if has_pcb else 2), max(n, 2)
+    scale = []
+    for i, j in enumerate(d["index"]):
+        scale += [[i / n, color(j)], [(i + 1) / n, color(j)]]
+    if n == 1:
+        scale = [[0, color(d["index"][0])], [1, color(d["index"][0])]]
+    hover = "row %{y}, col %{x}: "
+    cells = {}
+    for c, (k, lab, ref) in enumerate(zip(d["kept"], labels, d["models"])):
+        cells[(0, c)] = (f"{lab}: {d['kept_pct'][ref]:.1f}% kept",
+                         dict(z=_np(k), zmin=0, zmax=1, colorscale=[[0, "#ffffff"], [1, color(d["index"][c])]],
+                              showscale=False, hovertemplate=hover + "%{z:.0%} kept<extra></extra>"))
+    cells[(1, 0)] = ("winner per cell", dict(z=d["winner"].numpy(), zmin=-0.5, zmax=n - 0.5, colorscale=scale,
+                                             showscale=False, hovertemplate=hover + "model %{z}<extra></extra>"))
+    cells[(1, 1)] = (f"sign conflicts {d['conflict_pct']:.1f}%",
+                     dict(z=_np(d["conflict"]), zmin=0, zmax=1, colorscale="Reds", showscale=False,
+                          hovertemplate=hover + "%{z:.0%} in conflict<extra></extra>"))
+    if has_pcb:
+        for c, (sc, lab, ref) in enumerate(zip(d["pcb"], labels, d["models"])):
+            cells[(2, c)] = (f"{lab}: PCB weight {d['pcb_mean_weight'][ref]:.2f}",
+                             dict(z=_np(sc), zmin=0, zmax=_top(sc), colorscale="Greens", showscale=False,
+                                  hovertemplate=hover + "weight %{z:.2f}<extra></extra>"))
+    hgap, vgap = 0.04, 0.16
+    w, h = (1 - hgap * (cols - 1)) / cols, (1 - vgap * (nrows - 1)) / nrows
+    traces, layout, notes = [], {}, []
+    for (r, c), (title, kw) in cells.items():
+        k = r * cols + c + 1
+        sx = sy = "" if k == 1 else str(k)
+        x0, y1 = round(c * (w + hgap), 6), round(1 - r * (h + vgap), 6)
+        traces.append(go.Heatmap(xaxis=f"x{sx}", yaxis=f"y{sy}", **kw))
+        layout[f"xaxis{sx}"] = dict(ticks="", domain=[x0, min(round(x0 + w, 6), 1.0)], anchor=f"y{sy}",
+                                    showticklabels=False, showgrid=False)
+        layout[f"yaxis{sy}"] = dict(ticks="", domain=[max(round(y1 - h, 6), 0.0), y1], anchor=f"x{sx}",
+                                    autorange="reversed", showticklabels=False, showgrid=False)
+        notes.append(dict(text=title, x=x0 + w / 2, y=y1 + 0.01, xref="paper", yref="paper", xanchor="center",
+                          yanchor="bottom", showarrow=False, font=dict(size=11)))
+    legend = " · ".join(f"<span style='color:{color(j)}'>■</span> {lab}" for j, lab in zip(d["index"], labels))
+    cell = "×".join(str(c) for c in d["cell"])
+    pending = " (DP densities pending: target density shown)" if d.get("pending") else ""
+    fig = figure(traces, title=dict(text=f"Masks of {d['name']} {d['shape']} — {method}{pending}<br><sup>each cell: "
+                                         f"share of its {cell} entries; row 2: after the {combine} combine · {legend}</sup>"),
+                 annotations=notes, height=210 * nrows + 110, margin=dict(t=100, l=20, r=20, b=20), **layout)
+    return fig
+
+
+# ------------------------------------------------------------------------------------ scores
+
+def scores(rows: list[dict], metric: str = "smooth") -> go.Figure:
+    """Grouped bars per domain, one bar per model in its colour. rows: [{"label", "color",
+    "scores": {domain: {...}}, "objective": x | None}]. Only the merged model's bars carry numbers
+    (hover shows every bar's), so labels never overlap."""
+    domains = []
+    for r in rows:
+        for d in r["scores"]:
+            if d not in domains:
+                domains.append(d)
+    bars = []
+    for r in rows:
+        y = [r["scores"].get(d, {}).get(metric) for d in domains]
+        obj = r.get("objective")
+        name = r["label"] + (f" (objective {obj:.3f})" if isinstance(obj, (int, float)) else "")
+        merged = r.get("merged", False)
+        bars.append(go.Bar(x=domains, y=y, name=name, marker_color=r["color"],
+                           text=[("" if v is None else f"{v:.2f}") for v in y] if merged else None,
+                           textposition="outside", cliponaxis=False,
+                           hovertemplate=f"{r['label']}, %{{x}}: %{{y:.3f}}<extra></extra>"))
+    yaxis = {"title": dict(text=metric)}
+    if metric in ("em", "smooth"):
+        yaxis["range"] = [0, 1.15]
+    return figure(bars, title=dict(text=f"{metric} per domain<br><sup>merged model's value on its bar; hover for "
+                                        f"the others</sup>"), barmode="group",
+                  xaxis=dict(title=dict(text="domain")), yaxis=yaxis, legend=_LEGEND_BELOW, height=420,
+                  margin=dict(t=70, l=60, r=10, b=40))
+
+
+def objective_curve(values: list[float], best: list[float], title: str) -> go.Figure:
+    """An objective per evaluation with the best so far (searches)."""
+    x = list(range(1, len(values) + 1))
+    return figure([go.Scatter(x=x, y=values, mode="markers", name="evaluation", marker=dict(color=COLORS[0])),
+                   go.Scatter(x=x, y=best, mode="lines", name="best so far", line=dict(color=MERGED_COLOR))],
+                  title=dict(text=title), xaxis=dict(title=dict(text="evaluation")),
+                  yaxis=dict(title=dict(text="objective")), legend=_LEGEND_BELOW, height=320,
+                  margin=dict(t=50, l=60, r=10, b=40))
+
+
+def nan_to_none(x: float | None) -> float | None:
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else x

@@ -1,0 +1,107 @@
+"""The heavy steps as `@spaces.GPU` functions: on a ZeroGPU Space each call gets a GPU for about
+the duration estimated from the model size; anywhere else the decorator does nothing and the
+function runs here (on the local GPU when there is one).
+
+Arguments and results are plain data (folders, config dicts, items, statistics as JSON), since on
+ZeroGPU the call runs in a worker process.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import spaces
+import torch
+
+from .refs import resolve_model, weight_files
+
+# Seconds per GB of weights read (measured orders of magnitude on one GPU, with headroom), plus
+# the worker's start; ZeroGPU refuses calls that ask for more than the quota left.
+_PER_GB = {"merge": 6.0, "stats": 3.0, "score": 4.0, "chat": 2.0}
+_FLOOR, _CAP = 15, 600
+
+
+def weights_bytes(refs: Sequence[str | Path]) -> int:
+    total = 0
+    for r in refs:
+        try:
+            total += sum(f.stat().st_size for f in weight_files(resolve_model(r)))
+        except (OSError, ValueError):
+            pass
+    return total
+
+
+def duration(kind: str, refs: Sequence[str | Path], extra: float = 0.0) -> int:
+    """The GPU seconds to ask for: weights read x the step's rate, within [15, 600]."""
+    return int(min(_CAP, max(_FLOOR, weights_bytes(refs) / 1e9 * _PER_GB[kind] + extra)))
+
+
+def _config_refs(config) -> list[str]:
+    from .config import load_config
+    cfg = load_config(config)
+    return [cfg.base_model, *[m.model for m in cfg.models]]
+
+
+@spaces.GPU(duration=lambda config, out, **kw: duration("merge", _config_refs(config)))
+def merge(config, out: str | Path, **kwargs):
+    """engine.merge on the best device: the streaming merge of `config` into the folder `out`."""
+    from .engine import merge as run
+    return run(config, out, device="auto", **kwargs)
+
+
+@spaces.GPU(duration=lambda base_dir, ft_dirs, *a, **kw: duration("stats", [base_dir, *ft_dirs]))
+def pair_statistics(base_dir: str | Path, ft_dirs: Sequence[str | Path], refs: Sequence[str], outlier_m: float,
+                    progress: Callable[[int], None] | None = None,
+                    cancel: Callable[[], bool] | None = None) -> list[dict]:
+    """Whole-model statistics of the base against each fine-tune: per fine-tune
+    {"stats": DeltaStats JSON, "delta_norm": ‖δ‖ / ‖θ_base‖}. Both passes of stats.collect_stats
+    (what DP needs), on the GPU when there is one."""
+    from . import io
+    from .stats import collect_stats
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    base = io.CheckpointReader(base_dir)
+    fts = [io.CheckpointReader(d) for d in ft_dirs]
+    try:
+        names = [n for n in base.names if base.dtype(n).is_floating_point]
+        sq = [[0.0, 0.0] for _ in fts]           # ||ft - base||², ||base||², on the first pass only
+        seen: set[str] = set()
+
+        def load(name):
+            if cancel is not None and cancel():
+                raise InterruptedError("statistics cancelled")
+            b = base.view(name).to(dev).float()
+            ts = [r.view(name).to(dev).float() for r in fts]
+            if name not in seen:
+                seen.add(name)
+                b2 = float(b.pow(2).sum(dtype=torch.float64))
+                for acc, t in zip(sq, ts):
+                    acc[0] += float((t - b).pow(2).sum(dtype=torch.float64))
+                    acc[1] += b2
+            return b, ts
+
+        stats = collect_stats(names, load, list(refs), outlier_m, progress=progress)
+    finally:
+        base.close()
+        for r in fts:
+            r.close()
+    return [{"stats": s.to_json(), "delta_norm": (num / den) ** 0.5 if den > 0 else 0.0}
+            for s, (num, den) in zip(stats, sq)]
+
+
+@spaces.GPU(duration=lambda model_dir, items, **kw: duration("score", [model_dir], extra=0.05 * len(items)))
+def score(model_dir: str | Path, items: Sequence[dict], **load_kwargs) -> dict:
+    """evaluation.score_model of the model in `model_dir` (loaded once into the shared pool)."""
+    from .evaluation import score_model
+    from .modelbuild import POOL
+    model, tok = POOL.get(model_dir, **load_kwargs)
+    return score_model(model, tok, list(items))
+
+
+@spaces.GPU(duration=lambda model_dir, *a, **kw: duration("chat", [model_dir], extra=30))
+def chat(model_dir: str | Path, history, message: str, *, load_kwargs: dict | None = None,
+         **chat_kwargs) -> Iterator[str]:
+    """chat.chat_stream with the model in `model_dir`: the reply as it grows."""
+    from .chat import chat_stream
+    from .modelbuild import POOL
+    model, tok = POOL.get(model_dir, **(load_kwargs or {}))
+    yield from chat_stream(model, tok, history, message, **chat_kwargs)

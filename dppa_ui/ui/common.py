@@ -1,0 +1,252 @@
+"""What every section shares: the per-session state, the page's component registry, user-facing
+messages, the app's temp folder (removed at shutdown), and the control <-> MethodControls mapping.
+"""
+from __future__ import annotations
+
+import atexit
+import math
+import os
+import shutil
+import signal
+import tempfile
+import threading
+from pathlib import Path
+
+import gradio as gr
+
+from ..config import PRESETS
+from ..controls import MethodControls
+from ..refs import RefPolicy
+
+# ----------------------------------------------------------------------------------- settings
+
+def _env_float(name: str, default: float) -> float:
+    try:
+        return float(os.environ.get(name, default))
+    except ValueError:
+        return default
+
+
+MAX_MERGES = max(1, int(_env_float("DPPA_UI_MAX_MERGES", 1)))
+CONCURRENCY = max(1, int(_env_float("DPPA_UI_CONCURRENCY", 2)))
+SESSION_TTL = _env_float("DPPA_UI_SESSION_TTL", 4 * 3600)      # seconds since the session's last event
+SCORE_PER_DOMAIN = int(_env_float("DPPA_UI_SCORE_PER_DOMAIN", 50))
+MAX_UPLOAD_ITEMS = int(_env_float("DPPA_UI_MAX_UPLOAD_ITEMS", 2000))
+DOWNLOAD_LIMIT = int(_env_float("DPPA_UI_MAX_DOWNLOAD_BYTES", 200e6))
+
+
+def model_roots() -> tuple[Path, ...]:
+    """Folders the model box may reach: DPPA_UI_MODEL_ROOTS (os.pathsep-separated), else the demo
+    family and ./models."""
+    env = os.environ.get("DPPA_UI_MODEL_ROOTS")
+    if env:
+        return tuple(Path(p).expanduser().resolve() for p in env.split(os.pathsep) if p.strip())
+    from ..zoo import ZOO_DIR
+    return (Path(ZOO_DIR).resolve(), Path("models").resolve())
+
+
+def policy() -> RefPolicy:
+    """What the app lets a ref reach: the model roots, hub downloads unless DPPA_UI_ALLOW_DOWNLOADS
+    is off, at most DPPA_UI_MAX_DOWNLOAD_GB (default 4) per model."""
+    allow = os.environ.get("DPPA_UI_ALLOW_DOWNLOADS", "1").strip().lower() not in ("0", "false", "no", "off")
+    return RefPolicy(roots=model_roots(), allow_downloads=allow,
+                     max_download_bytes=int(_env_float("DPPA_UI_MAX_DOWNLOAD_GB", 4.0) * (1 << 30)))
+
+
+def on_space() -> bool:
+    return bool(os.environ.get("SPACE_ID"))
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+# ----------------------------------------------------------------------------------- temp files
+
+class _TempRoot:
+    """One folder for every session's files, made on first use and removed when the server
+    process ends (normal exit, Ctrl-C or SIGTERM), besides each session's own clean-up."""
+
+    def __init__(self):
+        self.path: Path | None = None
+        self._lock = threading.Lock()
+
+    def get(self) -> Path:
+        with self._lock:
+            if self.path is None or not self.path.is_dir():
+                self.path = Path(tempfile.mkdtemp(prefix="dppa-ui-"))
+                atexit.register(self.remove)
+                _chain_sigterm()
+            return self.path
+
+    def remove(self) -> None:
+        if self.path is not None:
+            shutil.rmtree(self.path, ignore_errors=True)
+
+
+TEMP = _TempRoot()
+
+
+def _chain_sigterm() -> None:
+    """Turn SIGTERM into a normal exit, so atexit clean-up runs (the default handler skips it)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    if getattr(previous, "_dppa_ui", False):
+        return
+
+    def handler(signum, frame):
+        TEMP.remove()
+        if callable(previous) and previous not in (signal.SIG_DFL, signal.SIG_IGN):
+            previous(signum, frame)
+        raise SystemExit(128 + signum)
+
+    handler._dppa_ui = True
+    signal.signal(signal.SIGTERM, handler)
+
+
+# ----------------------------------------------------------------------------------- messages
+
+class UserError(ValueError):
+    """Bad input the user can fix; shown as a message, never as a traceback."""
+
+
+def _expected() -> tuple[type, ...]:
+    from ..workspace import MergeRefused
+    return (ValueError, KeyError, FileNotFoundError, InterruptedError, MemoryError, TimeoutError, MergeRefused)
+
+
+def message(e: BaseException) -> str:
+    """The text a user sees for an expected error (never a server path or a traceback)."""
+    text = str(e).strip() or type(e).__name__
+    return text.strip("'\"") if isinstance(e, KeyError) else text
+
+
+def ok(msg: str) -> str:
+    return f"✓ {msg}"
+
+
+def warn(msg: str) -> str:
+    """A toast and the text for the section's status line."""
+    gr.Warning(msg, duration=10)
+    return f"⚠ {msg}"
+
+
+def keep():
+    return gr.update()
+
+
+# ----------------------------------------------------------------------------------- state
+
+class AppState:
+    """What one browser (or API client) session owns: gr.State gives each session its own copy
+    (through __deepcopy__). A plain class: gradio would serialise a dataclass's fields."""
+
+    def __init__(self):
+        self.ws = None                              # workspace.Workspace once models are loaded
+        self.added: list[str] = []                  # refs added through the model box
+        self.uploads: set[str] = set()              # suite files this session uploaded
+        self.cancel = threading.Event()
+        self.expected: tuple[str, str] | None = None    # (prompt, answer) of the clicked chat example
+        self.shown_tensor: str | None = None        # the tensor the histogram shows
+
+    def __deepcopy__(self, memo):
+        return AppState()
+
+    def workspace(self):
+        if self.ws is None or not self.ws.loaded:
+            raise UserError("load the models first (1 · Models, 'Load models')")
+        return self.ws
+
+    def close(self) -> None:
+        self.cancel.set()
+        if self.ws is not None:
+            self.ws.close()
+        self.ws = None
+
+
+def close_state(state) -> None:
+    """gr.State's delete_callback: the tab closed or the session expired."""
+    if isinstance(state, AppState):
+        state.close()
+
+
+# ----------------------------------------------------------------------------------- method controls
+
+# The method controls in the order every handler that needs a config takes them (the API's order).
+CONTROL_KEYS = ("preset", "density", "lambda_", "weights", "dp_lambda", "dp_outlier_m", "n_bands", "band1",
+                "band2", "alpha1", "alpha2", "alpha3", "alpha_per_model", "pcb_ratio", "seed")
+DEFAULT_CONTROLS = MethodControls()
+
+
+def parse_numbers(text: str, what: str) -> list[float]:
+    """'1, 0.5' -> [1.0, 0.5]; every number finite, else a UserError naming `what`."""
+    out = []
+    for t in (text or "").replace(";", ",").split(","):
+        if not t.strip():
+            continue
+        try:
+            v = float(t)
+        except ValueError:
+            raise UserError(f"{what} {text!r}: give numbers separated by commas") from None
+        if not math.isfinite(v):
+            raise UserError(f"{what} {text!r}: {t.strip()} is not a finite number")
+        out.append(v)
+    return out
+
+
+def parse_alpha_per_model(text: str) -> dict[str, list[float]]:
+    """'demo:reverse=1.9,1.0; demo:sort=2.1,1.0' -> {ref: [α, ...]} (what auto α writes)."""
+    out = {}
+    for part in (text or "").split(";"):
+        if not part.strip():
+            continue
+        ref, eq, vals = part.partition("=")
+        if not eq:
+            raise UserError(f"per-model α {part.strip()!r}: write MODEL=α1,α2 separated by ';'")
+        out[ref.strip()] = parse_numbers(vals, f"per-model α for {ref.strip()}")
+    return out
+
+
+def _finite(v, what: str) -> float:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        raise UserError(f"{what} must be a number, got {v!r}") from None
+    if not math.isfinite(f):
+        raise UserError(f"{what} must be a finite number, got {v!r}")
+    return f
+
+
+def controls_from(values: dict) -> MethodControls:
+    """The MethodControls the method components show ({key: value} by CONTROL_KEYS)."""
+    v = {k: values.get(k) for k in CONTROL_KEYS}
+    if v["preset"] not in PRESETS:
+        raise UserError(f"unknown preset {v['preset']!r}; pick one of {', '.join(PRESETS)}")
+    n = int(_finite(v["n_bands"] or 1, "DPA bands"))
+    shares = [_finite(v["band1"], "band edge 1"), _finite(v["band2"], "band edge 2")][: n - 1]
+    alphas = [_finite(v[f"alpha{k}"], f"α{k}") for k in (1, 2, 3)][:n]
+    return MethodControls(
+        preset=v["preset"], density=_finite(v["density"], "density"), lambda_=_finite(v["lambda_"], "λ"),
+        weights=tuple(parse_numbers(v["weights"], "weights")), dp_lambda=_finite(v["dp_lambda"], "DP λ"),
+        dp_outlier_m=_finite(v["dp_outlier_m"], "DP M"), band_shares=tuple(shares), alphas=tuple(alphas),
+        alpha_per_model=parse_alpha_per_model(v["alpha_per_model"]), pcb_ratio=_finite(v["pcb_ratio"], "PCB ratio"),
+        seed=int(_finite(v["seed"] or 0, "seed")))
+
+
+_PAD_SHARES = (0.5, 0.75)          # what the band-edge sliders a config does not use show
+
+
+def values_of(c: MethodControls) -> dict:
+    """The component values (by CONTROL_KEYS) that show `c`."""
+    shares = list(c.band_shares) + list(_PAD_SHARES)[len(c.band_shares):]
+    alphas = list(c.alphas) + [1.0] * (3 - len(c.alphas))
+    return {"preset": c.preset, "density": c.density, "lambda_": c.lambda_,
+            "weights": ", ".join(f"{w:g}" for w in c.weights), "dp_lambda": c.dp_lambda,
+            "dp_outlier_m": c.dp_outlier_m, "n_bands": len(c.band_shares) + 1, "band1": shares[0], "band2": shares[1],
+            "alpha1": alphas[0], "alpha2": alphas[1], "alpha3": alphas[2],
+            "alpha_per_model": "; ".join(f"{r}=" + ",".join(f"{a:g}" for a in al) for r, al in c.alpha_per_model.items()),
+            "pcb_ratio": c.pcb_ratio, "seed": c.seed}
+
+
+DEFAULT_UI = values_of(DEFAULT_CONTROLS)

@@ -1,0 +1,145 @@
+"""1 · Models: pick the base and its fine-tunes (demo family, folders under the model roots, hub
+ids), load them (headers only: nothing is read until a view needs it) and start the background
+statistics."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import gradio as gr
+
+from .. import zoo
+from ..refs import ModelRefError, check_path_allowed, is_hub_id, resolve_model
+from ..workspace import Workspace, short
+from .common import TEMP, AppState, UserError, _expected, message, model_roots, ok, policy, warn
+
+
+def demo_choices() -> tuple[list[str], str | None, list[str], str]:
+    """(demo refs, default base, default fine-tunes, note). The note says how to build the family
+    when it is missing, so the app still starts."""
+    refs, missing = [], []
+    for name in zoo.demo_names():
+        try:
+            zoo.demo_path(name)
+            refs.append(f"demo:{name}")
+        except ValueError:
+            missing.append(name)
+    if not refs:
+        return [], None, [], (f"The demo model family is not built ({zoo.ZOO_DIR} is missing). Run "
+                              f"`python -m dppa_ui zoo build`, or add a model folder under the model roots.")
+    base = "demo:base" if "demo:base" in refs else refs[0]
+    fts = [f"demo:{d}" for d in zoo.domain_names() if f"demo:{d}" in refs]
+    return refs, base, fts, (f"Demo models missing: {', '.join(missing)}." if missing else "")
+
+
+def all_choices(state: AppState | None) -> list[str]:
+    refs = demo_choices()[0]
+    return refs + [r for r in (state.added if state else []) if r not in refs]
+
+
+def roots_note() -> str:
+    return "Local folders must be under: " + ", ".join(f"`{r}`" for r in model_roots())
+
+
+def build(page) -> None:
+    refs, base0, fts0, note = demo_choices()
+    with gr.Row():
+        page.add("base", gr.Dropdown(refs, value=base0, label="Base model", allow_custom_value=True, scale=2,
+                                     elem_id="base-model"))
+        page.add("fts", gr.Dropdown(refs, value=fts0, multiselect=True, label="Fine-tunes", allow_custom_value=True,
+                                    scale=3, elem_id="finetunes"))
+    with gr.Row(equal_height=True):
+        page.add("add_box", gr.Textbox(label="Add a model", placeholder="folder under the model roots, or org/name",
+                                       scale=4, elem_id="add-model-box", info=roots_note()))
+        page.add("add_btn", gr.Button("Add", scale=1, elem_id="add-model-btn", size="sm"))
+    page.add("load_btn", gr.Button("Load models", variant="primary", elem_id="load-models-btn"))
+    page.add("summary", gr.Markdown(note or "The demo family loads when the page opens.", elem_id="models-summary"))
+    page.add("models_status", gr.Markdown("", elem_id="models-status", elem_classes=["status"]))
+
+
+def resolve_user_ref(text: str) -> str:
+    """What the user typed in the model box, checked under the app's policy: the ref to keep
+    (a demo ref, the resolved folder under the roots, or the hub id)."""
+    text = (text or "").strip()
+    if not text:
+        raise UserError("type a model folder (under the model roots) or a hub id like org/name")
+    path = resolve_model(text, policy=policy())
+    if not (Path(path) / "config.json").is_file():
+        raise UserError(f"{short(text)} is not a model folder: it has no config.json")
+    if text.startswith("demo:") or is_hub_id(text, policy()):
+        return text
+    return str(check_path_allowed(path, model_roots()))
+
+
+def add_model(v: dict) -> dict:
+    """The model box: validate a path or hub id and offer it in both pickers (selected as a fine-tune)."""
+    state: AppState = v["state"]
+    try:
+        ref = resolve_user_ref(v["add_box"])
+    except (*_expected(), ModelRefError) as e:
+        return {"models_status": warn(message(e))}
+    if ref not in state.added:
+        state.added.append(ref)
+    choices = all_choices(state)
+    fts = list(v["fts"] or [])
+    if ref not in fts and ref != v["base"]:
+        fts.append(ref)
+    return {"base": gr.update(choices=choices), "fts": gr.update(choices=choices, value=fts),
+            "models_status": ok(f"added {short(ref)}: it is selected as a fine-tune (pick it as the base instead "
+                                f"if it is one)")}
+
+
+def summary_markdown(ws) -> str:
+    s = ws.access.summary()
+    norms = ws.stats.norms()
+    lines = [f"**{s['parameters']:,} parameters** in {s['tensors']} tensors ({s['blocks']} blocks), "
+             f"dtype **{s['dtype']}**; base `{short(s['base'])}`.", "",
+             "| fine-tune | ‖δ‖ / ‖base‖ |", "|---|---|"]
+    for i, ref in enumerate(s["fine_tunes"]):
+        lines.append(f"| `{short(ref)}` | {norms[i]:.4f} |" if norms else f"| `{short(ref)}` | (computing…) |")
+    return "\n".join(lines)
+
+
+def load_models(v: dict) -> dict:
+    """Load base + fine-tunes into the session's workspace. Outputs the summary and the inspect
+    pickers for the new models; the previous models stay when anything is wrong."""
+    state: AppState = v["state"]
+    fts = [f for f in (v["fts"] or []) if f]
+    try:
+        if not v["base"]:
+            raise UserError("pick a base model first")
+        if not fts:
+            raise UserError("pick at least one fine-tune to merge into the base")
+        ws = state.ws if state.ws is not None else Workspace(policy(), temp_root=TEMP.get())
+        report = v.get("progress")      # hub downloads say what they fetch, its size and the cap
+        ws.load(v["base"], fts, progress=(lambda text: report(None, desc=text)) if report else None)
+    except (*_expected(), OSError) as e:
+        return {"models_status": warn(message(e)), "state": state}
+    state.ws = ws
+    acc = ws.access
+    block, module, matrix = acc.default_view()
+    blocks = acc.blocks()
+    return {
+        "state": state, "summary": summary_markdown(ws),
+        "models_status": ok(f"loaded {short(v['base'])} and {len(fts)} fine-tune(s)"),
+        "block": gr.update(minimum=min(blocks, default=0), maximum=max(max(blocks, default=0), 1), value=block,
+                           step=1, interactive=len(blocks) > 1),
+        "module": gr.update(choices=acc.module_types(), value=module),
+        "matrix": gr.update(choices=acc.matrix_names(), value=matrix),
+        "heat_model": gr.update(choices=[(short(r), i) for i, r in enumerate(fts)], value=0),
+        "compare": gr.update(choices=["none", "base", *fts], value="base"),
+        "stats_timer": gr.Timer(active=True),
+        # Folded once loaded, so the method controls below come into view; the label says what is loaded.
+        "models_acc": gr.update(open=False, label=f"1 · Models: {short(v['base'])} + {len(fts)} fine-tune(s)"),
+    }
+
+
+LOAD_OUTPUTS = ["state", "summary", "models_status", "block", "module", "matrix", "heat_model", "compare",
+                "stats_timer", "models_acc"]
+
+
+def wire(page) -> None:
+    ev = page.on(page["load_btn"].click, load_models, ["state", "base", "fts"], LOAD_OUTPUTS, progress=True,
+                 api_name="load_models")
+    page.on([page["add_btn"].click, page["add_box"].submit], add_model, ["state", "add_box", "base", "fts"],
+            ["base", "fts", "models_status"], api_name="add_model")
+    page.loaded_events = [ev]

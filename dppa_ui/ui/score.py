@@ -1,0 +1,293 @@
+"""6 · Score: the merged model, the base and each fine-tune per domain (each model scored once and
+shared by every session), the geometric-mean objective, the session's leaderboard (reload any
+run's settings) and the YAML that the CLI runs. A suite file is read only if this session uploaded
+it through the page."""
+from __future__ import annotations
+
+import functools
+import hashlib
+import threading
+from collections import OrderedDict
+from pathlib import Path
+
+import gradio as gr
+
+from .. import evaluation, figures, gpu
+from ..config import ConfigError, load_config
+from ..controls import MethodControls
+from ..refs import files_identity
+from ..workspace import params_text, short
+from .common import (CONTROL_KEYS, MAX_UPLOAD_ITEMS, SCORE_PER_DOMAIN, AppState, UserError, _expected, message,
+                     ok, warn)
+from .method import SHOW_OUT, controls_of, show_controls
+
+DEMO_SUITE = "demo suite"
+UPLOAD_SUITE = "uploaded JSONL"
+LEADERBOARD_HEADERS = ["run", "method", "models", "settings", "objective", "EM per domain"]
+_SCORES: OrderedDict = OrderedDict()        # (model files identity, suite key) -> scores, every session
+_SCORES_LOCK = threading.Lock()
+
+
+def _require_upload(path) -> None:
+    from gradio.utils import get_upload_folder
+    p = Path(str(path)).resolve()
+    if not p.is_relative_to(Path(get_upload_folder()).resolve()):
+        raise gr.Error("only files uploaded through this page are accepted (over the API: upload the file, e.g. "
+                       "with gradio_client.handle_file, and call /upload_suite)")
+
+
+def upload_only(component: gr.File) -> gr.File:
+    """Make a File input accept only files gradio received through its upload route (they live in
+    its upload folder): a path or URL of the server's own, sent over the API, is refused before
+    anything reads it. Patched on the instance: a gr.File subclass would make gradio write a .pyi
+    stub beside this module."""
+    move, move_async = component.move_resource_to_block_cache, component.async_move_resource_to_block_cache
+
+    def guarded(url_or_file_path):
+        if url_or_file_path is not None:
+            _require_upload(url_or_file_path)
+        return move(url_or_file_path)
+
+    async def guarded_async(url_or_file_path):
+        if url_or_file_path is not None:
+            _require_upload(url_or_file_path)
+        return await move_async(url_or_file_path)
+
+    component.move_resource_to_block_cache = guarded
+    component.async_move_resource_to_block_cache = guarded_async
+    return component
+
+
+def build(page) -> None:
+    with gr.Row(equal_height=True):
+        page.add("suite", gr.Radio([DEMO_SUITE, UPLOAD_SUITE], value=DEMO_SUITE, label="Suite", scale=2,
+                                   info=f"demo: the first {SCORE_PER_DOMAIN} held-out test items of each domain",
+                                   elem_id="suite"))
+        page.add("upload", upload_only(gr.File(label="Suite file (.jsonl)", file_types=[".jsonl"], scale=2,
+                                               elem_id="suite-upload", height=120)))
+        page.add("score_btn", gr.Button("Score", variant="primary", scale=1, elem_id="score-btn"))
+    gr.Markdown('One JSON object per line: `{"prompt": …, "answer": …, "domain": …}`.', elem_id="suite-help")
+    page.add("score_status", gr.Markdown("", elem_id="score-status", elem_classes=["status"]))
+    page.add("objective", gr.Markdown("", elem_id="objective"))
+    page.add("score_plot", gr.Plot(label="Scores", elem_id="score-plot"))
+    with gr.Accordion("All scores (JSON)", open=False):
+        page.add("score_json", gr.JSON(label="Scores (all models)", elem_id="score-json"))
+    page.add("leaderboard", gr.Dataframe(headers=LEADERBOARD_HEADERS, label="Session leaderboard", interactive=False,
+                                         elem_id="leaderboard", wrap=True,
+                                         column_widths=["7%", "12%", "22%", "27%", "10%", "22%"]))
+    with gr.Row(equal_height=True):
+        page.add("run_no", gr.Number(value=1, precision=0, label="Run", elem_id="run-number", scale=1))
+        page.add("reload_btn", gr.Button("Load that run's settings", elem_id="reload-run-btn", scale=2))
+        page.add("export_btn", gr.Button("Export the current settings as YAML", elem_id="export-yaml-btn", scale=2))
+    with gr.Row():
+        page.add("yaml_code", gr.Code(language="yaml", label="Config (runs with: python -m dppa_ui merge FILE --out DIR)",
+                                      elem_id="yaml-code", scale=3, interactive=True))
+        page.add("yaml_file", gr.File(label="YAML file", interactive=False, elem_id="yaml-file", scale=1, visible=False))
+    page.add("load_yaml_btn", gr.Button("Load the YAML above into the controls", elem_id="load-yaml-btn", size="sm"))
+
+
+# ----------------------------------------------------------------------------------- suites
+
+@functools.lru_cache(maxsize=2)
+def _zoo_test_items() -> tuple[dict, ...]:
+    return tuple(evaluation.load_suite("zoo", "test"))
+
+
+def demo_items(per_domain: int | None = None) -> list[dict]:
+    """The first `per_domain` test items of each demo domain (all when <= 0)."""
+    n = SCORE_PER_DOMAIN if per_domain is None else per_domain
+    items = _zoo_test_items()
+    if n <= 0:
+        return list(items)
+    return [it for its in evaluation.by_domain(items).values() for it in its[:n]]
+
+
+def _upload_path(upload) -> str | None:
+    if upload is None:
+        return None
+    return upload if isinstance(upload, str) else getattr(upload, "path", None) or (
+        upload.get("path") if isinstance(upload, dict) else None)
+
+
+def _read_upload(path: str) -> list[dict]:
+    try:
+        items = evaluation.load_suite(path, label=Path(path).name)
+    except UnicodeDecodeError:
+        raise UserError("the uploaded file is not UTF-8 text: upload a .jsonl file") from None
+    if len(items) > MAX_UPLOAD_ITEMS:
+        raise UserError(f"the uploaded suite has {len(items)} items; this app scores at most {MAX_UPLOAD_ITEMS} "
+                        f"(use `python -m dppa_ui score` for bigger suites)")
+    return items
+
+
+def upload_suite(v: dict) -> dict:
+    """A suite file arrived through the upload box: remember it for this session and check it."""
+    state: AppState = v["state"]
+    path = _upload_path(v["upload"])
+    if not path:
+        return {"score_status": ""}
+    state.uploads.add(str(Path(path).resolve()))
+    try:
+        items = _read_upload(path)
+    except _expected() as e:
+        return {"score_status": warn(message(e))}
+    domains = sorted({it["domain"] for it in items})
+    return {"suite": UPLOAD_SUITE,
+            "score_status": ok(f"{Path(path).name}: {len(items)} items in {len(domains)} domain(s): {', '.join(domains)}")}
+
+
+def suite_items(state: AppState, choice: str, upload) -> tuple[list[dict], str, str]:
+    """(items, cache key, label) of the chosen suite."""
+    if choice != UPLOAD_SUITE:
+        return demo_items(), f"zoo:test:{SCORE_PER_DOMAIN}", f"demo suite (first {SCORE_PER_DOMAIN} test items per domain)"
+    path = _upload_path(upload)
+    if not path:
+        raise UserError('upload a .jsonl file of {"prompt", "answer", "domain"} lines, or pick the demo suite')
+    if str(Path(path).resolve()) not in state.uploads:
+        raise UserError("score only reads suite files uploaded in this session: upload it with the suite box "
+                        "(API: /upload_suite first)")
+    items = _read_upload(path)
+    digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+    return items, f"upload:{digest}", Path(path).name
+
+
+# ----------------------------------------------------------------------------------- scoring
+
+def score_folder(folder: Path, items, key: str, load_kwargs: dict) -> dict:
+    """Scores of the model in `folder` on a suite, once per (model bytes, suite) for all sessions."""
+    ck = (files_identity(folder), key)
+    with _SCORES_LOCK:
+        if ck in _SCORES:
+            _SCORES.move_to_end(ck)
+            return _SCORES[ck]
+    scores = gpu.score(folder, items, **load_kwargs)
+    with _SCORES_LOCK:
+        _SCORES[ck] = scores
+        while len(_SCORES) > 512:
+            _SCORES.popitem(last=False)
+    return scores
+
+
+def objective_of(merged: dict, per_ft: dict[str, dict]) -> float | None:
+    """Geometric mean over domains of merged / the best fine-tune on that domain (smooth score)."""
+    ref = {}
+    for d in merged:
+        vals = [s[d] for s in per_ft.values() if d in s and s[d].get("smooth") is not None]
+        if vals:
+            ref[d] = max(vals, key=lambda x: x["smooth"])
+    try:
+        return evaluation.geometric_objective(merged, ref, "smooth", list(ref)) if ref else None
+    except ValueError:
+        return None
+
+
+def score(v: dict):
+    """Score merged (the last run), base and every fine-tune on the suite."""
+    state: AppState = v["state"]
+    progress = v["progress"]
+    try:
+        ws = state.workspace()
+        run = ws.runs.last
+        if run is None:
+            raise UserError("merge first (4 · Merge): scoring compares the merged model with the base and fine-tunes")
+        items, key, label = suite_items(state, v["suite"], v["upload"])
+        whos = ["merged", "base", *ws.access.ft_refs]
+        results = {}
+        for i, who in enumerate(whos):
+            progress((i, len(whos)), desc=f"scoring {short(who)}")
+            results[who] = score_folder(ws.model_dir(who), items, key, ws.load_kwargs())
+    except _expected() as e:
+        return {"score_status": warn(message(e))}
+    obj = objective_of(results["merged"], {r: results[r] for r in ws.access.ft_refs})
+    run.scores, run.objective, run.suite = results["merged"], obj, label
+    rows = [{"label": f"merged ({run.name})", "color": figures.MERGED_COLOR, "merged": True,
+             "scores": results["merged"], "objective": obj},
+            {"label": "base", "color": figures.BASE_COLOR, "scores": results["base"]}]
+    rows += [{"label": short(r), "color": figures.color(i), "scores": results[r]} for i, r in enumerate(ws.access.ft_refs)]
+    obj_md = (f"**Objective of {run.name}** (geometric mean over domains of merged ÷ best fine-tune, smooth score): "
+              f"**{obj:.3f}**" if obj is not None else "**Objective**: n/a (no fine-tune scored on these domains)")
+    return {"score_plot": figures.scores(rows), "objective": obj_md, "leaderboard": leaderboard(state),
+            "score_json": results, "score_status": ok(f"scored {len(whos)} models on {label} ({len(items)} items)")}
+
+
+SCORE_OUT = ["score_plot", "objective", "leaderboard", "score_json", "score_status"]
+
+
+def leaderboard(state: AppState) -> list[list]:
+    rows = []
+    ws = state.ws
+    for r in (ws.runs.items if ws is not None else []):
+        em = (" · ".join(f"{d} {s['em']:.2f}" for d, s in r.scores.items() if s.get("em") is not None)
+              if r.scores else "not scored")
+        rows.append([r.number, r.config.method_name, ", ".join(short(m) for m in r.models), params_text(r.config),
+                     None if r.objective is None else round(r.objective, 4), em])
+    return rows
+
+
+# ----------------------------------------------------------------------------------- configs
+
+def reload_run(v: dict) -> dict:
+    """A leaderboard row's settings (and models) back into the controls."""
+    from .models import all_choices
+    state: AppState = v["state"]
+    try:
+        ws = state.workspace()
+        run = ws.runs.get(int(v["run_no"] or 0))
+        c = run.controls if isinstance(run.controls, MethodControls) else MethodControls.from_config(run.config)
+    except _expected() as e:
+        return {"score_status": warn(message(e))}
+    out = show_controls(c, run.config.base_model, run.models, all_choices(state))
+    out["score_status"] = ok(f"{run.name}'s settings are back in the controls")
+    return out
+
+
+def export_yaml(v: dict) -> dict:
+    """The current controls as a YAML file the CLI runs (`python -m dppa_ui merge FILE --out DIR`)."""
+    state: AppState = v["state"]
+    try:
+        fts = [f for f in (v["fts"] or []) if f]
+        if not v["base"] or not fts:
+            raise UserError("pick a base and at least one fine-tune (1 · Models)")
+        cfg = controls_of(v).to_config(v["base"], fts)
+        ws = state.workspace()
+    except _expected() as e:
+        return {"score_status": warn(message(e))}
+    text = cfg.to_yaml()
+    path = ws.temp_dir / "dppa_merge.yaml"
+    path.write_text(text)
+    return {"yaml_code": text, "yaml_file": gr.update(value=str(path), visible=True),
+            "score_status": ok("YAML ready: run it with `python -m dppa_ui merge dppa_merge.yaml --out merged/`")}
+
+
+def load_yaml_into_controls(v: dict) -> dict:
+    """Every control (and the model pickers) from a YAML config; nothing changes if it is refused."""
+    from .models import all_choices, resolve_user_ref
+    state: AppState = v["state"]
+    try:
+        cfg = load_config(v["yaml_code"] or "")
+        c = MethodControls.from_config(cfg)
+        refs = []
+        for ref in [cfg.base_model, *[m.model for m in cfg.models]]:
+            refs.append(ref if ref in all_choices(state) else resolve_user_ref(ref))
+    except (*_expected(), ConfigError) as e:
+        return {"score_status": warn(f"this config cannot be loaded: {message(e)}")}
+    for ref in refs:
+        if ref not in all_choices(state):
+            state.added.append(ref)
+    out = show_controls(c, refs[0], refs[1:], all_choices(state))
+    out["score_status"] = ok("config loaded into the controls; press 'Load models' if the models changed")
+    return out
+
+
+def wire(page) -> list:
+    """Wires the section; returns the events that set the method controls (the views follow them)."""
+    page.on(page["upload"].upload, upload_suite, ["state", "upload"], ["suite", "score_status"], api_name="upload_suite")
+    page.on(page["score_btn"].click, score, ["state", "suite", "upload"], SCORE_OUT, progress=True, api_name="score",
+            concurrency_limit=1, concurrency_id="merge")
+    reload = page.on(page["reload_btn"].click, reload_run, ["state", "run_no"], [*SHOW_OUT, "score_status"],
+                     api_name="reload_run")
+    page.on(page["export_btn"].click, export_yaml, ["state", "base", "fts", *CONTROL_KEYS],
+            ["yaml_code", "yaml_file", "score_status"], api_name="export_yaml")
+    load = page.on(page["load_yaml_btn"].click, load_yaml_into_controls, ["state", "yaml_code"],
+                   [*SHOW_OUT, "score_status"], api_name="load_yaml")
+    return [reload, load]

@@ -1,0 +1,273 @@
+"""One browser session's models, statistics, runs and chat models. No gradio: the UI only wires
+components to this.
+
+  access.py      ModelAccess: lazy per-tensor reads from the memory-mapped checkpoints
+  statistics.py  StatsService: on-demand per tensor, whole-model in the background, disk cache
+  runs.py        Runs: merges streamed to folders by the CLI's engine, the leaderboard, archives
+  (modelbuild)   the chat / score models, built by accelerate from those folders
+
+Data flow: refs -> `load` (resolved under the app's RefPolicy; headers only) -> inspect views read
+the tensors on screen -> `merge` (engine, to a run folder) -> chat / score / save from the folder.
+"""
+from __future__ import annotations
+
+import copy
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+
+from ..config import MergeConfig, load_config
+from ..methods.dp import DPDensity
+from ..pipeline import kept_fraction
+from ..refs import RefPolicy, resolve_model
+from ..stats import DeltaStats
+from .access import ModelAccess, module_type
+from .runs import MergeQueue, MergeRefused, Run, Runs, params_text, short
+from .statistics import DiskCache, Progress, StatsService
+
+__all__ = ["Workspace", "ModelAccess", "StatsService", "DiskCache", "Progress", "Run", "Runs", "MergeQueue",
+           "MergeRefused", "params_text", "short", "module_type"]
+
+MERGE_QUEUE = MergeQueue()
+
+
+class Workspace:
+    """The models one session has loaded and what it did with them. `temp_root`: where its files
+    go (a private folder is made inside and removed by `close`)."""
+
+    def __init__(self, policy: RefPolicy | None = None, temp_root: str | Path | None = None,
+                 stats_cache: DiskCache | None = None, queue: MergeQueue | None = None):
+        self.policy = policy or RefPolicy()
+        self.temp_dir = Path(tempfile.mkdtemp(prefix="session-", dir=temp_root))
+        self.stats_cache = stats_cache or DiskCache()
+        self.queue = queue or MERGE_QUEUE
+        self.access: ModelAccess | None = None
+        self.stats: StatsService | None = None
+        self.runs = Runs(self.temp_dir)
+        self._dp: dict[tuple, tuple[dict[str, DPDensity], list[str]]] = {}
+
+    # -- loading
+
+    def load(self, base_ref: str, ft_refs: Iterable[str], progress: Callable[[str], None] | None = None,
+             start_stats: bool = True) -> "Workspace":
+        """Open base + fine-tunes (headers only) and start their whole-model statistics in the
+        background. Everything is checked first: on any error the previous models stay loaded and
+        the ValueError names the problem."""
+        base_ref = str(base_ref or "").strip()
+        ft_refs = [str(r).strip() for r in (ft_refs or []) if str(r).strip()]
+        if not base_ref:
+            raise ValueError("pick a base model")
+        if not ft_refs:
+            raise ValueError("pick at least one fine-tuned model to merge into the base")
+        dupes = sorted({r for r in ft_refs if ft_refs.count(r) > 1})
+        if dupes:
+            raise ValueError(f"fine-tune(s) listed twice: {', '.join(dupes)}; list each once (use its weight instead)")
+        if base_ref in ft_refs:
+            raise ValueError(f"{base_ref} is both the base and a fine-tune; its delta would be zero: remove it "
+                             f"from the fine-tunes")
+        base_path = resolve_model(base_ref, policy=self.policy, progress=progress)
+        ft_paths = [resolve_model(r, policy=self.policy, progress=progress) for r in ft_refs]
+        access = ModelAccess(base_ref, base_path, ft_refs, ft_paths)
+        self._drop_models()
+        self.access, self.stats = access, StatsService(access, self.stats_cache)
+        self._dp = {}
+        if start_stats:
+            self.stats.start()
+        return self
+
+    @property
+    def loaded(self) -> bool:
+        return self.access is not None
+
+    def require(self) -> ModelAccess:
+        if self.access is None:
+            raise ValueError("no models loaded yet: pick a base and at least one fine-tune, then load them")
+        return self.access
+
+    def _drop_models(self) -> None:
+        if self.stats is not None:
+            self.stats.cancel()
+        if self.access is not None:
+            self.access.close()
+        self.access = self.stats = None
+
+    # -- configs
+
+    def config(self, source) -> MergeConfig:
+        """A MergeConfig over the loaded models: from MethodControls, a MergeConfig, a dict or YAML;
+        its models must all be loaded fine-tunes."""
+        acc = self.require()
+        from ..controls import MethodControls
+        if isinstance(source, MethodControls):
+            cfg = source.to_config(acc.base_ref, acc.ft_refs)
+        elif isinstance(source, MergeConfig):
+            cfg = source
+        else:
+            cfg = load_config(source)
+        self.align(cfg)
+        return cfg
+
+    def align(self, cfg: MergeConfig) -> list[int]:
+        """Index among the loaded fine-tunes of each of the config's models."""
+        acc = self.require()
+        missing = [m.model for m in cfg.models if m.model not in acc.ft_refs]
+        if missing:
+            raise ValueError(f"the config lists {missing[0]!r}, which is not loaded; loaded fine-tunes: "
+                             f"{', '.join(acc.ft_refs)}")
+        return [acc.ft_refs.index(m.model) for m in cfg.models]
+
+    # -- DP
+
+    def dp_maps(self, cfg: MergeConfig) -> list[dict[str, DPDensity]] | None:
+        """DP densities aligned with the config's models, None while the whole-model statistics
+        are still being computed (or when the config does not prune with DP)."""
+        if cfg.prune != "dp":
+            return None
+        full = self.stats.full(cfg.dp_outlier_m)
+        if full is None:
+            return None
+        return [self._dp_map(full, j, m.density, cfg.dp_lambda, cfg.dp_outlier_m)[0]
+                for j, m in zip(self.align(cfg), cfg.models)]
+
+    def dp_notices(self, cfg: MergeConfig) -> list[str]:
+        """DP's warnings for this config (modules pruned to density 0), once the statistics are there."""
+        if cfg.prune != "dp" or self.stats.full(cfg.dp_outlier_m) is None:
+            return []
+        full = self.stats.full(cfg.dp_outlier_m)
+        out = []
+        for j, m in zip(self.align(cfg), cfg.models):
+            for w in self._dp_map(full, j, m.density, cfg.dp_lambda, cfg.dp_outlier_m)[1]:
+                out.append(f"{short(m.model)}: {w}")
+        return out
+
+    def _dp_map(self, full: list[DeltaStats], j: int, density: float, dp_lambda: float, m: float):
+        key = (j, round(density, 9), round(dp_lambda, 9), round(m, 9))
+        if key not in self._dp:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                dmap = full[j].dp_map(density, dp_lambda)
+            self._dp[key] = (dmap, [str(w.message) for w in caught])
+        return self._dp[key]
+
+    def stats_progress(self, outlier_m: float = 5.0) -> Progress:
+        return self.stats.progress(outlier_m) if self.stats else Progress()
+
+    def kept_fraction(self, cfg: MergeConfig) -> list[float] | None:
+        """Share of each fine-tune's delta entries the prune keeps (None while DP waits for statistics)."""
+        acc = self.require()
+        maps = self.dp_maps(cfg)
+        if cfg.prune == "dp" and maps is None:
+            return None
+        return kept_fraction(cfg, {n: acc.shapes[n] for n in acc.float_names}, maps)
+
+    # -- merging
+
+    def working_bytes(self, cfg: MergeConfig) -> int:
+        """Memory a streamed merge needs: (n + 2) float32 buffers of the largest tensor plus one
+        prefetched set of inputs; PCB at model scope flattens every delta at once."""
+        acc = self.require()
+        largest = max((acc.numel[n] for n in acc.float_names), default=0)
+        n = len(cfg.models)
+        if cfg.combine == "pcb" and cfg.scope == "model":
+            return 3 * n * acc.n_params * 4
+        return (n + 2) * largest * 4 + (n + 1) * largest * 4
+
+    def merge(self, source, controls=None, progress: Callable[[int, int], None] | None = None,
+              cancel: Callable[[], bool] | None = None) -> Run:
+        """Merge into a new run folder with the CLI's streaming engine (one merge at a time across
+        sessions). DP reuses the session's statistics (waiting for them if they are still being
+        computed); `amplification: auto` is searched first. Refuses, with the numbers, a merge
+        whose working set does not fit in free memory."""
+        from .. import gpu
+        from ..modelbuild import free_memory
+        cfg = copy.deepcopy(self.config(source))
+        need, free = self.working_bytes(cfg), free_memory()["cpu"]
+        if need > free:
+            raise MergeRefused(f"this merge needs about {need / 2**30:.2f} GB of working memory but only "
+                               f"{free / 2**30:.2f} GB is free; merge fewer models or wait for other merges")
+        idx = self.align(cfg)
+        alpha = {}
+        with self.queue.slot():
+            stats = None
+            if cfg.prune == "dp":
+                full = self.stats.wait(cfg.dp_outlier_m, cancel=cancel)
+                stats = [full[j] for j in idx]
+            if any(m.amplification == "auto" for m in cfg.models):
+                cfg, alpha = self.search_amplification(cfg)
+            number, folder = self.runs.next_folder()
+            res = gpu.merge(cfg.to_dict(), folder, progress=progress, cancel=cancel, stats=stats,
+                            log=lambda s: None)
+        run = Run(number=number, config=cfg, folder=folder, seconds=res.seconds, device=res.device,
+                  kept_fraction=res.kept_fraction, controls=controls,
+                  notices=list(cfg.notices) + self.dp_notices(cfg), alpha_search=alpha)
+        return self.runs.add(run)
+
+    def search_amplification(self, source, log: Callable[[str], None] | None = None
+                             ) -> tuple[MergeConfig, dict[str, dict]]:
+        """DPPA's greedy α search for the models with `amplification: auto` (every model when none
+        is), on the memory-mapped weights; returns the resolved config and {model: {alpha, score, path}}."""
+        from ..engine import search_amplification
+        acc = self.require()
+        cfg = copy.deepcopy(self.config(source))
+        if cfg.amplify != "dpa":
+            raise ValueError("the α search needs a DPA amplify stage (preset dppa)")
+        if not any(m.amplification == "auto" for m in cfg.models):
+            for m in cfg.models:
+                m.amplification = "auto"
+        idx = self.align(cfg)
+        stats = None
+        if cfg.prune == "dp":
+            full = self.stats.wait(cfg.dp_outlier_m)
+            stats = [full[j] for j in idx]
+        base = {n: acc.base.view(n) for n in acc.names}
+        fts = [{n: acc.fts[j].view(n) for n in acc.names} for j in idx]
+        report = search_amplification(cfg, acc.base_path, [acc.ft_paths[j] for j in idx], log=log or (lambda s: None),
+                                      loaded=(base, fts), stats=stats)
+        return cfg, report
+
+    # -- models for chat and score
+
+    def model_dir(self, which: str) -> Path:
+        """The folder of "merged" (the last run), "base", a loaded fine-tune's ref, or "run N"."""
+        acc = self.require()
+        if which == "merged" or which.startswith("run "):
+            run = self.runs.last if which == "merged" else self.runs.get(int(which.split()[1]))
+            if run is None:
+                raise ValueError("no merged model yet: run a merge first")
+            if not run.on_disk:
+                raise ValueError(f"{run.name}'s files were removed to save disk; merge it again")
+            return run.folder
+        if which == "base":
+            return acc.base_path
+        if which in acc.ft_refs:
+            return acc.ft_paths[acc.ft_refs.index(which)]
+        raise ValueError(f"unknown model {which!r}: choose merged, base or one of {', '.join(acc.ft_refs)}")
+
+    def load_kwargs(self) -> dict:
+        """How chat and score build a model: disk offload into this session's folder if it must."""
+        return {"offload_dir": str(self.temp_dir / "offload")}
+
+    def model(self, which: str):
+        """(model, tokenizer) of `which` (see model_dir), from the shared pool."""
+        from ..modelbuild import POOL
+        return POOL.get(self.model_dir(which), **self.load_kwargs())
+
+    # -- end of session
+
+    def close(self) -> None:
+        """Stop background work and remove every file this session wrote."""
+        self._drop_models()
+        self.runs.close()
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+    def __del__(self):
+        try:
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+

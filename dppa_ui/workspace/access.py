@@ -1,0 +1,182 @@
+"""Lazy, per-tensor access to a base model and its fine-tunes: what the inspect views read.
+
+Opening reads only the safetensors headers (names, shapes, dtypes). A tensor is read when a view
+asks for it, from the memory-mapped files (no copy into anonymous memory), and its float32
+deltas δᵢ = θᵢ − θ_base are kept in a byte-bounded LRU together with what is derived from them
+(sorted |δ| for instant rank look-ups, histogram samples, DARE draws). So the cost of looking at a
+model does not grow with its depth, and a tensor that is never shown is never read.
+"""
+from __future__ import annotations
+
+import re
+import threading
+from collections import Counter, OrderedDict
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .. import io
+from ..methods import is_dp_target, kth_largest
+from ..methods.dp import block_of
+
+SORT_LIMIT = 1 << 23          # tensors up to 8 M entries keep a sorted |δ|: a slider move is one look-up
+MATRIX_HINT = "mlp.down_proj"
+
+
+def module_type(name: str) -> str | None:
+    """`model.layers.3.self_attn.q_proj.weight` -> `self_attn.q_proj` (None outside blocks)."""
+    m = re.search(r"\.(\d+)\.", name)
+    if not m:
+        return None
+    rest = name[m.end():]
+    return rest[: -len(".weight")] if rest.endswith(".weight") else rest
+
+
+class ModelAccess:
+    """A base and its fine-tunes, opened lazily. `refs` are what the user picked, `paths` their
+    resolved folders. Raises ValueError (naming the tensors) when the models do not fit together."""
+
+    def __init__(self, base_ref: str, base_path: Path, ft_refs: list[str], ft_paths: list[Path],
+                 max_cache_bytes: int = 512 << 20):
+        self.base_ref, self.base_path = base_ref, Path(base_path)
+        self.ft_refs, self.ft_paths = list(ft_refs), [Path(p) for p in ft_paths]
+        self.max_cache_bytes = max_cache_bytes
+        try:
+            self.base = io.CheckpointReader(self.base_path)
+            self.fts = [io.CheckpointReader(p) for p in self.ft_paths]
+            self.shapes = io.check_compatible(self.base, dict(zip(self.ft_refs, self.fts)))
+        except (FileNotFoundError, ValueError) as e:
+            self.close()
+            raise ValueError(str(e)) from None
+        self.names = list(self.shapes)
+        self.float_names = [n for n in self.names if self.base.dtype(n).is_floating_point]
+        self.numel = {n: self.base.numel(n) for n in self.names}
+        self.n_params = sum(self.numel.values())
+        self.reads: Counter = Counter()           # tensor name -> times its data was read
+        self._cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self._lock = threading.RLock()
+        self._index()
+
+    # -- what is there (headers only)
+
+    def _index(self) -> None:
+        self._by_block: dict[tuple[int, str], str] = {}
+        self._types: list[str] = []
+        for n in self.float_names:
+            b, t = block_of(n), module_type(n)
+            if b is None or t is None:
+                continue
+            self._by_block[(b, t)] = n
+            if t not in self._types:
+                self._types.append(t)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        self._check(name)
+        return tuple(self.shapes[name])
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.base.dtype(name)
+
+    def _check(self, name: str) -> None:
+        if name not in self.shapes:
+            raise ValueError(f"tensor {name!r} is not in the base model")
+
+    def blocks(self) -> list[int]:
+        return sorted({b for b, _ in self._by_block})
+
+    def module_types(self, matrices_only: bool = False) -> list[str]:
+        """Module types inside blocks in model order; `matrices_only`: the 2-D weights (what DP prunes)."""
+        if not matrices_only:
+            return list(self._types)
+        return [t for t in self._types if any(is_dp_target(n, self.shapes[n])
+                                              for (_, tt), n in self._by_block.items() if tt == t)]
+
+    def tensor_name(self, block: int, module: str) -> str:
+        try:
+            return self._by_block[(int(block), module)]
+        except KeyError:
+            blocks = self.blocks()
+            raise ValueError(f"block {block} has no module {module!r}; blocks {blocks[0]}..{blocks[-1]}, "
+                             f"modules: {', '.join(self._types)}") from None
+
+    def module_name(self, block: int, module: str) -> str | None:
+        return self._by_block.get((int(block), module))
+
+    def matrix_names(self) -> list[str]:
+        return [n for n in self.float_names if len(self.shapes[n]) == 2]
+
+    def default_view(self) -> tuple[int, str | None, str | None]:
+        """(block, module, matrix) a page opens on: the first block's MLP down projection."""
+        blocks, types = self.blocks(), self.module_types()
+        module = MATRIX_HINT if MATRIX_HINT in types else (types[0] if types else None)
+        block = blocks[0] if blocks else 0
+        matrix = self.module_name(block, module) if module else None
+        if matrix is None or matrix not in self.matrix_names():
+            matrix = (self.matrix_names() or [None])[0]
+        return block, module, matrix
+
+    def summary(self) -> dict:
+        from ..pipeline import dominant_float_dtype
+        dtype = dominant_float_dtype(self.base.dtype(n) for n in self.float_names)
+        return {"base": self.base_ref, "parameters": self.n_params, "tensors": len(self.names),
+                "dtype": str(dtype).removeprefix("torch.") if dtype else "none", "blocks": len(self.blocks()),
+                "fine_tunes": list(self.ft_refs)}
+
+    # -- data (read on demand)
+
+    def views(self, name: str, counted: bool = True) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Zero-copy (base, [fine-tunes]) tensors of `name` over the memory-mapped files. `reads`
+        counts the views' reads (the background statistics pass reads uncounted)."""
+        self._check(name)
+        if counted:
+            self.reads[name] += 1
+        return self.base.view(name), [r.view(name) for r in self.fts]
+
+    def deltas(self, name: str) -> torch.Tensor:
+        """(n_ft, *shape) float32 deltas of `name`, computed on first use and LRU-cached by bytes."""
+        def compute():
+            base, fts = self.views(name)
+            b = base.float()
+            return torch.stack([ft.float() - b for ft in fts])
+        return self.memo(("deltas", name), compute)
+
+    def delta(self, name: str, index: int) -> torch.Tensor:
+        return self.deltas(name)[index]
+
+    def value_at_rank(self, name: str, index: int, k: int) -> float | None:
+        """The k-th largest |δ| (k = 1: the largest) of fine-tune `index` in `name`; None for k < 1.
+        Tensors up to SORT_LIMIT entries keep their sorted |δ|, so a slider move is one look-up."""
+        n = self.numel[name]
+        if k < 1:
+            return None
+        k = min(k, n)
+        if n <= SORT_LIMIT:
+            s = self.memo(("sorted", name, index),
+                          lambda: self.delta(name, index).abs().reshape(-1).sort(descending=True).values)
+            return float(s[k - 1])
+        return float(kth_largest(self.delta(name, index).abs(), k))
+
+    def memo(self, key, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """Derived tensors, LRU-bounded by `max_cache_bytes` (a single larger one is not kept)."""
+        with self._lock:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
+        value = compute()
+        nbytes = value.numel() * value.element_size()
+        with self._lock:
+            if nbytes <= self.max_cache_bytes:
+                self._cache[key] = value
+                total = sum(t.numel() * t.element_size() for t in self._cache.values())
+                while total > self.max_cache_bytes and len(self._cache) > 1:
+                    _, old = self._cache.popitem(last=False)
+                    total -= old.numel() * old.element_size()
+        return value
+
+    def close(self) -> None:
+        for r in [getattr(self, "base", None), *getattr(self, "fts", [])]:
+            if r is not None:
+                r.close()
+        with getattr(self, "_lock", threading.RLock()):
+            getattr(self, "_cache", {}).clear()

@@ -1,0 +1,164 @@
+"""Merge runs of one session: each merge streams through the CLI's engine into a folder of the
+session's temp dir (so the app merges as fast as the CLI and never holds a whole model in memory),
+and the folder is what chat, score, save and push use. The newest few folders are kept; every run
+stays in the leaderboard with its config, to reload or export.
+"""
+from __future__ import annotations
+
+import contextlib
+import shutil
+import threading
+import time
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..config import MergeConfig
+
+KEEP_FOLDERS = 3
+
+
+def short(ref: str) -> str:
+    """A model ref as a short label: demo:reverse -> reverse, /x/y/model -> model, org/name -> name."""
+    ref = str(ref)
+    return ref.split(":", 1)[1] if ref.startswith("demo:") else ref.rstrip("/").split("/")[-1]
+
+
+def params_text(cfg: MergeConfig) -> str:
+    """The settings of a run in one line (what a leaderboard row shows)."""
+    m = cfg.models[0]
+    parts = []
+    if cfg.prune != "none":
+        parts.append(f"density {m.density:g}")
+    if cfg.lambda_ != 1.0:
+        parts.append(f"λ {cfg.lambda_:g}")
+    if any(x.weight != 1.0 for x in cfg.models):
+        parts.append("w " + ",".join(f"{x.weight:g}" for x in cfg.models))
+    if cfg.prune == "dp":
+        parts.append(f"DP λ {cfg.dp_lambda:g}, M {cfg.dp_outlier_m:g}")
+    if cfg.amplify == "dpa":
+        parts.append(f"bands {[round(p, 4) for p in m.partitions]} α {m.amplification}")
+    if cfg.combine == "pcb":
+        parts.append(f"ratio {cfg.pcb_ratio:g}")
+    if cfg.prune == "random":
+        parts.append(f"seed {cfg.seed}")
+    return "; ".join(parts) or "defaults"
+
+
+@dataclass
+class Run:
+    number: int
+    config: MergeConfig
+    folder: Path
+    seconds: float
+    device: str
+    kept_fraction: list[float]
+    controls: object = None                       # the MethodControls it came from (app runs)
+    notices: list[str] = field(default_factory=list)
+    alpha_search: dict = field(default_factory=dict)
+    scores: dict | None = None                    # {domain: {"em", "smooth", ...}} once scored
+    objective: float | None = None
+    suite: str | None = None
+
+    @property
+    def models(self) -> list[str]:
+        return [m.model for m in self.config.models]
+
+    @property
+    def name(self) -> str:
+        return f"run {self.number}"
+
+    def label(self) -> str:
+        return f"run {self.number}: {self.config.method_name} of {', '.join(short(r) for r in self.models)}"
+
+    @property
+    def on_disk(self) -> bool:
+        return self.folder.is_dir()
+
+
+class MergeRefused(RuntimeError):
+    """A merge that will not run now (not enough memory or disk, queue busy); the message says why."""
+
+
+class MergeQueue:
+    """At most `limit` merges at once across all sessions; the others wait up to `timeout` s."""
+
+    def __init__(self, limit: int = 1, timeout: float = 600.0):
+        self.limit, self.timeout = max(1, int(limit)), timeout
+        self._sem = threading.BoundedSemaphore(self.limit)
+
+    @contextlib.contextmanager
+    def slot(self, timeout: float | None = None):
+        if not self._sem.acquire(timeout=self.timeout if timeout is None else timeout):
+            raise MergeRefused(f"the server is busy: {self.limit} merge(s) already running; try again in a minute")
+        try:
+            yield
+        finally:
+            self._sem.release()
+
+
+class Runs:
+    """The runs of one session, their folders under `root`."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.items: list[Run] = []
+        self._next = 1
+
+    def next_folder(self) -> tuple[int, Path]:
+        n, self._next = self._next, self._next + 1
+        return n, self.root / f"run-{n}"
+
+    def add(self, run: Run) -> Run:
+        self.items.append(run)
+        self._prune()
+        return run
+
+    def _prune(self) -> None:
+        from ..modelbuild import POOL
+        for run in self.items[:-KEEP_FOLDERS]:
+            if run.on_disk:
+                POOL.drop(run.folder)
+                shutil.rmtree(run.folder, ignore_errors=True)
+
+    @property
+    def last(self) -> Run | None:
+        return self.items[-1] if self.items else None
+
+    def get(self, number: int) -> Run:
+        for r in self.items:
+            if r.number == int(number):
+                return r
+        raise ValueError(f"there is no run {number} in this session's leaderboard")
+
+    def archive(self, run: Run, max_bytes: int | None = None) -> Path | None:
+        """The run's folder zipped beside it (for a download button); None when it is over
+        `max_bytes`. Written to a temp name, then renamed."""
+        if not run.on_disk:
+            raise ValueError(f"{run.name}'s files were removed to save disk (only the last {KEEP_FOLDERS} are "
+                             f"kept); reload its settings and merge again")
+        size = sum(f.stat().st_size for f in run.folder.rglob("*") if f.is_file())
+        if max_bytes is not None and size > max_bytes:
+            return None
+        zpath = run.folder.with_name(f"merged-run-{run.number}-{run.config.method_name.replace('+', '-')}.zip")
+        if zpath.is_file():
+            return zpath
+        tmp = zpath.with_suffix(".zip.tmp")
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
+            for f in sorted(run.folder.rglob("*")):
+                if f.is_file():
+                    z.write(f, Path(zpath.stem) / f.relative_to(run.folder))
+        tmp.replace(zpath)
+        return zpath
+
+    def close(self) -> None:
+        from ..modelbuild import POOL
+        for run in self.items:
+            POOL.drop(run.folder)
+        self.items = []
+
+
+def timed(fn, *args, **kwargs):
+    t0 = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - t0
