@@ -26,7 +26,8 @@ from .registry import AMPLIFIES, COMBINES, METHODS, PIPELINE_PRESETS, PRESETS, P
 from .registry import ALL_PARAM_KEYS as _ALL_PARAM_KEYS
 
 __all__ = ["PRESETS", "PRESET_INFO", "PRUNES", "AMPLIFIES", "COMBINES", "METHODS", "ConfigError", "ModelSpec",
-           "SliceSpec", "VocabSpec", "MergeConfig", "load_config", "load_stages", "Stage"]
+           "SliceSpec", "VocabSpec", "MergeConfig", "MergeStage", "load_config", "load_stages", "slice_view",
+           "rename_refs"]
 
 PRESET_INFO: dict[str, tuple[str, str]] = {n: (METHODS[n].doc, METHODS[n].paper) for n in PIPELINE_PRESETS}
 
@@ -330,7 +331,7 @@ class MergeConfig:
 
 
 @dataclass
-class Stage:
+class MergeStage:
     """One document of a multi-stage config: its name (None = the final merge) and config."""
     name: str | None
     config: MergeConfig
@@ -520,7 +521,7 @@ def load_config(source) -> MergeConfig:
         raise ConfigError(str(e)) from None
 
 
-def load_stages(source) -> list[Stage]:
+def load_stages(source) -> list[MergeStage]:
     """A multi-stage config (several YAML documents, mergekit-multimerge's format): each document a
     merge, `name:` naming its output; a later stage uses an earlier one by giving its name as a
     model. Returned in an order where every stage follows the stages it reads; the unnamed
@@ -541,7 +542,7 @@ def load_stages(source) -> list[Stage]:
             if cfg.name in names:
                 raise ConfigError(f"two documents are named {cfg.name!r}; stage names must be unique")
             names.add(cfg.name)
-        stages.append(Stage(cfg.name, cfg))
+        stages.append(MergeStage(cfg.name, cfg))
     if sum(s.name is None for s in stages) > 1 and len(stages) > 1:
         raise ConfigError("more than one document has no `name`; only the final merge may be unnamed")
     for s in stages:
@@ -552,7 +553,7 @@ def load_stages(source) -> list[Stage]:
     by_name = {s.name: s for s in stages if s.name is not None}
     done, order, visiting = set(), [], set()
 
-    def visit(s: Stage):
+    def visit(s: MergeStage):
         key = s.name if s.name is not None else id(s)
         if key in done:
             return
@@ -807,8 +808,8 @@ def _load_models(cfg: MergeConfig, items, params: dict, plist, check_keys, label
                               f"a second input: drop `base_model`, list only it, or stack layers with `slices`")
         # mergekit adds the base as one more input of methods that do not treat it specially.
         cfg.models.append(_model_spec(cfg.base_model, {}, "base_model", params, None, plist, cfg.amplify))
-        cfg.notices.append(f"{label} treats base_model as one more input (as mergekit does), with "
-                           f"weight {cfg.models[-1].weight if not isinstance(cfg.models[-1].weight, list) else 'from parameters'}")
+        cfg.notices.append(f"{label} treats base_model as one more input (as mergekit does); its parameters "
+                           f"are the config's (`parameters:`)")
     if not cfg.models:
         raise ConfigError("`models` lists only the base model; add at least one fine-tuned model")
     if "partitions" in params or "amplification" in params:

@@ -91,8 +91,6 @@ class _Inputs:
         if cfg.vocab is not None:
             from .vocab import build_vocab
             self.vocab = build_vocab(cfg, self.refs, self.dirs, self.readers, log=log)
-            if self.vocab is None and cfg.tokenizer_source is None and cfg.vocab.source == "base":
-                pass          # the base's own tokenizer files are copied, as without `tokenizer:`
         shapes = None
         if cfg.slices is None:
             shapes = io.check_compatible(self.readers[0], dict(zip(self.refs[1:], self.readers[1:])),

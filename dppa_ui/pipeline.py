@@ -136,6 +136,8 @@ def merge_tensor(cfg: MergeConfig, name: str, base: torch.Tensor | None, fts: li
         return ref
     dev = ref.device
     scratch = scratch or Scratch()
+    if cfg.merge_method == "passthrough" and cfg.models[0].scale is None and ref.dtype == (out_dtype or torch.float32):
+        return fts[0]            # a plain copy: no float32 round trip
     if cfg.family != "pipeline":
         b32 = None if base is None else (base if base.dtype == torch.float32 else
                                          to_float32(base, scratch.get("base", base.shape, dev)))

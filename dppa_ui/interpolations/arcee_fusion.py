@@ -13,27 +13,33 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..methods.select import kth_largest
+from ..methods.select import order_statistics
+
+
+def _row_kl(base: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) per row, p = softmax(other) + 1e-8, q = softmax(base) + 1e-8 (in place, so no
+    more than two tensor-sized temporaries)."""
+    p = F.softmax(other, dim=-1).add_(1e-8)
+    q = F.softmax(base, dim=-1).add_(1e-8)
+    ratio = torch.div(p, q, out=q).log_()
+    return p.mul_(ratio).sum(dim=-1, keepdim=True)
 
 
 def fusion_importance(base: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-    p = F.softmax(other, dim=-1) + 1e-8
-    q = F.softmax(base, dim=-1) + 1e-8
-    kl = torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
-    return (other - base).abs() * kl
+    return (other - base).abs_().mul_(_row_kl(base, other))
 
 
 def fusion_threshold(importance: torch.Tensor) -> torch.Tensor:
     """median + 1.5 x the interquartile range, quantiles at floor(q (n - 1)) of the sorted values
     (a 0-d tensor in the importance's dtype)."""
-    flat = importance.reshape(-1)
-    n = flat.numel()
+    n = importance.numel()
     idx = (torch.tensor([0.25, 0.5, 0.75]) * (n - 1)).long().tolist()
-    q1, med, q3 = (kth_largest(flat, n - i) for i in idx)
+    q1, med, q3 = order_statistics(importance, idx)
     return med + 1.5 * (q3 - q1)
 
 
 def arcee_fusion(base: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-    importance = fusion_importance(base, other)
-    mask = importance >= fusion_threshold(importance)
-    return base + (other - base) * mask
+    diff = other - base
+    importance = diff.abs().mul_(_row_kl(base, other))
+    keep = importance.ge_(fusion_threshold(importance)).to(diff.dtype)     # 1 / 0, over the importance
+    return diff.mul_(keep).add_(base)
