@@ -10,6 +10,11 @@ weights. Per tensor, each flattened vector x_i is projected to the unit sphere (
 If the weighted mean of the directions vanishes (|sum w_i u_i| < eps: antipodal inputs), two
 models fall back to the weighted sum w_1 x_1 + w_2 x_2 and more models are refused. One model is
 returned as it is.
+
+The tangent sum s = sum w_i (u_i - (u_i . m) m) has only one direction, m (its component along m
+is |sum w_i u_i| - sum w_i (u_i . m) = 0 up to rounding, and it has no other), so the result is m
+times a scalar: we compute that scalar from dot products instead of building the tangent
+vectors (mergekit builds them; the two agree to float32 rounding).
 """
 from __future__ import annotations
 
@@ -20,27 +25,27 @@ def multislerp(tensors: list[torch.Tensor], weights: list[float], base: torch.Te
                normalize_weights: bool = True, eps: float = 1e-8, name: str = "") -> torch.Tensor:
     if len(tensors) == 1:
         return tensors[0]
-    x = torch.stack(tensors)
-    if base is not None:
-        x -= base
-    flat = x.view(x.shape[0], -1)
-    w = torch.tensor(weights, dtype=x.dtype, device=x.device)
+    xs = [t - base for t in tensors] if base is not None else list(tensors)
+    w = torch.tensor(weights, dtype=torch.float32)
     if normalize_weights:
         w = w / w.sum()
-    norms = torch.norm(flat, dim=-1, keepdim=True)
-    units = flat / (norms + eps)
-    mean = (units * w.view(-1, 1)).sum(0)
-    mean_norm = torch.norm(mean)
+    w = w.tolist()
+    norms = [float(torch.linalg.vector_norm(x)) for x in xs]
+    mean = torch.zeros_like(xs[0])
+    for x, wi, n in zip(xs, w, norms):
+        mean.add_(x, alpha=wi / (n + eps))                  # sum w_i u_i, u_i = x_i / (|x_i| + eps)
+    mean_norm = float(torch.linalg.vector_norm(mean))
     if mean_norm < eps:
-        if x.shape[0] != 2:
+        if len(xs) != 2:
             raise ValueError(f"multislerp: the weighted mean direction of tensor {name} is zero (antipodal "
                              f"models with balancing weights); change the weights")
-        out = (x[0] * w[0] + x[1] * w[1]).view(x.shape[1:])
+        out = xs[0] * w[0] + xs[1] * w[1]
         return out + base if base is not None else out
-    mean = mean / mean_norm
-    tangents = units - (units * mean).sum(-1, keepdim=True) * mean
-    s = (tangents * w.view(-1, 1)).sum(0)
-    s_norm = torch.norm(s) + eps
-    out = (mean * torch.cos(s_norm) + s * (torch.sin(s_norm) / s_norm)) * (norms.squeeze(-1) * w).sum()
-    out = out.view(x.shape[1:])
+    mean.div_(mean_norm)                                    # m
+    along = sum(wi * float(torch.dot(x.reshape(-1), mean.reshape(-1))) / (n + eps)
+                for x, wi, n in zip(xs, w, norms))          # sum w_i (u_i . m)
+    s_len = mean_norm - along                               # s = s_len * m (0 up to rounding)
+    t_norm = abs(s_len) + eps
+    scale = (torch.cos(torch.tensor(t_norm)).item() + s_len * torch.sin(torch.tensor(t_norm)).item() / t_norm)
+    out = mean.mul_(scale * sum(n * wi for n, wi in zip(norms, w)))
     return out + base if base is not None else out
