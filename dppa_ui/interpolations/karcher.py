@@ -13,6 +13,8 @@ result = (sum_i alpha_i |x_i|) * mean. All inputs of norm <= tol give zeros.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -20,32 +22,36 @@ def karcher(tensors: list[torch.Tensor], max_iter: int = 10, tol: float = 1e-5) 
     if len(tensors) == 1:
         return tensors[0]
     alphas = [1.0 / len(tensors)] * len(tensors)
-    norms = [torch.linalg.vector_norm(x) for x in tensors]
-    keep = [i for i, nrm in enumerate(norms) if float(nrm) > tol]
+    norms = [float(torch.linalg.vector_norm(x)) for x in tensors]
+    keep = [i for i, nrm in enumerate(norms) if nrm > tol]
     if not keep:
         return torch.zeros_like(tensors[0])
     a_sum = sum(alphas[i] for i in keep)
     a = [alphas[i] / a_sum for i in keep]
-    units = [tensors[i] / norms[i] for i in keep]
+    units = [(tensors[i] / norms[i]).reshape(-1) for i in keep]
     mean = torch.zeros_like(units[0])
     for ai, u in zip(a, units):
-        mean += ai * u
-    mn = torch.linalg.vector_norm(mean)
-    mean = units[0].clone() if float(mn) < tol else mean / mn
+        mean.add_(u, alpha=ai)
+    mn = float(torch.linalg.vector_norm(mean))
+    mean = units[0].clone() if mn < tol else mean.div_(mn)
+    tangent = torch.empty_like(mean)
     for _ in range(max_iter):
-        tangent = torch.zeros_like(mean)
+        # The scalars (cos, angle, step) are Python floats: the full-size work is one dot product
+        # and two fused multiply-adds per input.
+        tangent.zero_()
         for ai, u in zip(a, units):
-            dot = torch.clamp(torch.dot(mean.reshape(-1), u.reshape(-1)), -1.0, 1.0)
-            theta = torch.arccos(dot)
-            if float(theta) < tol:
+            dot = min(max(float(torch.dot(mean, u)), -1.0), 1.0)
+            theta = math.acos(dot)
+            if theta < tol:
                 continue
-            tangent += ai * (theta / torch.sin(theta)) * (u - dot * mean)
-        tn = torch.linalg.vector_norm(tangent)
-        if float(tn) < tol:
+            c = ai * theta / math.sin(theta)
+            tangent.add_(u, alpha=c).add_(mean, alpha=-c * dot)
+        tn = float(torch.linalg.vector_norm(tangent))
+        if tn < tol:
             break
-        mean = torch.cos(tn) * mean + torch.sin(tn) * (tangent / tn)
-        un = torch.linalg.vector_norm(mean)
-        if float(un) > tol:
-            mean = mean / un
+        mean.mul_(math.cos(tn)).add_(tangent, alpha=math.sin(tn) / tn)
+        un = float(torch.linalg.vector_norm(mean))
+        if un > tol:
+            mean.div_(un)
     scale = sum(ai * nrm for ai, nrm in zip(alphas, norms))
-    return scale * mean
+    return mean.mul_(scale).view(tensors[0].shape)
