@@ -442,26 +442,15 @@ def _check_prune_values(prune: str, m: ModelSpec, where: str) -> None:
 # ----------------------------------------------------------------------------- parsing helpers
 
 def _num(value, key: str, *, lo=None, hi=None, lo_open=False, integer=False) -> float:
+    """One number for the whole merge (no gradient), read and bounds-checked as params reads one."""
     if isinstance(value, (list, dict)):
         raise ConfigError(f"`{key}` is one value for the whole merge; it cannot be a gradient list or "
                           f"filter entries ({value!r})")
-    if isinstance(value, str):
-        # YAML 1.1 reads `1e-3` (no dot, no exponent sign) as text; mergekit's pydantic takes it as a number.
-        try:
-            value = float(value.strip())
-        except ValueError:
-            raise ConfigError(f"`{key}` must be a number, got {value!r}") from None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"`{key}` must be a number, got {value!r}")
-    if not math.isfinite(value):      # NaN, inf, and YAML's 1e400 (which reads as inf)
-        raise ConfigError(f"`{key}` must be a finite number, got {value!r}")
-    if integer and int(value) != value:
-        raise ConfigError(f"`{key}` must be an integer, got {value!r}")
-    if lo is not None and (value <= lo if lo_open else value < lo):
-        raise ConfigError(f"`{key}` = {value} is out of range: it must be {'>' if lo_open else '>='} {lo}")
-    if hi is not None and value > hi:
-        raise ConfigError(f"`{key}` = {value} is out of range: it must be <= {hi}")
-    return int(value) if integer else float(value)
+    try:
+        return P.check_scalar(value, Param(key, "int" if integer else "float", None, "", lo=lo, hi=hi,
+                                           lo_open=lo_open), key)
+    except P.SettingError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _bool(value, key: str) -> bool:
@@ -882,15 +871,8 @@ def _load_models(cfg: MergeConfig, items, params: dict, plist, check_keys, label
             item = {"model": item}
         if not isinstance(item, dict) or "model" not in item:
             raise ConfigError(f"`{where}` must be a mapping with a `model:` key, got {item!r}")
-        for key in item:
-            if key not in MODEL_ENTRY_KEYS:
-                hint = " (layer ranges go under `slices`)" if key == "layer_range" else ""
-                raise ConfigError(f"unknown key `{where}.{key}`; known: {', '.join(MODEL_ENTRY_KEYS)}{hint}")
-        ref = _ref(item["model"], f"{where}.model", cfg.notices)
-        own = item.get("parameters") or {}
-        if not isinstance(own, dict):
-            raise ConfigError(f"`{where}.parameters` must be a mapping, got {own!r}")
-        check_keys(own, f"{where}.parameters", {p.key for p in plist if p.scope == "model"}, per_model=True)
+        ref, own = _entry(item, where, MODEL_ENTRY_KEYS, cfg, plist, check_keys,
+                          " (layer ranges go under `slices`)" if "layer_range" in item else "")
         if ref in seen:
             raise ConfigError(f"`{where}`: {ref} is listed twice; list each model once")
         seen.add(ref)
@@ -912,6 +894,19 @@ def _load_models(cfg: MergeConfig, items, params: dict, plist, check_keys, label
     if "partitions" in params or "amplification" in params:
         if cfg.amplify != "dpa" and not any("dpa" in n for n in cfg.notices):
             cfg.notices.append("`partitions`/`amplification` are ignored: this pipeline has no dpa amplify stage")
+
+
+def _entry(item: dict, where: str, keys, cfg: MergeConfig, plist, check_keys, hint: str = "") -> tuple[str, dict]:
+    """(model ref, its own parameters) of a `models` entry or a slice source, keys checked."""
+    for key in item:
+        if key not in keys:
+            raise ConfigError(f"unknown key `{where}.{key}`; known: {', '.join(keys)}{hint}")
+    ref = _ref(item["model"], f"{where}.model", cfg.notices)
+    own = item.get("parameters") or {}
+    if not isinstance(own, dict):
+        raise ConfigError(f"`{where}.parameters` must be a mapping, got {own!r}")
+    check_keys(own, f"{where}.parameters", {p.key for p in plist if p.scope == "model"}, per_model=True)
+    return ref, own
 
 
 def _layer_range(value, where: str) -> tuple[int, int]:
@@ -953,14 +948,7 @@ def _load_slices(cfg: MergeConfig, items, params: dict, top_global: dict, plist,
             w = f"{where}.sources[{j}]"
             if not isinstance(src, dict) or "model" not in src or "layer_range" not in src:
                 raise ConfigError(f"`{w}` needs `model` and `layer_range`")
-            for key in src:
-                if key not in SOURCE_KEYS:
-                    raise ConfigError(f"unknown key `{w}.{key}`; known: {', '.join(SOURCE_KEYS)}")
-            ref = _ref(src["model"], f"{w}.model", cfg.notices)
-            own = src.get("parameters") or {}
-            if not isinstance(own, dict):
-                raise ConfigError(f"`{w}.parameters` must be a mapping")
-            check_keys(own, f"{w}.parameters", {p.key for p in plist if p.scope == "model"}, per_model=True)
+            ref, own = _entry(src, w, SOURCE_KEYS, cfg, plist, check_keys)
             spec.sources.append(_model_spec(ref, own, w, params, sp, plist, cfg.amplify,
                                             layer_range=_layer_range(src["layer_range"], f"{w}.layer_range")))
         lengths = {x.layer_range[1] - x.layer_range[0] for x in spec.sources}
