@@ -3,13 +3,17 @@
     python benchmarks/merge_speed.py                 # ~0.5 B params, base + 3 fine-tunes, bf16
     python benchmarks/merge_speed.py --params 67e6   # the size the issue measured mergekit at
     python benchmarks/merge_speed.py --params 67e6 --layers 22 --json deep.json
+    python benchmarks/merge_speed.py --params 67e6 --methods all    # every mergekit method + ours
 
 Builds Llama-shaped random models (cached under bench-models/, keyed by shape), then runs,
 each in its own process:
   - the floor: read every input tensor with safe_open and write the output tensors, no math;
-  - `python -m dppa_ui merge CONFIG.yaml --out DIR` for ties, dare_ties, dp, dppa, pcb;
-  - `mergekit-yaml CONFIG.yaml DIR` (default flags, CPU) for the same ties and dare_ties YAML,
-    when mk-venv/bin/mergekit-yaml exists or mergekit is importable.
+  - `python -m dppa_ui merge CONFIG.yaml --out DIR` for each method asked for;
+  - `mergekit-yaml CONFIG.yaml DIR` (default flags, CPU) for the same YAML, for every method
+    mergekit has (our dp, dppa, pcb are compared with mergekit's ties), when
+    mk-venv/bin/mergekit-yaml exists or mergekit is importable. Methods that take several models
+    get all fine-tunes; slerp, nearswap and arcee_fusion get the base and one; passthrough copies
+    one fine-tune's layers through `slices`.
 Times are wall-clock for the whole process (interpreter start and imports included). Peak
 memory is RssAnon (anonymous pages: not the reclaimable page cache that mmap'ed safetensors
 files show up in) summed over the process and its children, sampled from /proc every ~20 ms.
@@ -34,12 +38,15 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
-OURS = ("ties", "dare_ties", "dp", "dppa", "pcb")
-MERGEKIT = ("ties", "dare_ties")
+MERGEKIT = ("task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della",
+            "della_linear", "sce", "ram", "ramplus_tl", "linear", "slerp", "nuslerp", "multislerp", "karcher",
+            "model_stock", "nearswap", "arcee_fusion", "passthrough")
+OURS = ("ties", "dare_ties", "dp", "dppa", "pcb")          # the default set; --methods all: every one
+ALL = MERGEKIT + ("dp", "dppa", "pcb")
 DENSITY = 0.2
 # The target the issue sets for each of our methods, as a fraction of mergekit's time
-# (ties and dare_ties against the same method; the others against mergekit's ties).
-TARGET = {"ties": 0.5, "dare_ties": 0.5, "dp": 1.0, "dppa": 1.0, "pcb": 1.0}
+# (mergekit's methods against the same method; dp, dppa, pcb against mergekit's ties).
+TARGET = {**{m: 0.5 for m in MERGEKIT}, "dp": 1.0, "dppa": 1.0, "pcb": 1.0}
 CHILD_ENV = {"HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
              "GRADIO_ANALYTICS_ENABLED": "False", "TRANSFORMERS_VERBOSITY": "error"}
 
@@ -48,20 +55,40 @@ CHILD_ENV = {"HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
 # Configs
 
 
-def config_yaml(method: str, base: Path, finetunes: list[Path]) -> str:
-    """The YAML both tools get (ties, dare_ties) or our preset YAML (dp, dppa, pcb)."""
-    if method == "pcb":
-        model_params = "{weight: 1.0}"
-        params = "parameters: {pcb_ratio: %s}\n" % DENSITY
-    else:
-        model_params = "{weight: 1.0, density: %s}" % DENSITY
-        params = {
-            "ties": "parameters: {normalize: true}\n",
-            "dppa": "parameters: {partitions: [0.1, 0.2], amplification: [1.8, 1.0]}\n",
-        }.get(method, "")
-    models = "".join(f"  - model: {p}\n    parameters: {model_params}\n" for p in finetunes)
-    return (f"merge_method: {method}\nbase_model: {base}\nmodels:\n{models}{params}"
-            "dtype: bfloat16\n")
+def config_yaml(method: str, base: Path, finetunes: list[Path], layers: int = 0) -> str:
+    """The YAML both tools get (every mergekit method) or our preset YAML (dp, dppa, pcb)."""
+    def models(params: str | None, fts=finetunes) -> str:
+        p = f"\n    parameters: {params}" if params else ""
+        return "models:\n" + "".join(f"  - model: {f}{p}\n" for f in fts)
+    dens = "{weight: 1.0, density: %s}" % DENSITY
+    head = f"merge_method: {method}\nbase_model: {base}\n"
+    body = {
+        "pcb": models("{weight: 1.0}") + "parameters: {pcb_ratio: %s}\n" % DENSITY,
+        "ties": models(dens) + "parameters: {normalize: true}\n",
+        "dppa": models(dens) + "parameters: {partitions: [0.1, 0.2], amplification: [1.8, 1.0]}\n",
+        "dp": models(dens), "dare_ties": models(dens), "dare_linear": models(dens),
+        "breadcrumbs": models(dens) + "parameters: {gamma: 0.01}\n",
+        "breadcrumbs_ties": models(dens) + "parameters: {gamma: 0.01}\n",
+        "della": models(dens) + "parameters: {epsilon: 0.1}\n",
+        "della_linear": models(dens) + "parameters: {epsilon: 0.1}\n",
+        "task_arithmetic": models("{weight: 0.5}"),
+        "sce": models(None) + "parameters: {select_topk: 0.5}\n",
+        "ram": models(None), "ramplus_tl": models(None),
+        "linear": models("{weight: 1.0}"),
+        "slerp": models(None, finetunes[:1]) + "parameters: {t: [0, 0.5, 1]}\n",
+        "nuslerp": models("{weight: 1.0}", finetunes[:2]),
+        "multislerp": models("{weight: 1.0}"),
+        "karcher": models(None),
+        "model_stock": models(None),
+        "nearswap": models(None, finetunes[:1]) + "parameters: {t: 0.001}\n",
+        "arcee_fusion": models(None, finetunes[:1]),
+    }
+    if method == "passthrough":
+        return (f"merge_method: passthrough\nslices:\n  - sources: [{{model: {finetunes[0]}, "
+                f"layer_range: [0, {layers}]}}]\ndtype: bfloat16\n")
+    if method in ("linear", "karcher"):
+        head = f"merge_method: {method}\n"          # a base_model would be one more input
+    return head + body[method] + "dtype: bfloat16\n"
 
 
 # ---------------------------------------------------------------------------------------
@@ -211,7 +238,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--cache-dir", default=str(REPO / "bench-models"))
     ap.add_argument("--methods", default=",".join(OURS),
-                    help="our methods to time, comma separated (default: all five)")
+                    help="methods to time, comma separated, or `all` (default: ties, dare_ties, dp, dppa, pcb)")
     ap.add_argument("--mergekit", default=None,
                     help="mergekit-yaml executable (default: mk-venv/bin/mergekit-yaml or an "
                          "importable mergekit); 'none' to skip")
@@ -255,10 +282,10 @@ def main(argv=None) -> int:
                                  dir=Path(args.cache_dir) / "runs"))
     expected = set(shape.tensor_shapes())
     mergekit = find_mergekit(args.mergekit)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods = list(ALL) if args.methods == "all" else [m.strip() for m in args.methods.split(",") if m.strip()]
     for m in methods:
-        if m not in OURS:
-            ap.error(f"unknown method {m!r}; choose from {', '.join(OURS)}")
+        if m not in ALL:
+            ap.error(f"unknown method {m!r}; choose from {', '.join(ALL)}")
 
     runs: list[tuple[str, str, list[str], Path]] = []  # (tool, method, cmd, out)
     out = work / "floor"
@@ -274,7 +301,7 @@ def main(argv=None) -> int:
         m in methods or (m == "ties" and set(methods) - set(MERGEKIT)))]
     for m in dict.fromkeys([*mk_methods, *methods]):
         cfg = work / f"{m}.yaml"
-        cfg.write_text(config_yaml(m, base, fts))
+        cfg.write_text(config_yaml(m, base, fts, shape.layers))
         if m in mk_methods:
             out = work / f"mergekit-{m}"
             runs.append(("mergekit", m, [*mergekit, str(cfg), str(out)], out))
@@ -310,7 +337,7 @@ def main(argv=None) -> int:
                     break
             status = "ok" if best["rc"] == 0 else f"FAILED (rc={best['rc']})"
             extra = f" (I/O {best['io_s']:.2f} s)" if "io_s" in best else ""
-            print(f"  {tool:8s} {method:10s} {best['seconds']:8.2f} s{extra}  "
+            print(f"  {tool:8s} {method:16s} {best['seconds']:8.2f} s{extra}  "
                   f"cpu {fmt(best['cpu_seconds'], '.1f')} s  "
                   f"{best['peak_rss_anon_mb']:8.0f} MB  load {best['load_before']} -> "
                   f"{best['load_after']}  {status}", flush=True)
@@ -327,7 +354,7 @@ def main(argv=None) -> int:
     ok = {(r["tool"], r["method"]): r for r in results if r["rc"] == 0}
     floor = ok.get(("floor", "read+write"))
     print()
-    print(f"{'tool':9s} {'method':11s} {'seconds':>8s} {'cpu s':>7s} {'peak anon MB':>12s} "
+    print(f"{'tool':9s} {'method':16s} {'seconds':>8s} {'cpu s':>7s} {'peak anon MB':>12s} "
           f"{'vs mergekit':>12s} {'cpu vs mk':>9s} {'target':>7s} {'vs floor':>9s}")
     for r in results:
         tool, method = r["tool"], r["method"]
@@ -348,7 +375,7 @@ def main(argv=None) -> int:
         if vs_mk is not None:
             target = "ok" if vs_mk <= TARGET[method] else f">{TARGET[method]:g}x"
         ref_tag = "" if method in MERGEKIT or tool != "dppa_ui" else " (ties)"
-        print(f"{tool:9s} {method:11s} "
+        print(f"{tool:9s} {method:16s} "
               f"{fmt(r['seconds'] if good else None, '8.2f'):>8s} "
               f"{fmt(r['cpu_seconds'] if good else None, '7.1f'):>7s} "
               f"{fmt(r['peak_rss_anon_mb'] if good else None, '12.0f'):>12s} "
@@ -357,7 +384,7 @@ def main(argv=None) -> int:
               f"{target:>7s} {(fmt(vs_floor, '.1f') + 'x') if vs_floor else '-':>9s}")
     if floor:
         print(f"floor = whole process; its I/O alone took {floor['io_s']:.2f} s "
-              f"(imports {floor['import_s']:.2f} s). Targets: ties/dare_ties <= 0.5x mergekit, "
+              f"(imports {floor['import_s']:.2f} s). Targets: mergekit's methods <= 0.5x mergekit, "
               "dp/dppa/pcb <= 1x mergekit ties (wall time), peak anon < 3 GB at 0.5 B.\n"
               "cpu s = user+sys CPU seconds of the process tree: steadier than wall time "
               "when others load the machine.")

@@ -26,7 +26,8 @@ def _merge(args) -> int:
         return 2
     res = merge(args.config, out, device=args.device, seed=args.seed, overwrite=args.overwrite,
                 dry_run=args.dry_run, progress=not args.quiet, allow_pickle=args.allow_pickle,
-                allow_vocab_trim=args.allow_vocab_trim, shard_bytes=args.shard_size)
+                allow_vocab_trim=args.allow_vocab_trim, shard_bytes=args.shard_size,
+                lora_cache=args.lora_merge_cache, intermediate_dir=args.intermediate_dir)
     if args.dry_run:
         print(res.plan)
         return 0
@@ -34,9 +35,11 @@ def _merge(args) -> int:
         print(f"upscaled {res.tensors} projections with {res.config.method_name} on {res.device} in "
               f"{res.seconds:.1f} s ({res.params:,} parameters) -> {res.out}")
         return 0
-    kept = ", ".join(f"{k:.1%}" for k in res.kept_fraction)
+    kept = ""
+    if res.config.family == "pipeline" and res.kept_fraction:
+        kept = "; kept " + ", ".join(f"{k:.1%}" for k in res.kept_fraction) + " of each delta"
     print(f"merged {res.tensors} tensors ({res.params:,} parameters) with {res.config.method_name} on "
-          f"{res.device} in {res.seconds:.1f} s; kept {kept} of each delta -> {res.out}")
+          f"{res.device} in {res.seconds:.1f} s{kept} -> {res.out}")
     return 0
 
 
@@ -85,10 +88,10 @@ def _search(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m dppa_ui", description="Merge fine-tuned language models (DPPA, TIES, DARE, PCB).")
+    p = argparse.ArgumentParser(prog="python -m dppa_ui", description="Merge language models: DPPA, PCB and every mergekit method.")
     sub = p.add_subparsers(dest="command", required=True)
-    m = sub.add_parser("merge", help="run a merge from a YAML config (mergekit-compatible for shared methods; "
-                                     "merge_method: smile writes a SMILE folder)")
+    m = sub.add_parser("merge", help="run a merge from a YAML config (mergekit's merge YAML, or several "
+                       "documents for a multi-stage merge; merge_method: smile writes a SMILE folder)")
     m.add_argument("config", help="YAML config file")
     m.add_argument("out_pos", nargs="?", metavar="OUT", help=argparse.SUPPRESS)
     m.add_argument("--out", help="output folder (created; refused if non-empty unless --overwrite)")
@@ -99,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--allow-pickle", action="store_true", help="also read pickle .bin weights (weights_only)")
     m.add_argument("--allow-vocab-trim", action="store_true", help="merge the common rows of embeddings whose vocab sizes differ")
     m.add_argument("--shard-size", type=_size, default=5 * 10**9, help="output shard size (default 5GB)")
+    m.add_argument("--lora-merge-cache", metavar="DIR", help="where MODEL+ADAPTER inputs are merged and kept "
+                   "(default: dppa-ui-lora in the temp dir)")
+    m.add_argument("--intermediate-dir", "-I", metavar="DIR", help="multi-stage configs: keep (and reuse) the "
+                   "named stages' outputs here (default: temporary)")
     m.add_argument("--quiet", action="store_true", help="no progress bar")
     m.set_defaults(func=_merge)
     s = sub.add_parser("search", help="search merge parameters on dev data (the config's `search:` block)",

@@ -11,7 +11,9 @@ raw inputs and one pending output, whatever the depth of the model.
 from __future__ import annotations
 
 import json
+import shutil
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -21,9 +23,10 @@ from typing import Callable
 import torch
 
 from . import io
-from .config import MergeConfig, load_config
+from .config import MergeConfig, load_config, load_stages, rename_refs
 from .pipeline import (Scratch, dominant_float_dtype, dp_maps_from_stats, kept_fraction, merge_state_dicts, merge_tensor,
                        output_dtype)
+from .plan import build_plan, input_refs
 from .stats import DeltaStats, collect_stats, save_stats
 
 STATS_FILE = "dppa_stats.json"
@@ -31,7 +34,8 @@ APL_FILE = "dppa_apl.json"
 CONFIG_FILE = "dppa_merge.yaml"
 # CPU throughput (delta entries per second, all fine-tunes together) measured on 2 cores at 0.5 B
 # parameters (benchmarks/merge_speed.py), used only for --dry-run's rough time estimate.
-_EST_RATE = {"none": 3e8, "magnitude": 7.5e7, "random": 1.2e8, "dp": 6e7, "apl": 7.5e7, "pcb": 2.7e7}
+_EST_RATE = {"none": 3e8, "magnitude": 7.5e7, "random": 1.2e8, "dp": 6e7, "apl": 7.5e7, "pcb": 2.7e7,
+             "breadcrumbs": 4e7, "della": 2e7}
 
 
 @dataclass
@@ -76,30 +80,74 @@ def pick_device(device: str = "auto") -> torch.device:
 
 
 class _Inputs:
-    """The opened base and fine-tune checkpoints, with the shapes to merge."""
+    """The opened input checkpoints (headers only) and the merge plan over them."""
 
-    def __init__(self, cfg: MergeConfig, allow_pickle: bool, allow_vocab_trim: bool):
-        self.base_dir = io.resolve_model(cfg.base_model, allow_pickle=allow_pickle)
-        self.model_dirs = [io.resolve_model(m.model, allow_pickle=allow_pickle) for m in cfg.models]
-        self.base = io.CheckpointReader(self.base_dir, allow_pickle=allow_pickle)
-        self.fts = [io.CheckpointReader(d, allow_pickle=allow_pickle) for d in self.model_dirs]
-        self.shapes = io.check_compatible(self.base, {m.model: r for m, r in zip(cfg.models, self.fts)},
-                                          allow_vocab_trim=allow_vocab_trim)
-        self.names = list(self.shapes)
+    def __init__(self, cfg: MergeConfig, allow_pickle: bool, allow_vocab_trim: bool,
+                 lora_cache: str | Path | None = None, log: Callable[[str], None] | None = None):
+        self.refs = input_refs(cfg)
+        self.dirs = [io.resolve_model(r, allow_pickle=allow_pickle, lora_cache=lora_cache, log=log) for r in self.refs]
+        self.readers = [io.CheckpointReader(d, allow_pickle=allow_pickle) for d in self.dirs]
+        index = {r: i for i, r in enumerate(self.refs)}
+        self.vocab = None
+        if cfg.vocab is not None:
+            from .vocab import build_vocab
+            self.vocab = build_vocab(cfg, self.refs, self.dirs, self.readers, log=log)
+        shapes = None
+        if cfg.slices is None:
+            shapes = io.check_compatible(self.readers[0], dict(zip(self.refs[1:], self.readers[1:])),
+                                         allow_vocab_trim=allow_vocab_trim or self.vocab is not None)
+        self.plan = build_plan(cfg, self.readers, shapes)
+        if self.vocab is not None:
+            self.vocab.apply_to_plan(self.plan)
+        # the donor of config.json and tokenizer files: the base, else the first model (as mergekit)
+        self.base_dir, self.base = self.dirs[0], self.readers[0]
+        self.model_dirs = [self.dirs[index[m.model]] for m in cfg.models]
+        self.fts = [self.readers[index[m.model]] for m in cfg.models]
+        self.jobs = {j.name: j for j in self.plan.jobs}
+        self.shapes = self.plan.shapes
+        self.names = self.plan.names
         self.n_params = sum(torch.Size(sh).numel() for sh in self.shapes.values())
 
-    def vocab_override(self) -> dict | None:
-        """config.json's vocab_size after --allow-vocab-trim cut the embedding rows."""
-        trimmed = [s[0] for n, s in self.shapes.items() if s != tuple(self.base.shape(n))]
-        return {"vocab_size": min(trimmed)} if trimmed else None
+    def dtype(self, name: str) -> torch.dtype:
+        j = self.jobs[name]
+        i, n = j.inputs[0]
+        return self.readers[i].dtype(n)
+
+    def config_overrides(self, cfg: MergeConfig) -> dict | None:
+        """config.json changes: vocab_size after a vocabulary trim or rebuild, the layer count (and
+        per-layer lists) after slicing."""
+        out = {}
+        trimmed = [j.rows for j in self.plan.jobs if j.rows is not None]
+        if trimmed:
+            out["vocab_size"] = min(trimmed)
+        if self.vocab is not None:
+            out["vocab_size"] = self.vocab.rows
+        if cfg.slices is not None:
+            out.update(io.layer_overrides([self.dirs[i] for i in range(len(self.dirs))], self.plan.layer_origin,
+                                          self.base_dir))
+        return out or None
 
     def load(self, name: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        rows = self.shapes[name][0] if self.shapes[name] != tuple(self.base.shape(name)) else None
-        get = (lambda r: r.get(name, rows=rows)) if rows is not None else (lambda r: r.view(name))
-        return get(self.base), [get(r) for r in self.fts]
+        """(base, fine-tunes) of tensor `name` (a `models:` pipeline)."""
+        base, srcs = self.load_job(self.jobs[name])
+        return base, srcs
+
+    def load_job(self, job) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        """(base or None, sources) of one output tensor, read from disk (vocabulary rows rebuilt
+        for the output tokenizer, or trimmed, where the config asks)."""
+        if self.vocab is not None and self.vocab.covers(job.name):
+            ts = self.vocab.rebuild([self.refs[i] for i, _ in job.inputs],
+                                    [self.readers[i].get(n) for i, n in job.inputs])
+            return (ts[0], ts[1:]) if job.base is not None else (None, ts)
+
+        def get(i, n):
+            r = self.readers[i]
+            return r.get(n, rows=job.rows) if job.rows is not None else r.view(n)
+        base = get(*job.base) if job.base is not None else None
+        return base, [get(i, n) for i, n in job.sources]
 
     def close(self):
-        for r in [self.base, *self.fts]:
+        for r in self.readers:
             r.close()
 
 
@@ -107,28 +155,34 @@ def _plan_report(cfg: MergeConfig, inputs: _Inputs, out_dtype: torch.dtype, devi
     n_params = inputs.n_params
     largest = max(torch.Size(s).numel() for s in inputs.shapes.values())
     disk = n_params * out_dtype.itemsize
-    n = len(cfg.models)
+    n = max(len(cfg.models), max((len(j.sources) for j in inputs.plan.jobs), default=1))
     mem = (n + 2) * largest * 4 + (n + 1) * largest * 4      # working set + prefetched inputs
-    rate = _EST_RATE["pcb" if cfg.combine == "pcb" else cfg.prune]
+    rate = _EST_RATE.get("pcb" if cfg.combine == "pcb" else cfg.prune, 1e8) if cfg.family == "pipeline" else 3e8
     secs = n_params * n / rate * (0.1 if device.type == "cuda" else 1)
-    lines = [f"method: {cfg.method_name} (prune={cfg.prune}, amplify={cfg.amplify}, combine={cfg.combine})",
-             f"base: {cfg.base_model} -> {inputs.base_dir}"]
-    for m, d in zip(cfg.models, inputs.model_dirs):
-        extra = f", partitions={m.partitions}, amplification={m.amplification}" if cfg.amplify == "dpa" else ""
-        lines.append(f"model: {m.model} -> {d} (weight={m.weight}, density={m.density}{extra})")
-    lines += [f"parameters: lambda={cfg.lambda_}, normalize={cfg.normalize}, seed={cfg.seed}"
-              + (f", dp_lambda={cfg.dp_lambda}, dp_outlier_m={cfg.dp_outlier_m}, dp_others={cfg.dp_others}"
-                 if cfg.prune == "dp" else "")
-              + (f", apl_level={cfg.apl_level}, apl_importance={cfg.apl_importance_kind}, "
-                 f"apl_examples={cfg.apl_examples}, apl_lambda={cfg.apl_lambda}, apl_drop={cfg.apl_drop}, "
-                 f"apl_weights={cfg.apl_weights}, apl_others={cfg.apl_others}" if cfg.prune == "apl" else "")
-              + (f", dpa_whole={cfg.dpa_whole}" if cfg.amplify == "dpa" else "")
-              + (f", pcb_ratio={cfg.pcb_ratio}, clip_ratio={cfg.clip_ratio}, scope={cfg.scope}"
-                 if cfg.combine == "pcb" else ""),
-              f"tensors: {len(inputs.names)} ({n_params:,} parameters), output dtype {str(out_dtype).split('.')[-1]}",
+    stages = f" (prune={cfg.prune}, amplify={cfg.amplify}, combine={cfg.combine})" if cfg.family == "pipeline" else ""
+    lines = [f"method: {cfg.method_name}{stages}", f"base: {cfg.base_model} -> {inputs.base_dir}"
+             if cfg.base_model else f"base: none (config and tokenizer from {inputs.refs[0]})"]
+    model_params = [p for p in cfg.params if p.scope == "model" and p.key not in ("domain",)]
+    for r, d in zip(inputs.refs, inputs.dirs):
+        specs = [m for m in cfg.models if m.model == r]
+        vals = ", ".join(f"{p.key}={getattr(specs[0], p.name)}" for p in model_params) if specs else ""
+        lines.append(f"model: {r} -> {d}" + (f" ({vals})" if vals else ""))
+    g = [f"{p.key}={getattr(cfg, p.name)}" for p in cfg.params if p.scope == "global"]
+    lines.append("parameters: " + ", ".join(g + [f"seed={cfg.seed}"]))
+    for k, sl in enumerate(cfg.slices or []):
+        lines.append(f"slice {k}: " + ", ".join(f"{x.model} layers [{x.layer_range[0]}, {x.layer_range[1]})"
+                                                 for x in sl.sources) + (f" {sl.params}" if sl.params else ""))
+    lines += [f"tensors: {len(inputs.names)} ({n_params:,} parameters, {inputs.plan.n_layers} layers), "
+              f"output dtype {str(out_dtype).split('.')[-1]}",
               f"device: {device}",
               f"estimated peak memory: {mem / 1e9:.2f} GB; disk: {disk / 1e9:.2f} GB; time: ~{secs:.0f} s (rough)"]
-    lines += [f"tensor {name} {list(shape)}" for name, shape in inputs.shapes.items()]
+    table = inputs.plan.parameter_table(cfg)
+    for job, row in zip(inputs.plan.jobs, table):
+        src = ""
+        if cfg.slices is not None:
+            src = " <- " + ", ".join(f"{inputs.refs[i]}:{nm}" for i, nm in job.inputs)
+        vals = "".join(f" {k}={v:g}" if isinstance(v, float) else f" {k}={v}" for k, v in row.items())
+        lines.append(f"tensor {job.name} {list(job.shape)}{src}{vals}")
     return "\n".join(lines), disk
 
 
@@ -188,23 +242,38 @@ def write_model_files(out: Path, cfg: MergeConfig, base_dir: Path, dtype: torch.
                         config_overrides=config_overrides)
     yaml_text = cfg.to_yaml()
     (out / CONFIG_FILE).write_text(yaml_text)
-    io.write_model_card(out, base_ref=cfg.base_model, model_refs=[m.model for m in cfg.models],
-                        method=cfg.method_name, seed=cfg.seed, yaml_text=yaml_text,
-                        extra={"kept fraction": ", ".join(f"{k:.3f}" for k in kept), "device": device})
+    parents = cfg.parents
+    base_ref = cfg.base_model or parents[0]
+    extra = {"kept fraction": ", ".join(f"{k:.3f}" for k in kept)} if cfg.family == "pipeline" and kept else {}
+    io.write_model_card(out, base_ref=base_ref, model_refs=[r for r in parents if r != base_ref],
+                        method=cfg.method_name, seed=cfg.seed, yaml_text=yaml_text, extra={**extra, "device": device})
 
 
 def merge(config, out: str | Path | None, *, device: str = "auto", seed: int | None = None,
           overwrite: bool = False, dry_run: bool = False, progress: bool | Callable[[int, int], None] = False,
           cancel: Callable[[], bool] | None = None, allow_pickle: bool = False, allow_vocab_trim: bool = False,
           shard_bytes: int = 5 * 10**9, log: Callable[[str], None] | None = None,
-          stats: list[DeltaStats] | None = None) -> MergeResult:
+          stats: list[DeltaStats] | None = None, lora_cache: str | Path | None = None,
+          intermediate_dir: str | Path | None = None) -> MergeResult:
     """Run a merge from a config (dict, YAML text or path) into the folder `out`.
 
     `progress`: True for a tqdm bar on stderr, or a callable(done, total). `cancel`: a callable
     polled between tensors; when it returns True the merge stops and nothing is left on disk.
     `stats`: the fine-tunes' DeltaStats (aligned with the config's models, at its dp_outlier_m)
     when the caller has them (the app's statistics cache): DP then skips its statistics passes.
+    `lora_cache`: where `MODEL+ADAPTER` inputs are merged and kept for reuse (default: a
+    dppa-ui-lora folder in the system's temp dir). A config of several YAML documents is a
+    multi-stage merge (see `merge_stages`); `intermediate_dir` keeps its named stages' outputs
+    (default: temporary).
     """
+    from .config import _read_docs
+    if not isinstance(config, MergeConfig) and len(_read_docs(config)) > 1:
+        if stats is not None:
+            raise ValueError("statistics can be passed for a single merge, not for a multi-stage config")
+        return merge_stages(config, out, device=device, seed=seed, overwrite=overwrite, dry_run=dry_run,
+                            progress=progress, cancel=cancel, allow_pickle=allow_pickle,
+                            allow_vocab_trim=allow_vocab_trim, shard_bytes=shard_bytes, log=log,
+                            lora_cache=lora_cache, intermediate_dir=intermediate_dir)
     log = log or (lambda s: print(s, file=sys.stderr))
     t0 = time.perf_counter()
     tune_allocator()
@@ -219,13 +288,19 @@ def merge(config, out: str | Path | None, *, device: str = "auto", seed: int | N
         return smile.upscale(cfg, out, device=dev, overwrite=overwrite, dry_run=dry_run, log=log,
                              allow_pickle=allow_pickle, shard_bytes=shard_bytes, t0=t0,
                              progress=progress if callable(progress) else None, cancel=cancel)
-    inputs = _Inputs(cfg, allow_pickle, allow_vocab_trim)
+    return _merge(cfg, out, dev, t0, overwrite, dry_run, progress, cancel, allow_pickle, allow_vocab_trim,
+                  shard_bytes, log, lora_cache, stats)
+
+
+def _merge(cfg, out, dev, t0, overwrite, dry_run, progress, cancel, allow_pickle, allow_vocab_trim, shard_bytes,
+           log, lora_cache, stats=None) -> MergeResult:
+    inputs = _Inputs(cfg, allow_pickle, allow_vocab_trim, lora_cache, log)
     try:
         if cfg.prune == "apl":      # every fine-tune's task data, before anything is computed
             from . import apl
             apl.check_data(cfg, inputs.model_dirs)
         # The output dtype: the config's, else the base's (its most common floating dtype).
-        out_dtype = output_dtype(cfg, dominant_float_dtype(inputs.base.dtype(n) for n in inputs.names) or torch.float32)
+        out_dtype = output_dtype(cfg, dominant_float_dtype(inputs.dtype(n) for n in inputs.names) or torch.float32)
         report, disk = _plan_report(cfg, inputs, out_dtype, dev)
         if dry_run:
             return MergeResult(out=None, seconds=time.perf_counter() - t0, device=str(dev), tensors=len(inputs.names),
@@ -239,9 +314,19 @@ def merge(config, out: str | Path | None, *, device: str = "auto", seed: int | N
         lambda_report = search_lambda(cfg, inputs.base_dir, inputs.model_dirs, log)
         with io.atomic_output_dir(out, overwrite=overwrite) as tmp:
             result = _merge_to(cfg, inputs, tmp, dev, out_dtype, progress, cancel, shard_bytes, log, stats)
-            tok_dir = io.resolve_model(cfg.tokenizer_source, allow_pickle=allow_pickle) if cfg.tokenizer_source else None
+            if inputs.vocab is not None:
+                tok_dir = inputs.vocab.save(tmp / ".tokenizer")
+            elif cfg.tokenizer_source:
+                tok_dir = inputs.dirs[inputs.refs.index(cfg.tokenizer_source)] if cfg.tokenizer_source in inputs.refs \
+                    else io.resolve_model(cfg.tokenizer_source, allow_pickle=allow_pickle)
+            else:
+                tok_dir = None
+            if cfg.auto_chat_template and cfg.chat_template is None:
+                cfg.chat_template = io.most_common_template(inputs.dirs)
             write_model_files(tmp, cfg, inputs.base_dir, out_dtype, tok_dir, result.kept_fraction, str(dev),
-                              config_overrides=inputs.vocab_override())
+                              config_overrides=inputs.config_overrides(cfg))
+            if inputs.vocab is not None:
+                shutil.rmtree(tmp / ".tokenizer", ignore_errors=True)
         result.out, result.seconds, result.alpha_search = out, time.perf_counter() - t0, alpha_report
         result.lambda_search = lambda_report
         return result
@@ -249,10 +334,59 @@ def merge(config, out: str | Path | None, *, device: str = "auto", seed: int | N
         inputs.close()
 
 
+def merge_stages(config, out: str | Path | None, *, intermediate_dir: str | Path | None = None,
+                 log: Callable[[str], None] | None = None, dry_run: bool = False, **kw) -> MergeResult:
+    """A multi-stage config (several YAML documents, as mergekit-multimerge): each named stage is
+    merged into `intermediate_dir/NAME` (default: a temporary folder beside `out`, removed at the
+    end), later stages read it by that name, and the final stage (the unnamed document, else the
+    last) is written to `out`. With an `intermediate_dir`, a stage whose folder is already complete
+    is reused. Every document is validated before the first merge starts. Returns the final
+    stage's result, with the stages' outputs in `notices`."""
+    log = log or (lambda s: print(s, file=sys.stderr))
+    stages = load_stages(config)
+    final = stages[-1]
+    keep = intermediate_dir is not None
+    if dry_run:
+        lines = []
+        for s in stages:
+            head = f"stage {s.name or '(final)'}: {s.config.method_name}"
+            lines.append(head + (f", reads stage(s) {', '.join(s.depends)}" if s.depends else ""))
+        lines.append("(each stage is planned in full when it runs; run a single stage's YAML with --dry-run "
+                     "for its tensors)")
+        return MergeResult(out=None, seconds=0.0, device="", tensors=0, params=0, kept_fraction=[],
+                           config=final.config, notices=[], plan="\n".join(lines))
+    if out is None:
+        raise ValueError("an output folder is needed for the final stage (--out DIR)")
+    out = Path(out)
+    work = Path(intermediate_dir) if keep else Path(tempfile.mkdtemp(prefix=f".{out.name}.stages-",
+                                                                       dir=out.absolute().parent))
+    work.mkdir(parents=True, exist_ok=True)
+    paths = {s.name: work / s.name for s in stages if s.name is not None and s is not final}
+    notes = []
+    try:
+        result = None
+        for s in stages:
+            cfg = rename_refs(s.config, {k: str(v) for k, v in paths.items()})
+            target = out if s is final else paths[s.name]
+            if s is not final and keep and (target / "config.json").is_file() and any(target.glob("*.safetensors")):
+                log(f"stage {s.name}: {target} exists, reused")
+                notes.append(f"stage {s.name}: reused {target}")
+                continue
+            log(f"stage {s.name or '(final)'}: {s.config.method_name} -> {target}")
+            result = merge(cfg, target, log=log, dry_run=False,
+                           **({**kw, "overwrite": True} if s is not final else kw))
+            notes.append(f"stage {s.name or '(final)'}: {target}")
+        result.notices = result.notices + notes
+        return result
+    finally:
+        if not keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
 def _merge_to(cfg: MergeConfig, inputs: _Inputs, tmp: Path, dev: torch.device, out_dtype: torch.dtype,
               progress, cancel, shard_bytes: int, log, stats: list[DeltaStats] | None = None) -> MergeResult:
     names = inputs.names
-    float_names = [n for n in names if inputs.base.dtype(n).is_floating_point]
+    float_names = [n for n in names if inputs.dtype(n).is_floating_point]
     passes = cfg.prune == "dp" and stats is None
     total = len(names) + (len(float_names) + sum(
         1 for n in float_names if len(inputs.shapes[n]) == 2) if passes else 0)
@@ -289,21 +423,26 @@ def _merge_to(cfg: MergeConfig, inputs: _Inputs, tmp: Path, dev: torch.device, o
                     w.write(n, merged[n])
                     tick(1)
         else:
-            specs = [(n, inputs.shapes[n], out_dtype if inputs.base.dtype(n).is_floating_point
-                      else inputs.base.dtype(n)) for n in names]
+            specs = [(n, inputs.shapes[n], out_dtype if inputs.dtype(n).is_floating_point
+                      else inputs.dtype(n)) for n in names]
+            jobs = inputs.plan.jobs
             with io.ShardedWriter(tmp, specs, max_shard_bytes=shard_bytes) as w, \
                     ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writer:
                 scratch = Scratch()
-                pending_read = reader.submit(inputs.load, names[0])
+                pending_read = reader.submit(inputs.load_job, jobs[0])
                 pending_write = None
-                for k, name in enumerate(names):
+                for k, job in enumerate(jobs):
+                    name = job.name
                     if cancel and cancel():
                         raise InterruptedError("merge cancelled")
                     base, fts = pending_read.result()
-                    if k + 1 < len(names):          # overlap the next read with this tensor's math
-                        pending_read = reader.submit(inputs.load, names[k + 1])
-                    merged = merge_tensor(merge_cfg, name, base.to(dev), fts, dp_maps, out_dtype=out_dtype,
-                                          scratch=scratch).to("cpu")
+                    if k + 1 < len(jobs):          # overlap the next read with this tensor's math
+                        pending_read = reader.submit(inputs.load_job, jobs[k + 1])
+                    # APL's merge weights are not in the plan's per-tensor views: resolve them here
+                    jcfg = job.cfg if merge_cfg is cfg else merge_cfg.for_tensor(name, job.t)
+                    merged = merge_tensor(jcfg, name, base.to(dev) if base is not None else None,
+                                          [f.to(dev) for f in fts] if base is None else fts, dp_maps,
+                                          out_dtype=out_dtype, scratch=scratch).to("cpu")
                     if pending_write is not None:
                         pending_write.result()
                     pending_write = writer.submit(w.write, name, merged)
@@ -315,7 +454,7 @@ def _merge_to(cfg: MergeConfig, inputs: _Inputs, tmp: Path, dev: torch.device, o
         if bar is not None:
             bar.close()
     # Over the floating tensors only, as the app counts it: the others have no delta to prune.
-    float_shapes = {n: sh for n, sh in inputs.shapes.items() if inputs.base.dtype(n).is_floating_point}
+    float_shapes = {n: sh for n, sh in inputs.shapes.items() if inputs.dtype(n).is_floating_point}
     return MergeResult(out=None, seconds=0.0, device=str(dev), tensors=len(names),
                        params=inputs.n_params,
                        kept_fraction=kept_fraction(cfg, float_shapes, dp_maps), config=cfg, notices=cfg.notices)

@@ -135,8 +135,8 @@ class CheckpointReader:
             return [self.path / "model.safetensors"]
         files = sorted(self.path.glob("*.safetensors"))
         if files and (self.path / "adapter_config.json").is_file():
-            raise ValueError(f"{self.path} holds a LoRA/PEFT adapter, not a full model; adapters are "
-                             "not supported yet: merge it into its base first (peft merge_and_unload)")
+            raise ValueError(f"{self.path} holds a LoRA/PEFT adapter, not a full model: reference it with "
+                             f"its base as BASE_MODEL+{self.path}")
         return files
 
     def _pickle_files(self, allow_pickle: bool) -> list[Path]:
@@ -556,6 +556,52 @@ def copy_model_files(src_dir: str | os.PathLike, out_dir: str | os.PathLike, *, 
         (out / "chat_template.jinja").write_text(chat_template)
         written.append(out / "chat_template.jinja")
     return written
+
+
+_LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+
+
+def layer_overrides(model_dirs: Sequence[str | os.PathLike], origin: Sequence[tuple[int, int]],
+                    donor_dir: str | os.PathLike) -> dict:
+    """config.json changes for a model stacked from layers of others: the layer count (whichever of
+    num_hidden_layers / n_layer / num_layers / n_layers the donor's config has) and per-layer
+    lists (`layer_types`) taken from each output layer's source. `origin`: per output layer,
+    (index into model_dirs, that model's layer)."""
+    cfg = json.loads((Path(donor_dir) / "config.json").read_text())
+    out: dict = {}
+    keys = [k for k in _LAYER_KEYS if k in cfg] or ["num_hidden_layers"]
+    for k in keys:
+        out[k] = len(origin)
+    src_cfgs: dict[int, dict] = {}
+    for key in ("layer_types",):
+        if isinstance(cfg.get(key), list):
+            vals = []
+            for i, layer in origin:
+                c = src_cfgs.setdefault(i, json.loads((Path(model_dirs[i]) / "config.json").read_text()))
+                vals.append(c[key][layer])
+            out[key] = vals
+    return out
+
+
+def chat_template_of(folder: str | os.PathLike) -> str | None:
+    """A model folder's chat template (chat_template.jinja, else tokenizer_config.json's), or None."""
+    folder = Path(folder)
+    if (folder / "chat_template.jinja").is_file():
+        return (folder / "chat_template.jinja").read_text().strip() or None
+    try:
+        t = json.loads((folder / "tokenizer_config.json").read_text()).get("chat_template")
+    except (OSError, ValueError):
+        return None
+    if isinstance(t, list):          # named templates: the default one
+        t = next((x.get("template") for x in t if x.get("name") == "default"), None)
+    return t.strip() if isinstance(t, str) and t.strip() else None
+
+
+def most_common_template(folders: Sequence[str | os.PathLike]) -> str | None:
+    """mergekit's `chat_template: auto`: the template most of the inputs carry (first seen on a tie)."""
+    from collections import Counter
+    found = [t for t in (chat_template_of(f) for f in folders) if t]
+    return Counter(found).most_common(1)[0][0] if found else None
 
 
 def library_versions() -> dict[str, str]:

@@ -1,8 +1,10 @@
-"""One tensor through the pipeline: theta_b + lambda * combine(amplify(prune(delta_i))).
+"""One tensor through the pipeline: theta_b + lambda * combine(amplify(prune(delta_i))), or
+through an interpolation (dppa_ui/interpolations) for methods that work on the weights.
 
 Everything here is pure tensor work on one tensor name; the engine streams names through it
 from disk, and `merge_state_dicts` runs it over state dicts held in memory (the app's instant
-chat path). All math is float32 on the chosen device.
+chat path). All math is float32 on the chosen device. Per-tensor functions read plain parameter
+values: `merge_tensor` resolves the config for its tensor first (MergeConfig.for_tensor).
 """
 from __future__ import annotations
 
@@ -12,8 +14,10 @@ from typing import Callable, Iterable
 import torch
 
 from .config import MergeConfig, load_config
-from .methods import (band_edges, dare_prune, dp_prune, dpa_amplify, is_dp_target, keep_count, magnitude_prune,
-                      pcb_combine, sum_combine, tensor_generator, ties_combine)
+from .interpolations import interpolate
+from .methods import (band_edges, breadcrumbs_counts, breadcrumbs_prune, dare_prune, della_prune, dp_prune,
+                      dpa_amplify, is_dp_target, keep_count, magnitude_prune, pcb_combine, ram_combine,
+                      ramplus_tl_combine, sce_combine, sum_combine, tensor_generator, ties_combine)
 from .methods.apl import APLDensity, apl_prune
 from .methods.dp import DPDensity
 from .stats import DeltaStats, collect_stats
@@ -36,6 +40,7 @@ DensityMap = dict[str, DPDensity | APLDensity]
 def plan_steps(cfg: MergeConfig, name: str, shape, dp_maps: list[DensityMap] | None) -> list[Step]:
     """The per-model Step for tensor `name`. `dp_maps`: per fine-tune, the per-tensor densities of
     a DP or APL prune (from `dp_maps_from_stats` or `apl.plan`)."""
+    cfg = cfg.for_tensor(name)
     steps = []
     for i, m in enumerate(cfg.models):
         if cfg.prune == "none":
@@ -77,17 +82,23 @@ def prune_amplify(cfg: MergeConfig, i: int, name: str, delta: torch.Tensor, step
         if f == 1.0:
             return delta
         return delta.mul_(f) if inplace else delta * f
+    cfg = cfg.for_tensor(name)
     m = cfg.models[i]
     if cfg.prune == "random":
         gen = tensor_generator(cfg.seed, i, name, delta.device)
         delta = dare_prune(delta, step.density, gen, m.rescale, inplace=inplace)
+    elif cfg.prune == "della":
+        gen = tensor_generator(cfg.seed, i, name, delta.device)
+        delta = della_prune(delta, step.density, m.epsilon, gen, m.rescale, inplace=inplace)
+    elif cfg.prune == "breadcrumbs":
+        delta = breadcrumbs_prune(delta, step.density, m.gamma, m.rescale, inplace=inplace)
     elif cfg.prune == "dp":     # magnitude pruning at the module's own density
         delta = dp_prune(delta, step.density, inplace=inplace)
     elif cfg.prune == "apl":    # the partition's density (or each row's), random or by magnitude
         gen = tensor_generator(cfg.seed, i, name, delta.device) if cfg.apl_drop == "random" else None
         delta = apl_prune(delta, step.density, step.rows, cfg.apl_drop, gen, m.rescale, inplace=inplace)
     else:
-        delta = magnitude_prune(delta, step.density, inplace=inplace)
+        delta = magnitude_prune(delta, step.density, inplace=inplace, rescale=m.rescale)
     if cfg.amplify == "dpa":
         delta = dpa_amplify(delta, m.partitions, m.amplification, step.offset)
     return delta
@@ -100,6 +111,12 @@ def combine(cfg: MergeConfig, deltas: torch.Tensor, inplace: bool = False) -> to
         return sum_combine(deltas, weights, cfg.normalize, inplace=inplace)
     if cfg.combine == "ties":
         return ties_combine(deltas, weights, cfg.normalize, inplace=inplace)
+    if cfg.combine == "sce":
+        return sce_combine(deltas, cfg.select_topk, inplace=inplace)
+    if cfg.combine == "ram":
+        return ram_combine(deltas, cfg.epsilon)
+    if cfg.combine == "ramplus_tl":
+        return ramplus_tl_combine(deltas, cfg.r, cfg.alpha, cfg.epsilon)
     return pcb_combine(deltas, weights, cfg.pcb_ratio, cfg.clip_ratio)
 
 
@@ -133,15 +150,29 @@ def to_float32(t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return out.copy_(t)
 
 
-def merge_tensor(cfg: MergeConfig, name: str, base: torch.Tensor, fts: list[torch.Tensor],
+def merge_tensor(cfg: MergeConfig, name: str, base: torch.Tensor | None, fts: list[torch.Tensor],
                  dp_maps: list[DensityMap] | None = None, out_dtype: torch.dtype | None = None,
-                 scratch: Scratch | None = None) -> torch.Tensor:
+                 scratch: Scratch | None = None, t: float | None = None,
+                 source_names: list[str] | None = None) -> torch.Tensor:
     """The merged tensor for `name`, a new tensor on base's device in `out_dtype` (default float32).
-    Non-float tensors: the base's, unchanged. `scratch` lends reusable work buffers."""
-    if not base.is_floating_point():
-        return base
-    dev = base.device
+    Non-float tensors: the base's (or the first input's), unchanged. `scratch` lends reusable work
+    buffers. `fts` are aligned with cfg.models; `base` is None for interpolations without one.
+    `t` / `source_names`: the gradient position and each model's own tensor name (slices), for
+    resolving per-tensor parameters (default: from `name` and cfg.n_layers)."""
+    cfg = cfg.for_tensor(name, t, source_names)
+    ref = base if base is not None else fts[0]
+    if not ref.is_floating_point():
+        return ref
+    dev = ref.device
     scratch = scratch or Scratch()
+    if cfg.merge_method == "passthrough" and cfg.models[0].scale is None and ref.dtype == (out_dtype or torch.float32):
+        return fts[0]            # a plain copy: no float32 round trip
+    if cfg.family != "pipeline":
+        b32 = None if base is None else (base if base.dtype == torch.float32 else
+                                         to_float32(base, scratch.get("base", base.shape, dev)))
+        xs = [to_float32(ft.to(dev), scratch.get(f"in{i}", ft.shape, dev)) for i, ft in enumerate(fts)]
+        merged = interpolate(cfg, name, b32, xs)
+        return merged.to(out_dtype or torch.float32, copy=True)
     steps = plan_steps(cfg, name, base.shape, dp_maps)
     deltas = scratch.get("deltas", (len(fts), *base.shape), dev)
     base32 = base if base.dtype == torch.float32 else to_float32(base, scratch.get("base", base.shape, dev))
@@ -171,22 +202,27 @@ class TensorFate:
         return any(a != 1.0 for _, _, a in self.bands)
 
 
-def _fate(cfg: MergeConfig, i: int, step: Step, shape) -> tuple[TensorFate, float]:
-    """(the fate, its exact kept count) of fine-tune i's delta of `shape` under `step`."""
+def _fate(cfg: MergeConfig, i: int, step: Step, name: str, shape) -> tuple[TensorFate, float]:
+    """(the fate, its exact kept count) of fine-tune i's delta of tensor `name` under `step`."""
     n = torch.Size(shape).numel()
     if not step.prune:
         f = whole_factor(cfg, i)
         bands = ((0.0, 1.0, f),) if cfg.amplify == "dpa" else ()
         kept = float(n) if f != 0.0 else 0.0
         return TensorFate(False, 1.0, bands, kept / max(n, 1)), kept
-    expected = cfg.prune == "random" or (cfg.prune == "apl" and cfg.apl_drop == "random")
+    expected = cfg.prune in ("random", "della") or (cfg.prune == "apl" and cfg.apl_drop == "random")
     if step.rows is not None:           # APL's row level: each row at its own density
         cols = n // int(shape[0])
         kept = (float(step.rows.sum()) * cols if expected
                 else float(sum(keep_count(float(d), cols) for d in step.rows)))
         return TensorFate(True, step.density, (), kept / max(n, 1)), kept
-    if expected:
+    if step.density >= 1 and cfg.prune in ("random", "della", "breadcrumbs"):    # these drop nothing at 1
+        return TensorFate(True, 1.0, (), 1.0), float(n)
+    if expected:                        # the mean keep probability
         return TensorFate(True, step.density, (), step.density), step.density * n
+    if cfg.prune == "breadcrumbs":
+        k = breadcrumbs_counts(n, step.density, cfg.for_tensor(name).models[i].gamma)[1]
+        return TensorFate(True, step.density, (), k / max(n, 1)), float(k)
     k = keep_count(step.density, n)
     if cfg.amplify != "dpa":
         return TensorFate(True, step.density, (), k / max(n, 1)), float(k)
@@ -205,15 +241,20 @@ def _fate(cfg: MergeConfig, i: int, step: Step, shape) -> tuple[TensorFate, floa
 def tensor_fates(cfg: MergeConfig, name: str, shape, dp_maps: list[DensityMap] | None) -> list[TensorFate]:
     """Per fine-tune: is tensor `name` pruned, at which density, which DPA factor per band (or on
     the whole tensor), and what share of its delta survives."""
-    return [_fate(cfg, i, step, shape)[0] for i, step in enumerate(plan_steps(cfg, name, shape, dp_maps))]
+    return [_fate(cfg, i, step, name, shape)[0] for i, step in enumerate(plan_steps(cfg, name, shape, dp_maps))]
 
 
 def kept_fraction(cfg: MergeConfig, shapes: dict[str, tuple], dp_maps: list[DensityMap] | None
                   ) -> list[float]:
     """Share of each fine-tune's delta entries (over the tensors in `shapes`) left non-zero by the
-    prune and amplify stages: exact for magnitude, DP and APL, the expected value for random drops.
-    A DPA band whose alpha is 0 counts as dropped. APL without maps computes them (cached
-    importance, see apl.plan)."""
+    prune and amplify stages: exact for magnitude, breadcrumbs, DP and APL by magnitude, the
+    expected value for random drops (DARE, DELLA, APL at random). A DPA band whose alpha is 0 counts
+    as dropped. Interpolations keep every entry; a `slices` config has no one answer ([]). APL
+    without maps computes them (cached importance, see apl.plan)."""
+    if cfg.family != "pipeline":       # no prune: every entry of every input counts
+        return [1.0] * len(cfg.models)
+    if cfg.slices is not None:
+        return []
     if cfg.prune == "apl" and dp_maps is None:
         from . import apl
         dp_maps = apl.plan(cfg).maps
@@ -221,7 +262,7 @@ def kept_fraction(cfg: MergeConfig, shapes: dict[str, tuple], dp_maps: list[Dens
     for name, shape in shapes.items():
         total += torch.Size(shape).numel()
         for i, step in enumerate(plan_steps(cfg, name, shape, dp_maps)):
-            kept[i] += _fate(cfg, i, step, shape)[1]
+            kept[i] += _fate(cfg, i, step, name, shape)[1]
     return [k / max(total, 1) for k in kept]
 
 
@@ -240,46 +281,72 @@ def dp_maps_from_stats(cfg: MergeConfig, stats: list[DeltaStats]) -> list[dict[s
     return [s.dp_map(m.density, cfg.dp_lambda) for s, m in zip(stats, cfg.models)]
 
 
-def merge_state_dicts(base_sd: dict[str, torch.Tensor], ft_sds: list[dict[str, torch.Tensor]], config,
+def merge_state_dicts(base_sd: dict[str, torch.Tensor] | None, ft_sds, config,
                       device: str | torch.device = "cpu", stats: list[DeltaStats] | None = None,
                       progress: Callable[[int, int], None] | None = None,
                       cancel: Callable[[], bool] | None = None, apl_plan=None) -> dict[str, torch.Tensor]:
     """Merge state dicts held in memory, with no disk round-trip. Returns tensors on CPU in the
     output dtype (the base's unless the config sets one). `stats` (from `collect_stats`) can be
     passed to skip the DP statistics passes. APL's importance is measured on the models the
-    config's refs name (cached; `apl_plan` from `apl.plan` skips even the cache look-up)."""
+    config's refs name (cached; `apl_plan` from `apl.plan` skips even the cache look-up).
+
+    `ft_sds`: a list aligned with cfg.models (a base listed among them, as linear and karcher
+    keep it, may be left out: `base_sd` fills its place), or a dict {model ref: state dict} (needed
+    for `slices`). `base_sd` may be None for interpolations without a base."""
+    from .plan import DictReader, build_plan, input_refs
     cfg = config if isinstance(config, MergeConfig) else load_config(config)
     if cfg.upscale:
         raise ValueError(f"merge_method {cfg.upscale} builds a model, not a state dict: use dppa_ui.smile.build")
-    if len(ft_sds) != len(cfg.models):
-        raise ValueError(f"the config lists {len(cfg.models)} fine-tunes but {len(ft_sds)} state dicts were given")
     if any(isinstance(m.amplification, str) for m in cfg.models):
         raise ValueError("amplification: auto must be resolved first (dppa_ui.engine.search_amplification)")
+    by_ref = dict(ft_sds) if isinstance(ft_sds, dict) else None
+    if by_ref is None:
+        non_base = [m for m in cfg.models if m.model != cfg.base_model]
+        if len(ft_sds) == len(cfg.models):
+            by_ref = {m.model: sd for m, sd in zip(cfg.models, ft_sds)}
+        elif len(ft_sds) == len(non_base):
+            by_ref = {m.model: sd for m, sd in zip(non_base, ft_sds)}
+        else:
+            raise ValueError(f"the config lists {len(cfg.models)} fine-tunes but {len(ft_sds)} state dicts were given")
+    if cfg.base_model is not None and base_sd is not None:
+        by_ref.setdefault(cfg.base_model, base_sd)
+    refs = input_refs(cfg)
+    missing = [r for r in refs if r not in by_ref]
+    if missing:
+        raise ValueError(f"no state dict for {', '.join(missing)}")
     device = torch.device(device)
-    names = list(base_sd)
-    float_names = [n for n in names if base_sd[n].is_floating_point()]
-    dp_maps = None
-    if cfg.prune == "apl":
-        from . import apl
-        plan = apl_plan or apl.plan(cfg, {n: tuple(base_sd[n].shape) for n in float_names}, device=device)
-        dp_maps, cfg = plan.maps, apl.weighted(cfg, plan.weights)
-    if cfg.prune == "dp":
-        if stats is None:
-            stats = collect_stats(float_names, lambda n: (base_sd[n].to(device), [sd[n].to(device) for sd in ft_sds]),
+    if cfg.family == "pipeline" and cfg.slices is None:
+        fts = [by_ref[m.model] for m in cfg.models]
+        names = list(base_sd)
+        float_names = [n for n in names if base_sd[n].is_floating_point()]
+        dp_maps = None
+        if cfg.prune == "apl":
+            from . import apl
+            aplan = apl_plan or apl.plan(cfg, {n: tuple(base_sd[n].shape) for n in float_names}, device=device)
+            dp_maps, cfg = aplan.maps, apl.weighted(cfg, aplan.weights)
+        if cfg.prune == "dp" and stats is None:
+            stats = collect_stats(float_names, lambda n: (base_sd[n].to(device), [sd[n].to(device) for sd in fts]),
                                   [m.model for m in cfg.models], cfg.dp_outlier_m)
-        dp_maps = dp_maps_from_stats(cfg, stats)
-    if cfg.combine == "pcb" and cfg.scope == "model":
-        return _pcb_model_scope(cfg, base_sd, ft_sds, float_names, device, dp_maps)
+        if cfg.prune == "dp":
+            dp_maps = dp_maps_from_stats(cfg, stats)
+        if cfg.combine == "pcb" and cfg.scope == "model":
+            return _pcb_model_scope(cfg, base_sd, fts, float_names, device, dp_maps)
+    else:
+        dp_maps = None
+    readers = [DictReader(by_ref[r]) for r in refs]
+    plan = build_plan(cfg, readers)
     out, scratch = {}, Scratch()
-    for k, name in enumerate(names):
+    for k, job in enumerate(plan.jobs):
         if cancel and cancel():
             raise InterruptedError("merge cancelled")
-        base = base_sd[name]
-        merged = merge_tensor(cfg, name, base.to(device), [sd[name] for sd in ft_sds], dp_maps,
-                              out_dtype=output_dtype(cfg, base.dtype), scratch=scratch)
-        out[name] = merged.to("cpu")
+        base = readers[job.base[0]].get(job.base[1]).to(device) if job.base else None
+        fts = [readers[i].get(n) for i, n in job.sources]
+        ref = base if base is not None else fts[0]
+        merged = merge_tensor(job.cfg, job.name, base, fts, dp_maps, out_dtype=output_dtype(cfg, ref.dtype),
+                              scratch=scratch)
+        out[job.name] = merged.to("cpu")
         if progress:
-            progress(k + 1, len(names))
+            progress(k + 1, len(plan.jobs))
     return out
 
 

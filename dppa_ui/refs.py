@@ -166,10 +166,12 @@ def _progress_tqdm(ref: str, report: Callable[[str], None]):
 
 
 def resolve_model(ref: str, *, allow_pickle: bool = False, policy: RefPolicy | None = None,
-                  progress: Callable[[str], None] | None = None) -> Path:
+                  progress: Callable[[str], None] | None = None, lora_cache: str | os.PathLike | None = None,
+                  log: Callable[[str], None] | None = None) -> Path:
     """The local folder of a model ref under `policy` (default: open, as the CLI). Every refusal
     is a ModelRefError (a ValueError) naming the ref and the fix. `progress` gets text lines while
-    a hub model downloads."""
+    a hub model downloads. `MODEL+ADAPTER`: MODEL with the PEFT adapter merged in (lora.py), kept
+    in `lora_cache` for reuse; both parts are resolved under the same policy."""
     policy = policy or OPEN
     if allow_pickle and not policy.allow_pickle:
         policy = RefPolicy(policy.roots, policy.allow_downloads, policy.max_download_bytes, True)
@@ -184,8 +186,12 @@ def resolve_model(ref: str, *, allow_pickle: bool = False, policy: RefPolicy | N
         except ValueError as e:
             raise ModelRefError(str(e)) from None
     if "+" in ref:
-        raise ModelRefError(f"model ref {ref!r}: LoRA (+) refs are not supported yet; merge the adapter into "
-                            "its base first (peft merge_and_unload) and use that folder")
+        from .lora import AdapterError, resolve_lora
+        try:
+            return resolve_lora(ref, lambda r: resolve_model(r, policy=policy, progress=progress), lora_cache, log,
+                                local=lambda r: _local(r, policy))
+        except AdapterError as e:
+            raise ModelRefError(str(e)) from None
     local = _local(ref, policy)
     return local if local is not None else _download(ref, policy, progress)
 

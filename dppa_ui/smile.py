@@ -14,6 +14,7 @@ so a plain `AutoModelForCausalLM.from_pretrained` refuses it instead of loading 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import sys
 import time
@@ -111,14 +112,16 @@ def build(config, device: str | torch.device = "cpu", base_sd: dict | None = Non
     modules = dict(model.named_modules())
     weights = {f"{n}.weight" for n in shapes} | {f"{n}.bias" for n in shapes}
     upscaled = []
+    # Everything but the projections: task arithmetic of the fine-tunes (or the base's), through the
+    # pipeline with the config read as the task_arithmetic preset (same models and weights).
+    others = dataclasses.replace(cfg, merge_method="task_arithmetic", prune="none", amplify="none", combine="sum")
     with torch.no_grad():
-        # Everything but the projections: task arithmetic of the fine-tunes (or the base's).
         own = model.state_dict()
         for name, t in own.items():
             if name in weights or name not in base_sd:
                 continue
             if cfg.smile_others == "task_arithmetic":
-                t.copy_(merge_tensor(cfg, name, base_sd[name].to(device), [sd[name] for sd in ft_sds]))
+                t.copy_(merge_tensor(others, name, base_sd[name].to(device), [sd[name] for sd in ft_sds]))
             else:
                 t.copy_(base_sd[name])
         for k, name in enumerate(shapes):

@@ -166,8 +166,9 @@ def _bad(tmp_path, fam, **change):
 
 @pytest.mark.parametrize("change,needles", [
     ({"frobnicate": 1}, ["frobnicate"]),
-    ({"merge_method": "slerp"}, ["slerp", "not supported yet"]),
-    ({"merge_method": "linear"}, ["linear", "not supported yet"]),
+    ({"merge_method": "slerp"}, ["slerp", "parameters.t", "give it"]),
+    ({"merge_method": "slerp", "parameters": {"t": 0.5}}, ["slerp", "exactly 1", "got 2"]),
+    ({"merge_method": "frankenmerge"}, ["frankenmerge", "supported"]),
     ({"dtype": "int4"}, ["dtype", "int4"]),
     ({"slices": [{"sources": []}]}, ["slices"]),
     ({"base_model": None}, ["base_model"]),
@@ -181,7 +182,8 @@ def test_cli_config_errors_one_line(tiny_family, tmp_path, capsys, change, needl
 @pytest.mark.parametrize("params,needles", [
     ({"density": 1.5}, ["density", "1.5"]),
     ({"density": 0}, ["density"]),
-    ({"weight": [0.1, 0.9]}, ["weight"]),
+    ({"weight": []}, ["weight", "empty"]),
+    ({"weight": [{"filter": "mlp"}]}, ["weight[0]", "value"]),
 ])
 def test_cli_model_parameter_errors_one_line(tiny_family, tmp_path, capsys, params, needles):
     models = [{"model": str(p), "parameters": params} for p in tiny_family.fts]

@@ -47,14 +47,25 @@ def test_defaults():
     assert cfg.lambda_ == 1.0 and cfg.seed == 0
     assert cfg.dp_lambda == 0.08 and cfg.dp_outlier_m == 5.0 and cfg.dp_others == "keep"
     assert cfg.pcb_ratio == 0.1 and cfg.scope == "tensor"
-    assert [m.rescale for m in cfg.models] == ["paper", "paper"]   # DARE paper unless told otherwise
+    # rescale: mergekit's defaults (dare_*: true = L1 norm; ties / breadcrumbs: false)
+    assert [m.rescale for m in load_config(c("dare_linear")).models] == ["l1", "l1"]
+    assert [m.rescale for m in load_config(c("dare_ties")).models] == ["l1", "l1"]
+    assert [m.rescale for m in load_config(c("ties")).models] == ["none", "none"]
 
 
 @pytest.mark.parametrize("method,norm", [("ties", True), ("dare_ties", False), ("task_arithmetic", False),
-                                         ("dare_linear", False), ("dp", False), ("dppa", False), ("pcb", False)])
+                                         ("dare_linear", False), ("dp", False), ("dppa", False),
+                                         ("breadcrumbs", False), ("breadcrumbs_ties", False), ("della", True),
+                                         ("della_linear", False), ("linear", True)])
 def test_normalize_defaults(method, norm):
+    """mergekit 0.1.5's per-method defaults (registry.py)."""
     assert load_config(c(method)).normalize is norm
     assert load_config(c(method, params={"normalize": not norm})).normalize is (not norm)
+
+
+def test_parameter_of_another_method_is_a_notice_not_an_error():
+    cfg = load_config(c("pcb", params={"normalize": True}))      # pcb has no normalize: mergekit ignores it too
+    assert any("normalize" in n and "ignored" in n for n in cfg.notices)
 
 
 def test_per_model_parameters_override_global():
@@ -183,10 +194,23 @@ def test_refuse_unknown_model_parameters_key():
     refused(c("ties", models=[{"model": "org/a", "parameters": {"wieght": 1}}]), "wieght")
 
 
-@pytest.mark.parametrize("method", ["linear", "slerp", "della"])
-def test_refuse_unsupported_method(method):
-    msg = refused(c(method), method)
-    assert "not supported yet" in msg
+MERGEKIT_METHODS = ["linear", "slerp", "nuslerp", "multislerp", "karcher", "model_stock", "nearswap", "arcee_fusion",
+                    "sce", "ram", "ramplus_tl", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear",
+                    "passthrough", "task_arithmetic", "ties", "dare_ties", "dare_linear"]
+
+
+@pytest.mark.parametrize("method", MERGEKIT_METHODS)
+def test_every_mergekit_method_loads(method):
+    from dppa_ui.registry import METHODS
+    models = {"slerp": [{"model": "org/a"}], "nearswap": [{"model": "org/a"}], "arcee_fusion": [{"model": "org/a"}],
+              "passthrough": [{"model": "org/a"}]}.get(method)
+    params = {"slerp": {"t": 0.3}, "nearswap": {"t": 0.01}, "della": {"density": 0.5}}.get(method)
+    top = {"base_model": None} if method == "passthrough" else {}
+    d = c(method, models=models, params=params)
+    d.update(top)
+    cfg = load_config(d)
+    assert cfg.merge_method == method and METHODS[method].mergekit
+    assert load_config(cfg.to_yaml()).to_dict() == cfg.to_dict()
 
 
 def test_refuse_unknown_method():
@@ -197,28 +221,30 @@ def test_refuse_missing_method_and_stages():
     refused(c(None), "merge_method")
 
 
-def test_refuse_gradient_list_weight():
-    refused(c("ties", models=[{"model": "org/a", "parameters": {"weight": [0.1, 0.5, 1.0]}}]), "weight", "gradient")
+def test_refuse_bad_gradients_and_filters():
+    refused(c("ties", models=[{"model": "org/a", "parameters": {"weight": []}}]), "weight", "empty")
+    refused(c("ties", params={"density": [1.0, 0.7, 0.0]}), "density[2]", "0.0")     # every anchor in range
+    refused(c("ties", params={"weight": [{"filter": "mlp", "value": 0.5}, 1.0]}), "weight[1]", "filter")
+    refused(c("ties", params={"weight": [{"filter": "mlp", "valu": 0.5}]}), "weight[0]", "valu")
+    refused(c("ties", params={"weight": [{"filter": 3, "value": 0.5}]}), "weight[0].filter")
+    refused(c("ties", params={"weight": [{"filter": "a", "value": [{"filter": "b", "value": 1}]}]}), "nested")
+    refused(c("dp", params={"dp_lambda": [0.1, 0.2]}), "dp_lambda", "one value")
+    refused(c("dp", params={"density": [0.1, 0.2]}), "density", "DP")
+    refused(c("dppa", params={"density": [0.1, 0.2]}), "density", "dpa")
 
 
-def test_refuse_gradient_list_density():
-    refused(c("ties", params={"density": [1.0, 0.7, 0.1]}), "density")
-
-
-def test_refuse_filter():
-    msg = refused(c("ties", models=[{"model": "org/a", "parameters": {
-        "weight": [{"filter": "mlp", "value": 0.5}, {"value": 1.0}]}}]), "weight")
-    assert "filter" in msg
-
-
-def test_refuse_slices():
+def test_refuse_slices_without_layer_range_and_with_models():
     refused({"merge_method": "ties", "base_model": BASE,
-             "slices": [{"sources": [{"model": "org/a", "layer_range": [0, 2]}]}]}, "slices")
+             "slices": [{"sources": [{"model": "org/a"}]}]}, "slices[0].sources[0]", "layer_range")
+    refused({"merge_method": "passthrough", "models": [{"model": "org/a"}],
+             "slices": [{"sources": [{"model": "org/a", "layer_range": [0, 2]}]}]}, "slices", "models")
 
 
-def test_refuse_lora_ref():
-    refused(c("ties", models=[{"model": "org/a+org/lora"}]), "org/a+org/lora")
-    refused(c("ties", base_model="org/base+org/lora"), "base_model")
+def test_lora_refs_accepted_and_malformed_refused():
+    cfg = load_config(c("ties", models=[{"model": "org/a+org/lora"}, {"model": {"model": "org/b", "lora": "org/l2"}}]))
+    assert [m.model for m in cfg.models] == ["org/a+org/lora", "org/b+org/l2"]
+    refused(c("ties", models=[{"model": "org/a+org/l+x"}]), "models[0].model", "MODEL+ADAPTER")
+    refused(c("ties", models=[{"model": {"model": "org/a", "adapter": "x"}}]), "models[0].model", "adapter")
 
 
 @pytest.mark.parametrize("density", [0, 0.0, 1.5, -0.2])
@@ -246,13 +272,18 @@ def test_refuse_partitions_amplification_length_mismatch():
                                                                 "amplification": [1.8]}}]), "amplification")
 
 
-@pytest.mark.parametrize("stages", [{"merge_method": "dare_linear", "amplify": "dpa"},
-                                    {"prune": "random", "amplify": "dpa", "combine": "sum"},
+@pytest.mark.parametrize("stages", [{"merge_method": "task_arithmetic", "amplify": "dpa"},
                                     {"prune": "none", "amplify": "dpa", "combine": "ties"}])
-def test_refuse_dpa_without_magnitude_ranks(stages):
+def test_refuse_dpa_without_a_prune(stages):
     d = c(None)
     d.update(stages)
     refused(d, "dpa")
+
+
+@pytest.mark.parametrize("prune", ["random", "della", "breadcrumbs", "magnitude", "dp"])
+def test_dpa_composes_with_every_prune(prune):
+    cfg = load_config(c(None, prune=prune, amplify="dpa", combine="sum", params={"density": 0.4}))
+    assert cfg.stages == (prune, "dpa", "sum") and cfg.models[0].partitions == [0.2, 0.4]
 
 
 @pytest.mark.parametrize("key", ["dtype", "out_dtype"])
@@ -289,6 +320,50 @@ def test_refuse_missing_config_file(tmp_path):
 
 def test_refuse_invalid_yaml():
     refused("merge_method: [ties\nbase_model: x\n", "YAML")
+
+
+# --------------------------------------------------------------------------- mergekit 0.1.5's whole merge-YAML schema
+
+def test_every_mergekit_schema_key_is_accepted():
+    """MergeConfiguration (modules/slices/models, merge_method, base_model, dtype, out_dtype,
+    tokenizer_source / tokenizer{source, tokens{source, force}, pad_to_multiple_of}, chat_template,
+    parameters), slice (sources, base_model, residual_weight, parameters), source (model,
+    layer_range, parameters), model mapping (model, lora, override_architecture), conditional
+    parameters (filter, value) and mergekit-multimerge's `name`."""
+    d = {"name": "x", "merge_method": "ties", "base_model": {"model": "org/base", "override_architecture": "Llama"},
+         "dtype": "bfloat16", "out_dtype": "float16", "chat_template": "auto",
+         "tokenizer": {"source": "union", "pad_to_multiple_of": 8,
+                       "tokens": {"<x>": {"source": {"kind": "zero"}, "force": True}}},
+         "parameters": {"normalize": True, "int8_mask": True, "rescale": False, "lambda": 0.9,
+                        "density": [{"filter": "mlp", "value": [0.2, 0.5]}, {"value": 0.4}]},
+         "modules": {"text": {"parameters": {"weight": 0.5},
+                              "slices": [{"base_model": "org/base", "residual_weight": 0.1,
+                                          "parameters": {"lambda": 1.0},
+                                          "sources": [{"model": "org/base", "layer_range": [0, 4]},
+                                                      {"model": {"model": "org/a", "lora": "org/l"},
+                                                       "layer_range": [0, 4], "parameters": {"weight": 1.0}}]}]}}}
+    cfg = load_config(d)
+    assert cfg.slices[0].sources[1].model == "org/a+org/l" and cfg.auto_chat_template
+    assert cfg.vocab.source == "union" and cfg.vocab.pad_to_multiple_of == 8
+    assert any("override_architecture" in n for n in cfg.notices)
+    assert any("residual_weight" in n for n in cfg.notices)
+
+
+@pytest.mark.parametrize("d,needle", [
+    ({"slices": [{"sources": [{"model": "org/a", "layer_range": [0, 2], "weights": 1}]}]}, "weights"),
+    ({"slices": [{"sources": [{"model": "org/a", "layer_range": [0, 2]}], "extra": 1}]}, "extra"),
+    ({"models": [{"model": {"model": "org/a", "adapter": "b"}}]}, "adapter"),
+    ({"tokenizer": {"source": "base", "vocab": 1}}, "vocab"),
+    ({"tokenizer": {"tokens": {"t": {"source": "org/a", "strength": 1}}}}, "strength"),
+    ({"chat_template": "not-a-template"}, "chat_template"),
+    ({"modules": {"a": {"models": [{"model": "org/a"}], "layers": 2}}}, "layers"),
+])
+def test_unknown_keys_at_every_level_are_refused_by_name(d, needle):
+    base = {"merge_method": "linear", "models": [{"model": "org/a"}]}
+    base.update(d)
+    if "slices" in d or "modules" in d:
+        base.pop("models")
+    refused(base, needle)
 
 
 @pytest.mark.parametrize("text", ["weight: .inf", "weight: 1.0e400", "weight: -.inf", "weight: .nan",

@@ -419,7 +419,7 @@ def test_estimate_bytes():
 
 def test_resolve_model_local_and_refusals(tmp_path, monkeypatch):
     assert resolve_model(str(tmp_path)) == tmp_path
-    with pytest.raises(ModelRefError, match=r"LoRA \(\+\) refs are not supported yet"):
+    with pytest.raises(ModelRefError, match=r"org/base"):      # MODEL+ADAPTER: the model is resolved first
         resolve_model("org/base+org/lora")
     with pytest.raises(ModelRefError, match="does not exist"):
         resolve_model(str(tmp_path / "missing" / "model"))

@@ -36,11 +36,16 @@ def ref_rank(a: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(rank).view(a.shape)
 
 
+def ref_k(density: float, n: int) -> int:
+    """Entries kept at `density`: int(density*n), at least one when density > 0 (mergekit 0.1.5)."""
+    return 0 if density <= 0 or n == 0 else max(1, int(density * n))
+
+
 def ref_magnitude(delta: torch.Tensor, density: float) -> torch.Tensor:
     """TIES trim: keep the int(density*n) largest |delta| (ties: lowest flat index)."""
     if density >= 1:
         return delta.clone()
-    k = int(density * delta.numel())
+    k = ref_k(density, delta.numel())
     return torch.where(ref_rank(delta.abs()) < k, delta, torch.zeros_like(delta))
 
 
@@ -155,10 +160,10 @@ def ref_dpa(delta: torch.Tensor, keep: float, edges: list[float], alphas: list[f
     n = delta.numel()
     rank = ref_rank(delta.abs())
     out = torch.zeros_like(delta)
-    kept = rank < int(keep * n)
+    kept = rank < ref_k(keep, n)
     factor = torch.full_like(delta, float(alphas[-1]))
     for e, a in reversed(list(zip(edges[:-1], alphas[:-1]))):
-        factor = torch.where(rank < int(min(max(e, 0.0), 1.0) * n), float(a), factor)
+        factor = torch.where(rank < ref_k(min(max(e, 0.0), 1.0), n), float(a), factor)
     out[kept] = (delta * factor)[kept]
     return out
 
@@ -226,7 +231,8 @@ def cfg(method=None, models=None, n=3, params=None, **top):
 def test_keep_count_is_int_of_density_times_n():
     assert keep_count(0.2, 10) == 2
     assert keep_count(0.29, 100) == int(0.29 * 100) == 28      # truncation, float product as written
-    assert keep_count(0.001, 999) == 0
+    assert keep_count(0.001, 999) == 1          # mergekit 0.1.5: a positive density keeps at least one
+    assert keep_count(0.0, 999) == 0 and keep_count(0.5, 0) == 0
     assert keep_count(1.0, 7) == 7
 
 
@@ -279,10 +285,11 @@ def test_magnitude_bf16_input_tensor():
     assert torch.equal(out.float(), ref_magnitude(d.float(), 0.2))
 
 
-def test_magnitude_density_giving_zero_keep_and_density_one():
+def test_magnitude_tiny_density_keeps_the_largest_and_density_one():
     d = heavy((5, 7), 2)
     assert int(0.02 * 35) == 0
-    assert torch.count_nonzero(magnitude_prune(d, 0.02)) == 0
+    out = magnitude_prune(d, 0.02)                 # mergekit 0.1.5: at least one entry survives
+    assert torch.count_nonzero(out) == 1 and out.abs().max() == d.abs().max()
     assert torch.equal(magnitude_prune(d, 1.0), d)
 
 
@@ -303,7 +310,7 @@ def test_topk_mask_ties_lowest_index_first():
 def test_dare_kept_values_exactly_delta_over_density():
     d = heavy((300, 200), 4)
     density = 0.3
-    out = dare_prune(d, density, tensor_generator(0, 0, "w"))
+    out = dare_prune(d, density, tensor_generator(0, 0, "w"), rescale="paper")
     kept = out != 0
     assert torch.equal(out[kept], d[kept] / density)
     frac = kept.float().mean().item()
@@ -313,13 +320,13 @@ def test_dare_kept_values_exactly_delta_over_density():
 
 def test_dare_mean_is_preserved():
     d = torch.full((400, 500), 0.5)
-    out = dare_prune(d, 0.2, tensor_generator(1, 0, "w"))
+    out = dare_prune(d, 0.2, tensor_generator(1, 0, "w"), rescale="paper")
     # E[out] = d; the std of the mean is 0.5*sqrt(0.8/0.2/2e5) ~ 0.0022
     assert abs(out.mean().item() - 0.5) < 0.015
     # and per entry, over many independent masks
     acc = torch.zeros(50)
     for s in range(400):
-        acc += dare_prune(torch.ones(50), 0.25, tensor_generator(s, 0, "v"))
+        acc += dare_prune(torch.ones(50), 0.25, tensor_generator(s, 0, "v"), rescale="paper")
     assert torch.allclose(acc / 400, torch.ones(50), atol=0.45)
     assert abs((acc / 400).mean().item() - 1.0) < 0.1
 
@@ -372,16 +379,25 @@ def test_dare_pipeline_masks_independent_of_tensor_order():
     assert not torch.equal(merge_in_memory(base, fts, c1)[k], a[k])
 
 
-def test_dare_pipeline_matches_reference_sum():
+@pytest.mark.parametrize("rescale", [None, "paper", False])
+def test_dare_pipeline_matches_reference_sum(rescale):
+    """dare_linear's default rescale is mergekit's (L1 norm restored, `rescale: true`); the DARE
+    paper's 1/density is `rescale: paper`; `false` keeps the kept values."""
     base, fts = make_sds(2, seed=2)
-    c = cfg("dare_linear", n=2, params={"density": 0.4, "weight": 0.7}, seed=5)
+    params = {"density": 0.4, "weight": 0.7} | ({} if rescale is None else {"rescale": rescale})
+    c = cfg("dare_linear", n=2, params=params, seed=5)
     out = merge_in_memory(base, fts, c)
     for k in base:
         ref = base[k].clone()
         for i, ft in enumerate(fts):
             d = ft[k] - base[k]
             mask = torch.rand(d.shape, generator=tensor_generator(5, i, k)) < 0.4
-            ref += 0.7 * torch.where(mask, d / 0.4, 0.0)
+            kept = torch.where(mask, d, 0.0)
+            if rescale is None:
+                kept = kept * (d.abs().sum() / kept.abs().sum())
+            elif rescale == "paper":
+                kept = kept / 0.4
+            ref += 0.7 * kept
         assert torch.allclose(out[k], ref, atol=1e-6), k
 
 
@@ -452,8 +468,12 @@ def test_dare_ties_pipeline_matches_reference():
     assert c.normalize is False
     out = merge_in_memory(base, fts, c)
     for k in base:
-        d = torch.stack([torch.where(torch.rand(base[k].shape, generator=tensor_generator(3, i, k)) < 0.5,
-                                     (ft[k] - base[k]) / 0.5, 0.0) for i, ft in enumerate(fts)])
+        rows = []
+        for i, ft in enumerate(fts):                  # mergekit's default: the L1 norm restored
+            full = ft[k] - base[k]
+            kept = torch.where(torch.rand(base[k].shape, generator=tensor_generator(3, i, k)) < 0.5, full, 0.0)
+            rows.append(kept * (full.abs().sum() / kept.abs().sum()))
+        d = torch.stack(rows)
         assert torch.allclose(out[k], base[k] + ref_ties_mergekit(d, [1.0, 1.0], False), atol=1e-6), k
 
 
@@ -784,7 +804,7 @@ def test_dpa_bands_shifted_by_offset():
         edges = [0.1 + offset, 0.2 + offset]
         assert torch.allclose(out, ref_dpa(d, keep, edges, [1.7, 1.2])), offset
         rank = ref_rank(d.abs())
-        top = rank < int(max(0.1 + offset, 0.0) * d.numel())
+        top = rank < ref_k(max(0.1 + offset, 0.0), d.numel())
         assert torch.equal(out[top], d[top] * 1.7)
 
 
@@ -841,8 +861,9 @@ def test_tensor_fates_and_kept_fraction_count_a_zero_band_as_dropped():
               {"model": "c", "parameters": {"density": 0.3, "partitions": [0.1, 0.3], "amplification": [2.0, 1.0]}}]
     c = load_config({"prune": "magnitude", "amplify": "dpa", "combine": "sum", "base_model": "b", "models": models})
     shapes = {"x.weight": (10, 10), "y.weight": (7,)}
-    # a: only its top band survives, int(0.1*100) + int(0.1*7); c: int(0.3*100) + int(0.3*7)
-    assert kept_fraction(c, shapes, None) == pytest.approx([(10 + 0) / 107, (30 + 2) / 107])
+    # a: only its top band survives, int(0.1*100) + max(1, int(0.1*7)) (keep_count keeps at least one
+    # entry, as mergekit); c: int(0.3*100) + int(0.3*7)
+    assert kept_fraction(c, shapes, None) == pytest.approx([(10 + 1) / 107, (30 + 2) / 107])
     fa, fc = tensor_fates(c, "x.weight", (10, 10), None)
     assert fa.pruned and fa.density == 0.3 and fa.bands == ((0.0, 0.1, 2.0), (0.1, 0.3, 0.0))
     assert fa.kept == pytest.approx(0.1) and fc.kept == pytest.approx(0.3) and fa.amplified
@@ -903,9 +924,10 @@ def test_explicit_stage_compositions_match_reference(prune, combine):
             d = deltas[i][k]
             if prune == "magnitude":
                 ps.append(ref_magnitude(d, dens[i]))
-            elif prune == "random":
+            elif prune == "random":        # a random prune restores the L1 norm by default (mergekit)
                 mask = torch.rand(d.shape, generator=tensor_generator(2, i, k)) < dens[i]
-                ps.append(torch.where(mask, d / dens[i], 0.0))
+                kept = torch.where(mask, d, 0.0)
+                ps.append(kept * (d.abs().sum() / kept.abs().sum()) if kept.abs().sum() >= 1e-7 else kept)
             else:
                 ps.append(ref_magnitude(d, dp[i][k][0]) if k in dp[i] else d)
         stack = torch.stack(ps)

@@ -220,7 +220,7 @@ def test_top_k_larger_than_the_experts_is_refused():
     with pytest.raises(ConfigError, match="num_experts_per_tok.*2 fine-tune"):
         load_config({"merge_method": "smile", "base_model": "demo:base", "models": ["demo:sort", "demo:cipher"],
                      "parameters": {"num_experts_per_tok": 3}})
-    with pytest.raises(ConfigError, match="takes no `prune`"):
+    with pytest.raises(ConfigError, match="`prune` is a pipeline stage; merge_method `smile` is an upscale method"):
         load_config({"merge_method": "smile", "prune": "magnitude", "base_model": "demo:base", "models": ["demo:sort"]})
     with pytest.raises(ValueError, match="between 1 and"):
         SmileLinear(torch.zeros(2, 2), None, torch.zeros(1, 2, 1), torch.zeros(1, 1, 2), torch.zeros(1, 1, 2),

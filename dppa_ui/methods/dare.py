@@ -5,11 +5,11 @@ multiplied by 1/p, so the expected delta is unchanged. Magnitude plays no part: 
 point, and the DPPA paper's counter-point (it fails when the fine-tune moved far from the base).
 
 `rescale` options:
-  "paper" (default): x 1/density, the DARE paper.
-  "l1" (mergekit's `rescale: true` is read as this): scale the kept entries so the L1 norm of the
-      pruned delta equals the original's (a no-op where either norm is below 1e-8).
+  "l1" (default, mergekit's `rescale: true`, its default for dare_ties / dare_linear): scale the
+      kept entries so the L1 norm of the pruned delta equals the original's (rescale.py).
+  "paper": x 1/density, the DARE paper's Eq. 2 (write `rescale: paper`).
   "none" (`rescale: false`): keep the surviving values as they are.
-A mergekit dare YAML without `rescale` therefore gets DARE-paper scaling here.
+A mergekit dare YAML therefore gives mergekit's scaling here.
 
 Masks are reproducible: one generator per (seed, model index, tensor name), so the same seed gives
 the same masks on the same device type whatever order the tensors are processed in.
@@ -20,7 +20,7 @@ import hashlib
 
 import torch
 
-RESCALE_MODES = ("paper", "l1", "none")
+from .rescale import RESCALE_MODES, rescale_to_l1
 
 
 def tensor_generator(seed: int, model_index: int, name: str, device: torch.device | str = "cpu") -> torch.Generator:
@@ -40,7 +40,7 @@ def random_mask(shape: torch.Size | tuple, density: float, generator: torch.Gene
 
 
 def dare_prune(delta: torch.Tensor, density: float, generator: torch.Generator,
-               rescale: str = "paper", inplace: bool = False) -> torch.Tensor:
+               rescale: str = "l1", inplace: bool = False) -> torch.Tensor:
     """Drop each entry with probability 1 - density, then rescale the survivors (see module doc).
 
     `inplace=True` works in `delta` itself (the engine's buffers), saving a copy."""
@@ -54,7 +54,5 @@ def dare_prune(delta: torch.Tensor, density: float, generator: torch.Generator,
     if rescale == "paper":
         out /= density
     elif rescale == "l1":
-        after = out.abs().sum()
-        if before >= 1e-8 and after >= 1e-8:
-            out *= before / after
+        rescale_to_l1(out, before)
     return out

@@ -1,13 +1,15 @@
 """Magnitude pruning: TIES step 1, "trim" (Yadav et al. 2023, arXiv 2306.01708, Sec. 3).
 
-Keep the k = int(density * n) entries of largest |delta| and zero the rest. No rescaling: TIES
-keeps the surviving entries at their trained values. Ties at the threshold are resolved by
-`select.topk_mask` (lowest flat index first), so exactly k entries survive.
+Keep the k = int(density * n) entries of largest |delta| (at least one when density > 0, as
+mergekit 0.1.5) and zero the rest. No rescaling by default: TIES keeps the surviving entries at
+their trained values; `rescale: true` ("l1", mergekit's option) restores the L1 norm. Ties at the
+threshold are resolved by `select.topk_mask` (lowest flat index first), so exactly k entries survive.
 """
 from __future__ import annotations
 
 import torch
 
+from .rescale import rescale_to_l1
 from .select import keep_count, topk_mask
 
 
@@ -16,7 +18,7 @@ def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
     return topk_mask(delta.abs(), keep_count(density, delta.numel()))
 
 
-def magnitude_prune(delta: torch.Tensor, density: float, inplace: bool = False) -> torch.Tensor:
+def magnitude_prune(delta: torch.Tensor, density: float, inplace: bool = False, rescale: str = "none") -> torch.Tensor:
     """Zero all but the int(density * n) largest-magnitude entries of `delta`.
 
     `inplace=True` zeroes them in `delta` itself (the engine's buffers), saving a copy."""
@@ -24,5 +26,7 @@ def magnitude_prune(delta: torch.Tensor, density: float, inplace: bool = False) 
         return delta
     # A float 1/0 mask written over |delta| itself: no extra buffer, a fast float multiply.
     keep = delta.abs()
+    before = keep.sum() if rescale == "l1" else None
     topk_mask(keep, keep_count(density, delta.numel()), out=keep)
-    return delta.mul_(keep) if inplace else delta * keep
+    out = delta.mul_(keep) if inplace else delta * keep
+    return rescale_to_l1(out, before) if rescale == "l1" else out

@@ -76,6 +76,16 @@ def _first_dropped_tie(flat: torch.Tensor, thr: torch.Tensor, extra: int) -> int
         extra, end = extra - c, start
 
 
+def order_statistics(values: torch.Tensor, positions: list[int]) -> list[torch.Tensor]:
+    """The values at 0-based `positions` of `values` sorted ascending (one introselect for all of
+    them on the CPU), as 0-d tensors in the values' dtype."""
+    flat = values.reshape(-1)
+    if flat.device.type == "cpu":
+        part = np.partition(flat.detach().float().numpy(), sorted(set(positions)))
+        return [torch.tensor(part[p]).to(flat.dtype) for p in positions]
+    return [torch.kthvalue(flat, p + 1).values for p in positions]
+
+
 def row_kth_smallest(x: torch.Tensor, index: int) -> torch.Tensor:
     """Per row of a 2-D tensor, the value at 0-based `index` of the row sorted ascending, as an
     (n, 1) column (numpy's introselect on the CPU, torch.kthvalue elsewhere)."""
@@ -87,5 +97,8 @@ def row_kth_smallest(x: torch.Tensor, index: int) -> torch.Tensor:
 
 
 def keep_count(density: float, numel: int) -> int:
-    """Entries kept at `density`: int(density * n), the papers' and mergekit's rounding."""
-    return int(density * numel)
+    """Entries kept at `density`: int(density * n), the papers' rounding, but at least one entry of
+    a non-empty tensor when density > 0 (mergekit 0.1.5's magnitude rule)."""
+    if density <= 0 or numel <= 0:
+        return 0
+    return max(1, int(density * numel))
