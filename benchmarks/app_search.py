@@ -7,9 +7,9 @@ search thread on the session's memory-mapped weights, the plot and table rebuilt
 on a dppa merge of 2 and of 4 demo fine-tunes, moving the weights (one per model) and the shared
 density (NGOpt, `--budget` candidates, no test split), with the app's torch-thread setting (1 for
 small models) and with torch's default, alternating for `--repeat` rounds. Prints, per run: the
-seconds to the first candidate (the fine-tunes' reference scores), the search's wall time, and
-candidates per second over the candidates' own time, with the load average beside them. The
-machine may be shared: compare numbers within a run.
+search's wall time (the fine-tunes' reference scores included) and candidates per second over the
+candidates' own time, with the load average beside them. The machine may be shared: compare
+numbers within a run.
 """
 from __future__ import annotations
 
@@ -33,13 +33,11 @@ def run(state: AppState, budget: int) -> dict:
          "search_objective": "geometric", "search_data": search.DEMO_DEV, "search_upload": None, "search_seed": 0,
          "search_test": False, **DEFAULT_UI}
     t0 = time.perf_counter()
-    first = None
     for out in search.start(v):
-        if first is None and "⏳ 1/" in str(out.get("search_status", "")):
-            first = time.perf_counter() - t0
+        pass
     res = out["search_best"]
     busy = sum(r["seconds"] for r in res.rows if r["phase"] == "search")
-    return {"wall": time.perf_counter() - t0, "first": first, "per_s": len(res.rows) / busy, "n": len(res.rows),
+    return {"wall": time.perf_counter() - t0, "per_s": len(res.rows) / busy, "n": len(res.rows),
             "objective": res.objective}
 
 
@@ -61,7 +59,7 @@ def main() -> None:
                     os.environ["DPPA_UI_SEARCH_THREADS"] = env
                 r = run(state, args.budget)
                 print(f"{len(fts)} fine-tunes, round {rnd + 1}, {label:15s}: {r['n']} candidates, wall {r['wall']:6.1f} s "
-                      f"(first after {r['first'] or 0:.1f} s), {r['per_s']:.2f} candidates/s, best {r['objective']:.4f} "
+                      f", {r['per_s']:.2f} candidates/s, best {r['objective']:.4f} "
                       f"| load {os.getloadavg()[0]:.2f}", flush=True)
         os.environ.pop("DPPA_UI_SEARCH_THREADS", None)
         state.close()

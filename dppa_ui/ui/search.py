@@ -136,8 +136,8 @@ def _label(p: search.Param, refs: list[str]) -> str:
 
 def search_threads(ws) -> int | None:
     """Torch threads for a search: DPPA_UI_SEARCH_THREADS (0 = torch's default), else 1 for small
-    models. Their candidates are tiny: OpenMP threads spin-wait on each other, and on a busy
-    machine one thread is many times faster (README, Search)."""
+    models. Their candidates are tiny: OpenMP threads spin-wait on each other, so on a busy
+    machine one thread is many times faster, on a quiet one a little slower (README, The app)."""
     env = os.environ.get("DPPA_UI_SEARCH_THREADS")
     if env is not None and env.strip().isdigit():
         return int(env) or None
