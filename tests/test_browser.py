@@ -215,4 +215,34 @@ def test_apl_map_smile_upscale_routing_strip_and_routing_accuracy(url, browser):
     expect(page.locator("#routing-status")).to_contain_text("chance 0.25", timeout=180_000)
     expect(page.locator("#routing-table")).to_contain_text("brackets")
     shot(page, "ui_score_routing", "#tab-score")
+
+
+def test_a_tiny_search_streams_its_plot_then_stops_asking(url, browser):
+    """Search tab: Start a 6-candidate search; the plot grows while it runs (a point per candidate),
+    the table and the test-split line follow, and once it ends the page sends nothing more; the
+    best loads into the controls."""
+    page, joins = open_page(browser, url)
+    page.locator("button[role=tab]:has-text('Search')").first.click()
+    expect(page.locator("#search-params")).to_contain_text("density")
+    page.locator("#search-budget input").fill("6")
+    settle(joins)
+    page.locator("#search-btn").click()
+    points = "() => { const p = document.querySelector('#search-plot .js-plotly-plot');" \
+             " return p && p.data && p.data.length === 2 ? p.data[0].x.length : 0 }"
+    seen: list[int] = []
+    t0 = time.time()
+    while time.time() - t0 < 120 and "searched 6" not in page.locator("#search-status").inner_text():
+        seen.append(page.evaluate(points))
+        time.sleep(0.2)
+    expect(page.locator("#search-status")).to_contain_text("test split")
+    assert page.evaluate(points) == 6
+    assert any(0 < n < 6 for n in seen), seen                    # it was drawn while the search ran
+    expect(page.locator("#search-rows")).to_contain_text("weight brackets")
+    shot(page, "ui_search", "#views-col")
+    n = len(joins)
+    time.sleep(4)
+    assert len(joins) == n                                        # no request loop once it ended
+    page.locator("#search-load-btn").click()
+    expect(page.locator("#search-status")).to_contain_text("in the method controls")
+    assert page.locator("#weights textarea").input_value() != ""
     page.context.close()

@@ -240,3 +240,41 @@ def test_session_files_are_removed_when_the_server_stops(tmp_path):
         assert not root.exists()
     finally:
         proc.kill()
+
+
+def test_search_over_the_api_on_an_uploaded_dev_file(client, tmp_path):
+    """/search on the session's own upload (registered through /search_upload, as /upload_suite
+    does; a server path is refused): the plot has a point per candidate, the table a row, and
+    /search_load_best puts the best candidate's weights and density into the controls."""
+    import json
+
+    from gradio_client import Client, handle_file
+
+    from dppa_ui import evaluation
+    from dppa_ui.ui.common import CONTROL_KEYS as KEYS
+    from dppa_ui.ui.search import HEADERS
+    c = Client(client.src, verbose=False)                     # a session of its own
+    assert c.predict("demo:base", FTS[::2], api_name="/load_models")[1].startswith("✓")
+    dev = tmp_path / "my_dev.jsonl"
+    items = [it for d in ("reverse", "sort") for it in evaluation.load_suite("zoo", "dev", domains=[d])[:20]]
+    dev.write_text("".join(json.dumps({k: it[k] for k in ("prompt", "answer", "domain")}) + "\n" for it in items))
+    text = raw_call(client.src, "search_upload", [{"path": str(dev), "meta": {"_type": "gradio.FileData"}}])
+    assert "event: error" in text and "reverse" not in text
+    data, status = c.predict(handle_file(str(dev)), api_name="/search_upload")
+    assert data == UPLOAD_SUITE and "40 items in 2 domain(s)" in status
+    table = {"headers": HEADERS, "data": [[True, "weight", "each", 0.5, 1.5], [True, "density", "shared", 0.1, 0.4]]}
+    plot, rows, status, yaml_text, file = c.predict(table, "oneplusone", 4, "geometric", UPLOAD_SUITE,
+                                                    handle_file(str(dev)), 0, True, *method(), api_name="/search")
+    assert status.startswith("✓") and "searched 4 candidates" in status and "test split" not in status
+    assert str(tmp_path) not in status
+    points = json.loads(value(plot)["plot"])["data"]
+    assert len(points[0]["x"]) == 4 and len(points[1]["y"]) == 4
+    rows = value(rows)
+    assert rows["headers"][:4] == ["#", "weight reverse", "weight sort", "density"] and len(rows["data"]) == 4
+    best = max(rows["data"], key=lambda r: r[4])
+    assert "merge_method: dppa" in yaml_text
+    out = dict(zip([*KEYS, "preset_info", "search_status"], c.predict(api_name="/search_load_best")))
+    assert out["search_status"].startswith("✓"), out["search_status"]
+    weights = [float(w) for w in value(out["weights"]).split(",") if w.strip()] or [1.0, 1.0]    # '' = 1 each
+    assert weights == pytest.approx(best[1:3], abs=1e-4)
+    assert value(out["density"]) == pytest.approx(best[3], abs=1e-4)

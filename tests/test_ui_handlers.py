@@ -377,3 +377,162 @@ def test_smile_bad_settings_are_refused_by_name(state):
     assert len(state.ws.runs.items) == n                                   # nothing was built
     full = merge.smile_estimate({"state": state, **SMILE, "smile_full": True})["smile_size"]
     assert "parameters" in full and "×" in full
+
+
+# ----------------------------------------------------------------------------------- 7 · Search
+
+from dppa_ui import search as core_search  # noqa: E402
+from dppa_ui.config import load_config  # noqa: E402
+from dppa_ui.ui import search as search_ui  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def pair():
+    """A session with two demo fine-tunes loaded (the searches' size)."""
+    s = AppState()
+    out = models.load_models({"state": s, "base": "demo:base", "fts": FTS[::2]})     # reverse, sort
+    assert out["models_status"].startswith("✓"), out["models_status"]
+    s.ws.stats.wait(timeout=60)
+    yield s
+    s.close()
+
+
+def search_inputs(state, rows=None, **over) -> dict:
+    c = controls_from(DEFAULT_UI)
+    return {"state": state, "search_params": rows if rows is not None else search_ui.default_rows(c),
+            "search_optimizer": "ngopt", "search_budget": 5, "search_objective": "geometric",
+            "search_data": search_ui.DEMO_DEV, "search_upload": None, "search_seed": 0, "search_test": False,
+            **DEFAULT_UI, **over}
+
+
+def controls_shown(out: dict) -> MethodControls:
+    return controls_from({**DEFAULT_UI, **{k: (v["value"] if isinstance(v, dict) else v) for k, v in out.items()
+                                           if k in DEFAULT_UI}})
+
+
+def test_search_streams_its_candidates_and_the_best_loads_into_the_controls(pair):
+    outs = list(search_ui.start(search_inputs(pair, search_budget=6, search_test=True)))
+    last = outs[-1]
+    res = last["search_best"]
+    assert last["search_status"].startswith("✓") and not res.cancelled
+    # the live plot: dots per candidate and the best so far, the last one has all six
+    plots = [o["search_plot"] for o in outs if "search_plot" in o and len(o["search_plot"].data) == 2]
+    assert len(plots[-1].data[0].x) == 6 and list(plots[-1].data[1].y) == sorted(plots[-1].data[1].y)
+    table = last["search_rows"]["value"]
+    assert table["headers"][:4] == ["#", "weight reverse", "weight sort", "density"]
+    assert [r[0] for r in table["data"]] == [6, 5, 4, 3, 2, 1]                 # newest first
+    objectives = [r[4] for r in table["data"]]
+    assert res.objective == pytest.approx(max(objectives), abs=1e-4)          # the best scored candidate is chosen
+    best_row = table["data"][objectives.index(max(objectives))]
+    assert best_row[1:4] == pytest.approx([res.values["models[0].weight"], res.values["models[1].weight"],
+                                           res.values["density"]], abs=1e-4)
+    assert all(0.5 <= r[1] <= 1.5 and 0.5 <= r[2] <= 1.5 and 0.05 <= r[3] <= 0.6 for r in table["data"])
+    assert "test split" in last["search_status"]                              # scored once, for the best
+    assert load_config(last["search_yaml"]).models[1].weight == pytest.approx(res.values["models[1].weight"])
+    assert Path(last["search_file"]["value"]).read_text() == last["search_yaml"]
+    out = search_ui.load_best({"state": pair, "search_best": res})
+    assert out["search_status"].startswith("✓")
+    shown = controls_shown(out).to_config("demo:base", FTS[::2])
+    assert [m.weight for m in shown.models] == pytest.approx([res.values["models[0].weight"],
+                                                              res.values["models[1].weight"]], rel=1e-5)
+    assert shown.models[0].density == pytest.approx(res.values["density"]) == shown.models[1].density
+
+
+def test_stop_ends_the_search_with_the_best_so_far(pair):
+    outs = []
+    for o in search_ui.start(search_inputs(pair, search_budget=200)):
+        outs.append(o)
+        m = re.search(r"⏳ (\d+)/200", o.get("search_status", ""))
+        if m and int(m.group(1)) >= 2 and not pair.cancel.is_set():
+            assert "stop requested" in search_ui.stop({"state": pair})["search_status"]
+    res = outs[-1]["search_best"]
+    assert res.cancelled and "stopped after" in outs[-1]["search_status"]
+    scored = [r for r in res.rows if r["phase"] == "search"]
+    assert 2 <= len(scored) < 20
+    top = max(scored, key=lambda r: r["objective"])
+    assert res.objective == top["objective"] and res.values == top["params"]
+
+
+def test_search_refuses_bad_input_by_name(pair, tmp_path):
+    def status(rows=None, **over) -> str:
+        outs = list(search_ui.start(search_inputs(pair, rows, **over)))
+        assert len(outs) == 1 and "search_best" not in outs[0]                 # nothing ran
+        return outs[0]["search_status"]
+    assert "density" in status([[True, "density", "shared", 0.5, 0.2]]) and "empty bounds" in status(
+        [[True, "density", "shared", 0.5, 0.2]])
+    s = status([[True, "density", "shared", 0.1, 1.5]])
+    assert "density" in s and "invalid config" in s
+    s = status([[True, "gamma", "—", 0.1, 0.5]])
+    assert "gamma" in s and "unknown parameter" in s
+    s = status([[True, "PCB ratio", "—", 0.1, 0.5]])
+    assert "pcb_ratio" in s and "no effect" in s                                # dppa has no PCB stage
+    s = status([[True, "weight", "cipher", 0.5, 1.5]])
+    assert "cipher" in s and "reverse, sort" in s                               # not a loaded fine-tune
+    assert "finite" in status([[True, "weight", "each", float("nan"), 1.5]])
+    assert "tick at least one" in status([[False, "weight", "each", 0.5, 1.5]])
+    for budget in (0, 201, 2.5, float("inf")):
+        assert "budget" in status(search_budget=budget)
+    assert "objective" in status(search_objective="nosuch")
+    secret = tmp_path / "dev.jsonl"
+    secret.write_text('{"prompt": "reverse: ab", "answer": "ba", "domain": "reverse"}\n')
+    s = status(search_data=score.UPLOAD_SUITE, search_upload=str(secret))
+    assert "uploaded in this session" in s and str(tmp_path) not in s
+
+
+def test_load_best_refuses_what_the_controls_cannot_hold(pair):
+    base = {"merge_method": "dppa", "base_model": "demo:base",
+            "models": [{"model": m, "parameters": {"density": d, "partitions": [d / 2, d], "amplification": [1.8, 1.0]}}
+                       for m, d in zip(FTS[::2], (0.2, 0.4))]}
+    cfg = load_config(base)
+    spec = core_search.parse_search(cfg, {"parameters": {"models[*].density": [0.1, 0.5]}})
+    res = core_search.SearchResult(config=cfg, values={"models[0].density": 0.2, "models[1].density": 0.4},
+                                   objective=0.5, spec=spec)
+    out = search_ui.load_best({"state": pair, "search_best": res})
+    assert "cannot hold models[0].density, models[1].density" in out["search_status"] and "density" not in out
+    pcb = load_config({"merge_method": "pcb", "base_model": "demo:base", "models": FTS[::2],
+                       "parameters": {"clip_ratio": 0.01}})
+    spec = core_search.parse_search(pcb, {"parameters": {"clip_ratio": [0.0001, 0.05], "models[*].weight": [0.5, 1.5]}})
+    res = core_search.SearchResult(config=pcb, values={"clip_ratio": 0.01, "models[0].weight": 1.0,
+                                                       "models[1].weight": 1.0}, objective=0.5, spec=spec)
+    out = search_ui.load_best({"state": pair, "search_best": res})
+    assert "cannot hold clip_ratio " in out["search_status"] and "weight" not in out["search_status"]
+    assert "weights" not in out
+
+
+def test_the_parameter_table_follows_the_preset(pair):
+    out = search_ui.rows_for_preset({"preset": "pcb", "n_bands": 2, "search_for": "dppa/2",
+                                     "search_params": [[True, "weight", "each", 0.7, 1.2]]})
+    rows = out["search_params"]
+    assert out["search_for"] == "pcb/2" and [r[1] for r in rows] == ["weight", "λ", "PCB ratio"]
+    assert rows[0] == [True, "weight", "each", 0.7, 1.2]                        # the user's edit stays
+    assert search_ui.rows_for_preset({"preset": "pcb", "n_bands": 2, "search_for": "pcb/2",
+                                      "search_params": rows}) == {"search_for": "pcb/2"}   # the table stays
+    three = search_ui.rows_for_preset({"preset": "dppa", "n_bands": 3, "search_for": "pcb/2", "search_params": rows})
+    assert [r[1] for r in three["search_params"] if r[1].startswith("α")] == ["α1", "α2", "α3"]
+    block = search_ui.parameters_block([[True, "α2", "sort", 0, 2], [True, "DP λ", "—", 0, 0.2],
+                                        [True, "models[0].weight", "", 0.5, 1]], FTS[::2])
+    assert block == {"models[1].amplification[1]": [0, 2], "dp_lambda": [0, 0.2], "models[0].weight": [0.5, 1]}
+
+
+def test_auto_lambda_writes_the_lambdas_it_found_into_the_weights(pair, monkeypatch):
+    monkeypatch.setattr(core_search, "LAMBDA_BUDGET", 6)          # PCB's budget is 100: the same search, shorter
+    outs = list(search_ui.auto_lambda({"state": pair, **ctl(preset="pcb")}))
+    last = outs[-1]
+    assert last["method_status"].startswith("✓") and last["lambda_"] == 1.0
+    weights = [float(w) for w in last["weights"].split(",")]
+    tried = [(float(o), [float(x) for x in lam.split(",")]) for lam, o in
+             re.findall(r"#\d+: λ ([0-9., ]+) → ([0-9.]+)", last["lambda_log"])]
+    assert len(tried) == 6 and all(0.8 <= x <= 1.3 for _, lam in tried for x in lam)
+    assert weights == pytest.approx(max(tried)[1], abs=1e-3)                  # the best candidate's λ_i
+    assert len(outs) >= 2                                                     # the log streamed before the end
+
+
+def test_auto_alpha_streams_the_official_walk_and_writes_what_it_chose(pair):
+    outs = list(method.auto_alpha({"state": pair, **ctl(preset="dppa")}))
+    last = outs[-1]
+    assert last["method_status"].startswith("✓") and len(outs) >= 3          # the log streamed before the end
+    chosen = [[float(x) for x in a.split(",")] for a in re.findall(r"chose \[([0-9., ]+)\]", last["alpha_log"])]
+    written = controls_from({**DEFAULT_UI, "alpha_per_model": last["alpha_per_model"]}).alpha_per_model
+    assert list(written) == FTS[::2] and list(written.values()) == chosen
+    # the official walk starts at [1.8, 0.0]: its first step is scored there, whatever the sliders say
+    assert "alpha [1.8, 0.0] ->" in last["alpha_log"]

@@ -1,8 +1,8 @@
 """The page: the models and method controls in a column that stays in view, beside tabs for what
-they drive (inspect, merge, chat, score, lessons). Each section is one file with `build` (layout)
-and `wire` (events); handlers are plain functions of {key: value} (see page.py), every component
-has an elem_id, and every event a user triggers has an api_name, so gradio_client drives the same
-flow as a browser.
+they drive (inspect, merge, chat, score, search, lessons). Each section is one file with `build`
+(layout) and `wire` (events); handlers are plain functions of {key: value} (see page.py), every
+component has an elem_id, and every event a user triggers has an api_name, so gradio_client drives
+the same flow as a browser.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import gradio as gr
 
 from ..modelbuild import warm_up
 from ..refs import resolve_model
-from . import chat, inspect, lessons, merge, method, models, score
+from . import chat, inspect, lessons, merge, method, models, score, search
 from .common import CONCURRENCY, SESSION_TTL, AppState, close_state
 from .page import Page
 
@@ -65,7 +65,9 @@ def build_app() -> gr.Blocks:
                         chat.build(page)
                     with gr.Tab("6 · Score", id="score", elem_id="tab-score"):
                         score.build(page)
-                    with gr.Tab("7 · Lessons", id="lessons", elem_id="tab-lessons"):
+                    with gr.Tab("7 · Search", id="search", elem_id="tab-search") as search_tab:
+                        search.build(page, search_tab)
+                    with gr.Tab("8 · Lessons", id="lessons", elem_id="tab-lessons"):
                         lessons.build(page)
         models.wire(page)
         method.wire(page)
@@ -76,6 +78,7 @@ def build_app() -> gr.Blocks:
         control_setters = score.wire(page)
         control_setters.append(page.on(page["example"].input, method.load_example, ["state", "example"],
                                        [*method.SHOW_OUT, "method_status"], api_name="load_example"))
+        control_setters += search.wire(page)
         lessons.wire(page)
         # The views follow every committed control, every load, and every event that sets the controls.
         inspect.wire(page, method.commit_triggers(page), [*page.loaded_events, autoload, *control_setters])

@@ -59,6 +59,11 @@ def build(page) -> None:
         page.add("alpha_log", gr.Textbox(label="α search log", lines=2, max_lines=8, interactive=False,
                                          elem_id="alpha-log"))
     page.add("dpa_group", dpa_group)
+    # PCB's λ search: one λ per model into the weights (wired, with its handler, by search.py)
+    page.add("auto_lambda_btn", gr.Button("auto λ: PCB's search of one λ per model (→ weights)", size="sm",
+                                          elem_id="auto-lambda-btn"))
+    page.add("lambda_log", gr.Textbox(label="λ search log", lines=2, max_lines=8, interactive=False, visible=False,
+                                      elem_id="lambda-log"))
     page.add("pcb_ratio", gr.Slider(0.01, 1.0, value=d["pcb_ratio"], step=0.01, label="PCB ratio", visible=False,
                                     elem_id="pcb-ratio", info="share of entries kept after balancing"))
     page.add("seed", gr.Number(value=d["seed"], precision=0, label="Seed (DARE's random masks)", visible=False,
@@ -117,13 +122,21 @@ def auto_alpha(v: dict):
         c = controls_of(v)
         if c.stages[1] != "dpa":
             raise UserError("auto α searches the DPA band factors: pick the dppa preset first")
-        lines: list[str] = []
-        yield {"alpha_log": "searching … (each step scores the pruned fine-tune on its dev split)",
-               "method_status": ""}
-        cfg, report = ws.search_amplification(c, log=lines.append)
     except _expected() as e:
         yield {"method_status": warn(message(e))}
         return
+    yield {"alpha_log": "searching … (each step scores the pruned fine-tune on its dev split)", "method_status": ""}
+    from .search import Job, search_threads       # the log streams while the walk runs
+    job = Job(lambda log, on_eval: ws.search_amplification(c, log=log), search_threads(ws))
+    for _ in job.updates():
+        yield {"alpha_log": "\n".join(job.lines[-12:])}
+    if isinstance(job.error, _expected()):
+        yield {"method_status": warn(message(job.error))}
+        return
+    if job.error is not None:
+        raise job.error
+    cfg, report = job.result
+    lines = job.lines
     per_model = {m.model: list(m.amplification) for m in cfg.models}
     text = "; ".join(f"{r}=" + ",".join(f"{a:g}" for a in al) for r, al in per_model.items())
     log = "\n".join(lines[-40:])

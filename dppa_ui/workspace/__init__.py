@@ -286,23 +286,61 @@ class Workspace:
         """DPPA's greedy α search for the models with `amplification: auto` (every model when none
         is), on the memory-mapped weights; returns the resolved config and {model: {alpha, score, path}}."""
         from ..engine import search_amplification
-        acc = self.require()
         cfg = copy.deepcopy(self.config(source))
         if cfg.amplify != "dpa":
             raise ValueError("the α search needs a DPA amplify stage (preset dppa)")
         if not any(m.amplification == "auto" for m in cfg.models):
             for m in cfg.models:
                 m.amplification = "auto"
+        idx, loaded, stats = self._search_inputs(cfg)
+        acc = self.access
+        report = search_amplification(cfg, acc.base_path, [acc.ft_paths[j] for j in idx], log=log or (lambda s: None),
+                                      loaded=loaded, stats=stats)
+        return cfg, report
+
+    # -- searches (dppa_ui.search) on the memory-mapped weights
+
+    def _search_inputs(self, cfg: MergeConfig, cancel: Callable[[], bool] | None = None):
+        """(index of each config model among the loaded fine-tunes, (base, fine-tunes) as memory-
+        mapped views aligned with the config, their DeltaStats when the config prunes with DP)."""
+        acc = self.require()
         idx = self.align(cfg)
         stats = None
         if cfg.prune == "dp":
-            full = self.stats.wait(cfg.dp_outlier_m)
+            full = self.stats.wait(cfg.dp_outlier_m, cancel=cancel)
             stats = [full[j] for j in idx]
         base = {n: acc.base.view(n) for n in acc.names}
         fts = [{n: acc.fts[j].view(n) for n in acc.names} for j in idx]
-        report = search_amplification(cfg, acc.base_path, [acc.ft_paths[j] for j in idx], log=log or (lambda s: None),
-                                      loaded=(base, fts), stats=stats)
-        return cfg, report
+        return idx, (base, fts), stats
+
+    def search(self, source, block: dict | None = None, *, preset: str | None = None,
+               on_eval: Callable[[dict], None] | None = None, cancel: Callable[[], bool] | None = None,
+               log: Callable[[str], None] | None = None, test: bool = True, threads: int | None = None):
+        """A merge-parameter search over the loaded models (one at a time across sessions, in this
+        process): `search.run_search` on `source`'s config with the `search:` block `block` (default:
+        the config's own), or `preset="lambda"`: PCB's λ_i search (`search.lambda_search`).
+        Returns the SearchResult; `on_eval(row)` after every candidate, `cancel()` polled between
+        rounds (the result is then the best so far)."""
+        from .. import search
+        cfg = copy.deepcopy(self.config(source))
+        if preset not in (None, "lambda"):
+            raise ValueError(f"unknown search preset {preset!r}: None (the block) or 'lambda'")
+        spec = search.parse_search(cfg, block) if preset is None else None      # refusals before any read
+        acc = self.require()
+        from ..modelbuild import free_memory
+        # each candidate: a merged float32 state dict and the scoring model's copy of it
+        need, free = self.working_bytes(cfg) + 2 * acc.n_params * 4, free_memory()["cpu"]
+        if need > free:
+            raise MergeRefused(f"this search needs about {need / 2**30:.2f} GB of working memory but only "
+                               f"{free / 2**30:.2f} GB is free; search fewer models or wait for other merges")
+        with self.queue.slot():
+            idx, loaded, stats = self._search_inputs(cfg, cancel)
+            base_dir, dirs = acc.base_path, [acc.ft_paths[j] for j in idx]
+            if preset == "lambda":
+                return search.lambda_search(cfg, base_dir, dirs, loaded=loaded, stats=stats, log=log,
+                                            on_eval=on_eval, cancel=cancel)
+            return search.run_search(cfg, spec, base_dir=base_dir, model_dirs=dirs, loaded=loaded, stats=stats,
+                                     on_eval=on_eval, cancel=cancel, log=log, test=test, threads=threads)
 
     # -- models for chat and score
 

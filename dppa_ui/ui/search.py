@@ -1,0 +1,484 @@
+"""7 · Search: the merge settings that score best on dev data (`dppa_ui.search`), on the loaded
+models. The parameters that move (with their bounds) sit in a table that follows the preset;
+Start merges and scores candidates in memory in a thread of this process, streaming the objective
+per evaluation with the best so far and a table of every candidate; Stop ends it after the
+current candidate with the best so far; "Load best into controls" puts the result into the method
+controls (what they cannot hold is refused by name) and the best YAML is offered for download.
+Also here: the "auto λ" handler (PCB's λ_i search preset) and the streaming every search button
+shares (auto α too). One search, merge or score at a time per server (concurrency id "merge").
+"""
+from __future__ import annotations
+
+import math
+import os
+import threading
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable
+
+import gradio as gr
+
+from .. import figures, search
+from ..config import ConfigError
+from ..controls import MethodControls
+from ..workspace import short
+from .common import (CONTROL_KEYS, DEFAULT_UI, AppState, UserError, _expected, _finite, controls_from, message, ok,
+                     values_of, warn)
+from .method import CONTROLS_OUT, controls_of, show_controls
+from .score import UPLOAD_SUITE, _read_upload, _upload_path, upload_only, upload_suite
+
+MAX_BUDGET = 200                         # candidates per search in the app (the CLI has no limit)
+DEMO_DEV = "demo dev splits"
+GEOMETRIC = "geometric"
+HEADERS = ["move", "parameter", "models", "low", "high"]
+OPTIMIZER_CHOICES = [("NGOpt", "ngopt"), ("CMA", "cma"), ("OnePlusOne", "oneplusone"), ("random search", "random"),
+                     ("greedy walk (DPPA)", "greedy")]
+# The table's names of the searchable parameters (search.py's names are accepted too).
+LABELS = {"weight": "weight", "density": "density", "lambda": "λ", "dp_lambda": "DP λ", "dp_outlier_m": "DP M",
+          "pcb_ratio": "PCB ratio", "clip_ratio": "clip ratio"}
+EACH, SHARED, GLOBAL = "each", "shared", "—"
+
+
+def _domains() -> list[str]:
+    from ..zoo import domain_names
+    return domain_names()
+
+
+# ----------------------------------------------------------------------------------- parameter rows
+
+def default_rows(c: MethodControls) -> list[list]:
+    """The parameters worth moving for the controls' preset: [move, parameter, models, low, high];
+    the ticked ones are a good first search (weights, and the preset's main knob)."""
+    prune, amplify, combine = c.stages
+    rows = [[True, "weight", EACH, 0.5, 1.5], [False, "λ", GLOBAL, 0.5, 2.0]]
+    if prune != "none":
+        rows.append([True, "density", SHARED, 0.05, 0.6])
+    if prune == "dp":
+        rows += [[False, "DP λ", GLOBAL, 0.0, 0.3], [False, "DP M", GLOBAL, 2.0, 10.0]]
+    if amplify == "dpa":
+        rows += [[False, f"α{k + 1}", SHARED, *((1.0, 3.0) if k == 0 else (0.0, 2.0))] for k in range(len(c.alphas))]
+    if combine == "pcb":
+        rows.append([True, "PCB ratio", GLOBAL, 0.05, 0.5])
+    return rows
+
+
+def _key(label: str) -> str:
+    """A table label (or a search.py name) as search.py's parameter key: 'α2' -> amplification[1]."""
+    text = str(label or "").strip()
+    inverse = {v.lower(): k for k, v in LABELS.items()}
+    if text.lower() in inverse:
+        return inverse[text.lower()]
+    for prefix, key in (("α", "amplification"), ("alpha", "amplification"), ("partition ", "partitions")):
+        rest = text[len(prefix):].strip().translate(str.maketrans("₁₂₃₄₅₆₇₈₉", "123456789"))
+        if text.lower().startswith(prefix) and rest.isdigit() and int(rest) >= 1:
+            return f"{key}[{int(rest) - 1}]"
+    return text
+
+
+def _truthy(x) -> bool:
+    return x is True or str(x).strip().lower() in ("true", "1", "yes", "✓", "x")
+
+
+def parameters_block(rows, refs: list[str]) -> dict:
+    """The ticked table rows as a `search.parameters` mapping {name: [low, high]}; a row that names
+    no parameter or model, or has a bound that is not a finite number, is refused by its name."""
+    out: dict[str, list[float]] = {}
+    names = {short(r): i for i, r in enumerate(refs)} | {r: i for i, r in enumerate(refs)}
+    for row in _rows(rows):
+        if not row or not _truthy(row[0]):
+            continue
+        row = list(row) + [None] * (5 - len(row))
+        key = _key(row[1])
+        if not key:
+            raise UserError("a ticked row names no parameter: fill in `parameter` or untick it")
+        who = str(row[2] if row[2] is not None else "").strip()
+        base = key.split("[")[0]
+        if "." in key or base not in search.MODEL_PARAMS or who in ("", GLOBAL):
+            name = key               # a global parameter, or a full name such as models[1].weight
+        elif who == EACH:
+            name = f"models[*].{key}"
+        elif who in (SHARED, "all"):
+            name = key
+        elif who in names or (who.isdigit() and int(who) < len(refs)):
+            name = f"models[{names.get(who, who)}].{key}"
+        else:
+            raise UserError(f"parameter {row[1]}: models {who!r} is not '{EACH}', '{SHARED}' or a loaded "
+                            f"fine-tune ({', '.join(short(r) for r in refs)})")
+        if name in out:
+            raise UserError(f"parameter {row[1]} ({who or 'global'}) is ticked twice")
+        out[name] = [_finite(row[3], f"parameter {row[1]}: low"), _finite(row[4], f"parameter {row[1]}: high")]
+    if not out:
+        raise UserError("tick at least one parameter to move (the `move` column)")
+    return out
+
+
+def _rows(value) -> list[list]:
+    """The table's rows whatever form gradio or an API client gives them in."""
+    if value is None:
+        return []
+    if isinstance(value, dict):
+        return list(value.get("data") or [])
+    if hasattr(value, "values") and hasattr(value, "columns"):        # a pandas DataFrame
+        return value.values.tolist()
+    return [list(r) for r in value]
+
+
+def _label(p: search.Param, refs: list[str]) -> str:
+    name = LABELS.get(p.key, p.key)
+    if p.index is not None:
+        name = f"α{p.index + 1}" if p.key == "amplification" else f"partition {p.index + 1}"
+    if isinstance(p.model, int):
+        return f"{name} {short(refs[p.model]) if p.model < len(refs) else p.model}"
+    return name
+
+
+# ----------------------------------------------------------------------------------- running
+
+def search_threads(ws) -> int | None:
+    """Torch threads for a search: DPPA_UI_SEARCH_THREADS (0 = torch's default), else 1 for small
+    models. Their candidates are tiny: OpenMP threads spin-wait on each other, so on a busy
+    machine one thread is many times faster, on a quiet one a little slower (README, The app)."""
+    env = os.environ.get("DPPA_UI_SEARCH_THREADS")
+    if env is not None and env.strip().isdigit():
+        return int(env) or None
+    return 1 if ws.access is not None and ws.access.n_params < 50_000_000 else None
+
+
+class Job:
+    """Runs `work(log, on_eval)` in a thread (with `threads` torch threads for its duration),
+    collecting its log lines and evaluation rows, so a generator handler can stream them."""
+
+    def __init__(self, work: Callable[[Callable, Callable], Any], threads: int | None = None):
+        self.lines: list[str] = []
+        self.rows: list[dict] = []
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.done = threading.Event()
+        threading.Thread(target=self._run, args=(work, threads), daemon=True, name="dppa-ui-search").start()
+
+    def _run(self, work, threads) -> None:
+        import torch
+        before = torch.get_num_threads()
+        try:
+            if threads:
+                torch.set_num_threads(threads)       # in this thread: OpenMP's setting is per thread
+            self.result = work(self.lines.append, self.rows.append)
+        except BaseException as e:  # noqa: BLE001 - handed to the handler, which shows it
+            self.error = e
+        finally:
+            torch.set_num_threads(before)
+            self.done.set()
+
+    def updates(self, every: float = 0.5):
+        """Yields while the work runs, at most once per `every` seconds and only when a line or a
+        row arrived; returns when it is done."""
+        seen = (0, 0)
+        while not self.done.wait(every):
+            now = (len(self.lines), len(self.rows))
+            if now != seen:
+                seen = now
+                yield
+
+
+def _curve(rows: list[dict], running: bool):
+    scored = [r for r in rows if r["phase"] == "search"]
+    if not scored:
+        return figures.message("merging and scoring the first candidate …" if running else "no candidate scored")
+    top = max(scored, key=lambda r: r["objective"])
+    title = f"objective per evaluation (dev) · best {top['objective']:.4f} at #{top['eval']}"
+    return figures.objective_curve([r["objective"] for r in scored], [r["best"] for r in scored], title)
+
+
+def _table(rows: list[dict], params: list[search.Param], refs: list[str]) -> dict:
+    """Every candidate, newest first: its values, objective, best so far, per-domain scores."""
+    domains = list(dict.fromkeys(d for r in rows for d in r["scores"]))
+    headers = ["#", *(_label(p, refs) for p in params), "objective", "best so far", *domains, "s"]
+    data = [[r["eval"] if r["phase"] == "search" else f"{r['eval']} (chosen)",
+             *(round(r["params"][p.name], 4) for p in params), round(r["objective"], 4), round(r["best"], 4),
+             *(round(r["scores"][d], 3) if d in r["scores"] else "" for d in domains), round(r["seconds"], 2)]
+            for r in reversed(rows)]
+    return gr.update(value={"headers": headers, "data": data}, headers=headers)
+
+
+def _data(state: AppState, choice: str, upload) -> tuple[str | list[str], str | None]:
+    """The search's dev data: "zoo", or the uploaded file (only one this session uploaded: it goes
+    through /upload_suite's registration), checked and named by its file name."""
+    if choice != UPLOAD_SUITE:
+        return "zoo", None
+    path = _upload_path(upload)
+    if not path:
+        raise UserError('upload a .jsonl file of {"prompt", "answer", "domain"} lines, or pick the demo dev splits')
+    if str(Path(path).resolve()) not in state.uploads:
+        raise UserError("the search only reads files uploaded in this session: upload it with the box above "
+                        "(API: /search_upload first)")
+    _read_upload(path)
+    return [path], path
+
+
+def _safe(text: str, path: str | None) -> str:
+    """A message without the server's path of an uploaded file (its name only)."""
+    return text.replace(path, Path(path).name) if path else text
+
+
+def start(v: dict):
+    """Search the ticked parameters of the current method on the loaded models, streaming the
+    objective per evaluation and the table of candidates."""
+    state: AppState = v["state"]
+    path = None
+    try:
+        ws = state.workspace()
+        c = controls_of(v)
+        cfg = ws.config(c)
+        refs = [m.model for m in cfg.models]
+        budget = _finite(v["search_budget"], "budget")
+        if not (budget == int(budget) and 1 <= budget <= MAX_BUDGET):
+            raise UserError(f"budget {v['search_budget']!r}: a whole number of candidates from 1 to {MAX_BUDGET} "
+                            f"(bigger searches: `python -m dppa_ui search`)")
+        seed = _finite(v["search_seed"] if v["search_seed"] is not None else 0, "seed")
+        data, path = _data(state, v["search_data"], v["search_upload"])
+        objective = str(v["search_objective"] or GEOMETRIC).strip()
+        if data == "zoo" and objective not in (GEOMETRIC, *_domains()):
+            raise UserError(f"objective {objective!r}: the geometric mean, or one of the demo domains "
+                            f"({', '.join(_domains())})")
+        block = {"parameters": parameters_block(v["search_params"], refs), "optimizer": v["search_optimizer"],
+                 "budget": int(budget), "objective": objective, "data": data, "seed": int(seed)}
+        spec = search.parse_search(cfg, block)          # every refusal before a tensor is read
+    except (*_expected(), ConfigError) as e:
+        yield {"search_status": warn(_safe(message(e), path))}
+        return
+    state.cancel.clear()
+    test = bool(v["search_test"]) and data == "zoo"
+    job = Job(lambda log, on_eval: ws.search(cfg, block, on_eval=on_eval, cancel=state.cancel.is_set, log=log,
+                                             test=test), search_threads(ws))
+    names = ", ".join(_label(p, refs) for p in spec.params)
+    yield {"search_status": f"⏳ searching {names} ({spec.optimizer}, budget {spec.budget}): scoring the fine-tunes "
+                            f"for reference, then each candidate …", "search_plot": _curve([], True),
+           "search_file": gr.update(value=None, visible=False), "search_yaml": ""}
+    try:
+        for _ in job.updates():
+            rows = list(job.rows)
+            n = sum(r["phase"] == "search" for r in rows)
+            yield {"search_plot": _curve(rows, True), "search_rows": _table(rows, spec.params, refs),
+                   "search_status": f"⏳ {n}/{spec.budget} candidates scored"
+                                    + (f", best {rows[-1]['best']:.4f}" if rows else "")}
+    finally:
+        if not job.done.is_set():          # the page went away or the event was cancelled: stop it too
+            state.cancel.set()
+    if isinstance(job.error, (*_expected(), ConfigError)):
+        yield {"search_status": warn(f"search failed: {_safe(message(job.error), path)}"),
+               "search_plot": _curve(job.rows, False), "search_rows": _table(job.rows, spec.params, refs)}
+        return
+    if job.error is not None:
+        raise job.error
+    res = job.result
+    file = ws.temp_dir / "search_best.yaml"
+    file.write_text(res.config.to_yaml())
+    yield {"search_plot": _curve(res.rows, False), "search_rows": _table(res.rows, spec.params, refs),
+           "search_status": _summary(res, spec, refs), "search_yaml": res.config.to_yaml(),
+           "search_file": gr.update(value=str(file), visible=True), "search_best": res}
+
+
+def _summary(res, spec, refs) -> str:
+    n = sum(r["phase"] == "search" for r in res.rows)
+    values = ", ".join(f"{_label(p, refs)} {res.values[p.name]:.4g}" for p in spec.params)
+    head = (f"stopped after {n} candidate(s): best so far" if res.cancelled else f"searched {n} candidates:")
+    busy = sum(r["seconds"] for r in res.rows if r["phase"] == "search")
+    text = (f"{head} {values} · dev objective **{res.objective:.4f}** · {res.seconds:.1f} s in all, "
+            f"{n / max(busy, 1e-9):.1f} candidates/s")
+    if res.test:
+        em = ", ".join(f"{d} {s['em']:.2f}" for d, s in res.test["scores"].items() if s.get("em") is not None)
+        text += f"  \ntest split (scored once, never searched): objective **{res.test['objective']:.4f}**; EM {em}"
+    return ok(text + "  \nLoad it into the controls to merge it, or download the YAML below.")
+
+
+def stop(v: dict) -> dict:
+    state: AppState = v["state"]
+    if isinstance(state, AppState):
+        state.cancel.set()
+    return {"search_status": "⏹ stop requested: the search ends after the current candidate, with its best so far"}
+
+
+def load_best(v: dict) -> dict:
+    """The last search's best config into the method controls. Parameters the controls cannot hold
+    (per-model densities, clip ratio, ...) are refused by name; the YAML still runs with the CLI."""
+    state: AppState = v["state"]
+    res = v["search_best"]
+    try:
+        ws = state.workspace()
+        if res is None:
+            raise UserError("no search result yet: start a search first")
+        ws.align(res.config)
+        refs = [m.model for m in res.config.models]
+        try:
+            c = MethodControls.from_config(res.config)
+            held = c.to_config(res.config.base_model, refs)
+        except ConfigError as e:
+            raise UserError(f"the method controls cannot hold {', '.join(res.values)}: {e}") from None
+        lost = [n for n, want, got in _held(res, held) if not math.isclose(want, got, rel_tol=1e-6, abs_tol=1e-9)]
+        if lost:
+            raise UserError(f"the method controls cannot hold {', '.join(lost)} (no control sets "
+                            f"{'it' if len(lost) == 1 else 'them'} this way); download the YAML and run it with "
+                            f"`python -m dppa_ui merge`")
+    except _expected() as e:
+        return {"search_status": warn(message(e))}
+    out = show_controls(c)
+    out["search_status"] = ok("the best settings are in the method controls (2 · Method): merge to use them")
+    return out
+
+
+def _held(res, held) -> list[tuple[str, float, float]]:
+    """(name, best value, the value the controls' config gives) for every searched parameter."""
+    out = []
+    for p in res.spec.params:
+        models = [None] if p.model is None else range(len(held.models)) if p.model == "all" else [p.model]
+        for i in models:
+            q = replace(p, model=i)
+            label = p.name if p.model != "all" else f"{p.name} ({short(held.models[i].model)})"
+            out.append((label, search.current_value(res.config, q), search.current_value(held, q)))
+    return out
+
+
+def rows_for_preset(v: dict) -> dict:
+    """The parameter table for the current preset and bands, when they changed since it was made;
+    rows the user edited that still apply stay as they are."""
+    try:
+        c = controls_from({**DEFAULT_UI, "preset": v["preset"], "n_bands": v["n_bands"]})
+    except _expected():
+        return {"search_for": v["search_for"]}
+    key = f"{c.preset}/{len(c.alphas)}"
+    if key == v["search_for"]:
+        return {"search_for": key}              # (gradio needs one output; the table is left alone)
+    current = {(_key(r[1]), str(r[2])): r for r in _rows(v["search_params"]) if len(r) >= 5}
+    rows = [current.get((_key(r[1]), str(r[2])), r) for r in default_rows(c)]
+    return {"search_params": rows, "search_for": key}
+
+
+def upload(v: dict) -> dict:
+    """A JSONL file arrived through the search's upload box: registered exactly as /upload_suite does."""
+    out = upload_suite({"state": v["state"], "upload": v["search_upload"]})
+    res = {"search_status": out["score_status"]}
+    if "suite" in out:
+        res["search_data"] = out["suite"]
+    return res
+
+
+# ----------------------------------------------------------------------------------- auto λ
+
+def auto_lambda(v: dict):
+    """PCB's λ search (search.lambda_search: one λ_i per model, the model weight, NGOpt from 1.0 in
+    [0.8, 1.3], budget 100, on each model's dev split), streaming its log; the λ_i found go into
+    the weights box and λ to 1, as `lambda: auto` resolves."""
+    state: AppState = v["state"]
+    try:
+        ws = state.workspace()
+        c = controls_of(v)
+        cfg = ws.config(c)
+    except _expected() as e:
+        yield {"method_status": warn(message(e))}
+        return
+    refs = [short(m.model) for m in cfg.models]
+    state.cancel.clear()
+
+    def line(r: dict) -> str:
+        lam = ", ".join(f"{x:.3f}" for x in r["params"].values())
+        return f"#{r['eval']}: λ {lam} → {r['objective']:.4f} (best {r['best']:.4f})"
+
+    job = Job(lambda log, on_eval: ws.search(cfg, preset="lambda", log=log, on_eval=on_eval,
+                                             cancel=state.cancel.is_set), search_threads(ws))
+    head = (f"λ per model ({', '.join(refs)}): NGOpt from 1.0 in {list(search.LAMBDA_BOUNDS)}, budget "
+            f"{search.LAMBDA_BUDGET}, dev splits; the Search tab's Stop ends it")
+    yield {"lambda_log": gr.update(value=head, visible=True), "method_status": ""}
+    try:
+        for _ in job.updates():
+            yield {"lambda_log": "\n".join([head, *(line(r) for r in job.rows[-12:])])}
+    finally:
+        if not job.done.is_set():
+            state.cancel.set()
+    if isinstance(job.error, _expected()):
+        yield {"method_status": warn(f"λ search failed: {message(job.error)}")}
+        return
+    if job.error is not None:
+        raise job.error
+    res = job.result
+    weights = tuple(round(m.weight, 4) for m in res.config.models)
+    text = ", ".join(f"{r} {w:g}" for r, w in zip(refs, weights))
+    log = "\n".join([f"chose λ_i {text} (dev objective {res.objective:.4f}, {len(res.rows)} candidates)", head,
+                     *(line(r) for r in res.rows[-12:])])
+    shown = values_of(replace(c, weights=weights, lambda_=1.0))
+    yield {"weights": shown["weights"], "lambda_": shown["lambda_"], "lambda_log": log,
+           "method_status": ok(f"λ per model{' (stopped early)' if res.cancelled else ''}: {text} → the weights; "
+                               f"λ set to 1 (merge to use them)")}
+
+
+# ----------------------------------------------------------------------------------- layout
+
+def build(page, tab) -> None:
+    page.add("search_tab", tab)
+    gr.Markdown("Each candidate is merged in memory and scored on dev data; the optimizer picks the next from the "
+                "scores. Tick the parameters to move and their range; the other settings are the method "
+                "controls'. The test split is scored once, for the best only.", elem_id="search-help")
+    page.add("search_for", gr.State(f"{DEFAULT_UI['preset']}/{DEFAULT_UI['n_bands']}"))
+    page.add("search_best", gr.State(None))
+    with gr.Row():
+        page.add("search_params", gr.Dataframe(
+            value=default_rows(controls_from(DEFAULT_UI)), headers=HEADERS, type="array", interactive=True,
+            datatype=["bool", "str", "str", "number", "number"], column_count=5, row_count=len(default_rows(
+                controls_from(DEFAULT_UI))), label="Parameters (models: each = one value per model, shared = one "
+                                                  "for all, or a fine-tune's name)",
+            elem_id="search-params", scale=3, column_widths=["17%", "25%", "22%", "18%", "18%"]))
+        with gr.Column(scale=2, min_width=260):
+            page.add("search_optimizer", gr.Dropdown(OPTIMIZER_CHOICES, value="ngopt", label="Optimizer",
+                                                     elem_id="search-optimizer"))
+            page.add("search_budget", gr.Number(value=40, precision=0, minimum=1, maximum=MAX_BUDGET,
+                                                label=f"Budget (candidates, ≤ {MAX_BUDGET})", elem_id="search-budget"))
+            page.add("search_objective", gr.Dropdown([("geometric mean over domains", GEOMETRIC),
+                                                      *((d, d) for d in _domains())], value=GEOMETRIC,
+                                                     allow_custom_value=True, label="Objective", elem_id="search-objective",
+                                                     info="score ÷ the best fine-tune's, per domain (DPPA's), or one domain's score"))
+    with gr.Row(equal_height=True):
+        page.add("search_data", gr.Radio([DEMO_DEV, UPLOAD_SUITE], value=DEMO_DEV, label="Data", scale=2,
+                                         elem_id="search-data"))
+        page.add("search_upload", upload_only(gr.File(label="Dev file (.jsonl)", file_types=[".jsonl"], scale=2,
+                                                      height=100, elem_id="search-upload")))
+        with gr.Column(scale=1, min_width=160):
+            page.add("search_seed", gr.Number(value=0, precision=0, minimum=0, label="Seed", elem_id="search-seed"))
+            page.add("search_test", gr.Checkbox(value=True, label="score the best on the test split",
+                                                elem_id="search-test"))
+    with gr.Row():
+        page.add("search_btn", gr.Button("Start", variant="primary", elem_id="search-btn"))
+        page.add("search_stop_btn", gr.Button("Stop", variant="stop", elem_id="search-stop-btn"))
+        page.add("search_load_btn", gr.Button("Load best into controls", elem_id="search-load-btn"))
+    page.add("search_status", gr.Markdown("", elem_id="search-status", elem_classes=["status"]))
+    page.add("search_plot", gr.Plot(label="Objective", elem_id="search-plot"))
+    page.add("search_rows", gr.Dataframe(headers=["#", "objective", "best so far"], label="Candidates (newest first)",
+                                         interactive=False, elem_id="search-rows", max_height=360))
+    with gr.Accordion("Best config (YAML)", open=False, elem_id="search-yaml-accordion"):
+        with gr.Row():
+            page.add("search_yaml", gr.Code(language="yaml", label="Runs with: python -m dppa_ui merge FILE --out DIR",
+                                            interactive=False, elem_id="search-yaml", scale=3))
+            page.add("search_file", gr.File(label="best.yaml", interactive=False, visible=False, scale=1,
+                                            elem_id="search-file"))
+
+
+SEARCH_IN = ["state", "search_params", "search_optimizer", "search_budget", "search_objective", "search_data",
+             "search_upload", "search_seed", "search_test", *CONTROL_KEYS]
+SEARCH_OUT = ["search_plot", "search_rows", "search_status", "search_yaml", "search_file", "search_best"]
+
+
+def wire(page) -> list:
+    """Wires the section and the method column's "auto λ"; returns the events that set the method
+    controls (the inspect views follow them)."""
+    quiet = dict(show_progress="hidden", api_visibility="private")
+    page.on([page["search_tab"].select, page["preset"].input, page["n_bands"].input], rows_for_preset,
+            ["preset", "n_bands", "search_for", "search_params"], ["search_params", "search_for"], **quiet)
+    page.on(page["search_upload"].upload, upload, ["state", "search_upload"], ["search_data", "search_status"],
+            api_name="search_upload")
+    page.on(page["search_btn"].click, start, SEARCH_IN, SEARCH_OUT, api_name="search", show_progress="hidden",
+            concurrency_limit=1, concurrency_id="merge")
+    page.on(page["search_stop_btn"].click, stop, ["state"], ["search_status"], api_name="search_stop", queue=False)
+    load = page.on(page["search_load_btn"].click, load_best, ["state", "search_best"], [*CONTROLS_OUT, "search_status"],
+                   api_name="search_load_best")
+    auto = page.on(page["auto_lambda_btn"].click, auto_lambda, ["state", *CONTROL_KEYS],
+                   ["lambda_log", "weights", "lambda_", "method_status"], api_name="auto_lambda",
+                   concurrency_limit=1, concurrency_id="merge")
+    return [load, auto]
