@@ -110,9 +110,8 @@ def read_floor(paths: list[str], names: list[str]) -> float:
 
 
 def ctl(**over) -> list:
-    from dppa_ui.ui.common import CONTROL_KEYS, DEFAULT_UI
-    v = {**DEFAULT_UI, **over}
-    return [v[k] for k in CONTROL_KEYS]
+    from dppa_ui.ui.common import api_controls
+    return api_controls(**over)
 
 
 def pending(table) -> bool:
@@ -159,11 +158,10 @@ def run_family(label: str, base: str, fts: list[str], demo) -> dict:
     models.load_models({"state": state, "base": base, "fts": fts})
     state.ws.stats.wait(timeout=600)
     densities = [0.5, 0.4, 0.3, 0.25, 0.2, 0.15, 0.1, 0.05]
-    keys = common.CONTROL_KEYS
     mname = state.ws.access.tensor_name(0, "mlp.down_proj")
     srv_i, srv_m, rt_i, rt_m = [], [], [], []
     for d in densities:
-        v = {"state": state, "block": 0, "module": "mlp.down_proj", "matrix": mname, **dict(zip(keys, ctl(density=d)))}
+        v = {"state": state, "block": 0, "module": "mlp.down_proj", "matrix": mname, **common.DEFAULT_UI, "density": d}
         t = time.perf_counter(); inspect.inspect(v); srv_i.append(time.perf_counter() - t)
         t = time.perf_counter(); inspect.masks(v); srv_m.append(time.perf_counter() - t)
         t = time.perf_counter(); client.predict(0, "mlp.down_proj", *ctl(density=d), api_name="/inspect")

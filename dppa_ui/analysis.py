@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import MergeConfig
-from .methods import band_edges, keep_count, tensor_generator
+from .methods import band_edges, breadcrumbs_counts, keep_count, tensor_generator
 from .methods.pcb import clip_abs, pcb_scale
 from .methods.ties import agreement_mask
 from .pipeline import Step, plan_steps, prune_amplify
@@ -25,6 +25,14 @@ from .stats import HIST_SAMPLE, sample_flat
 HIST_BINS = 80
 MASK_SIDE = 256
 METRICS = {"mean_abs": "mean |δ|", "outlier_pct": "outlier %", "dp_density": "DP density"}
+
+
+def fine_tunes(cfg: MergeConfig) -> MergeConfig:
+    """The config with only its fine-tunes as models: an interpolation may list the base as one
+    more input, which has no delta to show (Workspace.align leaves it out the same way)."""
+    if cfg.family == "pipeline" or all(m.model != cfg.base_model for m in cfg.models):
+        return cfg
+    return dataclasses.replace(cfg, models=[m for m in cfg.models if m.model != cfg.base_model])
 
 
 def steps(ws, cfg: MergeConfig, name: str) -> tuple[list[int], list[Step], bool]:
@@ -43,19 +51,28 @@ def steps(ws, cfg: MergeConfig, name: str) -> tuple[list[int], list[Step], bool]
 
 def thresholds(ws, cfg: MergeConfig, name: str) -> list[dict]:
     """Per fine-tune, how `name` is pruned: {"model", "index" (among the loaded), "prune", "density"
-    (DP: the module's), "threshold" (smallest kept |δ|; None for random or no pruning), "band_edges"
+    (DP: the module's), "threshold" (smallest kept |δ|; None for random or no pruning), "upper"
+    (breadcrumbs: the largest kept |δ|, above which the gamma outliers are dropped), "band_edges"
     (|δ| at the inner DPA band edges, largest band first; None for a band left empty),
     "band_fractions", "kept", "numel", "pending"}."""
+    cfg = fine_tunes(cfg)
     acc = ws.access
     idx, stp, pending = steps(ws, cfg, name)
     n = acc.numel[name]
     out = []
     for i, (j, step, m) in enumerate(zip(idx, stp, cfg.models)):
         row = {"model": m.model, "index": j, "prune": cfg.prune if step.prune else "none",
-               "density": step.density if step.prune else 1.0, "threshold": None, "band_edges": [],
+               "density": step.density if step.prune else 1.0, "threshold": None, "upper": None, "band_edges": [],
                "band_fractions": [], "kept": n, "numel": n, "pending": pending}
         if step.prune and random_drop(cfg):
             row["kept"] = int(random_keep(ws, cfg, i, name, step).sum())
+        elif step.prune and cfg.prune == "breadcrumbs":    # a band: below the gamma outliers, above the rest
+            gamma = cfg.for_tensor(name).models[i].gamma
+            top, kept, _ = breadcrumbs_counts(n, step.density, gamma)
+            row["kept"] = kept
+            if kept:
+                row["upper"] = acc.value_at_rank(name, j, top + 1)
+                row["threshold"] = acc.value_at_rank(name, j, top + kept)
         elif step.prune and step.rows is not None:        # APL's rows: each at its own density, no one threshold
             cols = n // acc.shape(name)[0]
             row["kept"] = sum(keep_count(float(d), cols) for d in step.rows)
@@ -72,12 +89,18 @@ def thresholds(ws, cfg: MergeConfig, name: str) -> list[dict]:
 
 
 def random_drop(cfg: MergeConfig) -> bool:
-    """True when the prune keeps entries at random (DARE, or APL with `apl_drop: random`)."""
-    return cfg.prune == "random" or (cfg.prune == "apl" and cfg.apl_drop == "random")
+    """True when the prune keeps entries at random (DARE, DELLA, or APL with `apl_drop: random`)."""
+    return cfg.prune in ("random", "della") or (cfg.prune == "apl" and cfg.apl_drop == "random")
 
 
 def random_keep(ws, cfg: MergeConfig, i: int, name: str, step: Step) -> torch.Tensor:
-    """The flat keep mask of a random drop: the draws under the density (APL rows: each row's)."""
+    """The flat keep mask of a random drop: the draws under the density (APL rows: each row's;
+    DELLA: its rank-dependent probabilities, read off the pipeline's own prune)."""
+    if cfg.prune == "della":
+        j = ws.align(cfg)[i]
+        m = cfg.for_tensor(name).models[i]
+        return ws.access.memo(("della", cfg.seed, i, name, step.density, m.epsilon), lambda: prune_amplify(
+            cfg, i, name, ws.access.delta(name, j), step).reshape(-1) != 0)
     u = uniform(ws, cfg.seed, i, name)
     if step.rows is None:
         return u < step.density if step.density < 1 else torch.ones_like(u, dtype=torch.bool)
@@ -102,6 +125,7 @@ def histogram(ws, cfg: MergeConfig, name: str, rows: list[dict] | None = None) -
     """|δ| histograms of `name` on a shared log10 grid: {"centers", "series": [{"model", "index",
     "part" ("all" | "kept" | "dropped"), "counts"}], "rows" (thresholds), "sampled" (entries
     counted), "numel"}. Random pruning splits each fine-tune into its kept and dropped entries."""
+    cfg = fine_tunes(cfg)
     acc = ws.access
     idx, stp, _ = steps(ws, cfg, name)
     rows = thresholds(ws, cfg, name) if rows is None else rows
@@ -193,6 +217,7 @@ def combine_maps(ws, cfg: MergeConfig, name: str) -> dict:
     combine each entry's winner (largest |contribution|, -1 where all are 0), the sign conflicts
     (a kept entry against the elected sign) and, for PCB, the balancing weights. A pruned entry
     is exactly 0, so a model keeps an entry where its pruned delta is non-zero."""
+    cfg = fine_tunes(cfg)
     idx, stp, pending = steps(ws, cfg, name)
     pruned = torch.stack([prune_amplify(cfg, i, name, ws.access.delta(name, j), step)
                           for i, (j, step) in enumerate(zip(idx, stp))])
@@ -222,6 +247,7 @@ def mask_data(ws, cfg: MergeConfig, name: str) -> dict:
     (exact, as `thresholds` counts), "winner" (pooled: the model winning most of each cell's
     entries, NaN where none), "winner_pct", "no_winner_pct", "conflict" (pooled share),
     "conflict_pct", "pcb" (pooled weights per model or None), "pcb_mean_weight", "pending"}."""
+    cfg = fine_tunes(cfg)
     maps = combine_maps(ws, cfg, name)
     shape = list(ws.access.shape(name))
     numel = ws.access.numel[name]
@@ -245,3 +271,54 @@ def mask_data(ws, cfg: MergeConfig, name: str) -> dict:
             "pcb_mean_weight": ({r: float(s.mean()) for r, s in zip(refs, maps["pcb_scale"])}
                                 if maps["pcb_scale"] is not None else None),
             "pending": maps["pending"]}
+
+
+# ------------------------------------------------------------------------------------ method views
+
+def _angles(ws, module: str, j: int) -> list[float | None]:
+    """Per block, the angle (degrees) between the base's and fine-tune j's `module` weights: how far
+    apart the two points are on the sphere slerp walks on. Cached (it depends on the weights only)."""
+    from .interpolations.slerp import slerp_dot
+
+    def compute():
+        out = []
+        for b in ws.access.blocks():
+            name = ws.access.module_name(b, module)
+            if name is None:
+                out.append(float("nan"))
+                continue
+            base, fts = ws.access.views(name)
+            out.append(math.degrees(math.acos(float(slerp_dot(base, fts[j])))))
+        return torch.tensor(out)
+    return [None if math.isnan(a) else a for a in ws.access.memo(("angles", module, j), compute).tolist()]
+
+
+def method_view(ws, cfg: MergeConfig, name: str) -> dict | None:
+    """What the method does beyond masks, for the tensor on screen (None: nothing more to show):
+      della          {"kind": "della", "cols", "curves": [(model, index, [keep probability by rank])]}
+      interpolations {"kind": "interpolation", "module", "blocks", "angles": [(model, index, [degrees per
+                     block])], "t": [value per block] | None (slerp / nearswap's t over the layers)}"""
+    from . import params as P
+    from .methods import della_curve
+    cfg = fine_tunes(cfg)
+    if cfg.prune == "della":
+        idx, stp, _ = steps(ws, cfg, name)
+        shape = ws.access.shape(name)
+        cols = shape[-1] if len(shape) > 1 else shape[0]
+        view = cfg.for_tensor(name)
+        return {"kind": "della", "cols": cols, "name": name,
+                "curves": [(m.model, j, della_curve(min(cols, 512), s.density, m.epsilon) if s.prune else None)
+                           for m, j, s in zip(view.models, idx, stp)]}
+    if cfg.family != "interpolation":
+        return None
+    from .workspace.access import module_type
+    module = module_type(name)
+    if module is None:
+        return None
+    idx = ws.align(cfg)
+    blocks = ws.access.blocks()
+    t = None
+    if cfg.merge_method in ("slerp", "nearswap") and cfg.t is not None:
+        t = [float(v) if v is not None else None for v in P.gradient_curve(cfg.t, name, len(blocks))]
+    return {"kind": "interpolation", "module": module, "blocks": blocks, "name": name, "method": cfg.merge_method,
+            "angles": [(m.model, j, _angles(ws, module, j)) for m, j in zip(cfg.models, idx)], "t": t}

@@ -334,6 +334,19 @@ def _merge(cfg, out, dev, t0, overwrite, dry_run, progress, cancel, allow_pickle
         inputs.close()
 
 
+def layer_stack(config, allow_pickle: bool = False) -> list[tuple[int, str, int]]:
+    """What a `slices` config builds, from the checkpoints' headers only: per output layer, the
+    input model and the layer of it that lands there ([] for a `models` config)."""
+    cfg = load_config(config)
+    if cfg.slices is None:
+        return []
+    inputs = _Inputs(cfg, allow_pickle, False)
+    try:
+        return [(j, inputs.refs[i], layer) for j, (i, layer) in enumerate(inputs.plan.layer_origin)]
+    finally:
+        inputs.close()
+
+
 def merge_stages(config, out: str | Path | None, *, intermediate_dir: str | Path | None = None,
                  log: Callable[[str], None] | None = None, dry_run: bool = False, **kw) -> MergeResult:
     """A multi-stage config (several YAML documents, as mergekit-multimerge): each named stage is

@@ -84,6 +84,11 @@ def histogram(data: dict, method: str, prune: str, amplify: str) -> go.Figure:
             traces.append(go.Scatter(x=[t, t], y=[0, peak * 1.05], mode="lines", legendgroup=label, showlegend=False,
                                      line=dict(color=c, dash="dash", width=2),
                                      hovertemplate=f"{label}: keep |δ| ≥ {t:.3g}<extra></extra>"))
+        if r.get("upper") is not None and r["upper"] > 0:
+            u = r["upper"]
+            traces.append(go.Scatter(x=[u, u], y=[0, peak * 1.05], mode="lines", legendgroup=label, showlegend=False,
+                                     line=dict(color=c, dash="dashdot", width=2),
+                                     hovertemplate=f"{label}: outliers above {u:.3g} dropped<extra></extra>"))
         for f, e in zip(r["band_fractions"], r["band_edges"]):
             if e is not None and e > 0:
                 traces.append(go.Scatter(x=[e, e], y=[0, peak * 1.05], mode="lines", legendgroup=label,
@@ -95,6 +100,8 @@ def histogram(data: dict, method: str, prune: str, amplify: str) -> go.Figure:
         key = "random drop ignores magnitude: kept and dropped overlap"
     elif prune == "none":
         key = "no pruning: every entry is kept"
+    elif prune == "breadcrumbs":
+        key = "kept band between dashed (smallest kept) and dash-dot (outliers above dropped)"
     else:
         key = "dashed: keep threshold" + (", dotted: DPA band edges" if amplify == "dpa" else "")
     if any(r.get("pending") for r in data["rows"]):
@@ -266,6 +273,18 @@ def scores(rows: list[dict], metric: str = "smooth") -> go.Figure:
                   margin=dict(t=70, l=60, r=10, b=40))
 
 
+def layer_curves(curves: list[tuple[str, list]], n_layers: int, title: str = "per-layer values") -> go.Figure:
+    """Values over the layers, one line per (parameter, filter): what a gradient editor draws."""
+    if not curves:
+        return message("no per-layer values: add a row (parameter, filter, values)", height=260)
+    x = list(range(n_layers))
+    lines = [go.Scatter(x=x, y=[None if v is None else float(v) for v in ys], mode="lines+markers", name=label,
+                        line=dict(color=COLORS[k % len(COLORS)])) for k, (label, ys) in enumerate(curves)]
+    return figure(lines, title=dict(text=title), xaxis=dict(title=dict(text="layer"), dtick=1 if n_layers <= 32 else None),
+                  yaxis=dict(title=dict(text="value")), legend=_LEGEND_BELOW, height=300,
+                  margin=dict(t=40, l=60, r=10, b=40))
+
+
 def objective_curve(values: list[float], best: list[float], title: str) -> go.Figure:
     """An objective per evaluation with the best so far (searches)."""
     x = list(range(1, len(values) + 1))
@@ -278,3 +297,34 @@ def objective_curve(values: list[float], best: list[float], title: str) -> go.Fi
 
 def nan_to_none(x: float | None) -> float | None:
     return None if x is None or (isinstance(x, float) and math.isnan(x)) else x
+
+
+def method_view(d: dict) -> go.Figure:
+    """analysis.method_view: DELLA's keep probability by |δ| rank, or an interpolation's angle
+    between the base and each model per layer (with slerp's t over the layers)."""
+    if d["kind"] == "della":
+        lines = []
+        for ref, j, curve in d["curves"]:
+            if curve is None:
+                continue
+            x = [k / max(len(curve) - 1, 1) for k in range(len(curve))]
+            lines.append(go.Scatter(x=x, y=curve, mode="lines", name=short(ref), line=dict(color=color(j))))
+        return figure(lines, title=dict(text=f"DELLA: keep probability by |δ| rank in a row of {d['name']}<br><sup>"
+                                             f"rank 0 = the row's smallest |δ|, 1 = its largest ({d['cols']} per row); "
+                                             f"kept entries are rescaled by 1/p</sup>"),
+                      xaxis=dict(title=dict(text="|δ| rank within its row")),
+                      yaxis=dict(title=dict(text="keep probability"), rangemode="tozero"),
+                      legend={**_LEGEND_BELOW, "y": -0.3}, height=370, margin=dict(t=70, l=60, r=10, b=70))
+    traces = [go.Scatter(x=d["blocks"], y=angles, mode="lines+markers", name=f"{short(ref)}: angle to the base",
+                         line=dict(color=color(j))) for ref, j, angles in d["angles"]]
+    layout = {}
+    if d["t"] is not None:
+        traces.append(go.Scatter(x=d["blocks"], y=d["t"], mode="lines", name="t over the layers", yaxis="y2",
+                                 line=dict(color=MERGED_COLOR, dash="dash")))
+        layout["yaxis2"] = dict(title=dict(text="t"), overlaying="y", side="right", range=[0, 1], showgrid=False)
+    return figure(traces, title=dict(text=f"{d['method']}: the {d['module']} weights of each model against the base's"
+                                          f"<br><sup>degrees between the flattened tensors per layer (slerp walks this "
+                                          f"arc; near 0 it equals linear interpolation)</sup>"),
+                  xaxis=dict(title=dict(text="layer"), dtick=1), yaxis=dict(title=dict(text="angle (degrees)"),
+                                                                             rangemode="tozero"),
+                  legend={**_LEGEND_BELOW, "y": -0.3}, height=390, margin=dict(t=70, l=60, r=50, b=70), **layout)

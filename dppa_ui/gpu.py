@@ -38,16 +38,20 @@ def duration(kind: str, refs: Sequence[str | Path], extra: float = 0.0) -> int:
     return int(min(_CAP, max(_FLOOR, weights_bytes(refs) / 1e9 * _PER_GB[kind] + extra)))
 
 
-def _config_refs(config) -> list[str]:
-    from .config import load_config
-    cfg = load_config(config)
-    return [cfg.base_model, *[m.model for m in cfg.models]]
-
-
 def _merge_duration(config) -> int:
     from .config import load_config
     cfg = load_config(config)
-    return duration("smile" if cfg.upscale == "smile" else "merge", [cfg.base_model, *[m.model for m in cfg.models]])
+    return duration("smile" if cfg.upscale == "smile" else "merge", cfg.parents)
+
+
+def _stages_duration(config) -> int:
+    """Every stage reads its inputs once; an earlier stage's output is about the size of one input."""
+    from .config import load_stages
+    stages = load_stages(config)
+    produced = {s.name for s in stages if s.name is not None}
+    refs = [r for s in stages for r in s.config.parents if r.partition("+")[0] not in produced]
+    per_stage = [r for r in stages[0].config.parents if r.partition("+")[0] not in produced][:1]
+    return duration("merge", refs + per_stage * (len(stages) - 1))
 
 
 @spaces.GPU(duration=lambda config, out, **kw: _merge_duration(config))
@@ -55,6 +59,13 @@ def merge(config, out: str | Path, **kwargs):
     """engine.merge on the best device: the streaming merge of `config` into the folder `out`
     (for `merge_method: smile`, the SMILE folder)."""
     from .engine import merge as run
+    return run(config, out, device="auto", **kwargs)
+
+
+@spaces.GPU(duration=lambda config, out, **kw: _stages_duration(config))
+def merge_stages(config, out: str | Path, **kwargs):
+    """engine.merge_stages on the best device: a multi-stage config, the final stage into `out`."""
+    from .engine import merge_stages as run
     return run(config, out, device="auto", **kwargs)
 
 

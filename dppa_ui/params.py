@@ -191,7 +191,7 @@ def evaluate(setting, tensor_name: str, t: float):
         return setting
     if setting and isinstance(setting[0], dict):
         for e in setting:
-            f = e["filter"]
+            f = e.get("filter")       # a YAML entry without `filter` matches every tensor
             if f is None or f == "*" or (tensor_name and f in tensor_name):
                 return evaluate(e["value"], tensor_name, t)
         return None

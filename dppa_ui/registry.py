@@ -294,6 +294,9 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     _pipe("pcb", "PCB", "Parameter Competition Balancing: intra- and inter-task scores decide which entries "
           "survive and how much each weighs.", "https://arxiv.org/abs/2410.02396", ("none", "none", "pcb"),
           mergekit=False),
+    _pipe("apl", "APL", "Activated Parameter Locating: each module keeps more of its delta the more the "
+          "fine-tune's loss on its own task rises without it (causal intervention), then a weighted sum.",
+          "https://arxiv.org/abs/2408.09485", ("apl", "none", "sum"), mergekit=False),
     # ---- interpolations on weights
     Method("linear", "interpolation", "Linear (model soup)", "Weighted average of the models' weights.",
            "https://arxiv.org/abs/2203.05482", own_params=(WEIGHT, LINEAR_NORMALIZE), base="input"),

@@ -100,7 +100,7 @@ def test_select_inspect_merge_chat_score(url, browser):
     expect(page.locator("#controls-col #preset")).to_be_visible()       # the controls sit beside the plots
     shot(page, "ui_inspect")
     page.locator("#preset input").click()
-    page.locator("ul[role=listbox] li[role=option]", has_text=re.compile(r"\bties$")).first.click()
+    page.get_by_role("option", name="TIES · prune → combine", exact=True).click()
     expect(page.locator("#preset-info")).to_contain_text("elects a sign")
     expect(page.locator("#dp-lambda")).to_be_hidden()
     expect(page.locator("#histogram")).to_contain_text("— ties")

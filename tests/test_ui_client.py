@@ -23,7 +23,7 @@ try:
 except ValueError:
     pytest.skip("the demo family (assets/zoo) is not built", allow_module_level=True)
 
-from dppa_ui.ui.common import CONTROL_KEYS, DEFAULT_UI  # noqa: E402
+from dppa_ui.ui.common import api_controls  # noqa: E402
 from dppa_ui.ui.score import DEMO_SUITE, UPLOAD_SUITE, demo_items  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,8 +52,7 @@ def client():
 
 
 def method(**over) -> list:
-    v = {**DEFAULT_UI, **over}
-    return [v[k] for k in CONTROL_KEYS]
+    return api_controls(**over)
 
 
 def value(x):
@@ -81,9 +80,12 @@ def test_full_flow_over_the_api(client, tmp_path, read_weights):
     assert all(h > l > 0 for l, h in zip(lo, hi))
     heat, note = client.predict("DP density", 0, *method(preset="dppa"), api_name="/heatmap")
     assert heat["type"] == "plotly"
-    mask, numbers = client.predict("model.layers.1.mlp.down_proj.weight", *method(preset="ties", density=0.2),
-                                   api_name="/masks")
-    assert "sign conflicts" in numbers
+    mask, numbers, method_view = client.predict("model.layers.1.mlp.down_proj.weight",
+                                                *method(preset="ties", density=0.2), api_name="/masks")
+    assert "sign conflicts" in numbers and value(mask)["type"] == "plotly"
+    _, numbers, method_view = client.predict("model.layers.1.mlp.down_proj.weight", *method(preset="linear"),
+                                             api_name="/masks")
+    assert "keeps every entry" in numbers and value(method_view)["type"] == "plotly"
     mv = method(preset="dppa", density=0.1)
     summary, board, download, status = client.predict(*mv, api_name="/merge")
     assert status.startswith("✓") and "run 1: dppa" in summary

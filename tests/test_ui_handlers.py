@@ -103,7 +103,7 @@ def test_heatmap_and_masks(state):
     out = inspect.heatmap({**view(state), "heat_metric": "DP density", "heat_model": 7})   # picker out of date
     assert out["heatmap_note"] == "" and out["heatmap"].data[0].z is not None
     out = inspect.masks(view(state, preset="ties", density=0.2))
-    assert "sign conflicts" in out["mask_numbers"] and len(out["mask_plot"].data) == 6
+    assert "sign conflicts" in out["mask_numbers"] and len(out["mask_plot"]["value"].data) == 6
     out = inspect.masks(view(state, preset="pcb"))
     assert "mean PCB weight" in out["mask_numbers"]
 
@@ -495,8 +495,9 @@ def test_load_best_refuses_what_the_controls_cannot_hold(pair):
     res = core_search.SearchResult(config=pcb, values={"clip_ratio": 0.01, "models[0].weight": 1.0,
                                                        "models[1].weight": 1.0}, objective=0.5, spec=spec)
     out = search_ui.load_best({"state": pair, "search_best": res})
-    assert "cannot hold clip_ratio " in out["search_status"] and "weight" not in out["search_status"]
-    assert "weights" not in out
+    # the method controls hold every parameter of the method now (clip_ratio among PCB's)
+    assert out["search_status"].startswith("✓") and out["x_clip_ratio"]["value"] == 0.01
+    assert out["x_clip_ratio"]["visible"] and out["preset"] == "pcb"
 
 
 def test_the_parameter_table_follows_the_preset(pair):
@@ -536,3 +537,118 @@ def test_auto_alpha_streams_the_official_walk_and_writes_what_it_chose(pair):
     assert list(written) == FTS[::2] and list(written.values()) == chosen
     # the official walk starts at [1.8, 0.0]: its first step is scored there, whatever the sliders say
     assert "alpha [1.8, 0.0] ->" in last["alpha_log"]
+
+
+# ----------------------------------------------------------------------------- every method in the picker
+
+def test_the_picker_offers_every_method_with_only_its_controls():
+    from dppa_ui.registry import METHODS
+    names = [n for _, n in method.method_choices()]
+    assert {n for n, m in METHODS.items() if m.family != "upscale"} == set(names)
+    v = method.preset_view({"preset": "slerp"})
+    assert v["x_t"]["visible"] and v["x_t"]["value"] == 0.5 and not v["density"]["visible"]
+    assert not v["lambda_"]["visible"] and not v["dp_group"]["visible"] and v["gradient_acc"]["visible"]
+    v = method.preset_view({"preset": "della"})
+    assert v["x_epsilon"]["visible"] and v["x_epsilon"]["value"] == 0.15 and v["seed"]["visible"] and \
+        v["density"]["visible"] and v["x_rescale"]["value"] == "l1"
+    v = method.preset_view({"preset": "ram"})
+    assert v["x_epsilon"]["value"] == 1e-5 and not v["lambda_"]["visible"] and not v["x_t"]["visible"]
+
+
+def test_a_per_layer_gradient_round_trips_through_the_yaml(state):
+    rows = [["t", "self_attn", "0, 0.5, 1"], ["t", "mlp", "1, 0"], ["t", "", "0.5"]]
+    v = ctl(preset="slerp", gradients=rows)
+    c = controls_from(v)
+    assert c.params["t"] == [{"filter": "self_attn", "value": [0.0, 0.5, 1.0]}, {"filter": "mlp", "value": [1.0, 0.0]},
+                             {"value": 0.5}]
+    models.load_models({"state": state, "base": "demo:base", "fts": ["demo:reverse"]})
+    exp = score.export_yaml({"state": state, "base": "demo:base", "fts": ["demo:reverse"], **v})
+    assert "filter: self_attn" in exp["yaml_code"]
+    back = score.load_yaml_into_controls({"state": state, "yaml_code": exp["yaml_code"]})
+    assert back["gradients"] == [["t", "self_attn", "0, 0.5, 1"], ["t", "mlp", "1, 0"], ["t", "", "0.5"]]
+    plot = method.gradient_view({"state": state, "preset": "slerp", "gradients": rows})["gradient_plot"]
+    assert [tr.name for tr in plot.data] == ["t · self_attn", "t · mlp", "t"]
+    assert list(plot.data[0].y) == pytest.approx([0.0, 1 / 3, 2 / 3, 1.0])        # 4 layers: 0 .. 1 evenly
+    bad = ctl(preset="slerp", gradients=[["density", "", "0.1, 0.2"]])
+    out = inspect.inspect({**view(state), **bad})
+    assert "slerp has no per-layer parameter 'density'" in out["inspect_status"]
+    models.load_models({"state": state, "base": "demo:base", "fts": FTS})
+    state.ws.stats.wait(timeout=60)
+
+
+def test_slerp_and_della_in_the_views_and_merged_as_the_cli(state, tmp_path, read_weights):
+    import math
+
+    import torch
+
+    from dppa_ui.engine import merge as cli_merge
+    models.load_models({"state": state, "base": "demo:base", "fts": ["demo:sort"]})
+    name = "model.layers.1.mlp.down_proj.weight"
+    v = {**view(state), "matrix": name, **ctl(preset="slerp", x_t=0.3)}
+    out = inspect.masks(v)
+    assert "interpolates the weights" in out["mask_numbers"] and out["mask_plot"]["visible"] is False
+    angles = out["method_plot"]["value"].data[0].y
+    from dppa_ui.io import CheckpointReader
+    with CheckpointReader(zoo.demo_path("base")) as rb, CheckpointReader(zoo.demo_path("sort")) as rf:
+        a, b = rb.get(name).reshape(-1).double(), rf.get(name).reshape(-1).double()
+    assert angles[1] == pytest.approx(math.degrees(math.acos(float(a @ b / a.norm() / b.norm()))), abs=1e-3)
+    run = merge.merge({"state": state, "progress": Progress(), **ctl(preset="slerp", x_t=0.3)})
+    assert run["merge_status"].startswith("✓")
+    cli = cli_merge(state.ws.runs.last.config.to_dict(), tmp_path / "cli", device="cpu")
+    x, y = read_weights(state.ws.runs.last.folder), read_weights(cli.out)
+    assert all(torch.equal(x[k], y[k]) for k in x)
+    d = {**view(state), "matrix": name, **ctl(preset="della", density=0.3, x_epsilon=0.1, seed=5)}
+    rows = inspect.inspect(d)["thresholds"]
+    from dppa_ui.analysis import thresholds
+    from dppa_ui.pipeline import plan_steps, prune_amplify
+    cfg = state.ws.config(controls_from(d))
+    step = plan_steps(cfg, name, (128, 384), None)[0]
+    kept = int((prune_amplify(cfg, 0, name, state.ws.access.delta(name, 0), step) != 0).sum())
+    assert thresholds(state.ws, cfg, name)[0]["kept"] == kept and float(rows[0][4]) == pytest.approx(
+        100 * kept / (128 * 384), abs=0.01)
+    mv = inspect.masks(d)["method_plot"]["value"]
+    assert "DELLA: keep probability" in mv.layout.title.text and mv.data[0].y[0] == pytest.approx(0.2)
+    models.load_models({"state": state, "base": "demo:base", "fts": FTS})
+    state.ws.stats.wait(timeout=60)
+
+
+def test_breadcrumbs_draws_both_cuts(state):
+    out = inspect.inspect(view(state, preset="breadcrumbs", density=0.3, x_gamma=0.05))
+    cuts = [t for t in out["histogram"].data if t.line.dash == "dashdot"]
+    assert len(cuts) == 4 and "outliers above" in cuts[0].hovertemplate
+    assert "kept band between" in out["histogram"].layout.title.text
+    lo, hi = (float(x) for x in out["thresholds"][0][2].split(" to "))      # the table states the band too
+    assert 0 < lo < hi
+
+
+def test_a_yaml_runs_as_written_with_its_layer_stack(state):
+    text = (Path(__file__).resolve().parents[1] / "assets/examples/mergekit/passthrough.yaml").read_text()
+    out = score.plan_yaml({"state": state, "yaml_code": text})
+    assert out["layer_stack"]["value"] == [[0, "reverse", 0], [1, "reverse", 1], [2, "reverse", 2], [3, "sort", 2],
+                                           [4, "sort", 3]]
+    assert "passthrough" in out["yaml_plan"] and "5 layers" in out["yaml_plan"]
+    done = score.merge_yaml({"state": state, "yaml_code": text, "progress": Progress()})
+    assert done["score_status"].startswith("✓") and "passthrough of reverse, sort" in done["merge_summary"]
+    import json
+    assert json.loads((state.ws.runs.last.folder / "config.json").read_text())["num_hidden_layers"] == 5
+    bad = text.replace("demo:sort", "/etc")
+    assert "outside the allowed model folders" in score.plan_yaml({"state": state, "yaml_code": bad})["score_status"]
+    assert "outside the allowed model folders" in score.merge_yaml({"state": state, "yaml_code": bad,
+                                                                    "progress": Progress()})["score_status"]
+
+
+def test_a_multi_stage_yaml_is_planned_and_merged_as_the_cli_does(state, tmp_path):
+    text = (Path(__file__).resolve().parents[1] / "assets/examples/mergekit/two_stages.yaml").read_text()
+    out = score.plan_yaml({"state": state, "yaml_code": text})
+    assert out["score_status"].startswith("✓") and "2 stages" in out["score_status"]
+    assert out["yaml_plan"].index("stage ") < out["yaml_plan"].index("stage (final)")
+    done = score.merge_yaml({"state": state, "yaml_code": text, "progress": Progress()})
+    assert done["score_status"].startswith("✓"), done["score_status"]
+    from dppa_ui.engine import merge_stages
+    from dppa_ui.io import CheckpointReader
+    merge_stages(text, tmp_path / "cli", log=lambda s: None)
+    app, cli = CheckpointReader(state.ws.runs.last.folder), CheckpointReader(tmp_path / "cli")
+    assert set(app.names) == set(cli.names)
+    for n in app.names:
+        assert torch.equal(app.get(n), cli.get(n)), n
+    assert not [p for p in state.ws.runs.last.folder.parent.iterdir() if ".stages-" in p.name]   # intermediates removed

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import gradio as gr
 
-from ..config import PRESETS
 from ..controls import MethodControls
 from ..refs import RefPolicy
 
@@ -173,9 +172,23 @@ def close_state(state) -> None:
 
 # ----------------------------------------------------------------------------------- method controls
 
+# The registry parameters the generic controls show ("x_KEY" components), one per key over every
+# method of the picker (the first method's spec sets the component; each method sets its default).
+def _extra_specs() -> dict:
+    from ..controls import extra_params, picker_methods
+    specs = {}
+    for name in picker_methods():
+        for p in extra_params(name):
+            specs.setdefault(p.key, p)
+    return specs
+
+
+EXTRA_SPECS = _extra_specs()
 # The method controls in the order every handler that needs a config takes them (the API's order).
 CONTROL_KEYS = ("preset", "density", "lambda_", "weights", "dp_lambda", "dp_outlier_m", "n_bands", "band1",
-                "band2", "alpha1", "alpha2", "alpha3", "alpha_per_model", "pcb_ratio", "seed")
+                "band2", "alpha1", "alpha2", "alpha3", "alpha_per_model", "pcb_ratio", "seed",
+                *[f"x_{k}" for k in EXTRA_SPECS], "gradients")
+GRADIENT_HEADERS = ["parameter", "filter", "values over the layers"]
 DEFAULT_CONTROLS = MethodControls()
 
 
@@ -218,35 +231,125 @@ def _finite(v, what: str) -> float:
     return f
 
 
+def _extra_value(p, raw, what: str):
+    """One generic control's value, typed and checked as its parameter's kind."""
+    if p.kind in ("float", "int", "rank"):
+        if p.kind == "rank" and raw == "full":
+            return raw
+        v = _finite(raw, what)
+        return int(v) if p.kind in ("int", "rank") else v
+    if p.kind == "bool":
+        return bool(raw)
+    return raw
+
+
+def gradient_rows(table) -> list[list[str]]:
+    """The gradient editor's non-empty rows as [parameter, filter, values] strings."""
+    rows = table.get("data", table) if isinstance(table, dict) else (
+        table.values.tolist() if hasattr(table, "values") else (table or []))
+    out = []
+    for r in rows:
+        r = ["" if x is None else str(x).strip() for x in (list(r) + ["", "", ""])[:3]]
+        if any(r):
+            out.append(r)
+    return out
+
+
+def gradient_settings(table, method: str) -> dict:
+    """{key: setting} from the editor's rows: a parameter's rows become its gradient list (one row
+    without a filter) or `filter` entries (rows with a filter first; a row without one is the value for
+    every other tensor), as the YAML writes them."""
+    from ..controls import extra_params
+    per_tensor = {p.key: p for p in extra_params(method) if p.per_tensor}
+    by_key: dict[str, list] = {}
+    for key, filt, vals in gradient_rows(table):
+        if key not in per_tensor:
+            raise UserError(f"per-layer values: {method} has no per-layer parameter {key!r}"
+                            + (f" (it has: {', '.join(per_tensor)})" if per_tensor else ""))
+        nums = parse_numbers(vals, f"per-layer values of {key}")
+        if not nums:
+            raise UserError(f"per-layer values of {key}: give one or more numbers, comma-separated")
+        by_key.setdefault(key, []).append((filt or None, nums if len(nums) > 1 else nums[0]))
+    out = {}
+    for key, rows in by_key.items():
+        if len(rows) == 1 and rows[0][0] is None:
+            out[key] = rows[0][1]
+        else:
+            rows.sort(key=lambda r: r[0] is None)            # filtered rows first, the catch-all last
+            out[key] = [{"filter": f, "value": v} if f else {"value": v} for f, v in rows]
+    return out
+
+
 def controls_from(values: dict) -> MethodControls:
     """The MethodControls the method components show ({key: value} by CONTROL_KEYS)."""
+    from ..controls import extra_params, picker_methods
     v = {k: values.get(k) for k in CONTROL_KEYS}
-    if v["preset"] not in PRESETS:
-        raise UserError(f"unknown preset {v['preset']!r}; pick one of {', '.join(PRESETS)}")
+    if v["preset"] not in picker_methods():
+        raise UserError(f"unknown method {v['preset']!r}; pick one of {', '.join(picker_methods())}")
     n = int(_finite(v["n_bands"] or 1, "DPA bands"))
     shares = [_finite(v["band1"], "band edge 1"), _finite(v["band2"], "band edge 2")][: n - 1]
     alphas = [_finite(v[f"alpha{k}"], f"α{k}") for k in (1, 2, 3)][:n]
+    extra = {}
+    for p in extra_params(v["preset"]):
+        raw = v.get(f"x_{p.key}")
+        if raw is None or raw == "":
+            continue
+        val = _extra_value(p, raw, p.key)
+        if p.required or val != p.default:
+            extra[p.key] = val
+    extra.update(gradient_settings(v.get("gradients"), v["preset"]))
     return MethodControls(
         preset=v["preset"], density=_finite(v["density"], "density"), lambda_=_finite(v["lambda_"], "λ"),
         weights=tuple(parse_numbers(v["weights"], "weights")), dp_lambda=_finite(v["dp_lambda"], "DP λ"),
         dp_outlier_m=_finite(v["dp_outlier_m"], "DP M"), band_shares=tuple(shares), alphas=tuple(alphas),
         alpha_per_model=parse_alpha_per_model(v["alpha_per_model"]), pcb_ratio=_finite(v["pcb_ratio"], "PCB ratio"),
-        seed=int(_finite(v["seed"] or 0, "seed")))
+        seed=int(_finite(v["seed"] or 0, "seed")), params=extra)
 
 
 _PAD_SHARES = (0.5, 0.75)          # what the band-edge sliders a config does not use show
 
 
+def extra_default(p):
+    """What a generic control shows when its method sets nothing (a required value: a middle one)."""
+    if p.required:
+        return 0.5 if p.kind == "float" else None
+    return p.default
+
+
 def values_of(c: MethodControls) -> dict:
-    """The component values (by CONTROL_KEYS) that show `c`."""
+    """The component values (by CONTROL_KEYS) that show `c`: the method's own parameters at their
+    values (a per-layer setting in the gradient editor), the others at their first spec's default."""
+    from .. import params as P
+    from ..controls import extra_params
     shares = list(c.band_shares) + list(_PAD_SHARES)[len(c.band_shares):]
     alphas = list(c.alphas) + [1.0] * (3 - len(c.alphas))
-    return {"preset": c.preset, "density": c.density, "lambda_": c.lambda_,
-            "weights": ", ".join(f"{w:g}" for w in c.weights), "dp_lambda": c.dp_lambda,
-            "dp_outlier_m": c.dp_outlier_m, "n_bands": len(c.band_shares) + 1, "band1": shares[0], "band2": shares[1],
-            "alpha1": alphas[0], "alpha2": alphas[1], "alpha3": alphas[2],
-            "alpha_per_model": "; ".join(f"{r}=" + ",".join(f"{a:g}" for a in al) for r, al in c.alpha_per_model.items()),
-            "pcb_ratio": c.pcb_ratio, "seed": c.seed}
+    out = {"preset": c.preset, "density": c.density, "lambda_": c.lambda_,
+           "weights": ", ".join(f"{w:g}" for w in c.weights), "dp_lambda": c.dp_lambda,
+           "dp_outlier_m": c.dp_outlier_m, "n_bands": len(c.band_shares) + 1, "band1": shares[0], "band2": shares[1],
+           "alpha1": alphas[0], "alpha2": alphas[1], "alpha3": alphas[2],
+           "alpha_per_model": "; ".join(f"{r}=" + ",".join(f"{a:g}" for a in al) for r, al in c.alpha_per_model.items()),
+           "pcb_ratio": c.pcb_ratio, "seed": c.seed}
+    own = {p.key: p for p in extra_params(c.preset)}
+    rows = []
+    for key, spec in EXTRA_SPECS.items():
+        p = own.get(key, spec)
+        val = c.params.get(key, extra_default(p)) if key in own else extra_default(spec)
+        if key in own and not P.is_constant(val):
+            for entry in (val if isinstance(val[0], dict) else [{"value": val}]):
+                vals = entry["value"] if isinstance(entry["value"], list) else [entry["value"]]
+                rows.append([key, entry.get("filter") or "", ", ".join(f"{x:g}" for x in vals)])
+            val = extra_default(p)
+        out[f"x_{key}"] = val
+    out["gradients"] = rows or [["", "", ""]]
+    return out
 
 
 DEFAULT_UI = values_of(DEFAULT_CONTROLS)
+
+
+def api_controls(**over) -> list:
+    """The method controls as a gradio_client caller passes them (CONTROL_KEYS order; the per-layer
+    table as the {"headers", "data"} a Dataframe takes over the API), from DEFAULT_UI with `over`."""
+    v = {**DEFAULT_UI, **over}
+    v["gradients"] = {"headers": GRADIENT_HEADERS, "data": v["gradients"]}
+    return [v[k] for k in CONTROL_KEYS]

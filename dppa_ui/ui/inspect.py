@@ -46,6 +46,8 @@ def build(page) -> None:
         page.add("matrix", gr.Dropdown([], label="Weight matrix", elem_id="mask-matrix"))
         page.add("mask_plot", gr.Plot(label="Masks", elem_id="mask-plot"))
         page.add("mask_numbers", gr.Markdown("", elem_id="mask-numbers"))
+        # What the method does beyond masks: DELLA's keep probabilities, an interpolation's angles
+        page.add("method_plot", gr.Plot(label="Method view", elem_id="method-view", visible=False))
     page.add("stats_timer", gr.Timer(1.0, active=False))
 
 
@@ -108,7 +110,8 @@ def threshold_rows(rows: list[dict]) -> list[list]:
         thr = r["threshold"]
         edges = ", ".join("empty" if e is None or e <= 0 else f"{e:.3g}" for e in r["band_edges"])
         out.append([short(r["model"]), f"{r['density']:.3f}" + (" *" if r["pending"] else ""),
-                    "" if thr is None else f"{thr:.4g}", edges, f"{100.0 * r['kept'] / max(r['numel'], 1):.2f}"])
+                    "" if thr is None else f"{thr:.4g}" + ("" if r.get("upper") is None else f" to {r['upper']:.4g}"),
+                    edges, f"{100.0 * r['kept'] / max(r['numel'], 1):.2f}"])
     return out
 
 
@@ -185,13 +188,20 @@ def masks(v: dict) -> dict:
         if not v["matrix"]:
             raise UserError("pick a weight matrix")
         shown, apl_pending = view_config(ws, cfg)
-        d = analysis.mask_data(ws, shown, v["matrix"])
+        mv = analysis.method_view(ws, shown, v["matrix"])
+        d = analysis.mask_data(ws, shown, v["matrix"]) if cfg.family == "pipeline" else None
     except _expected() as e:
         return {"mask_numbers": warn(message(e))}
+    view = gr.update(value=figures.method_view(mv), visible=True) if mv else gr.update(visible=False)
+    if d is None:
+        why = (f"{cfg.method_name} interpolates the weights themselves: it keeps every entry, none is pruned or "
+               f"combined (the method view below shows what it does)")
+        return {"mask_plot": gr.update(visible=False), "mask_numbers": why, "method_plot": view}
     numbers = numbers_markdown(d)
     if apl_pending:
         numbers += f"\n\n_{apl_pending_text(ws, cfg)}: target density shown until then_"
-    return {"mask_plot": figures.masks(d, cfg.method_name, cfg.combine), "mask_numbers": numbers}
+    return {"mask_plot": gr.update(value=figures.masks(d, cfg.method_name, cfg.combine), visible=True),
+            "mask_numbers": numbers, "method_plot": view}
 
 
 def _apl_index(v: dict, ws) -> int:
@@ -256,7 +266,7 @@ MASKS_IN = ["state", "matrix", *CONTROL_KEYS]
 VIEW_IN = ["state", "block", "module", "matrix", "heat_metric", "heat_model", *CONTROL_KEYS]
 INSPECT_OUT = ["histogram", "thresholds", "tensor_name", "matrix", "inspect_status"]
 HEATMAP_OUT = ["heatmap", "heatmap_note"]
-MASKS_OUT = ["mask_plot", "mask_numbers"]
+MASKS_OUT = ["mask_plot", "mask_numbers", "method_plot"]
 APL_IN = ["state", "heat_model", *CONTROL_KEYS]
 APL_OUT = ["apl_plot", "apl_note"]
 APL_VIEW_OUT = [*APL_OUT, "stats_timer"]

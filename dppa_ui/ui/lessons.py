@@ -83,10 +83,39 @@ def _look_dpa(ws, runs) -> str:
             f"{_obj(dp)}, {dppa.name} (DP + DPA) {_obj(dppa)}.")
 
 
+def _look_slerp(ws, runs) -> str:
+    lin, slerp = runs
+    from .. import analysis
+    name = ws.access.tensor_name(1, "mlp.down_proj")
+    d = analysis.method_view(ws, ws.config(slerp.config), name)
+    angles = [a for a in d["angles"][0][2] if a is not None]
+    diff = _weight_gap(lin, slerp)
+    return (f"The fine-tune's weights sit {min(angles):.1f}°–{max(angles):.1f}° from the base's (the method view's "
+            f"angles per layer). Slerp walks the arc between them, linear the chord: at t = 0.5 the two merges differ "
+            f"by {diff:.2%} of the weights' norm (linear's midpoint lies inside the arc, shorter by cos(θ/2) for "
+            f"equal norms). Scores: "
+            f"{lin.name} (linear) objective {_obj(lin)}, EM reverse {_em(lin, 'reverse')}; {slerp.name} (slerp) "
+            f"objective {_obj(slerp)}, EM reverse {_em(slerp, 'reverse')}.")
+
+
+def _weight_gap(a, b) -> float:
+    """‖θ_a − θ_b‖ / ‖θ_a‖ over two runs' merged weights (read from their folders)."""
+    from .. import io
+    num = den = 0.0
+    with io.CheckpointReader(a.folder) as ra, io.CheckpointReader(b.folder) as rb:
+        for n in ra.names:
+            x, y = ra.get(n).float(), rb.get(n).float()
+            num += float((x - y).pow(2).sum())
+            den += float(x.pow(2).sum())
+    return (num / den) ** 0.5 if den else 0.0
+
+
 FOUR = ("reverse", "cipher", "sort", "brackets")
 LESSONS: dict[str, Lesson] = {
     "dare_vs_dp": Lesson("DARE vs DP on a complex fine-tune", ("reverse_complex",),
-                         (MethodControls(preset="dp", density=0.1), MethodControls(preset="dare_linear", density=0.1)),
+                         (MethodControls(preset="dp", density=0.1),
+                          # DARE as its paper rescales (x 1/density); mergekit's default rescales to the L1 norm
+                          MethodControls(preset="dare_linear", density=0.1, params={"rescale": "paper"})),
                          _look_dare_vs_dp, metric="outlier %"),
     "ties_conflicts": Lesson("Sign conflicts in TIES", FOUR,
                              (MethodControls(preset="task_arithmetic"), MethodControls(preset="ties", density=0.2)),
@@ -98,6 +127,10 @@ LESSONS: dict[str, Lesson] = {
                            (MethodControls(preset="dp", density=0.2),
                             MethodControls(preset="dppa", density=0.2, band_shares=(0.5,), alphas=(2.0, 1.0))),
                            _look_dpa),
+    "slerp_vs_linear": Lesson("Slerp vs linear interpolation", ("reverse",),
+                              (MethodControls(preset="linear"),             # the base and the fine-tune 1:1
+                               MethodControls(preset="slerp", params={"t": 0.5})),
+                              _look_slerp, module="mlp.down_proj"),
 }
 RESULT_HEADERS = ["run", "method", "objective", "EM per domain"]
 

@@ -1,30 +1,55 @@
-"""2 · Method: the preset, and only the controls its stages use. Controls commit on release (a
-slider drag is one update, not one per pixel); the inspect views follow each commit."""
+"""2 · Method: every method of the registry (delta pipelines, interpolations, layer stacking), and
+only the controls it uses: the common quantities, its other parameters (built from the registry's
+records) and a per-layer editor for the ones that can vary over the layers. Controls commit on
+release (a slider drag is one update, not one per pixel); the inspect views follow each commit."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import gradio as gr
 
-from ..config import PRESET_INFO, PRESETS
-from ..controls import MethodControls
+from .. import params as P
+from ..controls import MethodControls, extra_params, picker_methods
+from ..registry import METHODS
 from ..workspace import short
-from .common import (CONTROL_KEYS, DEFAULT_UI, AppState, UserError, _expected, controls_from, message, ok,
-                     values_of, warn)
+from .common import (CONTROL_KEYS, DEFAULT_UI, EXTRA_SPECS, GRADIENT_HEADERS, AppState, UserError, _expected,
+                     controls_from, extra_default, gradient_settings, message, ok, values_of, warn)
 
 EXAMPLES_DIR = Path(__file__).resolve().parents[2] / "assets" / "examples"
 
 
 def example_files() -> dict[str, Path]:
-    return {p.stem: p for p in sorted(EXAMPLES_DIR.glob("*.yaml"))}
+    files = {p.stem: p for p in sorted(EXAMPLES_DIR.glob("*.yaml"))}
+    files.update({f"mergekit/{p.stem}": p for p in sorted((EXAMPLES_DIR / "mergekit").glob("*.yaml"))})
+    return files
+
+
+FAMILY_LABELS = {"pipeline": "prune → combine", "interpolation": "interpolation", "stacking": "layer stacking"}
+
+
+def method_choices() -> list[tuple[str, str]]:
+    """(label, name) per method of the picker, grouped by family."""
+    return [(f"{m.title} · {FAMILY_LABELS[m.family]}", n) for n, m in picker_methods().items()]
+
+
+def extra_component(key: str, p):
+    """A control for registry parameter `p` (its first spec among the picker's methods)."""
+    kw = dict(label=key, info=p.doc, visible=False, elem_id=f"param-{key.replace('_', '-')}")
+    value = extra_default(p)
+    if p.kind in ("choice", "rescale"):
+        return gr.Dropdown(list(p.choices), value=value, **kw)
+    if p.kind == "bool":
+        return gr.Checkbox(value=bool(value), **kw)
+    if p.kind == "float" and p.lo is not None and p.hi is not None and p.hi - p.lo <= 1:
+        return gr.Slider(p.lo, p.hi, value=value, step=0.01, **kw)
+    return gr.Number(value=value, precision=0 if p.kind in ("int", "rank") else None, **kw)
 
 
 def build(page) -> None:
     d = DEFAULT_UI
-    with gr.Row(equal_height=True):
-        page.add("preset", gr.Dropdown(list(PRESETS), value=d["preset"], label="Preset", scale=3, elem_id="preset"))
-        page.add("example", gr.Dropdown(list(example_files()), value=None, label="Example config", scale=2,
-                                        elem_id="example-config"))
+    # One per row: the picker's labels ("DELLA (linear) · prune → combine") need the column's width
+    page.add("preset", gr.Dropdown(method_choices(), value=d["preset"], label="Method", elem_id="preset"))
+    page.add("example", gr.Dropdown(list(example_files()), value=None, label="Example config", elem_id="example-config"))
     page.add("preset_info", gr.Markdown(preset_info(d["preset"]), elem_id="preset-info"))
     page.add("density", gr.Slider(0.01, 1.0, value=d["density"], step=0.01, elem_id="density",
                                   label="Density: share of each δ kept",
@@ -66,26 +91,73 @@ def build(page) -> None:
                                       elem_id="lambda-log"))
     page.add("pcb_ratio", gr.Slider(0.01, 1.0, value=d["pcb_ratio"], step=0.01, label="PCB ratio", visible=False,
                                     elem_id="pcb-ratio", info="share of entries kept after balancing"))
-    page.add("seed", gr.Number(value=d["seed"], precision=0, label="Seed (DARE's random masks)", visible=False,
+    page.add("seed", gr.Number(value=d["seed"], precision=0, label="Seed (the random drop's masks)", visible=False,
                                elem_id="seed"))
+    with gr.Group(visible=True) as extra_group:
+        for key, p in EXTRA_SPECS.items():
+            page.add(f"x_{key}", extra_component(key, p))
+    page.add("extra_group", extra_group)
+    with gr.Accordion("Per-layer values (gradients)", open=False, visible=False, elem_id="gradient-editor") as acc:
+        gr.Markdown("A row sets one parameter over the layers: values spread evenly from the first layer to the "
+                    "last, as mergekit's gradients; a filter (e.g. `self_attn`, `mlp`) limits the row to the "
+                    "tensors whose name contains it; a row without a filter is the value everywhere else.",
+                    elem_id="gradient-help")
+        page.add("gradients", gr.Dataframe(headers=GRADIENT_HEADERS, value=d["gradients"], interactive=True,
+                                           column_count=(3, "fixed"), elem_id="gradients", wrap=True))
+        page.add("gradient_plot", gr.Plot(label="Values over the layers", elem_id="gradient-plot"))
+    page.add("gradient_acc", acc)
     page.add("method_status", gr.Markdown("", elem_id="method-status", elem_classes=["status"]))
 
 
 def preset_info(preset: str) -> str:
-    prune, amplify, combine = PRESETS.get(preset, PRESETS[DEFAULT_UI["preset"]])
-    text, url = PRESET_INFO.get(preset, ("", ""))
-    return f"{text}  \nprune **{prune}** → amplify **{amplify}** → combine **{combine}** · [paper]({url})"
+    m = METHODS.get(preset) or METHODS[DEFAULT_UI["preset"]]
+    how = (f"prune **{m.stages[0]}** → amplify **{m.stages[1]}** → combine **{m.stages[2]}**" if m.stages
+           else f"{FAMILY_LABELS[m.family]} of the weights")
+    return f"{m.doc}  \n{how} · [paper]({m.paper})" if m.paper else f"{m.doc}  \n{how}"
 
 
 def preset_view(v: dict) -> dict:
-    """Only the controls the preset's stages use, and two lines on what it does with its paper."""
-    preset = v["preset"]
-    prune, amplify, combine = PRESETS.get(preset, PRESETS[DEFAULT_UI["preset"]])
-    return {"preset_info": preset_info(preset), "density": gr.update(visible=prune != "none"),
-            "dp_group": gr.update(visible=prune == "dp"), "dpa_group": gr.update(visible=amplify == "dpa"),
-            "pcb_ratio": gr.update(visible=combine == "pcb"), "seed": gr.update(visible=prune == "random")}
+    """Only the controls the method uses (its other parameters at the method's defaults), and two
+    lines on what it does with its paper."""
+    preset = v["preset"] if v["preset"] in picker_methods() else DEFAULT_UI["preset"]
+    m = METHODS[preset]
+    prune, amplify, combine = m.stages or ("none", "none", "none")
+    keys = {p.key for p in m.params}
+    own = {p.key: p for p in extra_params(preset)}
+    out = {"preset_info": preset_info(preset), "density": gr.update(visible=prune != "none"),
+           "lambda_": gr.update(visible="lambda" in keys), "weights": gr.update(visible="weight" in keys),
+           "dp_group": gr.update(visible=prune == "dp"), "dpa_group": gr.update(visible=amplify == "dpa"),
+           "pcb_ratio": gr.update(visible=combine == "pcb"),
+           "seed": gr.update(visible=prune in ("random", "della", "apl")),
+           "extra_group": gr.update(visible=bool(own)),
+           "gradient_acc": gr.update(visible=any(p.per_tensor for p in own.values()))}
+    for key in EXTRA_SPECS:
+        p = own.get(key)
+        out[f"x_{key}"] = gr.update(visible=p is not None, **({"value": extra_default(p), "info": p.doc}
+                                                             if p is not None else {}))
+    return out
 
 
+VIEW_OUT = ["preset_info", "density", "lambda_", "weights", "dp_group", "dpa_group", "pcb_ratio", "seed",
+            "extra_group", "gradient_acc", *[f"x_{k}" for k in EXTRA_SPECS]]
+
+
+def gradient_view(v: dict) -> dict:
+    """The per-layer editor's curves over the loaded model's layers (for every filter it names)."""
+    from .. import figures
+    state: AppState = v["state"]
+    n = len(state.ws.access.blocks()) if state.ws is not None and state.ws.loaded else 8
+    try:
+        settings = gradient_settings(v["gradients"], v["preset"])
+    except _expected() as e:
+        return {"method_status": warn(message(e))}
+    curves = []
+    for key, setting in settings.items():
+        filters = [e.get("filter") for e in setting if isinstance(e, dict)] if isinstance(setting, list) and \
+            setting and isinstance(setting[0], dict) else [None]
+        for f in filters:
+            curves.append((f"{key}" + (f" · {f}" if f else ""), P.gradient_curve(setting, f or "", n)))
+    return {"gradient_plot": figures.layer_curves(curves, n), "method_status": ""}
 def bands_view(v: dict) -> dict:
     n = int(v["n_bands"] or 1)
     return {"band1": gr.update(visible=n >= 2), "band2": gr.update(visible=n >= 3),
@@ -109,7 +181,7 @@ def show_controls(c: MethodControls, base: str | None = None, fts: list[str] | N
     return out
 
 
-CONTROLS_OUT = [*CONTROL_KEYS, "preset_info", "dp_group", "dpa_group"]     # what show_controls sets
+CONTROLS_OUT = [*CONTROL_KEYS, "preset_info", "dp_group", "dpa_group", "extra_group", "gradient_acc"]   # show_controls
 SHOW_OUT = ["base", "fts", *CONTROLS_OUT]
 
 
@@ -121,7 +193,7 @@ def auto_alpha(v: dict):
         ws = state.workspace()
         c = controls_of(v)
         if c.stages[1] != "dpa":
-            raise UserError("auto α searches the DPA band factors: pick the dppa preset first")
+            raise UserError("auto α searches the DPA band factors: pick the dppa method first")
     except _expected() as e:
         yield {"method_status": warn(message(e))}
         return
@@ -157,9 +229,9 @@ def load_example(v: dict) -> dict:
 
 
 def wire(page) -> None:
-    page.on(page["preset"].input, preset_view, ["preset"], ["preset_info", "density", "dp_group", "dpa_group",
-                                                             "pcb_ratio", "seed"],
-            api_name="preset_view", show_progress="hidden")
+    page.on(page["preset"].input, preset_view, ["preset"], VIEW_OUT, api_name="preset_view", show_progress="hidden")
+    page.on([page["gradients"].input, page["gradient_acc"].expand], gradient_view, ["state", "preset", "gradients"],
+            ["gradient_plot", "method_status"], api_visibility="private", show_progress="hidden")
     page.on(page["n_bands"].input, bands_view, ["n_bands"], ["band1", "band2", "alpha2", "alpha3"],
             api_visibility="private", show_progress="hidden")
     page.on(page["auto_alpha_btn"].click, auto_alpha, ["state", *CONTROL_KEYS],
@@ -177,6 +249,6 @@ def commit_triggers(page) -> list:
             out.append(comp.release)
         elif isinstance(comp, (gr.Textbox, gr.Number)):
             out += [comp.submit, comp.blur]
-        else:
+        else:               # choices, checkboxes, the per-layer table: one event per user edit
             out.append(comp.input)
     return out

@@ -98,7 +98,14 @@ def build(page) -> None:
         page.add("yaml_code", gr.Code(language="yaml", label="Config (runs with: python -m dppa_ui merge FILE --out DIR)",
                                       elem_id="yaml-code", scale=3, interactive=True))
         page.add("yaml_file", gr.File(label="YAML file", interactive=False, elem_id="yaml-file", scale=1, visible=False))
-    page.add("load_yaml_btn", gr.Button("Load the YAML above into the controls", elem_id="load-yaml-btn", size="sm"))
+    with gr.Row():
+        page.add("load_yaml_btn", gr.Button("Load the YAML above into the controls", elem_id="load-yaml-btn",
+                                            size="sm"))
+        page.add("plan_yaml_btn", gr.Button("Plan: what this YAML builds", elem_id="plan-yaml-btn", size="sm"))
+        page.add("merge_yaml_btn", gr.Button("Merge this YAML as written", elem_id="merge-yaml-btn", size="sm"))
+    page.add("yaml_plan", gr.Markdown("", elem_id="yaml-plan"))
+    page.add("layer_stack", gr.Dataframe(headers=["output layer", "from model", "its layer"], interactive=False,
+                                         visible=False, elem_id="layer-stack", label="Layer stack"))
 
 
 # ----------------------------------------------------------------------------------- suites
@@ -341,6 +348,54 @@ def load_yaml_into_controls(v: dict) -> dict:
     return out
 
 
+def plan_yaml(v: dict) -> dict:
+    """What a config builds, from the checkpoints' headers only: method, models, parameters, the
+    tensors' count and, for `slices` (passthrough frankenmerges), the output layer stack; for a
+    multi-stage file, the stages in the order they run."""
+    from ..engine import layer_stack, merge as run_merge, merge_stages
+    state: AppState = v["state"]
+    try:
+        ws = state.workspace()
+        stages = ws.check_yaml(v["yaml_code"] or "")
+        if len(stages) > 1:
+            res = merge_stages(v["yaml_code"], None, dry_run=True, log=lambda s: None)
+            return {"yaml_plan": "\n".join(f"- {ln}" for ln in res.plan.splitlines()),
+                    "layer_stack": gr.update(visible=False),
+                    "score_status": ok(f"planned: {len(stages)} stages, nothing read yet")}
+        cfg = stages[0].config
+        res = run_merge(cfg.to_dict(), None, dry_run=True, log=lambda s: None)
+        stack = layer_stack(cfg.to_dict())
+    except (*_expected(), ConfigError) as e:
+        return {"score_status": warn(f"this config cannot be planned: {message(e)}")}
+    head = [ln for ln in res.plan.splitlines() if not ln.startswith(("tensor ", "model: ", "base: "))]
+    lines = [f"**{cfg.method_name}** of {', '.join(short(r) for r in cfg.parents)}: "
+             f"{res.tensors} tensors, {res.params:,} parameters"] + [f"- {ln}" for ln in head[1:]]
+    return {"yaml_plan": "\n".join(lines),
+            "layer_stack": gr.update(value=[[j, short(r), layer] for j, r, layer in stack], visible=bool(stack),
+                                     label=f"Layer stack: {len(stack)} output layers"),
+            "score_status": ok("planned: nothing was read but the checkpoints' headers")}
+
+
+def merge_yaml(v: dict) -> dict:
+    """Merge the config as written into a run (any method, slices, tokenizer surgery, ...); it is
+    then the merged model for chat and score."""
+    from .merge import run_summary
+    state: AppState = v["state"]
+    progress = v["progress"]
+    try:
+        ws = state.workspace()
+        text = v["yaml_code"] or ""
+        ws.check_yaml(text)
+        state.cancel.clear()
+        run = ws.merge_yaml(text, progress=lambda d, t: progress((d, t), desc="merging", unit="tensors"),
+                            cancel=state.cancel.is_set)
+    except (*_expected(), ConfigError, RuntimeError, OSError) as e:
+        return {"score_status": warn(f"merge refused: {message(e)}"), "state": state}
+    return {"merge_summary": run_summary(run), "leaderboard": leaderboard(state),
+            "score_status": ok(f"{run.name} merged as written in {run.seconds:.2f} s: chat with it or score it"),
+            "state": state}
+
+
 def wire(page) -> list:
     """Wires the section; returns the events that set the method controls (the views follow them)."""
     page.on(page["upload"].upload, upload_suite, ["state", "upload"], ["suite", "score_status"], api_name="upload_suite")
@@ -354,4 +409,9 @@ def wire(page) -> list:
             ["yaml_code", "yaml_file", "score_status"], api_name="export_yaml")
     load = page.on(page["load_yaml_btn"].click, load_yaml_into_controls, ["state", "yaml_code"],
                    [*SHOW_OUT, "score_status"], api_name="load_yaml")
+    page.on(page["plan_yaml_btn"].click, plan_yaml, ["state", "yaml_code"], ["yaml_plan", "layer_stack", "score_status"],
+            api_name="plan_yaml")
+    page.on(page["merge_yaml_btn"].click, merge_yaml, ["state", "yaml_code"],
+            ["merge_summary", "leaderboard", "score_status", "state"], progress=True, api_name="merge_yaml",
+            concurrency_limit=1, concurrency_id="merge")
     return [reload, load]

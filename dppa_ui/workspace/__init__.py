@@ -20,7 +20,7 @@ import warnings
 from pathlib import Path
 from typing import Callable, Iterable
 
-from ..config import MergeConfig, load_config
+from ..config import MergeConfig, load_config, load_stages
 from ..methods.dp import DPDensity
 from ..pipeline import kept_fraction
 from ..refs import RefPolicy, resolve_model
@@ -120,16 +120,20 @@ class Workspace:
         else:
             cfg = load_config(source)
         self.align(cfg)
-        return cfg
+        from ..plan import n_layers_of
+        return cfg.with_layers(n_layers_of(acc.names))      # per-layer (gradient) values resolve by layer
 
     def align(self, cfg: MergeConfig) -> list[int]:
-        """Index among the loaded fine-tunes of each of the config's models."""
+        """Index among the loaded fine-tunes of each of the config's models (the base, when an
+        interpolation lists it as an input, left out: `analysis.fine_tunes` gives the matching view)."""
         acc = self.require()
-        missing = [m.model for m in cfg.models if m.model not in acc.ft_refs]
+        # An interpolation may take the base as one more input (linear, karcher): it is no fine-tune.
+        models = [m for m in cfg.models if m.model != cfg.base_model]
+        missing = [m.model for m in models if m.model not in acc.ft_refs]
         if missing:
             raise ValueError(f"the config lists {missing[0]!r}, which is not loaded; loaded fine-tunes: "
                              f"{', '.join(acc.ft_refs)}")
-        return [acc.ft_refs.index(m.model) for m in cfg.models]
+        return [acc.ft_refs.index(m.model) for m in models]
 
     # -- DP and APL
 
@@ -280,6 +284,38 @@ class Workspace:
         against every projection, no tensor read)."""
         from ..engine import merge as engine_merge
         return int(engine_merge(cfg.to_dict(), None, dry_run=True, device="cpu", log=lambda s: None).params)
+
+    def merge_yaml(self, text: str, progress: Callable[[int, int], None] | None = None,
+                   cancel: Callable[[], bool] | None = None) -> Run:
+        """Merge a config as written (any method and YAML feature: slices, tokenizer surgery, ...)
+        into a new run. Every model it names must be reachable under this session's policy (model
+        roots, hub rules) before anything is read."""
+        from .. import gpu
+        stages = self.check_yaml(text)
+        with self.queue.slot():
+            number, folder = self.runs.next_folder()
+            if len(stages) == 1:
+                res = gpu.merge(stages[0].config.to_dict(), folder, progress=progress, cancel=cancel,
+                                log=lambda s: None)
+            else:       # the earlier stages go to a temporary folder beside the run, removed after
+                res = gpu.merge_stages(text, folder, progress=progress, cancel=cancel, log=lambda s: None)
+        cfg = stages[-1].config
+        run = Run(number=number, config=cfg, folder=folder, seconds=res.seconds, device=res.device,
+                  kept_fraction=res.kept_fraction, notices=list(cfg.notices) if len(stages) == 1 else
+                  [n for n in res.notices if n.startswith("stage ")])
+        return self.runs.add(run)
+
+    def check_yaml(self, text: str):
+        """The stages of a config (one per YAML document, in run order), every model they read that
+        is not an earlier stage's output checked under this session's policy before anything is read."""
+        stages = load_stages(text)
+        produced = {s.name for s in stages if s.name is not None}
+        for s in stages:
+            cfg = s.config
+            for ref in [*cfg.parents, *([cfg.tokenizer_source] if cfg.tokenizer_source else [])]:
+                if ref.partition("+")[0] not in produced:
+                    resolve_model(ref, policy=self.policy)
+        return stages
 
     def search_amplification(self, source, log: Callable[[str], None] | None = None
                              ) -> tuple[MergeConfig, dict[str, dict]]:

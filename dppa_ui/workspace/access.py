@@ -39,7 +39,7 @@ class ModelAccess:
     resolved folders. Raises ValueError (naming the tensors) when the models do not fit together."""
 
     def __init__(self, base_ref: str, base_path: Path, ft_refs: list[str], ft_paths: list[Path],
-                 max_cache_bytes: int = 512 << 20):
+                 max_cache_bytes: int = 256 << 20):
         self.base_ref, self.base_path = base_ref, Path(base_path)
         self.ft_refs, self.ft_paths = list(ft_refs), [Path(p) for p in ft_paths]
         self.max_cache_bytes = max_cache_bytes

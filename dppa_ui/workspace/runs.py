@@ -24,8 +24,19 @@ def short(ref: str) -> str:
     return ref.split(":", 1)[1] if ref.startswith("demo:") else ref.rstrip("/").split("/")[-1]
 
 
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:g}"
+    if isinstance(v, list):
+        return "per layer"
+    return str(v)
+
+
 def params_text(cfg: MergeConfig) -> str:
-    """The settings of a run in one line (what a leaderboard row shows)."""
+    """The settings of a run in one line (what a leaderboard row shows): what the method uses,
+    where it differs from the method's defaults."""
+    if cfg.slices is not None:
+        return f"{len(cfg.slices)} slice(s)"
     m = cfg.models[0]
     if cfg.upscale == "smile":
         return (f"rank_of_expert {'full' if cfg.rank_of_expert is None else cfg.rank_of_expert}, "
@@ -34,21 +45,28 @@ def params_text(cfg: MergeConfig) -> str:
                 + (f", others {cfg.smile_others}" if cfg.smile_others != "task_arithmetic" else ""))
     parts = []
     if cfg.prune != "none":
-        parts.append(f"density {m.density:g}")
-    if cfg.lambda_ != 1.0:
-        parts.append(f"λ {cfg.lambda_:g}")
-    if any(x.weight != 1.0 for x in cfg.models):
-        parts.append("w " + ",".join(f"{x.weight:g}" for x in cfg.models))
+        parts.append(f"density {_fmt(m.density)}")
+    if isinstance(cfg.lambda_, list) or cfg.lambda_ != 1.0:
+        parts.append(f"λ {_fmt(cfg.lambda_)}")
+    if any(not isinstance(x.weight, (int, float)) or x.weight != 1.0 for x in cfg.models):
+        parts.append("w " + ",".join(_fmt(x.weight) for x in cfg.models))
     if cfg.prune == "dp":
         parts.append(f"DP λ {cfg.dp_lambda:g}, M {cfg.dp_outlier_m:g}")
     if cfg.amplify == "dpa":
         parts.append(f"bands {[round(p, 4) for p in m.partitions]} α {m.amplification}")
     if cfg.combine == "pcb":
-        parts.append(f"ratio {cfg.pcb_ratio:g}")
-    if cfg.prune == "random":
+        parts.append(f"ratio {_fmt(cfg.pcb_ratio)}")
+    if cfg.prune in ("random", "della") or (cfg.prune == "apl" and cfg.apl_drop == "random"):
         parts.append(f"seed {cfg.seed}")
     if cfg.prune == "apl":
         parts.append(f"APL {cfg.apl_level} {cfg.apl_importance_kind}, λ {cfg.apl_lambda:g}")
+    from ..controls import OWN_KEYS
+    for p in cfg.params:          # the method's other parameters, where they are not the default
+        if p.key in OWN_KEYS or p.key.startswith("apl_") or p.key in ("dp_others",):
+            continue
+        v = getattr(cfg if p.scope == "global" else m, p.name)
+        if v is not None and (isinstance(v, list) or v != p.default):
+            parts.append(f"{p.key} {_fmt(v)}")
     return "; ".join(parts) or "defaults"
 
 
@@ -86,7 +104,9 @@ class Run:
 
     @property
     def models(self) -> list[str]:
-        return [m.model for m in self.config.models]
+        """The models merged (a `slices` config: every model its slices read)."""
+        cfg = self.config
+        return [m.model for m in cfg.models] or [r for r in cfg.parents if r != cfg.base_model]
 
     @property
     def name(self) -> str:
