@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from .config import MergeConfig
 from .methods import band_edges, breadcrumbs_counts, keep_count, tensor_generator
 from .methods.pcb import clip_abs, pcb_scale
+from .methods.sce import sce_select_mask, sce_weights
 from .methods.ties import agreement_mask
 from .pipeline import Step, plan_steps, prune_amplify
 from .stats import HIST_SAMPLE, sample_flat
@@ -85,7 +86,35 @@ def thresholds(ws, cfg: MergeConfig, name: str) -> list[dict]:
                 row["band_fractions"] = edges
                 row["band_edges"] = [acc.value_at_rank(name, j, keep_count(f, n)) for f in edges]
         out.append(row)
+    selected = sce_selected(ws, cfg, name)
+    if selected is not None:      # SCE's select drops more, the same entries for every model
+        for row, kept in zip(out, selected["kept"]):
+            row["kept"] = kept
     return out
+
+
+def pruned_deltas(ws, cfg: MergeConfig, name: str) -> torch.Tensor:
+    """(n, ...) each config model's delta of `name` after the pipeline's own prune (and amplify)."""
+    idx, stp, _ = steps(ws, cfg, name)
+    return torch.stack([prune_amplify(cfg, i, name, ws.access.delta(name, j), step)
+                        for i, (j, step) in enumerate(zip(idx, stp))])
+
+
+def sce_selected(ws, cfg: MergeConfig, name: str, pruned: torch.Tensor | None = None) -> dict | None:
+    """SCE's select on `name` (combine `sce` with select_topk < 1; else None): {"mask" (flat bool:
+    the entries whose variance across the pruned deltas is in the top select_topk share, the same
+    for every model), "share" (select_topk), "kept" (per model, entries non-zero after prune and
+    select)}. The mask is sce.sce_select_mask on the pipeline's pruned deltas, as the merge computes it."""
+    cfg = fine_tunes(cfg)
+    if cfg.combine != "sce":
+        return None
+    topk = cfg.for_tensor(name).select_topk
+    if topk >= 1:
+        return None
+    pruned = pruned_deltas(ws, cfg, name) if pruned is None else pruned
+    mask = sce_select_mask(pruned, topk).reshape(-1) != 0
+    kept = [int(((p.reshape(-1) != 0) & mask).sum()) for p in pruned]
+    return {"mask": mask, "share": topk, "kept": kept}
 
 
 def random_drop(cfg: MergeConfig) -> bool:
@@ -142,15 +171,22 @@ def histogram(ws, cfg: MergeConfig, name: str, rows: list[dict] | None = None) -
         return torch.histc(logs, bins=HIST_BINS, min=lo, max=hi).round().int().tolist()
 
     series = []
+    selected = sce_selected(ws, cfg, name)
+    pruned = pruned_deltas(ws, cfg, name) if selected is not None else None
     for i, (j, step, m, logs) in enumerate(zip(idx, stp, cfg.models, samples)):
-        if random_drop(cfg) and step.prune:
+        if selected is not None:          # kept = survives the prune and SCE's select
+            keep = sample_flat((pruned[i].reshape(-1) != 0) & selected["mask"], HIST_SAMPLE)
+            series.append({"model": m.model, "index": j, "part": "kept", "counts": counts(logs[keep])})
+            series.append({"model": m.model, "index": j, "part": "dropped", "counts": counts(logs[~keep])})
+        elif random_drop(cfg) and step.prune:
             keep = sample_flat(random_keep(ws, cfg, i, name, step), HIST_SAMPLE)     # the same entries as logs
             series.append({"model": m.model, "index": j, "part": "kept", "counts": counts(logs[keep])})
             series.append({"model": m.model, "index": j, "part": "dropped", "counts": counts(logs[~keep])})
         else:
             series.append({"model": m.model, "index": j, "part": "all", "counts": counts(logs)})
     return {"name": name, "centers": centers, "series": series, "rows": rows,
-            "sampled": min(acc.numel[name], HIST_SAMPLE), "numel": acc.numel[name]}
+            "sampled": min(acc.numel[name], HIST_SAMPLE), "numel": acc.numel[name],
+            "sce_select": selected["share"] if selected is not None else None}
 
 
 # ------------------------------------------------------------------------------------ heatmap
@@ -218,9 +254,8 @@ def combine_maps(ws, cfg: MergeConfig, name: str) -> dict:
     (a kept entry against the elected sign) and, for PCB, the balancing weights. A pruned entry
     is exactly 0, so a model keeps an entry where its pruned delta is non-zero."""
     cfg = fine_tunes(cfg)
-    idx, stp, pending = steps(ws, cfg, name)
-    pruned = torch.stack([prune_amplify(cfg, i, name, ws.access.delta(name, j), step)
-                          for i, (j, step) in enumerate(zip(idx, stp))])
+    idx, _, pending = steps(ws, cfg, name)
+    pruned = pruned_deltas(ws, cfg, name)
     n = pruned.shape[0]
     w = torch.tensor([m.weight for m in cfg.models], dtype=torch.float32).view(-1, *([1] * (pruned.dim() - 1)))
     weighted = pruned if bool((w == 1).all()) else pruned * w
@@ -235,6 +270,13 @@ def combine_maps(ws, cfg: MergeConfig, name: str) -> dict:
         scale = pcb_scale(flat, cfg.pcb_ratio, clipped_abs=a)
         contrib = (w.reshape(n, 1) * torch.sign(flat) * a * scale).view_as(pruned)
         scale = scale.view_as(pruned)
+    elif cfg.combine == "sce":     # select (a shared mask), calculate (a weight per model), erase (signs)
+        selected = sce_selected(ws, cfg, name, pruned)
+        if selected is not None:
+            pruned = pruned * selected["mask"].view(pruned.shape[1:])
+        agree = agreement_mask(pruned)
+        conflict = ((pruned != 0) & ~agree).any(dim=0)
+        contrib = pruned * agree * sce_weights(pruned).view(-1, *([1] * (pruned.dim() - 1)))
     else:
         contrib = weighted
     return {"idx": idx, "pruned": pruned, "winner": winners(contrib), "conflict": conflict,

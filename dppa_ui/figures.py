@@ -99,11 +99,14 @@ def histogram(data: dict, method: str, prune: str, amplify: str) -> go.Figure:
     if prune == "random":
         key = "random drop ignores magnitude: kept and dropped overlap"
     elif prune == "none":
-        key = "no pruning: every entry is kept"
+        key = "no pruning" + ("" if data.get("sce_select") is not None else ": every entry is kept")
     elif prune == "breadcrumbs":
         key = "kept band between dashed (smallest kept) and dash-dot (outliers above dropped)"
     else:
         key = "dashed: keep threshold" + (", dotted: DPA band edges" if amplify == "dpa" else "")
+    if data.get("sce_select") is not None:
+        key += (f"; SCE keeps the {100 * data['sce_select']:.0f}% of entries that vary most across the models "
+                f"(solid: kept, dotted: dropped)")
     if any(r.get("pending") for r in data["rows"]):
         key += "; DP densities pending (target density shown)"
     return figure(traces, title=dict(text=f"|δ| of {data['name']} — {method}<br><sup>{what}; {key}</sup>"),

@@ -652,3 +652,25 @@ def test_a_multi_stage_yaml_is_planned_and_merged_as_the_cli_does(state, tmp_pat
     for n in app.names:
         assert torch.equal(app.get(n), cli.get(n)), n
     assert not [p for p in state.ws.runs.last.folder.parent.iterdir() if ".stages-" in p.name]   # intermediates removed
+
+
+def test_sce_select_is_drawn_as_the_merge_applies_it(state):
+    """With select_topk < 1 the histogram splits each fine-tune by SCE's select, the table counts
+    the selected entries, and the mask viewer's "no winner" cells are exactly where the merged
+    tensor (pipeline.merge_tensor, the CLI's own function) equals the base."""
+    from dppa_ui.pipeline import merge_tensor
+    name = "model.layers.1.mlp.down_proj.weight"
+    v = {**view(state), "matrix": name, **ctl(preset="sce", x_select_topk=0.3)}
+    out = inspect.inspect(v)
+    assert "SCE keeps the 30%" in out["histogram"].layout.title.text
+    assert [t.line.dash for t in out["histogram"].data[:2]] == [None, "dot"]
+    assert all(float(r[4]) == pytest.approx(30.0, abs=0.01) for r in out["thresholds"])
+    base, fts = state.ws.access.views(name)
+    cfg = state.ws.config(controls_from(v))
+    merged = merge_tensor(cfg, name, base.float(), [ft.float() for ft in fts])
+    unchanged = 100.0 * float((merged == base.float()).sum()) / merged.numel()
+    numbers = inspect.masks(v)["mask_numbers"]
+    none = float(re.search(r"none ([0-9.]+)%", numbers).group(1))
+    assert none == pytest.approx(unchanged, abs=0.05) and none > 60
+    full = inspect.inspect({**v, "x_select_topk": 1.0})
+    assert "SCE keeps" not in full["histogram"].layout.title.text and float(full["thresholds"][0][4]) == 100.0
