@@ -337,7 +337,7 @@ def _angles(ws, module: str, j: int) -> list[float | None]:
 
 def method_view(ws, cfg: MergeConfig, name: str) -> dict | None:
     """What the method does beyond masks, for the tensor on screen (None: nothing more to show):
-      della          {"kind": "della", "cols", "curves": [(model, index, [keep probability by rank])]}
+      della          {"kind": "della", "cols", "rescale", "curves": [(model, index, [keep probability by rank])]}
       interpolations {"kind": "interpolation", "module", "blocks", "angles": [(model, index, [degrees per
                      block])], "t": [value per block] | None (slerp / nearswap's t over the layers)}"""
     from . import params as P
@@ -348,7 +348,7 @@ def method_view(ws, cfg: MergeConfig, name: str) -> dict | None:
         shape = ws.access.shape(name)
         cols = shape[-1] if len(shape) > 1 else shape[0]
         view = cfg.for_tensor(name)
-        return {"kind": "della", "cols": cols, "name": name,
+        return {"kind": "della", "cols": cols, "name": name, "rescale": view.models[0].rescale,
                 "curves": [(m.model, j, della_curve(min(cols, 512), s.density, m.epsilon) if s.prune else None)
                            for m, j, s in zip(view.models, idx, stp)]}
     if cfg.family != "interpolation":

@@ -302,6 +302,10 @@ def nan_to_none(x: float | None) -> float | None:
     return None if x is None or (isinstance(x, float) and math.isnan(x)) else x
 
 
+_DELLA_RESCALE = {"l1": "kept entries rescaled so each delta keeps its L1 norm",
+                  "paper": "each kept entry divided by its p", "none": "kept entries keep their values"}
+
+
 def method_view(d: dict) -> go.Figure:
     """analysis.method_view: DELLA's keep probability by |δ| rank, or an interpolation's angle
     between the base and each model per layer (with slerp's t over the layers)."""
@@ -314,7 +318,7 @@ def method_view(d: dict) -> go.Figure:
             lines.append(go.Scatter(x=x, y=curve, mode="lines", name=short(ref), line=dict(color=color(j))))
         return figure(lines, title=dict(text=f"DELLA: keep probability by |δ| rank in a row of {d['name']}<br><sup>"
                                              f"rank 0 = the row's smallest |δ|, 1 = its largest ({d['cols']} per row); "
-                                             f"kept entries are rescaled by 1/p</sup>"),
+                                             f"{_DELLA_RESCALE.get(d.get('rescale'), '')}</sup>"),
                       xaxis=dict(title=dict(text="|δ| rank within its row")),
                       yaxis=dict(title=dict(text="keep probability"), rangemode="tozero"),
                       legend={**_LEGEND_BELOW, "y": -0.3}, height=370, margin=dict(t=70, l=60, r=10, b=70))

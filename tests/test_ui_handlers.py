@@ -18,7 +18,7 @@ except ValueError:
 
 from dppa_ui.controls import MethodControls  # noqa: E402
 from dppa_ui.ui import chat, inspect, lessons, merge, method, models, score  # noqa: E402
-from dppa_ui.ui.common import DEFAULT_UI, AppState, controls_from, values_of  # noqa: E402
+from dppa_ui.ui.common import DEFAULT_UI, AppState, controls_from, ui_values, values_of  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 FTS = ["demo:reverse", "demo:cipher", "demo:sort", "demo:brackets"]
@@ -30,7 +30,7 @@ class Progress:
 
 
 def ctl(**over) -> dict:
-    return {**DEFAULT_UI, **over}
+    return ui_values(**over)
 
 
 @pytest.fixture(scope="module")
@@ -608,6 +608,7 @@ def test_slerp_and_della_in_the_views_and_merged_as_the_cli(state, tmp_path, rea
         100 * kept / (128 * 384), abs=0.01)
     mv = inspect.masks(d)["method_plot"]["value"]
     assert "DELLA: keep probability" in mv.layout.title.text and mv.data[0].y[0] == pytest.approx(0.2)
+    assert "L1 norm" in mv.layout.title.text                # mergekit's default rescale, as the merge does
     models.load_models({"state": state, "base": "demo:base", "fts": FTS})
     state.ws.stats.wait(timeout=60)
 

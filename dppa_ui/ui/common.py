@@ -347,9 +347,16 @@ def values_of(c: MethodControls) -> dict:
 DEFAULT_UI = values_of(DEFAULT_CONTROLS)
 
 
+def ui_values(**over) -> dict:
+    """What the method components hold after picking `over["preset"]` (default: dppa) on the page:
+    that method's defaults, as the picker sets them, then `over`."""
+    preset = over.get("preset", DEFAULT_CONTROLS.preset)
+    return {**values_of(MethodControls(preset=preset)), **over}
+
+
 def api_controls(**over) -> list:
     """The method controls as a gradio_client caller passes them (CONTROL_KEYS order; the per-layer
-    table as the {"headers", "data"} a Dataframe takes over the API), from DEFAULT_UI with `over`."""
-    v = {**DEFAULT_UI, **over}
+    table as the {"headers", "data"} a Dataframe takes over the API), from ui_values(**over)."""
+    v = ui_values(**over)
     v["gradients"] = {"headers": GRADIENT_HEADERS, "data": v["gradients"]}
     return [v[k] for k in CONTROL_KEYS]
