@@ -142,6 +142,17 @@ def _read_upload(path: str) -> list[dict]:
     return items
 
 
+def session_upload(state: AppState, upload, missing: str, refused: str) -> tuple[str, list[dict]]:
+    """(path, items) of a suite file this session uploaded (registered by upload_suite); a path it
+    did not upload, even one that exists on the server, is refused with `refused`."""
+    path = _upload_path(upload)
+    if not path:
+        raise UserError(missing)
+    if str(Path(path).resolve()) not in state.uploads:
+        raise UserError(refused)
+    return path, _read_upload(path)
+
+
 def upload_suite(v: dict) -> dict:
     """A suite file arrived through the upload box: remember it for this session and check it."""
     state: AppState = v["state"]
@@ -162,13 +173,9 @@ def suite_items(state: AppState, choice: str, upload) -> tuple[list[dict], str, 
     """(items, cache key, label) of the chosen suite."""
     if choice != UPLOAD_SUITE:
         return demo_items(), f"zoo:test:{SCORE_PER_DOMAIN}", f"demo suite (first {SCORE_PER_DOMAIN} test items per domain)"
-    path = _upload_path(upload)
-    if not path:
-        raise UserError('upload a .jsonl file of {"prompt", "answer", "domain"} lines, or pick the demo suite')
-    if str(Path(path).resolve()) not in state.uploads:
-        raise UserError("score only reads suite files uploaded in this session: upload it with the suite box "
-                        "(API: /upload_suite first)")
-    items = _read_upload(path)
+    path, items = session_upload(
+        state, upload, 'upload a .jsonl file of {"prompt", "answer", "domain"} lines, or pick the demo suite',
+        "score only reads suite files uploaded in this session: upload it with the suite box (API: /upload_suite first)")
     digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
     return items, f"upload:{digest}", Path(path).name
 

@@ -25,7 +25,7 @@ from ..workspace import short
 from .common import (CONTROL_KEYS, DEFAULT_UI, AppState, UserError, _expected, _finite, controls_from, message, ok,
                      values_of, warn)
 from .method import CONTROLS_OUT, controls_of, show_controls
-from .score import UPLOAD_SUITE, _read_upload, _upload_path, upload_only, upload_suite
+from .score import UPLOAD_SUITE, session_upload, upload_only, upload_suite
 
 MAX_BUDGET = 200                         # candidates per search in the app (the CLI has no limit)
 DEMO_DEV = "demo dev splits"
@@ -205,13 +205,9 @@ def _data(state: AppState, choice: str, upload) -> tuple[str | list[str], str | 
     through /upload_suite's registration), checked and named by its file name."""
     if choice != UPLOAD_SUITE:
         return "zoo", None
-    path = _upload_path(upload)
-    if not path:
-        raise UserError('upload a .jsonl file of {"prompt", "answer", "domain"} lines, or pick the demo dev splits')
-    if str(Path(path).resolve()) not in state.uploads:
-        raise UserError("the search only reads files uploaded in this session: upload it with the box above "
-                        "(API: /search_upload first)")
-    _read_upload(path)
+    path, _ = session_upload(
+        state, upload, 'upload a .jsonl file of {"prompt", "answer", "domain"} lines, or pick the demo dev splits',
+        "the search only reads files uploaded in this session: upload it with the box above (API: /search_upload first)")
     return [path], path
 
 
