@@ -55,7 +55,8 @@ def thresholds(ws, cfg: MergeConfig, name: str) -> list[dict]:
     (DP: the module's), "threshold" (smallest kept |δ|; None for random or no pruning), "upper"
     (breadcrumbs: the largest kept |δ|, above which the gamma outliers are dropped), "band_edges"
     (|δ| at the inner DPA band edges, largest band first; None for a band left empty),
-    "band_fractions", "kept", "numel", "pending"}."""
+    "band_fractions", "kept", "numel", "pending"}; with SCE's select also "kept_mask" (flat bool: kept
+    after prune and select) and "sce_select" (select_topk)."""
     cfg = fine_tunes(cfg)
     acc = ws.access
     idx, stp, pending = steps(ws, cfg, name)
@@ -86,10 +87,14 @@ def thresholds(ws, cfg: MergeConfig, name: str) -> list[dict]:
                 row["band_fractions"] = edges
                 row["band_edges"] = [acc.value_at_rank(name, j, keep_count(f, n)) for f in edges]
         out.append(row)
-    selected = sce_selected(ws, cfg, name)
-    if selected is not None:      # SCE's select drops more, the same entries for every model
-        for row, kept in zip(out, selected["kept"]):
-            row["kept"] = kept
+    topk = sce_topk(cfg, name)
+    if topk is not None:      # SCE's select drops more, the same entries for every model
+        pruned = pruned_deltas(ws, cfg, name)
+        selected = sce_select_mask(pruned, topk).reshape(-1) != 0
+        for row, d in zip(out, pruned):
+            row["kept_mask"] = (d.reshape(-1) != 0) & selected      # what histogram splits by
+            row["kept"] = int(row["kept_mask"].sum())
+            row["sce_select"] = topk
     return out
 
 
@@ -100,21 +105,13 @@ def pruned_deltas(ws, cfg: MergeConfig, name: str) -> torch.Tensor:
                         for i, (j, step) in enumerate(zip(idx, stp))])
 
 
-def sce_selected(ws, cfg: MergeConfig, name: str, pruned: torch.Tensor | None = None) -> dict | None:
-    """SCE's select on `name` (combine `sce` with select_topk < 1; else None): {"mask" (flat bool:
-    the entries whose variance across the pruned deltas is in the top select_topk share, the same
-    for every model), "share" (select_topk), "kept" (per model, entries non-zero after prune and
-    select)}. The mask is sce.sce_select_mask on the pipeline's pruned deltas, as the merge computes it."""
-    cfg = fine_tunes(cfg)
+def sce_topk(cfg: MergeConfig, name: str) -> float | None:
+    """SCE's select_topk on `name` when its select drops entries (combine `sce`, select_topk < 1),
+    else None. The select itself is sce.sce_select_mask on the pruned deltas, as the merge computes it."""
     if cfg.combine != "sce":
         return None
     topk = cfg.for_tensor(name).select_topk
-    if topk >= 1:
-        return None
-    pruned = pruned_deltas(ws, cfg, name) if pruned is None else pruned
-    mask = sce_select_mask(pruned, topk).reshape(-1) != 0
-    kept = [int(((p.reshape(-1) != 0) & mask).sum()) for p in pruned]
-    return {"mask": mask, "share": topk, "kept": kept}
+    return topk if topk < 1 else None
 
 
 def random_drop(cfg: MergeConfig) -> bool:
@@ -171,11 +168,9 @@ def histogram(ws, cfg: MergeConfig, name: str, rows: list[dict] | None = None) -
         return torch.histc(logs, bins=HIST_BINS, min=lo, max=hi).round().int().tolist()
 
     series = []
-    selected = sce_selected(ws, cfg, name)
-    pruned = pruned_deltas(ws, cfg, name) if selected is not None else None
     for i, (j, step, m, logs) in enumerate(zip(idx, stp, cfg.models, samples)):
-        if selected is not None:          # kept = survives the prune and SCE's select
-            keep = sample_flat((pruned[i].reshape(-1) != 0) & selected["mask"], HIST_SAMPLE)
+        if "kept_mask" in rows[i]:          # SCE: kept = survives the prune and the select
+            keep = sample_flat(rows[i]["kept_mask"], HIST_SAMPLE)
             series.append({"model": m.model, "index": j, "part": "kept", "counts": counts(logs[keep])})
             series.append({"model": m.model, "index": j, "part": "dropped", "counts": counts(logs[~keep])})
         elif random_drop(cfg) and step.prune:
@@ -186,7 +181,7 @@ def histogram(ws, cfg: MergeConfig, name: str, rows: list[dict] | None = None) -
             series.append({"model": m.model, "index": j, "part": "all", "counts": counts(logs)})
     return {"name": name, "centers": centers, "series": series, "rows": rows,
             "sampled": min(acc.numel[name], HIST_SAMPLE), "numel": acc.numel[name],
-            "sce_select": selected["share"] if selected is not None else None}
+            "sce_select": rows[0].get("sce_select") if rows else None}
 
 
 # ------------------------------------------------------------------------------------ heatmap
@@ -271,9 +266,9 @@ def combine_maps(ws, cfg: MergeConfig, name: str) -> dict:
         contrib = (w.reshape(n, 1) * torch.sign(flat) * a * scale).view_as(pruned)
         scale = scale.view_as(pruned)
     elif cfg.combine == "sce":     # select (a shared mask), calculate (a weight per model), erase (signs)
-        selected = sce_selected(ws, cfg, name, pruned)
-        if selected is not None:
-            pruned = pruned * selected["mask"].view(pruned.shape[1:])
+        topk = sce_topk(cfg, name)
+        if topk is not None:
+            pruned = pruned * sce_select_mask(pruned, topk)
         agree = agreement_mask(pruned)
         conflict = ((pruned != 0) & ~agree).any(dim=0)
         contrib = pruned * agree * sce_weights(pruned).view(-1, *([1] * (pruned.dim() - 1)))
