@@ -14,7 +14,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from ..controls import MethodControls
+from ..controls import MethodControls, extra_params, picker_methods
 from ..refs import RefPolicy
 
 # ----------------------------------------------------------------------------------- settings
@@ -175,7 +175,6 @@ def close_state(state) -> None:
 # The registry parameters the generic controls show ("x_KEY" components), one per key over every
 # method of the picker (the first method's spec sets the component; each method sets its default).
 def _extra_specs() -> dict:
-    from ..controls import extra_params, picker_methods
     specs = {}
     for name in picker_methods():
         for p in extra_params(name):
@@ -259,7 +258,6 @@ def gradient_settings(table, method: str) -> dict:
     """{key: setting} from the editor's rows: a parameter's rows become its gradient list (one row
     without a filter) or `filter` entries (rows with a filter first; a row without one is the value for
     every other tensor), as the YAML writes them."""
-    from ..controls import extra_params
     per_tensor = {p.key: p for p in extra_params(method) if p.per_tensor}
     by_key: dict[str, list] = {}
     for key, filt, vals in gradient_rows(table):
@@ -282,7 +280,6 @@ def gradient_settings(table, method: str) -> dict:
 
 def controls_from(values: dict) -> MethodControls:
     """The MethodControls the method components show ({key: value} by CONTROL_KEYS)."""
-    from ..controls import extra_params, picker_methods
     v = {k: values.get(k) for k in CONTROL_KEYS}
     if v["preset"] not in picker_methods():
         raise UserError(f"unknown method {v['preset']!r}; pick one of {', '.join(picker_methods())}")
@@ -320,7 +317,6 @@ def values_of(c: MethodControls) -> dict:
     """The component values (by CONTROL_KEYS) that show `c`: the method's own parameters at their
     values (a per-layer setting in the gradient editor), the others at their first spec's default."""
     from .. import params as P
-    from ..controls import extra_params
     shares = list(c.band_shares) + list(_PAD_SHARES)[len(c.band_shares):]
     alphas = list(c.alphas) + [1.0] * (3 - len(c.alphas))
     out = {"preset": c.preset, "density": c.density, "lambda_": c.lambda_,
