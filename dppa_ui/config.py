@@ -131,6 +131,7 @@ class MergeConfig:
     scope: str = "tensor"
     # --- DPPA and PCB as their official code does them (issue 8)
     dpa_whole: str = "amplify"          # tensors DP keeps whole: "amplify" (official, x max alpha) or "keep" (x1)
+    dpa_bands: str = "max"              # band k's factor: max(alpha_k..alpha_K) (official) or "own" alpha_k
     alpha_search: str = "official"      # greedy alpha walk returns its end state ("official") or the "best" seen
     alpha_start: list[float] | None = None   # walk start; None = official [1.8, 0.0, ...]
     alpha_step: float = 0.1

@@ -121,6 +121,9 @@ SCALE = _p("scale", "float", None, "multiply this source's tensors (unset = copy
 DPA_WHOLE = _p("dpa_whole", "choice", "amplify", "tensors the prune keeps whole: amplified by the largest alpha "
                "(the official enhance_offset.py) or kept x1", scope="global", choices=("amplify", "keep"),
                per_tensor=False)
+DPA_BANDS = _p("dpa_bands", "choice", "max", "each band's factor: the largest alpha of it and the bands below "
+              "(the official enhance_offset.py keeps the larger-magnitude of the pruned copies) or its own alpha",
+              scope="global", choices=("max", "own"), per_tensor=False)
 ALPHA_SEARCH = _p("alpha_search", "choice", "official", "amplification: auto ends where the greedy walk ends "
                   "(official python_contral.py) or at the best point it saw", scope="global",
                   choices=("official", "best"), per_tensor=False)
@@ -202,7 +205,7 @@ STAGES: dict[str, dict[str, Stage]] = {
         Stage("amplify", "none", "no amplification", ""),
         Stage("amplify", "dpa", "magnitude bands of the kept entries, each scaled by its factor (DPPA)",
               "https://arxiv.org/abs/2403.02799",
-              (PARTITIONS, AMPLIFICATION, DOMAIN, DPA_WHOLE, ALPHA_SEARCH, ALPHA_START, ALPHA_STEP)),
+              (PARTITIONS, AMPLIFICATION, DOMAIN, DPA_WHOLE, DPA_BANDS, ALPHA_SEARCH, ALPHA_START, ALPHA_STEP)),
     )},
     "combine": {s.name: s for s in (
         Stage("combine", "sum", "sum of the weighted deltas (task arithmetic)", "https://arxiv.org/abs/2212.04089",

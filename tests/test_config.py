@@ -386,17 +386,21 @@ def test_invalid_yaml_names_the_line_and_column():
 def test_official_dppa_and_pcb_defaults_and_round_trip():
     cfg = load_config(c("dppa"))
     assert (cfg.dpa_whole, cfg.alpha_search, cfg.alpha_start, cfg.alpha_step) == ("amplify", "official", None, 0.1)
+    assert cfg.dpa_bands == "max"
     assert load_config(c("pcb")).clip_ratio == 0.0001
-    opts = {"dpa_whole": "keep", "alpha_search": "best", "alpha_start": [1.0, 1.0], "alpha_step": 0.05}
+    opts = {"dpa_whole": "keep", "alpha_search": "best", "alpha_start": [1.0, 1.0], "alpha_step": 0.05,
+            "dpa_bands": "own"}
     cfg = load_config(c("dppa", params=opts))
     again = load_config(cfg.to_dict())
     assert (again.dpa_whole, again.alpha_search, again.alpha_start, again.alpha_step) == ("keep", "best", [1.0, 1.0], 0.05)
+    assert again.dpa_bands == "own"
     pcb = load_config(load_config(c("pcb", params={"clip_ratio": 0.01, "lambda": "auto"})).to_dict())
     assert pcb.clip_ratio == 0.01 and pcb.lambda_auto and pcb.lambda_ == 1.0
 
 
 def test_refuse_bad_official_keys():
     refused(c("dppa", params={"dpa_whole": "scale"}), "parameters.dpa_whole", "scale")
+    refused(c("dppa", params={"dpa_bands": "min"}), "parameters.dpa_bands", "min")
     refused(c("dppa", params={"alpha_search": "greedy"}), "parameters.alpha_search")
     refused(c("dppa", params={"alpha_step": 0}), "parameters.alpha_step")
     refused(c("dppa", params={"alpha_start": [1.8, -0.1]}), "parameters.alpha_start")
