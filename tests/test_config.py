@@ -2,7 +2,9 @@
 refusal test per bad input, each asserting the offending key or value is named. No tensors here."""
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -167,6 +169,41 @@ def test_mergekit_named_chat_template_accepted():
     # mergekit ships named templates (alpaca, chatml, llama3, mistral, ...). The issue: mergekit's
     # `chat_template` is "honoured or, where meaningless here, accepted with a notice".
     load_config(c("ties", chat_template="llama3"))
+
+
+MERGEKIT_CHAT = json.loads((Path(__file__).parent / "data" / "mergekit_chat_templates.json").read_text())
+
+
+@pytest.mark.parametrize("name", list(MERGEKIT_CHAT["rendered"]))
+@pytest.mark.parametrize("conversation", list(MERGEKIT_CHAT["conversations"]))
+def test_named_chat_templates_render_as_mergekit(name, conversation):
+    # `chat_template: NAME` writes a template that renders, through transformers' apply_chat_template,
+    # exactly what mergekit 0.1.5's template of that name renders: one- and multi-turn, with and
+    # without a system message, ending on a user or an assistant turn, generation prompt off / on.
+    from conftest import char_tokenizer
+    template = load_config(c("ties", chat_template=name)).chat_template
+    tok = char_tokenizer(None)                 # bos <bos>, eos <eos>, as the expected strings were rendered
+    messages = MERGEKIT_CHAT["conversations"][conversation]
+    got = [tok.apply_chat_template(messages, chat_template=template, tokenize=False, add_generation_prompt=gen)
+           for gen in (False, True)]
+    assert got == MERGEKIT_CHAT["rendered"][name][conversation]
+
+
+def test_named_chat_template_refusals_as_mergekit():
+    # mergekit's mistral template refuses turns that do not alternate, and roles other than user /
+    # assistant after a first system message; alpaca renders a user_context turn as "### Input:"
+    from conftest import char_tokenizer
+    tok = char_tokenizer(None)
+    mistral = load_config(c("ties", chat_template="mistral")).chat_template
+    for messages in ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}],
+                     [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                      {"role": "system", "content": "c"}]):
+        with pytest.raises(Exception, match="mistral chat template"):
+            tok.apply_chat_template(messages, chat_template=mistral, tokenize=False)
+    alpaca = load_config(c("ties", chat_template="alpaca")).chat_template
+    messages = [{"role": "user", "content": "Sum these."}, {"role": "user_context", "content": " 2 and 3 "}]
+    assert tok.apply_chat_template(messages, chat_template=alpaca, tokenize=False, add_generation_prompt=True) == \
+        "\n\n### Instruction:\nSum these.\n\n### Input:\n2 and 3### Response:\n"
 
 
 def test_out_dtype_wins_over_dtype():
