@@ -143,6 +143,8 @@ class MergeConfig:
     combine: str = "sum"
     lambda_: Any = 1.0
     lambda_auto: bool = False           # `lambda: auto`: PCB's per-model lambda search (dppa_ui.search)
+    lambda_objective: str = "mean"      # what lambda: auto maximises: "mean" (official) or "geometric"
+    lambda_choice: str = "recommendation"   # what it returns: nevergrad's "recommendation" (official) or "best"
     normalize: Any = False
     dp_lambda: float = 0.08
     dp_outlier_m: float = 5.0

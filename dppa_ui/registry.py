@@ -62,6 +62,13 @@ def _p(key, kind, default, doc, **kw) -> Param:
 WEIGHT = _p("weight", "float", 1.0, "this model's weight (negative subtracts its delta)")
 DENSITY = _p("density", "float", 1.0, "share of delta entries kept", lo=0, hi=1, lo_open=True)
 LAMBDA = _p("lambda", "float", 1.0, "scale of the merged delta added to the base", scope="global", attr="lambda_")
+# `lambda: auto` (PCB's search of one lambda_i per model): what it maximises and which point it returns
+LAMBDA_OBJECTIVE = _p("lambda_objective", "choice", "mean", "lambda: auto maximises the mean dev score over the "
+                      "models' domains (the official pcb_ES.py) or the geometric mean of score / the best "
+                      "fine-tune's score", scope="global", choices=("mean", "geometric"), per_tensor=False)
+LAMBDA_CHOICE = _p("lambda_choice", "choice", "recommendation", "lambda: auto returns nevergrad's recommendation "
+                   "(the official pcb_ES.py) or the best point it scored", scope="global",
+                   choices=("recommendation", "best"), per_tensor=False)
 NORMALIZE = _p("normalize", "bool", False, "divide by the sum of the (agreeing) weights", scope="global")
 INT8_MASK = _p("int8_mask", "bool", False, "mergekit's memory option for masks; results are identical, so ignored",
                scope="global", per_tensor=False)
@@ -258,7 +265,7 @@ def stage_params(prune: str, amplify: str, combine: str, defaults: dict | None =
                 seen.add((p.key, p.scope))
                 out.append(replace(p, default=defaults[p.key]) if defaults and p.key in defaults else p)
     if combine not in ("sce", "ram", "ramplus_tl"):      # mergekit's GTA methods scale by lambda
-        out.append(LAMBDA)
+        out += [LAMBDA, LAMBDA_OBJECTIVE, LAMBDA_CHOICE]
     return tuple(out)
 
 

@@ -433,6 +433,11 @@ def test_official_dppa_and_pcb_defaults_and_round_trip():
     assert again.dpa_bands == "own"
     pcb = load_config(load_config(c("pcb", params={"clip_ratio": 0.01, "lambda": "auto"})).to_dict())
     assert pcb.clip_ratio == 0.01 and pcb.lambda_auto and pcb.lambda_ == 1.0
+    # lambda: auto searches as pcb_ES.py (mean score, nevergrad's recommendation); ours are options
+    assert (pcb.lambda_objective, pcb.lambda_choice) == ("mean", "recommendation")
+    ours = load_config(load_config(c("ties", params={"lambda": "auto", "lambda_objective": "geometric",
+                                                     "lambda_choice": "best"})).to_dict())
+    assert ours.lambda_auto and (ours.lambda_objective, ours.lambda_choice) == ("geometric", "best")
 
 
 def test_refuse_bad_official_keys():
@@ -444,3 +449,5 @@ def test_refuse_bad_official_keys():
     refused(c("dppa", params={"alpha_start": [1.8], "amplification": "auto"}), "alpha_start", "2 partitions")
     refused(c("pcb", params={"clip_ratio": 0.5}), "parameters.clip_ratio")
     refused(c("pcb", params={"lambda": "best"}), "parameters.lambda")
+    refused(c("pcb", params={"lambda": "auto", "lambda_choice": "last"}), "parameters.lambda_choice", "last")
+    refused(c("pcb", params={"lambda": "auto", "lambda_objective": "min"}), "parameters.lambda_objective", "min")
