@@ -187,7 +187,7 @@ class MergeConfig:
     rank_of_expert: int | None = 64
     rank_of_router: int = 8
     num_experts_per_tok: int = 1
-    smile_others: str = "task_arithmetic"
+    smile_others: str = "base"            # tensors outside the experts: the base's (FusionBench) or task_arithmetic
     smile_scope: str = "blocks"
     tol: Any = 1e-5                       # karcher
     nuslerp_flatten: Any = True

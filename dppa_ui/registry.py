@@ -174,8 +174,8 @@ SMILE_PARAMS = (
        lo=1, per_tensor=False),
     _p("num_experts_per_tok", "int", 1, "experts each token uses (top-k of the router)", scope="global", lo=1,
        per_tensor=False),
-    _p("smile_others", "choice", "task_arithmetic", "tensors outside the experts: task arithmetic of the "
-       "fine-tunes, or the base's", scope="global", choices=("task_arithmetic", "base"), per_tensor=False),
+    _p("smile_others", "choice", "base", "tensors outside the experts: the base's (as FusionBench keeps them), or "
+       "task arithmetic of the fine-tunes", scope="global", choices=("base", "task_arithmetic"), per_tensor=False),
     _p("smile_scope", "choice", "blocks", "which linear layers become experts: the blocks' (paper), + input "
        "embeddings, + lm_head too", scope="global", choices=("blocks", "embeddings", "all"), per_tensor=False),
 )
