@@ -1,9 +1,11 @@
 """Hugging Face Space entry point (and `python app.py` locally): the dppa-ui app on the demo family.
 
 Host and port come from gradio's defaults or GRADIO_SERVER_NAME / GRADIO_SERVER_PORT; never shared.
-Locally a browser tab opens; on a Space it does not.
+A browser tab opens where there is a display to open it on; on a Space or a headless server it
+does not (Python's webbrowser would start a console browser in the terminal there, or nothing).
 """
 import os
+import sys
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -16,5 +18,11 @@ from dppa_ui.ui.common import CONCURRENCY, on_space  # noqa: E402
 demo = build_app()
 demo.queue(default_concurrency_limit=CONCURRENCY)
 
+
+def has_display() -> bool:
+    """A desktop to open a browser tab on: Windows and macOS, elsewhere an X or Wayland display."""
+    return sys.platform in ("win32", "darwin") or bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+
+
 if __name__ == "__main__":
-    demo.launch(inbrowser=not on_space(), **launch_options())
+    demo.launch(inbrowser=not on_space() and has_display(), **launch_options())

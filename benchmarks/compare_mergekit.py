@@ -14,7 +14,12 @@ compared:
     rescaled delta relative to the original (single-model cases: 1 for `rescale: true`), and for
     della how the kept share rises with |delta| (bottom vs top fifth).
 Vocabulary tensors of the tokenizer-union case are compared row by row through each output's own
-tokenizer (added tokens may get different ids in the two tools).
+tokenizer (added tokens may get different ids in the two tools). The vocab_trim cases merge models
+whose vocabularies differ in size (mergekit `--unsafe-truncate-embeddings`, dppa_ui
+`--allow-vocab-trim`), the base the smallest, the largest or in between. The chat_* cases set a
+named `chat_template` and, besides the tensors, render both outputs' tokenizers on the
+conversations of tests/data/mergekit_chat_templates.json (generation prompt off and on); the
+strings must be equal, and equal to the ones that file holds.
 
 Needs mergekit: mk-venv/bin/mergekit-yaml (see merge_speed.py) or --mergekit PATH.
 """
@@ -110,6 +115,16 @@ CASES: dict[str, tuple[str, str]] = {
     "tokenizer_union": ("vocab", "merge_method: task_arithmetic\nbase_model: {tok_base}\ndtype: {dtype}\n"
                         "models:\n  - model: {tok_ft}\n    parameters: {{weight: 0.7}}\n"
                         "tokenizer: {{source: union}}\n"),
+    "vocab_trim_base_smallest": ("exact", "merge_method: ties\nbase_model: {base}\ndtype: {dtype}\nmodels:\n"
+                                 "  - model: {ft1_v260}\n    parameters: {{weight: 1.0, density: 0.3}}\n"),
+    "vocab_trim_base_largest": ("exact", "merge_method: ties\nbase_model: {base_v260}\ndtype: {dtype}\nmodels:\n"
+                                "  - model: {ft1}\n    parameters: {{weight: 1.0, density: 0.3}}\n"),
+    "vocab_trim_three": ("exact", "merge_method: ties\nbase_model: {base_v258}\ndtype: {dtype}\nmodels:\n"
+                         "  - model: {ft1_v260}\n    parameters: {{weight: 1.0, density: 0.3}}\n"
+                         "  - model: {ft2}\n    parameters: {{weight: 0.6, density: 0.5}}\n"),
+    **{f"chat_{name}": ("chat", "merge_method: task_arithmetic\nbase_model: {chat_base}\ndtype: {dtype}\n"
+                        "models:\n  - model: {ft1}\n    parameters: {{weight: 0.5}}\n"
+                        f"chat_template: {name}\n") for name in ("chatml", "llama3", "alpaca", "mistral", "exaone")},
     "dare_linear_1": ("random1", "merge_method: dare_linear\n" + HEAD + "models:\n"
                       "  - model: {ft1}\n    parameters: {{weight: 1.0, density: 0.3}}\n"),
     "della_linear_1": ("random1", "merge_method: della_linear\n" + HEAD + "models:\n"
@@ -119,6 +134,10 @@ CASES: dict[str, tuple[str, str]] = {
     "dare_linear": ("random", "merge_method: dare_linear\n" + HEAD + "models:\n" + M3),
     "della_linear": ("random", "merge_method: della_linear\n" + HEAD + "models:\n" + M3 + "parameters: {{epsilon: 0.1}}\n"),
 }
+
+# extra command-line flags per case: (mergekit's, dppa_ui's)
+FLAGS = {c: (["--unsafe-truncate-embeddings"], ["--allow-vocab-trim"]) for c in CASES if c.startswith("vocab_trim")}
+CHAT = json.loads((REPO / "tests" / "data" / "mergekit_chat_templates.json").read_text())
 
 
 def run(cmd: list[str]) -> str | None:
@@ -151,6 +170,51 @@ def with_tokenizer(src: Path, out: Path, vocab: int, seed: int, extra: int) -> P
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>").save_pretrained(str(out))
     return out
+
+
+def with_rows(src: Path, out: Path, rows: int, seed: int) -> Path:
+    """A copy of a model whose embedding and lm_head have `rows` rows: the first rows of the
+    original, then random rows (a vocabulary of another size over the same first tokens)."""
+    shutil.copytree(src, out)
+    from safetensors.torch import save_file
+    sd = read_state_dict(src)
+    g = torch.Generator().manual_seed(seed)
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        t = sd[name]
+        extra = (torch.randn((max(rows - t.shape[0], 0), t.shape[1]), generator=g) * t.float().std()).to(t.dtype)
+        sd[name] = torch.cat([t[:rows], extra]).contiguous()
+    save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**cfg, "vocab_size": rows}, indent=2))
+    return out
+
+
+def with_chat_tokenizer(src: Path, out: Path, vocab: int) -> Path:
+    """A copy of a model with a WordLevel tokenizer that has <bos> / <eos> tokens (the named chat
+    templates use them) and no chat template of its own."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    shutil.copytree(src, out)
+    ids = {w: i for i, w in enumerate(["<unk>", "<bos>", "<eos>"] + [f"t{i}" for i in range(3, vocab)])}
+    tok = Tokenizer(models.WordLevel(vocab=ids, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<bos>",
+                            eos_token="<eos>").save_pretrained(str(out))
+    return out
+
+
+def compare_chat(mk_dir: Path, our_dir: Path, name: str) -> tuple[int, int, int]:
+    """Render both outputs' chat templates on the shared conversations (generation prompt off and
+    on): (renderings compared, equal between the tools, equal to the expected strings)."""
+    from transformers import AutoTokenizer
+    tm, to = AutoTokenizer.from_pretrained(str(mk_dir)), AutoTokenizer.from_pretrained(str(our_dir))
+    n = same = expected = 0
+    for conv, messages in CHAT["conversations"].items():
+        for gen, want in zip((False, True), CHAT["rendered"][name][conv]):
+            a = tm.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
+            b = to.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
+            n, same, expected = n + 1, same + (a == b), expected + (a == want)
+    return n, same, expected
 
 
 def compare_exact(mk: dict, ours: dict, base: dict, verbose: bool) -> tuple[float, str, int, int, float]:
@@ -240,6 +304,12 @@ def main(argv=None) -> int:
     cases = [c for c in args.cases.split(",") if c]
     if "lora" in cases:
         paths["lora"] = make_lora(base, work / "lora")
+    if any(c.startswith("vocab_trim") for c in cases):
+        paths["ft1_v260"] = with_rows(fts[0], work / "ft1-v260", shape.vocab + 4, 1)
+        paths["base_v260"] = with_rows(base, work / "base-v260", shape.vocab + 4, 2)
+        paths["base_v258"] = with_rows(base, work / "base-v258", shape.vocab + 2, 3)
+    if any(c.startswith("chat_") for c in cases):
+        paths["chat_base"] = with_chat_tokenizer(base, work / "chat-base", shape.vocab)
     if "tokenizer_union" in cases:
         paths["tok_base"] = with_tokenizer(base, work / "tok-base", shape.vocab, 1, 0)
         paths["tok_ft"] = with_tokenizer(fts[0], work / "tok-ft", shape.vocab, 2, 8)
@@ -252,14 +322,15 @@ def main(argv=None) -> int:
             cfg = work / f"{case}.yaml"
             cfg.write_text(template.format(**paths))
             mk_out, our_out = work / f"mk-{case}", work / f"ours-{case}"
+            mk_flags, our_flags = FLAGS.get(case, ([], []))
             err = run([*mergekit, str(cfg), str(mk_out), "--lora-merge-cache", str(work / "mk-lora"),
-                       "--random-seed", "0"])
+                       "--random-seed", "0", *mk_flags])
             if err:
                 print(f"{case}: mergekit failed:\n{err}")
                 failed = True
                 continue
             err = run([args.python, "-m", "dppa_ui", "merge", str(cfg), "--out", str(our_out), "--quiet",
-                       "--lora-merge-cache", str(work / "our-lora")])
+                       "--lora-merge-cache", str(work / "our-lora"), *our_flags])
             if err:
                 print(f"{case}: dppa_ui failed:\n{err}")
                 failed = True
@@ -271,13 +342,19 @@ def main(argv=None) -> int:
                 failed = True
                 continue
             row = {"case": case, "kind": kind}
-            if kind == "exact":
+            if kind in ("exact", "chat"):
                 worst, where, n_diff, n_all, moved = compare_exact(mk, ours, base_t, args.verbose)
                 ok = tol is None or worst <= tol
                 row.update(max_diff=worst, at=where, entries_differ=n_diff, entries=n_all, moved=moved, ok=ok)
+                chat = ""
+                if kind == "chat":
+                    n, same, expected = compare_chat(mk_out, our_out, case.removeprefix("chat_"))
+                    ok &= same == n and expected == n
+                    row.update(renderings=n, renderings_equal=same, renderings_as_expected=expected, ok=ok)
+                    chat = f"; chat template: {same}/{n} renderings equal, {expected}/{n} as the test file expects"
                 print(f"{case:24s} {args.dtype}: {len(mk)} tensors, max|diff| {worst:.3g} at {where}; "
-                      f"{n_diff}/{n_all} entries differ; {100 * moved:.1f}% of entries moved off the base  "
-                      f"{'PASS' if ok else f'FAIL (> {tol:g})'}")
+                      f"{n_diff}/{n_all} entries differ; {100 * moved:.1f}% of entries moved off the base{chat}  "
+                      f"{'PASS' if ok else f'FAIL (> {tol:g})' if tol is not None and worst > tol else 'FAIL'}")
             elif kind == "vocab":
                 worst, n_tok = compare_vocab(mk_out, our_out, mk, ours)
                 ok = tol is None or worst <= tol

@@ -5,8 +5,9 @@
 Prints markdown tables, every number measured now on the committed family (assets/zoo):
   1. per domain EM / smooth over rank_of_expert and num_experts_per_tok k = 1, 2, with the
      parameter count beside a plain merge's, for the paper's scope (the projections inside the
-     blocks; embeddings, norms and lm_head merged by task arithmetic) and for `smile_scope:
-     embeddings` (the input embeddings upscaled too; ours);
+     blocks; embeddings, norms and lm_head the base's, the default `smile_others: base`, as
+     FusionBench keeps them) and for `smile_scope: embeddings` (the input embeddings upscaled too;
+     ours);
   2. routing accuracy per domain at full rank, k = 1: the share of (layer, token) top-1 picks that
      go to the domain's own fine-tune, and the share of items whose most picked expert it is;
   3. the same models with every token forced to the domain's own expert ("oracle" routing): what

@@ -47,22 +47,42 @@ SLICE_KEYS = ("sources", "base_model", "parameters", "residual_weight")
 SOURCE_KEYS = ("model", "layer_range", "parameters")
 TOKENIZER_KEYS = ("source", "tokens", "pad_to_multiple_of")
 TOKEN_KEYS = ("source", "force")
-# mergekit's named templates, written out here (same conversation formats, our own Jinja).
+# mergekit's named templates, written out here in our own Jinja: each renders, through transformers'
+# apply_chat_template, exactly what mergekit 0.1.5's template of that name renders (its quirks
+# included: llama3 trims every message; alpaca puts the last system message first, trims, and
+# leaves no blank line before the generation prompt; mistral folds a first system message into
+# the first user turn; exaone keeps the indentation of mergekit's file). Every piece of text is a
+# string literal, so the output does not depend on the renderer's whitespace settings.
 NAMED_CHAT_TEMPLATES = {
     "chatml": "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
               "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}",
-    "llama3": "{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n'"
-              " + m['content'] | trim + '<|eot_id|>' }}{% endfor %}"
-              "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}",
-    "alpaca": "{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] + '\\n\\n' }}"
-              "{% elif m['role'] == 'user' %}{{ '### Instruction:\\n' + m['content'] + '\\n\\n' }}"
-              "{% else %}{{ '### Response:\\n' + m['content'] + eos_token + '\\n\\n' }}{% endif %}{% endfor %}"
-              "{% if add_generation_prompt %}{{ '### Response:\\n' }}{% endif %}",
-    "mistral": "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + ' [/INST]' }}"
-               "{% elif m['role'] == 'assistant' %}{{ m['content'] + eos_token }}{% endif %}{% endfor %}",
-    "exaone": "{% for m in messages %}{{ '[|' + m['role'] + '|]' + m['content'] }}{% if m['role'] == 'user' %}"
-              "{{ '\\n' }}{% else %}{{ '[|endofturn|]\\n' }}{% endif %}{% endfor %}"
-              "{% if add_generation_prompt %}{{ '[|assistant|]' }}{% endif %}",
+    "llama3": "{% if messages %}{{ bos_token }}{% endif %}{% for m in messages %}"
+              "{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n' + m['content'] | trim + '<|eot_id|>\\n' }}"
+              "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"
+              "{% endif %}",
+    "alpaca": "{% set system = messages | selectattr('role', 'equalto', 'system') | list %}"
+              "{{ (system | last)['content'] | trim if system else '' }}{{ '\\n\\n' }}"
+              "{% set heads = {'user': '### Instruction:\\n', 'assistant': '### Response:\\n', "
+              "'user_context': '### Input:\\n'} %}"
+              "{% for m in messages %}{% if m['role'] in heads %}{{ heads[m['role']] + m['content'] | trim }}"
+              "{% if not loop.last %}{{ '\\n\\n' }}{% endif %}{% endif %}{% endfor %}"
+              "{% if add_generation_prompt and messages[-1]['role'] != 'assistant' %}{{ '### Response:\\n' }}{% endif %}",
+    "mistral": "{% set has_system = messages and messages[0]['role'] == 'system' %}"
+               "{% set turns = messages[1:] if has_system else messages %}{{ bos_token }}{% for m in turns %}"
+               "{% if (m['role'] == 'user') != (loop.index0 is even) %}"
+               "{{ raise_exception('mistral chat template: after an optional first system message the turns must "
+               "alternate user, assistant, user, ...') }}{% endif %}"
+               "{% if m['role'] == 'user' %}{{ ' [INST] ' }}"
+               "{% if loop.first and has_system %}{{ messages[0]['content'] + '\\n\\n' }}{% endif %}"
+               "{{ m['content'] + ' [/INST]' }}"
+               "{% elif m['role'] == 'assistant' %}{{ ' ' + m['content'] + eos_token }}"
+               "{% else %}{{ raise_exception('mistral chat template: only user and assistant turns after an optional "
+               "first system message') }}{% endif %}{% endfor %}",
+    "exaone": "{% for m in messages %}"
+              "{% if loop.first and m['role'] != 'system' %}{{ '        [|system|][|endofturn|]\\n\\n' }}{% endif %}"
+              "{{ '    [|' + m['role'] + '|]' + m['content'] + '\\n' }}"
+              "{{ '        \\n\\n' if m['role'] == 'user' else '        [|endofturn|]\\n\\n' }}{% endfor %}"
+              "{% if add_generation_prompt %}{{ '    [|assistant|]\\n' }}{% endif %}",
 }
 
 
@@ -123,6 +143,8 @@ class MergeConfig:
     combine: str = "sum"
     lambda_: Any = 1.0
     lambda_auto: bool = False           # `lambda: auto`: PCB's per-model lambda search (dppa_ui.search)
+    lambda_objective: str = "mean"      # what lambda: auto maximises: "mean" (official) or "geometric"
+    lambda_choice: str = "recommendation"   # what it returns: nevergrad's "recommendation" (official) or "best"
     normalize: Any = False
     dp_lambda: float = 0.08
     dp_outlier_m: float = 5.0
@@ -131,6 +153,7 @@ class MergeConfig:
     scope: str = "tensor"
     # --- DPPA and PCB as their official code does them (issue 8)
     dpa_whole: str = "amplify"          # tensors DP keeps whole: "amplify" (official, x max alpha) or "keep" (x1)
+    dpa_bands: str = "max"              # band k's factor: max(alpha_k..alpha_K) (official) or "own" alpha_k
     alpha_search: str = "official"      # greedy alpha walk returns its end state ("official") or the "best" seen
     alpha_start: list[float] | None = None   # walk start; None = official [1.8, 0.0, ...]
     alpha_step: float = 0.1
@@ -164,7 +187,7 @@ class MergeConfig:
     rank_of_expert: int | None = 64
     rank_of_router: int = 8
     num_experts_per_tok: int = 1
-    smile_others: str = "task_arithmetic"
+    smile_others: str = "base"            # tensors outside the experts: the base's (FusionBench) or task_arithmetic
     smile_scope: str = "blocks"
     tol: Any = 1e-5                       # karcher
     nuslerp_flatten: Any = True

@@ -24,6 +24,7 @@ from .registry import METHODS, PIPELINE_PRESETS, Method, Param
 # The quantities with fields of their own; everything else a method takes goes through `params`.
 OWN_KEYS = ("weight", "density", "lambda", "partitions", "amplification", "domain", "dp_lambda", "dp_outlier_m",
             "pcb_ratio", "apl_data", "alpha_start",
+            "lambda_objective", "lambda_choice",   # lambda: auto's, set where that search runs (Search section, YAML)
             "int8_mask", "scale")     # mergekit's memory switch (a no-op here); passthrough's per-source scale (YAML)
 PICKER_FAMILIES = ("pipeline", "interpolation", "stacking")     # smile has its own section (Merge tab)
 

@@ -15,8 +15,8 @@ import torch
 
 from .config import MergeConfig, load_config
 from .interpolations import interpolate
-from .methods import (band_edges, breadcrumbs_counts, breadcrumbs_prune, dare_prune, della_prune, dp_prune,
-                      dpa_amplify, is_dp_target, keep_count, magnitude_prune, pcb_combine, ram_combine,
+from .methods import (band_edges, band_factors, breadcrumbs_counts, breadcrumbs_prune, dare_prune, della_prune,
+                      dp_prune, dpa_amplify, is_dp_target, keep_count, magnitude_prune, pcb_combine, ram_combine,
                       ramplus_tl_combine, sce_combine, sum_combine, tensor_generator, ties_combine)
 from .methods.apl import APLDensity, apl_prune
 from .methods.dp import DPDensity
@@ -100,7 +100,7 @@ def prune_amplify(cfg: MergeConfig, i: int, name: str, delta: torch.Tensor, step
     else:
         delta = magnitude_prune(delta, step.density, inplace=inplace, rescale=m.rescale)
     if cfg.amplify == "dpa":
-        delta = dpa_amplify(delta, m.partitions, m.amplification, step.offset)
+        delta = dpa_amplify(delta, m.partitions, band_factors(m.amplification, cfg.dpa_bands), step.offset)
     return delta
 
 
@@ -228,7 +228,7 @@ def _fate(cfg: MergeConfig, i: int, step: Step, name: str, shape) -> tuple[Tenso
         return TensorFate(True, step.density, (), k / max(n, 1)), float(k)
     m = cfg.models[i]
     bands, kept, lo, lo_count = [], 0, 0.0, 0
-    for edge, alpha in zip(band_edges(m.partitions, step.offset), m.amplification):
+    for edge, alpha in zip(band_edges(m.partitions, step.offset), band_factors(m.amplification, cfg.dpa_bands)):
         hi = min(edge, step.density)
         count = min(keep_count(edge, n), k)       # dpa_amplify's band = the next ranks up to this edge
         bands.append((lo, max(hi, lo), float(alpha)))

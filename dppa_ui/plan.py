@@ -127,7 +127,9 @@ def _plan_models(cfg, readers, refs, index, shapes) -> MergePlan:
     base = 0 if cfg.base_model and (cfg.family == "pipeline" or cfg.method.base in ("required", "optional")) else None
     for name, shape in shapes.items():
         t = P.layer_t(P.layer_of(name), max(n_layers, 1))
-        rows = shape[0] if tuple(shape) != tuple(donor.shape(name)) else None
+        # read only the common rows when any input has more (a trimmed vocabulary); the base may
+        # be the one with the fewest, so every input is checked, not only the donor
+        rows = shape[0] if any(name in r and tuple(r.shape(name)) != tuple(shape) for r in readers) else None
         jobs.append(Job(name, _view(cfg, name, t), (0, name) if base is not None else None,
                         [(index[m.model], name) for m in cfg.models], tuple(shape), t, rows=rows))
     return MergePlan(refs, jobs, n_layers, [(0, i) for i in range(n_layers)])

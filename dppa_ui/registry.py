@@ -62,6 +62,13 @@ def _p(key, kind, default, doc, **kw) -> Param:
 WEIGHT = _p("weight", "float", 1.0, "this model's weight (negative subtracts its delta)")
 DENSITY = _p("density", "float", 1.0, "share of delta entries kept", lo=0, hi=1, lo_open=True)
 LAMBDA = _p("lambda", "float", 1.0, "scale of the merged delta added to the base", scope="global", attr="lambda_")
+# `lambda: auto` (PCB's search of one lambda_i per model): what it maximises and which point it returns
+LAMBDA_OBJECTIVE = _p("lambda_objective", "choice", "mean", "lambda: auto maximises the mean dev score over the "
+                      "models' domains (the official pcb_ES.py) or the geometric mean of score / the best "
+                      "fine-tune's score", scope="global", choices=("mean", "geometric"), per_tensor=False)
+LAMBDA_CHOICE = _p("lambda_choice", "choice", "recommendation", "lambda: auto returns nevergrad's recommendation "
+                   "(the official pcb_ES.py) or the best point it scored", scope="global",
+                   choices=("recommendation", "best"), per_tensor=False)
 NORMALIZE = _p("normalize", "bool", False, "divide by the sum of the (agreeing) weights", scope="global")
 INT8_MASK = _p("int8_mask", "bool", False, "mergekit's memory option for masks; results are identical, so ignored",
                scope="global", per_tensor=False)
@@ -121,6 +128,9 @@ SCALE = _p("scale", "float", None, "multiply this source's tensors (unset = copy
 DPA_WHOLE = _p("dpa_whole", "choice", "amplify", "tensors the prune keeps whole: amplified by the largest alpha "
                "(the official enhance_offset.py) or kept x1", scope="global", choices=("amplify", "keep"),
                per_tensor=False)
+DPA_BANDS = _p("dpa_bands", "choice", "max", "each band's factor: the largest alpha of it and the bands below "
+              "(the official enhance_offset.py keeps the larger-magnitude of the pruned copies) or its own alpha",
+              scope="global", choices=("max", "own"), per_tensor=False)
 ALPHA_SEARCH = _p("alpha_search", "choice", "official", "amplification: auto ends where the greedy walk ends "
                   "(official python_contral.py) or at the best point it saw", scope="global",
                   choices=("official", "best"), per_tensor=False)
@@ -164,8 +174,8 @@ SMILE_PARAMS = (
        lo=1, per_tensor=False),
     _p("num_experts_per_tok", "int", 1, "experts each token uses (top-k of the router)", scope="global", lo=1,
        per_tensor=False),
-    _p("smile_others", "choice", "task_arithmetic", "tensors outside the experts: task arithmetic of the "
-       "fine-tunes, or the base's", scope="global", choices=("task_arithmetic", "base"), per_tensor=False),
+    _p("smile_others", "choice", "base", "tensors outside the experts: the base's (as FusionBench keeps them), or "
+       "task arithmetic of the fine-tunes", scope="global", choices=("base", "task_arithmetic"), per_tensor=False),
     _p("smile_scope", "choice", "blocks", "which linear layers become experts: the blocks' (paper), + input "
        "embeddings, + lm_head too", scope="global", choices=("blocks", "embeddings", "all"), per_tensor=False),
 )
@@ -202,7 +212,7 @@ STAGES: dict[str, dict[str, Stage]] = {
         Stage("amplify", "none", "no amplification", ""),
         Stage("amplify", "dpa", "magnitude bands of the kept entries, each scaled by its factor (DPPA)",
               "https://arxiv.org/abs/2403.02799",
-              (PARTITIONS, AMPLIFICATION, DOMAIN, DPA_WHOLE, ALPHA_SEARCH, ALPHA_START, ALPHA_STEP)),
+              (PARTITIONS, AMPLIFICATION, DOMAIN, DPA_WHOLE, DPA_BANDS, ALPHA_SEARCH, ALPHA_START, ALPHA_STEP)),
     )},
     "combine": {s.name: s for s in (
         Stage("combine", "sum", "sum of the weighted deltas (task arithmetic)", "https://arxiv.org/abs/2212.04089",
@@ -255,7 +265,7 @@ def stage_params(prune: str, amplify: str, combine: str, defaults: dict | None =
                 seen.add((p.key, p.scope))
                 out.append(replace(p, default=defaults[p.key]) if defaults and p.key in defaults else p)
     if combine not in ("sce", "ram", "ramplus_tl"):      # mergekit's GTA methods scale by lambda
-        out.append(LAMBDA)
+        out += [LAMBDA, LAMBDA_OBJECTIVE, LAMBDA_CHOICE]
     return tuple(out)
 
 

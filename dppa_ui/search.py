@@ -12,8 +12,10 @@ the seed papers are presets of this one search, not separate code:
                         of `alpha_step` (0.1); the walk's end state, or its best (`alpha_search`).
   lambda: auto          PCB (pcb-merging.py, vision pcb_ES.py): one lambda_i per model (our model
                         `weight`, which PCB multiplies into the numerator only), NGOpt, init 1.0,
-                        bounds [0.8, 1.3], budget 100. (The NLP merging.py uses [0.5, 3.0] and
-                        budget 200: write a `search:` block for that.)
+                        bounds [0.8, 1.3], budget 100, maximising the mean dev score over the
+                        models' domains and returning nevergrad's recommendation, as pcb_ES.py
+                        does (`lambda_objective: geometric` / `lambda_choice: best`: ours). (The
+                        NLP merging.py uses [0.5, 3.0] and budget 200: write a `search:` block.)
 
 A `search:` block in the YAML names what moves and how:
 
@@ -26,7 +28,10 @@ A `search:` block in the YAML names what moves and how:
     optimizer: ngopt                 # ngopt | cma | oneplusone | random | greedy
     budget: 100                      # candidates scored
     objective: geometric             # geometric mean over domains of score / the best fine-tune's
-                                     #   score there (DPPA's objective); or one domain's name
+                                     #   score there (DPPA's objective); mean (the mean score over
+                                     #   domains, PCB's objective); or one domain's name
+    choice: best                     # best: the best point scored; recommendation: nevergrad's own
+                                     #   (pcb_ES.py returns it; it may be a point never scored)
     metric: smooth                   # smooth (teacher-forced answer accuracy) | em (greedy decoding)
     data: zoo                        # the demo family's dev splits, or a list of JSONL files
     test_data: [test.jsonl]          # optional (zoo: its test split): scored once, for the result only
@@ -44,9 +49,10 @@ on where or how fast each candidate ran: in-process, `workers` processes, or Ray
 an address, or "auto"; optional dependency, imported only then). Each process or actor loads the
 models once; candidates go to whichever is idle.
 
-The best candidate scored (nevergrad's own recommendation can be a point it never scored) or the
-greedy walk's end state is the result; its config runs unchanged with `merge`. The test split is
-scored only for that result, never during the search.
+The best candidate scored, nevergrad's recommendation (`choice: recommendation`; it can be a point
+never scored, which is then scored once more) or the greedy walk's end state is the result; its
+config runs unchanged with `merge`. The test split is scored only for that result, never during
+the search.
 """
 from __future__ import annotations
 
@@ -66,6 +72,8 @@ from .config import ConfigError, MergeConfig, _num, load_config
 
 OPTIMIZERS = {"ngopt": "NGOpt", "cma": "CMA", "oneplusone": "OnePlusOne", "random": "RandomSearch", "greedy": None}
 METRICS = ("smooth", "em")
+OBJECTIVES = ("geometric", "mean")      # or one domain's name
+CHOICES = ("best", "recommendation")
 # parameter -> (MergeConfig attribute, the stage it needs to have an effect)
 GLOBAL_PARAMS = {"lambda": ("lambda_", "any"), "dp_lambda": ("dp_lambda", "dp"),
                  "dp_outlier_m": ("dp_outlier_m", "dp"), "pcb_ratio": ("pcb_ratio", "pcb"),
@@ -73,7 +81,7 @@ GLOBAL_PARAMS = {"lambda": ("lambda_", "any"), "dp_lambda": ("dp_lambda", "dp"),
 MODEL_PARAMS = {"weight": "any", "density": "prune", "amplification": "dpa", "partitions": "dpa"}
 LIST_PARAMS = ("amplification", "partitions")
 BLOCK_KEYS = {"parameters", "optimizer", "budget", "objective", "metric", "data", "test_data", "domains", "seed",
-              "step", "mode"}
+              "step", "mode", "choice"}
 LAMBDA_BOUNDS, LAMBDA_INIT, LAMBDA_BUDGET = (0.8, 1.3), 1.0, 100     # pcb-merging.py / pcb_ES.py
 _NAME = re.compile(r"^(?:models\[(\d+|\*)\]\.)?([a-z_]+)(?:\[(\d+)\])?$")
 _NEEDS = {"any": lambda c: True, "prune": lambda c: c.prune != "none", "dp": lambda c: c.prune == "dp",
@@ -109,6 +117,7 @@ class SearchSpec:
     seed: int = 0
     step: float = 0.1               # greedy only: the walk's step
     mode: str = "official"          # greedy only: "official" (end state) or "best"
+    choice: str = "best"            # nevergrad only: the "best" point scored or its "recommendation"
 
 
 def _err(key: str, msg: str) -> ConfigError:
@@ -201,7 +210,10 @@ def parse_search(cfg: MergeConfig, block: dict | None = None) -> SearchSpec:
         raise _err("metric", f"{metric!r} is not one of {', '.join(METRICS)}")
     objective = block.get("objective", "geometric")
     if not isinstance(objective, str) or not objective:
-        raise _err("objective", f"`geometric` or a domain name, got {objective!r}")
+        raise _err("objective", f"`geometric`, `mean` or a domain name, got {objective!r}")
+    choice = block.get("choice", "best")
+    if choice not in CHOICES:
+        raise _err("choice", f"`best` (the best point scored) or `recommendation` (nevergrad's), got {choice!r}")
     data = block.get("data", "zoo")
     data = _files(data, "data") if data != "zoo" else "zoo"
     test = block.get("test_data")
@@ -216,7 +228,8 @@ def parse_search(cfg: MergeConfig, block: dict | None = None) -> SearchSpec:
     if mode not in ("official", "best"):
         raise _err("mode", f"`official` (the walk's end state) or `best`, got {mode!r}")
     spec = SearchSpec(params=params, optimizer=optimizer, budget=budget, objective=objective, metric=metric,
-                      data=data, test_data=test, domains=domains, seed=seed, step=float(step), mode=mode)
+                      data=data, test_data=test, domains=domains, seed=seed, step=float(step), mode=mode,
+                      choice=choice)
     base = search_base(cfg)
     for p in params:                # both bounds must give a valid config (density <= 1, ...)
         for v in (p.lower, p.upper):
@@ -291,6 +304,8 @@ class Scoring:
 
     def value(self, scores: dict) -> float:
         """The objective of per-domain scores ({domain: {metric: value}}, as score_model gives)."""
+        if self.objective == "mean":
+            return sum(float(scores[d][self.metric]) for d in self.domains) / len(self.domains)
         if self.objective != "geometric":
             return float(scores[self.objective][self.metric])
         from .evaluation import geometric_objective
@@ -334,7 +349,7 @@ def objective_domains(spec: SearchSpec, per_model: list[list[str] | None], what:
     domain of JSONL data. Zoo data needs each model's domain (demo models know theirs)."""
     if spec.domains is not None:
         return list(spec.domains)
-    if spec.objective != "geometric":
+    if spec.objective not in OBJECTIVES:
         return [spec.objective]
     if any(d is None for d in per_model):
         if spec.data == "zoo":
@@ -532,8 +547,10 @@ def _quiet_nevergrad():
 
 
 class _Nevergrad:
-    def __init__(self, name: str, params: list[Param], init: list[float], budget: int, batch: int, seed: int):
+    def __init__(self, name: str, params: list[Param], init: list[float], budget: int, batch: int, seed: int,
+                 choice: str = "best"):
         import numpy as np
+        self.choice_rule = choice
         with _quiet_nevergrad():
             import nevergrad as ng
             arr = ng.p.Array(init=np.array(init, dtype=float), lower=np.array([p.lower for p in params]),
@@ -556,6 +573,9 @@ class _Nevergrad:
             self.opt.tell(self.pending.pop(token), -float(objective))     # nevergrad minimises
 
     def choice(self, rows: list[dict]) -> list[float] | None:
+        if self.choice_rule == "recommendation":      # what nevergrad's minimize returns
+            with _quiet_nevergrad():
+                return [float(x) for x in self.opt.provide_recommendation().value]
         return None        # the best candidate scored
 
 
@@ -618,13 +638,14 @@ def optimize(spec: SearchSpec, evaluate: Callable[[list[list[float]]], list[dict
     spec parameter), {"objective", and optionally "scores", "seconds", "error"}. Rounds of
     `batch` points are asked, evaluated together and told in the order asked. The choice: the
     greedy walk's (end state or best), else the best point scored (the first of equals); a
-    chosen point never scored is scored once more (a row with phase "final")."""
+    chosen point never scored is scored once more (a row with phase "final"). `spec.choice`
+    "recommendation": nevergrad's recommendation instead of the best point scored."""
     init = [min(max(p.init if p.init is not None else v, p.lower), p.upper)
             for p, v in zip(spec.params, init or [p.init if p.init is not None else p.lower for p in spec.params])]
     if spec.optimizer == "greedy":
         batch = 1                                    # each step needs the last score
     opt = _Greedy(init, spec.budget, spec.step, spec.mode) if spec.optimizer == "greedy" else \
-        _Nevergrad(spec.optimizer, spec.params, init, spec.budget, batch, spec.seed)
+        _Nevergrad(spec.optimizer, spec.params, init, spec.budget, batch, spec.seed, spec.choice)
     rows: list[dict] = []
     best = -math.inf
 
@@ -702,7 +723,7 @@ def run_search(config, spec: SearchSpec | None = None, *, base_dir=None, model_d
     domains = objective_domains(spec, model_domains(cfg, model_dirs), "the search")
     items = load_items(spec.data, "dev", domains)
     domains = domains or list(dict.fromkeys(it["domain"] for it in items))
-    if spec.objective != "geometric" and spec.objective not in domains:
+    if spec.objective not in OBJECTIVES and spec.objective not in domains:
         raise ValueError(f"search objective {spec.objective!r} is not a domain of the data ({', '.join(domains)})")
     scoring = Scoring(items=items, domains=domains, objective=spec.objective, metric=spec.metric)
 
@@ -793,7 +814,9 @@ def lambda_search(cfg: MergeConfig, base_dir, model_dirs, *, loaded=None, stats=
                   budget: int | None = None, bounds: tuple[float, float] | None = None,
                   log=None, on_eval=None, cancel=None, workers: int = 1, ray: str | None = None) -> SearchResult:
     """`lambda: auto`: PCB's search of one lambda_i (model weight) per model, NGOpt from 1.0 within
-    [0.8, 1.3], budget 100, on the dev split of every model's domains; the global lambda is 1."""
+    [0.8, 1.3], budget 100, on the dev split of every model's domains; the global lambda is 1. It
+    maximises `lambda_objective` (official: the mean score over the domains) and returns
+    `lambda_choice` (official: nevergrad's recommendation, as pcb_ES.py's `minimize`)."""
     block = dict(cfg.search or {})
     if block.get("data", "zoo") == "zoo" and not block.get("domains") and \
             any(d is None for d in model_domains(cfg, model_dirs)):
@@ -804,8 +827,9 @@ def lambda_search(cfg: MergeConfig, base_dir, model_dirs, *, loaded=None, stats=
     c.lambda_, c.lambda_auto = 1.0, False
     spec = SearchSpec(params=[Param(f"models[{i}].weight", "weight", i, None, bounds[0], bounds[1], LAMBDA_INIT)
                               for i in range(len(cfg.models))],
-                      optimizer="ngopt", budget=budget, objective="geometric", metric="smooth",
-                      data=block.get("data", "zoo"), domains=block.get("domains"), seed=cfg.seed)
+                      optimizer="ngopt", budget=budget, objective=cfg.lambda_objective, metric="smooth",
+                      data=block.get("data", "zoo"), domains=block.get("domains"), seed=cfg.seed,
+                      choice=cfg.lambda_choice)
     return run_search(c, spec, base_dir=base_dir, model_dirs=model_dirs, loaded=loaded, stats=stats, log=log,
                       on_eval=on_eval, cancel=cancel, test=False, workers=workers, ray=ray)
 

@@ -112,8 +112,9 @@ def build(config, device: str | torch.device = "cpu", base_sd: dict | None = Non
     modules = dict(model.named_modules())
     weights = {f"{n}.weight" for n in shapes} | {f"{n}.bias" for n in shapes}
     upscaled = []
-    # Everything but the projections: task arithmetic of the fine-tunes (or the base's), through the
-    # pipeline with the config read as the task_arithmetic preset (same models and weights).
+    # Everything but the projections: the base's (as FusionBench keeps them), or task arithmetic of the
+    # fine-tunes through the pipeline with the config read as the task_arithmetic preset (same models
+    # and weights: the deltas are summed, each times its weight, then times lambda).
     others = dataclasses.replace(cfg, merge_method="task_arithmetic", prune="none", amplify="none", combine="sum")
     with torch.no_grad():
         own = model.state_dict()

@@ -2,7 +2,9 @@
 refusal test per bad input, each asserting the offending key or value is named. No tensors here."""
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -167,6 +169,41 @@ def test_mergekit_named_chat_template_accepted():
     # mergekit ships named templates (alpaca, chatml, llama3, mistral, ...). The issue: mergekit's
     # `chat_template` is "honoured or, where meaningless here, accepted with a notice".
     load_config(c("ties", chat_template="llama3"))
+
+
+MERGEKIT_CHAT = json.loads((Path(__file__).parent / "data" / "mergekit_chat_templates.json").read_text())
+
+
+@pytest.mark.parametrize("name", list(MERGEKIT_CHAT["rendered"]))
+@pytest.mark.parametrize("conversation", list(MERGEKIT_CHAT["conversations"]))
+def test_named_chat_templates_render_as_mergekit(name, conversation):
+    # `chat_template: NAME` writes a template that renders, through transformers' apply_chat_template,
+    # exactly what mergekit 0.1.5's template of that name renders: one- and multi-turn, with and
+    # without a system message, ending on a user or an assistant turn, generation prompt off / on.
+    from conftest import char_tokenizer
+    template = load_config(c("ties", chat_template=name)).chat_template
+    tok = char_tokenizer(None)                 # bos <bos>, eos <eos>, as the expected strings were rendered
+    messages = MERGEKIT_CHAT["conversations"][conversation]
+    got = [tok.apply_chat_template(messages, chat_template=template, tokenize=False, add_generation_prompt=gen)
+           for gen in (False, True)]
+    assert got == MERGEKIT_CHAT["rendered"][name][conversation]
+
+
+def test_named_chat_template_refusals_as_mergekit():
+    # mergekit's mistral template refuses turns that do not alternate, and roles other than user /
+    # assistant after a first system message; alpaca renders a user_context turn as "### Input:"
+    from conftest import char_tokenizer
+    tok = char_tokenizer(None)
+    mistral = load_config(c("ties", chat_template="mistral")).chat_template
+    for messages in ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}],
+                     [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                      {"role": "system", "content": "c"}]):
+        with pytest.raises(Exception, match="mistral chat template"):
+            tok.apply_chat_template(messages, chat_template=mistral, tokenize=False)
+    alpaca = load_config(c("ties", chat_template="alpaca")).chat_template
+    messages = [{"role": "user", "content": "Sum these."}, {"role": "user_context", "content": " 2 and 3 "}]
+    assert tok.apply_chat_template(messages, chat_template=alpaca, tokenize=False, add_generation_prompt=True) == \
+        "\n\n### Instruction:\nSum these.\n\n### Input:\n2 and 3### Response:\n"
 
 
 def test_out_dtype_wins_over_dtype():
@@ -386,20 +423,31 @@ def test_invalid_yaml_names_the_line_and_column():
 def test_official_dppa_and_pcb_defaults_and_round_trip():
     cfg = load_config(c("dppa"))
     assert (cfg.dpa_whole, cfg.alpha_search, cfg.alpha_start, cfg.alpha_step) == ("amplify", "official", None, 0.1)
+    assert cfg.dpa_bands == "max"
     assert load_config(c("pcb")).clip_ratio == 0.0001
-    opts = {"dpa_whole": "keep", "alpha_search": "best", "alpha_start": [1.0, 1.0], "alpha_step": 0.05}
+    opts = {"dpa_whole": "keep", "alpha_search": "best", "alpha_start": [1.0, 1.0], "alpha_step": 0.05,
+            "dpa_bands": "own"}
     cfg = load_config(c("dppa", params=opts))
     again = load_config(cfg.to_dict())
     assert (again.dpa_whole, again.alpha_search, again.alpha_start, again.alpha_step) == ("keep", "best", [1.0, 1.0], 0.05)
+    assert again.dpa_bands == "own"
     pcb = load_config(load_config(c("pcb", params={"clip_ratio": 0.01, "lambda": "auto"})).to_dict())
     assert pcb.clip_ratio == 0.01 and pcb.lambda_auto and pcb.lambda_ == 1.0
+    # lambda: auto searches as pcb_ES.py (mean score, nevergrad's recommendation); ours are options
+    assert (pcb.lambda_objective, pcb.lambda_choice) == ("mean", "recommendation")
+    ours = load_config(load_config(c("ties", params={"lambda": "auto", "lambda_objective": "geometric",
+                                                     "lambda_choice": "best"})).to_dict())
+    assert ours.lambda_auto and (ours.lambda_objective, ours.lambda_choice) == ("geometric", "best")
 
 
 def test_refuse_bad_official_keys():
     refused(c("dppa", params={"dpa_whole": "scale"}), "parameters.dpa_whole", "scale")
+    refused(c("dppa", params={"dpa_bands": "min"}), "parameters.dpa_bands", "min")
     refused(c("dppa", params={"alpha_search": "greedy"}), "parameters.alpha_search")
     refused(c("dppa", params={"alpha_step": 0}), "parameters.alpha_step")
     refused(c("dppa", params={"alpha_start": [1.8, -0.1]}), "parameters.alpha_start")
     refused(c("dppa", params={"alpha_start": [1.8], "amplification": "auto"}), "alpha_start", "2 partitions")
     refused(c("pcb", params={"clip_ratio": 0.5}), "parameters.clip_ratio")
     refused(c("pcb", params={"lambda": "best"}), "parameters.lambda")
+    refused(c("pcb", params={"lambda": "auto", "lambda_choice": "last"}), "parameters.lambda_choice", "last")
+    refused(c("pcb", params={"lambda": "auto", "lambda_objective": "min"}), "parameters.lambda_objective", "min")

@@ -312,6 +312,27 @@ def test_vocab_trim_output_loads(tmp_path, read_weights):
     load_and_generate(tmp_path / "out")
 
 
+@pytest.mark.parametrize("rows", [(64, 72), (72, 64), (64, 72, 80), (80, 64, 72), (72, 80, 64)],
+                         ids=lambda r: "-".join(map(str, r)))
+def test_vocab_trim_any_model_smallest(tmp_path, read_weights, rows):
+    """--allow-vocab-trim merges the rows every model has, whichever model (the base, a fine-tune)
+    has the fewest: the result is the in-memory merge of the models cut to those rows."""
+    from conftest import write_tiny_llama
+    sds = [write_tiny_llama(tmp_path / f"m{i}", seed=i, vocab=v) for i, v in enumerate(rows)]
+    c = {"merge_method": "ties", "base_model": str(tmp_path / "m0"), "parameters": {"density": 0.5},
+         "models": [{"model": str(tmp_path / f"m{i}"), "parameters": {"weight": 0.7}} for i in range(1, len(rows))]}
+    dppa_ui.merge(c, tmp_path / "out", allow_vocab_trim=True)
+    out = read_weights(tmp_path / "out")
+    n = min(rows)
+    cut = [{k: (t[:n] if k in ("model.embed_tokens.weight", "lm_head.weight") else t) for k, t in sd.items()}
+           for sd in sds]
+    want = merge_in_memory(cut[0], cut[1:], c)
+    assert out["model.embed_tokens.weight"].shape == (n, 32) and out["lm_head.weight"].shape == (n, 32)
+    assert_same(out, want)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["vocab_size"] == n
+    load_and_generate(tmp_path / "out")
+
+
 def test_chat_template_and_tokenizer_source(tiny_family, tmp_path):
     tok = tmp_path / "tok"                     # any model folder whose tokenizer files are used
     tok.mkdir()

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from dppa_ui import load_config, merge_in_memory
-from dppa_ui.methods import (agreement_mask, band_edges, dare_prune, dp_densities, dp_densities_from_deltas,
+from dppa_ui.methods import (agreement_mask, band_edges, band_factors, dare_prune, dp_densities, dp_densities_from_deltas,
                              dpa_amplify, elect_sign, greedy_alpha_search, keep_count, kth_largest,
                              magnitude_mask, magnitude_prune, pcb_combine, pcb_scale, random_mask,
                              sum_combine, tensor_generator, ties_combine, topk_mask)
@@ -855,6 +855,48 @@ def test_dppa_pipeline_matches_reference(others, whole):
         assert torch.allclose(out[k], ref, atol=1e-6), k
 
 
+@pytest.mark.parametrize("alphas", [[1.0, 2.0], [1.9, 2.4], [1.3, 0.5, 2.0], [2.0, 0.6, 1.1]])
+def test_dpa_band_factor_is_the_official_max_of_the_pruned_copies(alphas):
+    # The official enhance_offset.py prunes at every edge, scales each copy by its alpha and keeps
+    # the larger magnitude: a band gets the largest alpha of it and the bands below (the top band
+    # max(alpha_1, alpha_2) when alpha_2 > alpha_1). `dpa_bands: own` scales each band by its own.
+    d = heavy((12, 10), 31)
+    parts = [0.1, 0.25, 0.4][-len(alphas):] if len(alphas) == 3 else [0.15, 0.4]
+    pruned = magnitude_prune(d, parts[-1])
+    official = ref_enhance_offset([ref_magnitude(d, f) for f in parts], alphas)
+    assert torch.allclose(dpa_amplify(pruned, parts, band_factors(alphas)), official)
+    assert torch.allclose(dpa_amplify(pruned, parts, band_factors(alphas, "own")), ref_dpa(d, parts[-1], parts, alphas))
+    assert band_factors([1.9, 2.4]) == [2.4, 2.4] and band_factors([1.9, 2.4], "own") == [1.9, 2.4]
+
+
+@pytest.mark.parametrize("rule", [None, "max", "own"])
+def test_dppa_pipeline_top_band_when_alpha_rises(rule):
+    # a walk can end at [1.9, 2.4]: the default (official) top band gets 2.4 on DP targets, whose
+    # copies are pruned at the edges shifted by the module's DP offset; tensors kept whole get max too
+    base, fts = make_sds(1, seed=17)
+    p = {"density": 0.3, "partitions": [0.1, 0.3], "amplification": [1.9, 2.4]}
+    c = cfg("dppa", models=[{"model": "a", "parameters": p}], params={"dpa_bands": rule} if rule else None)
+    assert c.dpa_bands == (rule or "max")
+    out = merge_in_memory(base, fts, c)
+    delta = deltas_of(base, fts)[0]
+    dens = ref_dp(delta, p["density"])
+    for k in base:
+        if k in dens:
+            d_m, raw = dens[k]
+            edges = [min(max(f + raw - p["density"], 0.0), 1.0) for f in p["partitions"]]
+            want = (ref_dpa(delta[k], d_m, edges, p["amplification"]) if rule == "own" else
+                    ref_enhance_offset([ref_magnitude(delta[k], e) for e in edges], p["amplification"]))
+        else:
+            want = delta[k] * 2.4
+        assert torch.allclose(out[k], base[k] + want, atol=1e-6), k
+    # the bands the Inspect view reports are the ones applied
+    from dppa_ui.pipeline import tensor_fates
+    mag = load_config({"prune": "magnitude", "amplify": "dpa", "combine": "sum", "base_model": "b",
+                       "models": [{"model": "a", "parameters": p}], "parameters": {"dpa_bands": rule} if rule else {}})
+    fate = tensor_fates(mag, "x.weight", (10, 10), None)[0]
+    assert [a for _, _, a in fate.bands] == ([1.9, 2.4] if rule == "own" else [2.4, 2.4])
+
+
 def test_tensor_fates_and_kept_fraction_count_a_zero_band_as_dropped():
     from dppa_ui.pipeline import kept_fraction, tensor_fates
     models = [{"model": "a", "parameters": {"density": 0.3, "partitions": [0.1, 0.3], "amplification": [2.0, 0.0]}},
@@ -892,7 +934,7 @@ def test_dp_kept_fraction_and_fates_match_the_merged_tensors(whole, alphas):
                           + factor * (fts[0]["model.norm.weight"] - base["model.norm.weight"]))
     (q,) = tensor_fates(c, "model.layers.0.self_attn.q_proj.weight", (8, 8), maps)
     assert q.pruned and q.density == maps[0]["model.layers.0.self_attn.q_proj.weight"].density
-    assert [a for _, _, a in q.bands] == alphas
+    assert [a for _, _, a in q.bands] == [max(alphas), alphas[1]]      # the official top band: max(a1, a2)
 
 
 def test_magnitude_dpa_explicit_stages_match_reference():

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import csv
 import json
+import math
+import warnings
 
 import pytest
 import yaml
@@ -89,6 +91,44 @@ def test_greedy_walk_is_an_optimizer_of_the_same_loop():
                                                                  ([1.8, 0.0], [1.9, 0.0], [2.0, 0.0], [2.1, 0.0])]
 
 
+def _official_ngopt(budget, seed, init, lower, upper, f):
+    """pcb_ES.py's search: NGOpt over a bounded array, `minimize(-f)`, its recommendation returned
+    (seeded here as our optimizer is, so the two ask the same points)."""
+    import nevergrad as ng
+    import numpy as np
+    arr = ng.p.Array(init=np.array(init, dtype=float), lower=np.array(lower, dtype=float),
+                     upper=np.array(upper, dtype=float))
+    arr.random_state = np.random.RandomState(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")          # NGOpt's inner solvers warn about their own settings
+        return [float(x) for x in ng.optimizers.NGOpt(parametrization=arr, budget=budget).minimize(
+            lambda x: -f(list(x))).value]
+
+
+def test_recommendation_choice_returns_what_nevergrad_minimize_returns():
+    # Scores come in steps (accuracies), so several points tie for the best: nevergrad recommends
+    # one of them by its own rule, the `best` choice takes the first scored.
+    def steps(v):
+        return math.floor(10 * bowl(v)) / 10
+    spec = _spec("ngopt", 30)
+    spec.choice = "recommendation"
+    res = search.optimize(spec, lambda pts: [{"objective": steps(v)} for v in pts], init=[1.0, 0.0])
+    want = _official_ngopt(30, 3, [1.0, 0.0], [0.0, -1.0], [2.0, 1.0], steps)
+    assert res.values == pytest.approx(want, abs=1e-12)
+    assert res.objective == steps(res.values)              # scored (once more if never asked)
+    best = search.optimize(_spec("ngopt", 30), lambda pts: [{"objective": steps(v)} for v in pts], init=[1.0, 0.0])
+    assert [r["params"] for r in best.rows] == [r["params"] for r in res.rows if r["phase"] == "search"]
+    first = next(r for r in best.rows if r["objective"] == max(x["objective"] for x in best.rows))
+    assert best.values == list(first["params"].values()) and best.values != pytest.approx(res.values)
+
+
+def test_mean_objective_is_the_mean_score_over_the_domains():
+    scores = {"reverse": {"smooth": 0.2}, "sort": {"smooth": 0.6}, "cipher": {"smooth": 0.9}}
+    assert search.Scoring([], ["reverse", "sort"], "mean").value(scores) == pytest.approx(0.4)
+    geo = search.Scoring([], ["reverse", "sort"], "geometric", reference={"reverse": 0.4, "sort": 0.6})
+    assert geo.value(scores) == pytest.approx((0.5 * 1.0) ** 0.5)
+
+
 def test_cancel_stops_between_rounds_and_keeps_the_best():
     seen = []
     res = search.optimize(_spec("ngopt", 50), lambda pts: [{"objective": bowl(v)} for v in pts], init=[1.0, 0.0],
@@ -117,6 +157,7 @@ def test_cancel_stops_between_rounds_and_keeps_the_best():
     ({"parameters": {"models[*].weight": [0.5, 1.5]}, "optimizer": "bayes"}, ["search.optimizer", "bayes"]),
     ({"parameters": {"models[*].weight": [0.5, 1.5]}, "data": ["missing.jsonl"]}, ["search.data", "missing.jsonl"]),
     ({"parameters": {"models[*].weight": [0.5, 1.5]}, "budgets": 10}, ["search.budgets", "unknown key"]),
+    ({"parameters": {"models[*].weight": [0.5, 1.5]}, "choice": "worst"}, ["search.choice", "worst", "recommendation"]),
     ({"parameters": {"weight": [0.5, 1.5], "models[*].weight": [0.5, 1.5], "models[0].weight": [0.5, 1]}},
      ["named twice"]),
 ])
@@ -135,6 +176,9 @@ def test_search_block_round_trips_and_expands_per_model():
     spec = search.parse_search(load_config(cfg.to_dict()))
     assert [p.name for p in spec.params] == ["models[0].density", "models[1].density", "weight", "lambda"]
     assert (spec.budget, spec.optimizer, spec.seed) == (20, "cma", 4)
+    assert (spec.objective, spec.choice) == ("geometric", "best")
+    pcb_like = search.parse_search(load_config(dppa({"weight": [0.5, 1.5]}, objective="mean", choice="recommendation")))
+    assert (pcb_like.objective, pcb_like.choice) == ("mean", "recommendation")
     # A moved density carries its partitions with it (they must end at the density).
     d = search.apply_values(search.search_base(cfg), spec.params[:1], [0.4])
     assert d["models"][0]["parameters"]["partitions"] == pytest.approx([0.2, 0.4])
@@ -210,6 +254,36 @@ def test_lambda_auto_is_searched_and_written_into_the_saved_yaml(tmp_path, monke
     assert saved["parameters"]["lambda"] == 1.0
     assert [m["parameters"]["weight"] for m in saved["models"]] == report["weights"]
     assert load_config(saved).lambda_auto is False
+
+
+@needs_zoo
+@pytest.mark.parametrize("ours", [False, True])
+def test_lambda_auto_official_objective_and_recommendation(small_data, monkeypatch, ours):
+    # The preset maximises the mean dev score over the models' domains and returns nevergrad's
+    # recommendation (pcb_ES.py); `lambda_objective: geometric` / `lambda_choice: best` are ours.
+    monkeypatch.setattr(search, "LAMBDA_BUDGET", 6)
+    params = {"lambda": "auto", "pcb_ratio": 0.2, **({"lambda_objective": "geometric", "lambda_choice": "best"}
+                                                      if ours else {})}
+    cfg = load_config({"merge_method": "pcb", "base_model": "demo:base", "parameters": params,
+                       "models": [{"model": "demo:reverse"}, {"model": "demo:sort"}],
+                       "search": {"parameters": {"models[*].weight": [0.8, 1.3]}, "data": [small_data["dev"]]}})
+    assert (cfg.lambda_objective, cfg.lambda_choice) == (("geometric", "best") if ours else ("mean", "recommendation"))
+    res = search.lambda_search(cfg, None, None)
+    rows = [r for r in res.rows if r["phase"] == "search"]
+    assert len(rows) == 6
+    mean = [sum(r["scores"][d] for d in ("reverse", "sort")) / 2 for r in rows]
+    if ours:
+        assert [r["objective"] for r in rows] != pytest.approx(mean)
+        assert res.objective == max(r["objective"] for r in rows)
+        return
+    assert [r["objective"] for r in rows] == pytest.approx(mean)
+    # nevergrad fed the same objectives in the same order asks the same points and recommends ours
+    told = iter(r["objective"] for r in rows)
+    asked = []
+    want = _official_ngopt(6, cfg.seed, [1.0, 1.0], [0.8, 0.8], [1.3, 1.3],
+                           lambda x: asked.append(x) or next(told))
+    assert asked == [pytest.approx(list(r["params"].values()), abs=1e-12) for r in rows]
+    assert list(res.values.values()) == pytest.approx(want, abs=1e-12)
 
 
 @needs_zoo

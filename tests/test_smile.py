@@ -131,6 +131,26 @@ def test_low_rank_expert_is_the_truncated_delta(tmp_path):
     assert counts["experts"] == sum(2 * 3 * sum(layer.weight.shape) for layer in smile.smile_layers(model).values())
 
 
+@pytest.mark.parametrize("others", [None, "base", "task_arithmetic"])
+def test_tensors_outside_the_experts(others):
+    # FusionBench keeps the base's weights outside the upscaled layers: the default. The option
+    # `task_arithmetic` adds the fine-tunes' weighted deltas there (summed, not averaged).
+    params = {"rank_of_expert": 4, "rank_of_router": 4, **({"smile_others": others} if others else {})}
+    cfg = {"merge_method": "smile", "base_model": "demo:base", "parameters": params,
+           "models": [{"model": "demo:reverse", "parameters": {"weight": 1.0}},
+                      {"model": "demo:sort", "parameters": {"weight": 0.5}}]}
+    assert load_config(cfg).smile_others == (others or "base")
+    model, _ = smile.build(cfg)
+    base = io.read_state_dict(io.resolve_model("demo:base"))
+    fts = [io.read_state_dict(io.resolve_model(f"demo:{d}")) for d in ("reverse", "sort")]
+    got = model.state_dict()
+    for name in ("model.embed_tokens.weight", "model.norm.weight", "model.layers.0.input_layernorm.weight"):
+        assert not torch.equal(fts[0][name], base[name]), name         # the fine-tunes did change it
+        want = base[name] if others != "task_arithmetic" else \
+            base[name] + 1.0 * (fts[0][name] - base[name]) + 0.5 * (fts[1][name] - base[name])
+        assert torch.allclose(got[name], want.float(), atol=1e-6), name
+
+
 # ---------------------------------------------------------------------------------- save / load
 
 @pytest.mark.parametrize("scope", ["blocks", "embeddings"])

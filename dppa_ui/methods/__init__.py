@@ -12,7 +12,8 @@ from .breadcrumbs import breadcrumbs_counts, breadcrumbs_mask, breadcrumbs_prune
 from .dare import dare_prune, random_mask, tensor_generator
 from .della import della_curve, della_probabilities, della_prune
 from .dp import DPDensity, block_key, block_of, dp_densities, dp_densities_from_deltas, dp_prune, is_dp_target
-from .dpa import AlphaSearchResult, GreedyAlphaWalk, band_edges, dpa_amplify, greedy_alpha_search, official_start
+from .dpa import (AlphaSearchResult, GreedyAlphaWalk, band_edges, band_factors, dpa_amplify, greedy_alpha_search,
+                  official_start)
 from .magnitude import magnitude_mask, magnitude_prune
 from .pcb import pcb_combine, pcb_scale
 from .ram import ram_combine, ramplus_gains, ramplus_tl_combine
@@ -25,7 +26,7 @@ from .ties import agreement_mask, elect_sign, ties_combine
 __all__ = [
     "dare_prune", "random_mask", "tensor_generator", "DPDensity", "block_key", "block_of", "dp_densities",
     "dp_densities_from_deltas", "dp_prune", "is_dp_target", "AlphaSearchResult", "GreedyAlphaWalk", "band_edges",
-    "dpa_amplify", "official_start",
+    "band_factors", "dpa_amplify", "official_start",
     "greedy_alpha_search", "magnitude_mask", "magnitude_prune", "pcb_combine", "pcb_scale", "keep_count",
     "kth_largest", "topk_mask", "sum_combine", "agreement_mask", "elect_sign", "ties_combine",
     "breadcrumbs_counts", "breadcrumbs_mask", "breadcrumbs_prune", "breadcrumbs_thresholds", "della_curve",

@@ -6,8 +6,11 @@ scaled by its own factor: partitions f_1 < ... < f_K = D (fractions of *all* ent
 (f_0 = 0) and is multiplied by a_k. Under DP pruning each edge is shifted by that module's DP
 density offset (d_m - D) and clamped to [0, 1], so the last edge is the module's own density.
 
-The official code instead prunes at each f_k, amplifies each copy and keeps the larger magnitude,
-so its top band gets max(a_1, a_2); the two agree whenever a_1 >= a_2.
+The official code instead prunes at each f_k, amplifies each copy and keeps the larger magnitude:
+band k is in the copies pruned at f_k .. f_K, so it gets max(a_k, ..., a_K) (two bands: the top
+band gets max(a_1, a_2)). That is the default (`band_factors(a, "max")`); `dpa_bands: own`
+scales each band by its own a_k. The two agree whenever a_1 >= ... >= a_K, but a greedy walk can
+end at, say, [1.9, 2.4].
 
 Tensors the prune keeps whole (DP's embeddings, norms, lm_head, biases under `dp_others: keep`)
 are whole in every one of those copies, so the official max-merge scales them by max_k a_k (1.8
@@ -29,6 +32,21 @@ from .select import keep_count, topk_mask
 def band_edges(partitions: Sequence[float], offset: float = 0.0) -> list[float]:
     """Band upper edges f_k + offset, each clamped to [0, 1]."""
     return [min(max(f + offset, 0.0), 1.0) for f in partitions]
+
+
+def band_factors(amplification: Sequence[float], rule: str = "max") -> list[float]:
+    """The factor each band gets: its own alpha ("own"), or ("max", the official max-merge of the
+    pruned copies) the largest alpha of it and every band below it. Factors are >= 0, so the
+    larger-magnitude copy is the one with the larger factor."""
+    if rule == "own":
+        return [float(a) for a in amplification]
+    if rule != "max":
+        raise ValueError(f"rule must be 'max' or 'own', got {rule!r}")
+    out, top = [], float("-inf")
+    for a in reversed(amplification):
+        top = max(top, float(a))
+        out.append(top)
+    return out[::-1]
 
 
 def dpa_amplify(pruned: torch.Tensor, partitions: Sequence[float], amplification: Sequence[float],

@@ -7,6 +7,8 @@ For a linear layer with base weight W_0 (out x in, bias b_0) and fine-tune i's w
   delta       Δ_i = W_i − W_0 = U_i Σ_i V_iᵀ (SVD, singular values descending)
   expert i    its rank-k truncation U_i[:, :k] Σ_i[:k] V_i[:, :k]ᵀ (k = `rank_of_expert`, "full" =
               min(out, in), which reproduces Δ_i up to float rounding) plus its bias delta b_i − b_0
+              (as FusionBench's module path, SmileMoELinear, builds it; its config path adds the
+              base bias once more)
   router      logit r_i(x) = ‖V_i[:, :k_r]ᵀ x‖₂ (k_r = `rank_of_router`): how much of x lies in the
               input subspace the fine-tune changed most. The singular values are not used.
   routing     p = softmax(r) over all experts; the K = `num_experts_per_tok` largest are kept and

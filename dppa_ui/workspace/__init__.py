@@ -269,7 +269,7 @@ class Workspace:
     # -- SMILE
 
     def smile_config(self, rank_of_expert: int | None = 64, rank_of_router: int = 8, num_experts_per_tok: int = 1,
-                     scope: str = "blocks", others: str = "task_arithmetic") -> MergeConfig:
+                     scope: str = "blocks", others: str = "base") -> MergeConfig:
         """The `merge_method: smile` config of the loaded base and fine-tunes (rank_of_expert None =
         full rank); `merge(config)` builds it into a run folder. Bad values are refused by name."""
         acc = self.require()

@@ -42,7 +42,7 @@ def params_text(cfg: MergeConfig) -> str:
         return (f"rank_of_expert {'full' if cfg.rank_of_expert is None else cfg.rank_of_expert}, "
                 f"rank_of_router {cfg.rank_of_router}, k {cfg.num_experts_per_tok}"
                 + (f", scope {cfg.smile_scope}" if cfg.smile_scope != "blocks" else "")
-                + (f", others {cfg.smile_others}" if cfg.smile_others != "task_arithmetic" else ""))
+                + (f", others {cfg.smile_others}" if cfg.smile_others != "base" else ""))
     parts = []
     if cfg.prune != "none":
         parts.append(f"density {_fmt(m.density)}")
