@@ -1,0 +1,322 @@
+"""lm-evaluation-harness (lm-eval) tasks on the model objects this project builds.
+
+  check_limit(n, what)            a document limit must be a whole number >= 1
+  load_tasks(names, include_path) lm-eval's task objects, their data loaded: an unknown name or data
+                                  that cannot be loaded (offline) is a one-line ValueError naming
+                                  the task, before any model is built
+  wrap(model, tokenizer, batch)   lm-eval's HFLM around a model already built (accelerate-placed,
+                                  offloaded, SMILE): nothing is loaded twice
+  run(lm, tasks, ...)             lm-eval's simple_evaluate: its results dict, as its CLI writes it
+  score(lm, tasks, samples, ...)  the same evaluation without simple_evaluate's environment report
+                                  (it runs subprocesses, ~1 s a call): what a search calls per candidate
+  metrics(results), table(results), to_json(results)
+
+lm-eval is imported only inside these functions, so importing this module (and starting the app)
+costs nothing. Task indexes are cached per include path: lm-eval's own index of every task takes
+seconds to build, so names that a local folder (`include_path`) holds are looked up there alone.
+"""
+from __future__ import annotations
+
+import contextlib
+import difflib
+import fnmatch
+import json
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+DEFAULT_BATCH = 8          # lm-eval's logits are (batch, tokens, vocab) float32: 1 GB at 0.5 B
+STAT_KEYS = ("alias", "name", "sample_len", "samples")
+_MANAGERS: dict[tuple, Any] = {}
+_LOCK = threading.Lock()
+
+
+def check_limit(limit, what: str = "--limit") -> int | None:
+    """`limit` (documents per task) as an int, None when not given; 0, negative, fractional or
+    non-numeric values are refused by name."""
+    if limit is None:
+        return None
+    if isinstance(limit, bool) or not isinstance(limit, (int, float, str)):
+        raise ValueError(f"{what} must be a whole number of documents per task (>= 1), got {limit!r}")
+    try:
+        value = float(limit)
+    except ValueError:
+        raise ValueError(f"{what} must be a whole number of documents per task (>= 1), got {limit!r}") from None
+    if value < 1 or value != int(value):
+        raise ValueError(f"{what} must be a whole number of documents per task (>= 1), got {limit!r}")
+    return int(value)
+
+
+def check_fewshot(k, what: str = "--num-fewshot") -> int | None:
+    if k is None:
+        return None
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise ValueError(f"{what} must be a whole number of examples (>= 0), got {k!r}")
+    return k
+
+
+def parse_names(tasks: str | Sequence[str]) -> list[str]:
+    """Task names from a comma-separated string or a list (lm-eval's CLI takes `a,b,c`)."""
+    raw = tasks.split(",") if isinstance(tasks, str) else [str(t) for t in tasks]
+    names = [t.strip() for t in raw if str(t).strip()]
+    if not names:
+        raise ValueError("no lm-eval task named: give one or more, e.g. --lm-eval hellaswag,arc_easy")
+    return names
+
+
+@contextlib.contextmanager
+def quiet(bars: bool = True):
+    """lm-eval's warnings on a pre-built model ("`pretrained` is not of type str", ...) and
+    transformers' on a generation config with max_new_tokens off, unless DPPA_UI_DEBUG is set;
+    `bars=False`: lm-eval's progress bars too (a search scores hundreds of candidates). The bars
+    have no switch in lm-eval's evaluate, so its modules' `tqdm` is a disabled one meanwhile."""
+    import functools
+
+    from transformers.utils import logging as hf_logging
+    log = logging.getLogger("lm_eval")
+    level, hf_level = log.level, hf_logging.get_verbosity()
+    patched = []
+    if not os.environ.get("DPPA_UI_DEBUG"):
+        log.setLevel(logging.ERROR)
+        hf_logging.set_verbosity_error()
+    if not bars:
+        import importlib
+        for name in ("lm_eval.api.task", "lm_eval.api.model", "lm_eval.models.huggingface"):
+            mod = importlib.import_module(name)
+            patched.append((mod, mod.tqdm))
+            mod.tqdm = functools.partial(_silent_bar, mod.tqdm)
+    try:
+        yield
+    finally:
+        for mod, orig in patched:
+            mod.tqdm = orig
+        log.setLevel(level)
+        hf_logging.set_verbosity(hf_level)
+
+
+def _silent_bar(bar, *args, **kwargs):
+    return bar(*args, **{**kwargs, "disable": True})
+
+
+def _manager(include_path: str | None, defaults: bool):
+    from lm_eval.tasks import TaskManager
+    key = (str(include_path or ""), defaults)
+    with _LOCK:
+        if key not in _MANAGERS:
+            with quiet():
+                _MANAGERS[key] = TaskManager(include_path=include_path, include_defaults=defaults)
+        return _MANAGERS[key]
+
+
+def _resolve(manager, name: str) -> list[str]:
+    if any(c in name for c in "*?["):
+        return [n for n in manager.all_tasks if fnmatch.fnmatchcase(n, name)]
+    return [name] if name in manager.all_tasks else []
+
+
+def task_manager(names: Sequence[str], include_path: str | os.PathLike | None = None):
+    """lm-eval's TaskManager that knows every name: the include folder's alone when it holds
+    them all (milliseconds), else lm-eval's full index plus the folder (seconds, once per process)."""
+    inc = None
+    if include_path is not None:
+        inc = Path(include_path)
+        if not inc.is_dir():
+            raise ValueError(f"--include-path {include_path}: no such folder (it should hold lm-eval task YAML files)")
+        inc = str(inc.resolve())
+        local = _manager(inc, defaults=False)
+        if all(_resolve(local, n) for n in names):
+            return local
+    return _manager(inc, defaults=True)
+
+
+def all_task_names(include_path: str | os.PathLike | None = None) -> list[str]:
+    """Every name lm-eval knows (tasks, groups, tags), and the include folder's."""
+    return list(task_manager([], include_path).all_tasks) if include_path is None else \
+        list(_manager(str(Path(include_path).resolve()), defaults=True).all_tasks)
+
+
+@dataclass
+class Tasks:
+    """Loaded lm-eval tasks: `loaded` is TaskManager.load's dict (leaf tasks, groups, group map);
+    `names` the names asked for (after glob expansion), in order; `members` each name's leaf tasks."""
+    names: list[str]
+    loaded: dict
+    manager: Any
+    members: dict[str, list[str]]
+    include_path: str | None = None
+
+    @property
+    def leaves(self) -> dict:
+        return self.loaded["tasks"]
+
+
+def _data_error(name: str, e: Exception) -> ValueError:
+    first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+    offline = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("HF_DATASETS_OFFLINE")
+    hint = ("it is not in the local datasets cache and the hub is off (HF_HUB_OFFLINE=1): run it once online, "
+            "or use a local task folder with --include-path") if offline else \
+        "check the network, or use a local task folder with --include-path"
+    return ValueError(f"lm-eval task {name!r}: its data cannot be loaded ({type(e).__name__}: {first}); {hint}")
+
+
+def load_tasks(names: str | Sequence[str], include_path: str | os.PathLike | None = None) -> Tasks:
+    """The named tasks (groups and tags expand; `*` globs) with their data loaded. Raises a
+    one-line ValueError naming the first unknown task or the first whose data cannot be loaded."""
+    names = parse_names(names)
+    manager = task_manager(names, include_path)
+    expanded: list[str] = []
+    for n in names:
+        found = _resolve(manager, n)
+        if not found:
+            close = difflib.get_close_matches(n, manager.all_tasks, n=3, cutoff=0.75)
+            where = "lm-eval's task index" + (" or --include-path" if include_path else "")
+            raise ValueError(f"unknown lm-eval task {n!r}: not in {where}"
+                             + (f"; did you mean {', '.join(close)}?" if close else
+                                "; list them with `python -m lm_eval ls tasks`"))
+        expanded += [f for f in found if f not in expanded]
+    tasks: dict = {}
+    groups: dict = {}
+    group_map: dict = {}
+    members: dict[str, list[str]] = {}
+    with quiet():
+        for n in expanded:
+            try:
+                part = manager.load([n])
+            except (KeyError, ValueError, TypeError) as e:
+                if isinstance(e, KeyError):
+                    raise ValueError(f"unknown lm-eval task {n!r}: {e.args[0] if e.args else e}") from None
+                raise _data_error(n, e) from None
+            except Exception as e:        # datasets' ConnectionError, FileNotFoundError, DatasetNotFoundError...
+                raise _data_error(n, e) from None
+            tasks.update(part["tasks"])
+            members[n] = list(part["tasks"])
+            groups.update(part.get("groups", {}))
+            group_map.update(part.get("group_map", {}))
+    return Tasks(names=expanded, loaded={"tasks": tasks, "groups": groups, "group_map": group_map},
+                 manager=manager, members=members, include_path=None if include_path is None else str(include_path))
+
+
+def check_metric(tasks: Tasks, metric: str, what: str = "metric") -> None:
+    """Every leaf task must report `metric` (e.g. acc_norm: multiple-choice tasks; exact_match:
+    generate tasks): refused by name before any model is built."""
+    name = metric.split(",")[0]
+    for t, task in tasks.leaves.items():
+        have = sorted(task.aggregation())
+        if name not in have:
+            raise ValueError(f"{what} {metric!r}: lm-eval task {t!r} does not report it (it reports {', '.join(have)})")
+
+
+# ------------------------------------------------------------------------------------ the model
+
+def wrap(model, tokenizer, batch_size: int | str | None = None):
+    """lm-eval's HFLM around a model this project built (modelbuild.load, smile.load, a search's
+    skeleton). HFLM takes `model.device` for the inputs, the first parameter's: for a model that
+    accelerate spread over devices or disk the inputs go where its first placed module is."""
+    from lm_eval.models.huggingface import HFLM
+
+    from .modelbuild import input_device
+    with quiet():
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size or DEFAULT_BATCH)
+    lm._device = input_device(model)
+    return lm
+
+
+def _prepare(tasks: Tasks, num_fewshot: int | None, fewshot_seed: int) -> None:
+    """What simple_evaluate does to the tasks before it evaluates them: the few-shot count (a task
+    whose config fixes 0 keeps it) and a fresh few-shot sampler seed, so every call draws the same
+    examples whichever process makes it."""
+    for task in tasks.leaves.values():
+        if num_fewshot is not None and task.get_config("num_fewshot") != 0:
+            task.set_config(key="num_fewshot", value=num_fewshot)
+        elif task.get_config("num_fewshot") is None:
+            task.set_config(key="num_fewshot", value=0)
+        task.set_fewshot_seed(seed=fewshot_seed)
+
+
+def run(lm, tasks: Tasks, *, limit: int | None = None, num_fewshot: int | None = None,
+        apply_chat_template: bool = False, bootstrap_iters: int = 0, log_samples: bool = False) -> dict:
+    """lm-eval's simple_evaluate on loaded tasks, with its default seeds: its results dict (results,
+    groups, configs, versions, n-shot, config, environment), what its CLI writes.
+    `bootstrap_iters` 0: no stderr (lm-eval's default, 100000, takes seconds per metric)."""
+    from lm_eval import simple_evaluate
+    with quiet():
+        return simple_evaluate(model=lm, tasks=_top_level(tasks), task_manager=tasks.manager, limit=limit,
+                               num_fewshot=num_fewshot, apply_chat_template=apply_chat_template,
+                               bootstrap_iters=bootstrap_iters, log_samples=log_samples)
+
+
+def _top_level(tasks: Tasks) -> list:
+    """The task and group objects asked for (a group's children travel inside it)."""
+    inner = {c for kids in tasks.loaded["group_map"].values() for c in kids}
+    out = [g for n, g in tasks.loaded["groups"].items() if n not in inner]
+    in_groups = {t.task_name for g in out for t in g.get_all_tasks()}
+    return out + [t for n, t in tasks.leaves.items() if n not in in_groups]
+
+
+def score(lm, tasks: Tasks, *, samples: dict[str, list[int]] | None = None, limit: int | None = None,
+          num_fewshot: int | None = None, apply_chat_template: bool = False) -> dict:
+    """lm-eval's evaluate on loaded tasks, seeded and prepared as simple_evaluate does it (the same
+    numbers as `run` on the same documents), without its environment report."""
+    import random
+
+    import numpy as np
+    from lm_eval.defaults import DEFAULT_OTHER_SEED, DEFAULT_RANDOM_SEED
+    from lm_eval.evaluator import evaluate
+    from lm_eval.utils import set_torch_seed
+    random.seed(DEFAULT_RANDOM_SEED)
+    np.random.seed(DEFAULT_OTHER_SEED)
+    set_torch_seed(DEFAULT_OTHER_SEED)
+    _prepare(tasks, num_fewshot, DEFAULT_OTHER_SEED)
+    with quiet(bars=False):
+        return evaluate(lm=lm, task_dict=tasks.loaded, limit=limit, samples=samples, bootstrap_iters=0,
+                        log_samples=False, apply_chat_template=apply_chat_template)
+
+
+# ---------------------------------------------------------------------------------- the results
+
+def metrics(results: dict) -> dict[str, dict[str, float]]:
+    """{task or group: {metric: value}} from lm-eval's results (",none", the default filter, dropped
+    from the metric names; stderr left out)."""
+    out: dict[str, dict[str, float]] = {}
+    for section in ("results", "groups"):
+        for name, row in (results.get(section) or {}).items():
+            vals = {}
+            for key, v in row.items():
+                if key in STAT_KEYS or "_stderr" in key or not isinstance(v, (int, float)):
+                    continue
+                metric, _, filt = key.partition(",")
+                vals[metric if filt in ("", "none") else key] = float(v)
+            if vals:
+                out.setdefault(name, {}).update(vals)
+    return out
+
+
+def value(results: dict, tasks: Tasks, name: str, metric: str) -> float:
+    """One asked-for name's metric: a task's or a group's as lm-eval reports it, a tag's (which
+    lm-eval does not aggregate) the mean of its tasks'."""
+    got = metrics(results)
+    if name in got and metric in got[name]:
+        return got[name][metric]
+    leaves = [got.get(t, {}).get(metric) for t in tasks.members.get(name, [])]
+    if not leaves or any(v is None for v in leaves):
+        raise KeyError(f"lm-eval reported no {metric!r} for {name!r}")
+    return sum(leaves) / len(leaves)
+
+
+def table(results: dict) -> str:
+    """lm-eval's own per-task table (and its group table when there are groups)."""
+    from lm_eval.utils import make_table
+    text = make_table(results)
+    if results.get("groups"):
+        text += "\n" + make_table(results, "groups")
+    return text
+
+
+def to_json(results: dict) -> str:
+    """lm-eval's results as its CLI writes them (numpy values and callables made plain)."""
+    from lm_eval.utils import handle_non_serializable
+    return json.dumps({k: v for k, v in results.items() if k != "samples"}, indent=2,
+                      default=handle_non_serializable, ensure_ascii=False)
