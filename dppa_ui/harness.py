@@ -320,3 +320,111 @@ def to_json(results: dict) -> str:
     from lm_eval.utils import handle_non_serializable
     return json.dumps({k: v for k, v in results.items() if k != "samples"}, indent=2,
                       default=handle_non_serializable, ensure_ascii=False)
+
+
+# ------------------------------------------------------------------------------------ searches
+
+@dataclass(frozen=True)
+class Objective:
+    """A search's lm-eval objective, `objective: {lm_eval: [TASKS], metric: acc_norm, limit: N}`
+    (mergekit-evolve's fitness): the mean over the named tasks of `metric`. Small and picklable:
+    each worker loads the tasks and builds its lm-eval model itself, once."""
+    tasks: tuple[str, ...]
+    metric: str = "acc_norm"
+    limit: int | None = None
+    num_fewshot: int | None = None
+    include_path: str | None = None
+    batch_size: int | None = None
+    apply_chat_template: bool = False
+
+
+def split_plan(tasks: Tasks, limit: int | None) -> dict[str, tuple[str | None, list[int] | None, list[int] | None]]:
+    """Per leaf task: (the split the search scores, its documents, the test report's documents);
+    the test report never sees a document the search saw. A task with a validation and a test split
+    is searched on the first `limit` validation documents (all without a limit) and reported on the
+    first `limit` test documents; a task with one split is searched on its documents [0, limit) and
+    reported on [limit, 2 limit), so it needs a limit. None: every document."""
+    plan = {}
+    for name, task in tasks.leaves.items():
+        if task.has_validation_docs() and task.has_test_docs():
+            nv, nt = len(task.validation_docs()), len(task.test_docs())
+            plan[name] = ("validation", None if limit is None else list(range(min(limit, nv))),
+                          None if limit is None else list(range(min(limit, nt))))
+            continue
+        n = len(task.eval_docs)
+        if limit is None:
+            raise ValueError(f"lm-eval task {name!r} has one split only: give the objective a `limit: N` (the search "
+                             f"scores its first N documents, the test report the next N; it has {n})")
+        if limit >= n:
+            raise ValueError(f"lm-eval task {name!r} has {n} documents: the search scores the first `limit` and the "
+                             f"test report the next ones, so limit must be below {n}, got {limit}")
+        plan[name] = (None, list(range(limit)), list(range(limit, min(2 * limit, n))))
+    return plan
+
+
+class Scorer:
+    """lm-eval scores of state dicts: loaded into a private copy of the model at `model_dir` (a
+    dir or ref of the architecture), wrapped once in lm-eval's HFLM. Tasks are loaded and checked
+    (names, data, metric, splits) at construction, before any weight is read."""
+
+    def __init__(self, objective: Objective, model_dir=None):
+        self.objective = objective
+        self.tasks = load_tasks(list(objective.tasks), objective.include_path)
+        check_metric(self.tasks, objective.metric, "`search.objective.metric`")
+        self.plan = split_plan(self.tasks, objective.limit)
+        self.model_dir = model_dir
+        self._lm = None
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.tasks.names)
+
+    def describe(self, role: str = "search") -> str:
+        """Which documents `role` ("search" or "test") scores, e.g. "validation split, first 50"."""
+        out = set()
+        for split, search_docs, test_docs in self.plan.values():
+            docs = search_docs if role == "search" else test_docs
+            if split:
+                out.add(("validation" if role == "search" else "test") + " split"
+                        + ("" if docs is None else f", first {len(docs)}"))
+            else:
+                out.add(f"documents {docs[0]}-{docs[-1]}")
+        return "; ".join(sorted(out))
+
+    @contextlib.contextmanager
+    def _split(self, role: str):
+        """The search scores a two-split task's validation split: lm-eval evaluates the test split
+        when a task has one, so it is hidden for the call."""
+        hidden = []
+        if role == "search":
+            for name, (split, _, _) in self.plan.items():
+                if split == "validation":
+                    task = self.tasks.leaves[name]
+                    hidden.append((task, task.config.test_split))
+                    task.config.test_split = None
+        try:
+            yield
+        finally:
+            for task, split in hidden:
+                task.config.test_split = split
+
+    def lm(self):
+        if self._lm is None:
+            from .evaluation import _skeleton
+            model, tok = _skeleton(self.model_dir)
+            self._lm = wrap(model, tok, self.objective.batch_size)
+        return self._lm
+
+    def __call__(self, state_dict: dict, role: str = "search") -> dict[str, dict[str, float]]:
+        """{task name: {metric: value}} of `state_dict` on the search's documents (role "search")
+        or the test report's ("test")."""
+        from .evaluation import _load_into
+        lm = self.lm()
+        _load_into(lm.model, state_dict)
+        docs = {n: (p[1] if role == "search" else p[2]) for n, p in self.plan.items()}
+        samples = {n: d for n, d in docs.items() if d is not None} or None     # a task left out: every document
+        with self._split(role):
+            results = score(lm, self.tasks, samples=samples, num_fewshot=self.objective.num_fewshot,
+                            apply_chat_template=self.objective.apply_chat_template)
+        m = self.objective.metric
+        return {n: {m: value(results, self.tasks, n, m)} for n in self.tasks.names}

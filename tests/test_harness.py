@@ -12,8 +12,9 @@ import sys
 import textwrap
 
 import pytest
+import yaml
 
-from dppa_ui import harness, modelbuild, zoo
+from dppa_ui import harness, modelbuild, search, zoo
 from dppa_ui.cli import main
 from dppa_ui.evaluation import greedy_answers, load_model, load_suite, score_model
 
@@ -195,3 +196,95 @@ def test_lm_eval_is_imported_only_when_used():
             "dppa_ui.cli.build_parser(); print('lm_eval' in sys.modules, 'datasets' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.split() == ["False", "False"], out.stderr
+
+
+# -------------------------------------------------------------------------------------- the search
+
+def _cfg(objective, **block):
+    return {"merge_method": "task_arithmetic", "base_model": "demo:base",
+            "models": [{"model": "demo:cipher"}, {"model": "demo:sort"}],
+            "search": {"parameters": {"models[*].weight": [0.3, 1.3]}, "budget": 4, "seed": 1,
+                       "objective": objective, **block}}
+
+
+GEN = {"lm_eval": ["zoo_cipher_gen", "zoo_sort_gen"], "metric": "exact_match", "limit": 8, "include_path": TASKS,
+       "batch_size": 16}
+
+
+def test_lm_eval_objective_scores_validation_and_reports_test(monkeypatch):
+    res = search.run_search(_cfg(GEN))
+    rows = [r for r in res.rows if r["phase"] == "search"]
+    assert len(rows) == 4 and all(set(r["scores"]) == {"zoo_cipher_gen", "zoo_sort_gen"} for r in rows)
+    assert all(r["objective"] == pytest.approx(sum(r["scores"].values()) / 2) for r in rows)
+    assert res.objective == max(r["objective"] for r in rows)
+    # The test report: lm-eval's own simple_evaluate on the merged model, first 8 test documents.
+    from dppa_ui import merge_in_memory
+    from dppa_ui.evaluation import _load_into
+    from dppa_ui.io import read_state_dict, resolve_model
+    merged = merge_in_memory(read_state_dict(resolve_model("demo:base")),
+                             [read_state_dict(resolve_model(f"demo:{d}")) for d in ("cipher", "sort")], res.config)
+    model, tok = load_model("demo:base")
+    _load_into(model, merged)
+    direct = harness.metrics(harness.run(harness.wrap(model, tok, 16), harness.load_tasks(GEN["lm_eval"], TASKS),
+                                         limit=8))
+    assert {t: s["exact_match"] for t, s in res.test["scores"].items()} == \
+        {t: direct[t]["exact_match"] for t in GEN["lm_eval"]}
+    assert res.test["documents"] == "test split, first 8" and set(res.test["reference"]) == set(GEN["lm_eval"])
+
+
+def test_split_rule_validation_or_disjoint_slices(tmp_path):
+    tasks = harness.load_tasks("zoo_sort_mc", TASKS)
+    assert harness.split_plan(tasks, 5) == {"zoo_sort_mc": ("validation", [0, 1, 2, 3, 4], [0, 1, 2, 3, 4])}
+    assert harness.split_plan(tasks, None) == {"zoo_sort_mc": ("validation", None, None)}
+    (tmp_path / "one.yaml").write_text(f"include: {TASKS}/_zoo_mc.yaml\ntask: one_split\nvalidation_split: null\n"
+                                       "dataset_kwargs: {domain: sort}\n")
+    one = harness.load_tasks("one_split", tmp_path)
+    assert harness.split_plan(one, 3) == {"one_split": (None, [0, 1, 2], [3, 4, 5])}
+    with pytest.raises(ValueError, match="one split only.*limit"):
+        harness.split_plan(one, None)
+    with pytest.raises(ValueError, match="200 documents"):
+        harness.split_plan(one, 200)
+
+
+def test_worker_processes_give_the_in_process_rows():
+    cfg = _cfg({**GEN, "lm_eval": ["zoo_cipher_gen"], "limit": 6})
+    local = search.run_search(cfg, batch=2, test=False)
+    procs = search.run_search(cfg, workers=2, test=False)
+    assert [r["params"] for r in procs.rows] == [r["params"] for r in local.rows]
+    assert [r["scores"] for r in procs.rows] == [r["scores"] for r in local.rows]
+    assert procs.values == local.values
+
+
+@pytest.mark.parametrize("objective, block, needle", [
+    ({"lm_eval": ["zoo_sort_mc"], "limit": 0}, {}, "limit"),
+    ({"lm_eval": ["zoo_sort_mc"], "metrics": "acc"}, {}, "unknown: ['metrics']"),
+    ({"lm_eval": []}, {}, "no lm-eval task"),
+    ({"lm_eval": ["zoo_sort_mc"]}, {"data": ["x.jsonl"]}, "`search.data`"),
+    ({"lm_eval": ["zoo_sort_mc"], "include_path": "no/such/folder"}, {}, "include_path"),
+])
+def test_bad_lm_eval_objectives_are_refused_naming_the_key(objective, block, needle):
+    from dppa_ui import ConfigError, load_config
+    with pytest.raises(ConfigError) as e:
+        search.parse_search(load_config(_cfg(objective, **block)))
+    assert needle in str(e.value)
+
+
+@pytest.mark.parametrize("objective, needle", [
+    ({"lm_eval": ["zoo_sort_mc", "zoo_sotr_mc"], "include_path": TASKS}, "unknown lm-eval task 'zoo_sotr_mc'"),
+    ({"lm_eval": ["zoo_sort_gen"], "metric": "acc_norm", "include_path": TASKS}, "does not report it"),
+])
+def test_unknown_tasks_and_metrics_are_refused_before_any_weight_is_read(objective, needle, monkeypatch):
+    from dppa_ui import io
+    monkeypatch.setattr(io, "read_state_dict", lambda *a, **k: pytest.fail("weights were read"))
+    with pytest.raises(ValueError, match=needle):
+        search.run_search(_cfg(objective))
+
+
+def test_cli_search_with_an_lm_eval_objective(tmp_path, capsys):
+    path = tmp_path / "search.yaml"
+    path.write_text(yaml.safe_dump(_cfg({**GEN, "limit": 4}, budget=2)))
+    assert main(["search", str(path), "--out", str(tmp_path / "out"), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "test (test split, first 4): objective" in out and "zoo_sort_gen exact_match" in out
+    header = (tmp_path / "out" / "search_log.csv").read_text().splitlines()[0]
+    assert "score:zoo_cipher_gen" in header and "score:zoo_sort_gen" in header
