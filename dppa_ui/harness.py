@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-DEFAULT_BATCH = 8          # lm-eval's logits are (batch, tokens, vocab) float32: 1 GB at 0.5 B
+DEFAULT_BATCH = 8          # lm-eval keeps a batch's logits, batch x tokens x vocabulary in float32
 STAT_KEYS = ("alias", "name", "sample_len", "samples")
 _MANAGERS: dict[tuple, Any] = {}
 _LOCK = threading.Lock()
@@ -132,12 +132,6 @@ def task_manager(names: Sequence[str], include_path: str | os.PathLike | None = 
     return _manager(inc, defaults=True)
 
 
-def all_task_names(include_path: str | os.PathLike | None = None) -> list[str]:
-    """Every name lm-eval knows (tasks, groups, tags), and the include folder's."""
-    return list(task_manager([], include_path).all_tasks) if include_path is None else \
-        list(_manager(str(Path(include_path).resolve()), defaults=True).all_tasks)
-
-
 @dataclass
 class Tasks:
     """Loaded lm-eval tasks: `loaded` is TaskManager.load's dict (leaf tasks, groups, group map);
@@ -146,15 +140,18 @@ class Tasks:
     loaded: dict
     manager: Any
     members: dict[str, list[str]]
-    include_path: str | None = None
 
     @property
     def leaves(self) -> dict:
         return self.loaded["tasks"]
 
 
-def _data_error(name: str, e: Exception) -> ValueError:
+def _load_error(name: str, e: Exception) -> ValueError:
+    """One line for a task that cannot be built: its data (datasets' errors, a connection or a
+    file) with what to do offline, or its config."""
     first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+    if not (isinstance(e, OSError) or type(e).__module__.startswith("datasets")):
+        return ValueError(f"lm-eval task {name!r} cannot be built ({type(e).__name__}: {first})")
     offline = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("HF_DATASETS_OFFLINE")
     hint = ("it is not in the local datasets cache and the hub is off (HF_HUB_OFFLINE=1): run it once online, "
             "or use a local task folder with --include-path") if offline else \
@@ -185,18 +182,14 @@ def load_tasks(names: str | Sequence[str], include_path: str | os.PathLike | Non
         for n in expanded:
             try:
                 part = manager.load([n])
-            except (KeyError, ValueError, TypeError) as e:
-                if isinstance(e, KeyError):
-                    raise ValueError(f"unknown lm-eval task {n!r}: {e.args[0] if e.args else e}") from None
-                raise _data_error(n, e) from None
-            except Exception as e:        # datasets' ConnectionError, FileNotFoundError, DatasetNotFoundError...
-                raise _data_error(n, e) from None
+            except Exception as e:        # datasets' ConnectionError, DatasetNotFoundError, a bad YAML...
+                raise _load_error(n, e) from None
             tasks.update(part["tasks"])
             members[n] = list(part["tasks"])
             groups.update(part.get("groups", {}))
             group_map.update(part.get("group_map", {}))
     return Tasks(names=expanded, loaded={"tasks": tasks, "groups": groups, "group_map": group_map},
-                 manager=manager, members=members, include_path=None if include_path is None else str(include_path))
+                 manager=manager, members=members)
 
 
 def check_metric(tasks: Tasks, metric: str, what: str = "metric") -> None:
@@ -272,7 +265,8 @@ def score(lm, tasks: Tasks, *, samples: dict[str, list[int]] | None = None, limi
     _prepare(tasks, num_fewshot, DEFAULT_OTHER_SEED)
     with quiet(bars=False):
         return evaluate(lm=lm, task_dict=tasks.loaded, limit=limit, samples=samples, bootstrap_iters=0,
-                        log_samples=False, apply_chat_template=apply_chat_template)
+                        log_samples=False, apply_chat_template=apply_chat_template,
+                        fewshot_as_multiturn=True)        # simple_evaluate's default
 
 
 # ---------------------------------------------------------------------------------- the results
