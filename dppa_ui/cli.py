@@ -77,7 +77,12 @@ def _search(args) -> int:
             res = search.SearchResult(config=cfg, values={}, objective=float("nan"))
         files = search.write_outputs(res, tmp) if tmp else {}
     print(f"best: {res.values or 'the presets above'} (dev objective {res.objective:.4f})")
-    if res.test:
+    if res.test and res.spec is not None and res.spec.lm_eval is not None:
+        m = res.spec.metric
+        line = ", ".join(f"{t} {m} {s[m]:.3f} (best fine-tune {res.test['reference'][t]:.3f})"
+                         for t, s in res.test["scores"].items())
+        print(f"test ({res.test['documents']}): objective {res.test['objective']:.4f}; {line}")
+    elif res.test:
         line = ", ".join(f"{d} EM {s['em']:.3f} / smooth {s['smooth']:.3f}" for d, s in res.test["scores"].items())
         print(f"test split: objective {res.test['objective']:.4f}; {line}")
     if args.out:

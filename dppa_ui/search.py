@@ -29,7 +29,8 @@ A `search:` block in the YAML names what moves and how:
     budget: 100                      # candidates scored
     objective: geometric             # geometric mean over domains of score / the best fine-tune's
                                      #   score there (DPPA's objective); mean (the mean score over
-                                     #   domains, PCB's objective); or one domain's name
+                                     #   domains, PCB's objective); one domain's name; or
+                                     #   {lm_eval: [TASKS], metric: acc_norm, limit: N} (below)
     choice: best                     # best: the best point scored; recommendation: nevergrad's own
                                      #   (pcb_ES.py returns it; it may be a point never scored)
     metric: smooth                   # smooth (teacher-forced answer accuracy) | em (greedy decoding)
@@ -37,6 +38,12 @@ A `search:` block in the YAML names what moves and how:
     test_data: [test.jsonl]          # optional (zoo: its test split): scored once, for the result only
     domains: [reverse, cipher]       # optional: the objective's domains (default: the models' own)
     seed: 0
+
+An lm-eval objective (mergekit-evolve's fitness) scores each candidate with lm-evaluation-harness
+instead: the mean over the tasks of `metric`, on each task's validation split (or its first
+`limit` documents: `harness.split_plan`); optional keys num_fewshot, include_path (a folder of task
+YAML files), batch_size, apply_chat_template. `data`, `test_data`, `domains` and the top-level
+`metric` do not apply to it. Each worker loads the tasks and wraps its model for lm-eval once.
 
 Global parameters: lambda, dp_lambda, dp_outlier_m (DP), pcb_ratio, clip_ratio (PCB). Per model:
 weight, density, amplification[k], partitions[k] (not the last: it is the density). A moved
@@ -82,6 +89,7 @@ MODEL_PARAMS = {"weight": "any", "density": "prune", "amplification": "dpa", "pa
 LIST_PARAMS = ("amplification", "partitions")
 BLOCK_KEYS = {"parameters", "optimizer", "budget", "objective", "metric", "data", "test_data", "domains", "seed",
               "step", "mode", "choice"}
+LM_EVAL_KEYS = {"lm_eval", "metric", "limit", "num_fewshot", "include_path", "batch_size", "apply_chat_template"}
 LAMBDA_BOUNDS, LAMBDA_INIT, LAMBDA_BUDGET = (0.8, 1.3), 1.0, 100     # pcb-merging.py / pcb_ES.py
 _NAME = re.compile(r"^(?:models\[(\d+|\*)\]\.)?([a-z_]+)(?:\[(\d+)\])?$")
 _NEEDS = {"any": lambda c: True, "prune": lambda c: c.prune != "none", "dp": lambda c: c.prune == "dp",
@@ -118,6 +126,7 @@ class SearchSpec:
     step: float = 0.1               # greedy only: the walk's step
     mode: str = "official"          # greedy only: "official" (end state) or "best"
     choice: str = "best"            # nevergrad only: the "best" point scored or its "recommendation"
+    lm_eval: Any = None             # harness.Objective when objective is "lm_eval"
 
 
 def _err(key: str, msg: str) -> ConfigError:
@@ -205,15 +214,21 @@ def parse_search(cfg: MergeConfig, block: dict | None = None) -> SearchSpec:
     if optimizer not in OPTIMIZERS:
         raise _err("optimizer", f"{block.get('optimizer')!r} is not one of {', '.join(OPTIMIZERS)}")
     budget = _num(block.get("budget", 100), "search.budget", lo=1, integer=True)
-    metric = block.get("metric", "smooth")
-    if metric not in METRICS:
-        raise _err("metric", f"{metric!r} is not one of {', '.join(METRICS)}")
     objective = block.get("objective", "geometric")
-    if not isinstance(objective, str) or not objective:
-        raise _err("objective", f"`geometric`, `mean` or a domain name, got {objective!r}")
     choice = block.get("choice", "best")
     if choice not in CHOICES:
         raise _err("choice", f"`best` (the best point scored) or `recommendation` (nevergrad's), got {choice!r}")
+    lm_eval = None
+    if isinstance(objective, dict):
+        lm_eval = _lm_eval_objective(objective, block)
+        objective, metric = "lm_eval", lm_eval.metric
+    else:
+        metric = block.get("metric", "smooth")
+        if metric not in METRICS:
+            raise _err("metric", f"{metric!r} is not one of {', '.join(METRICS)}")
+        if not isinstance(objective, str) or not objective:
+            raise _err("objective", f"`geometric`, `mean`, a domain name or {{lm_eval: [TASKS], metric: acc_norm, "
+                                    f"limit: N}}, got {objective!r}")
     data = block.get("data", "zoo")
     data = _files(data, "data") if data != "zoo" else "zoo"
     test = block.get("test_data")
@@ -229,7 +244,7 @@ def parse_search(cfg: MergeConfig, block: dict | None = None) -> SearchSpec:
         raise _err("mode", f"`official` (the walk's end state) or `best`, got {mode!r}")
     spec = SearchSpec(params=params, optimizer=optimizer, budget=budget, objective=objective, metric=metric,
                       data=data, test_data=test, domains=domains, seed=seed, step=float(step), mode=mode,
-                      choice=choice)
+                      choice=choice, lm_eval=lm_eval)
     base = search_base(cfg)
     for p in params:                # both bounds must give a valid config (density <= 1, ...)
         for v in (p.lower, p.upper):
@@ -238,6 +253,41 @@ def parse_search(cfg: MergeConfig, block: dict | None = None) -> SearchSpec:
             except ConfigError as e:
                 raise _err(f"parameters.{p.name}", f"the bound {v} gives an invalid config: {e}") from None
     return spec
+
+
+def _lm_eval_objective(obj: dict, block: dict):
+    """`objective: {lm_eval: [TASKS], metric: acc_norm, limit: N, ...}` as a harness.Objective;
+    only its shape here (the tasks are loaded, and their names, data and metric checked, by
+    `run_search` before any tensor is read)."""
+    from . import harness
+    unknown = set(obj) - LM_EVAL_KEYS
+    if unknown or "lm_eval" not in obj:
+        raise _err("objective", f"an lm-eval objective takes {', '.join(sorted(LM_EVAL_KEYS))} (lm_eval required)"
+                   + (f"; unknown: {sorted(unknown)}" if unknown else ""))
+    for key in ("data", "test_data", "domains", "metric"):
+        if key in block:
+            raise _err(key, "does not apply to an lm_eval objective (its tasks are the data; give its metric "
+                            "inside `objective`)")
+    try:
+        tasks = harness.parse_names(obj["lm_eval"] if isinstance(obj["lm_eval"], (str, list)) else "")
+        limit = harness.check_limit(obj.get("limit"), "`search.objective.limit`")
+        fewshot = harness.check_fewshot(obj.get("num_fewshot"), "`search.objective.num_fewshot`")
+    except ValueError as e:
+        raise _err("objective", str(e)) from None
+    metric = obj.get("metric", "acc_norm")
+    if not isinstance(metric, str) or not metric:
+        raise _err("objective.metric", f"a metric name lm-eval reports (acc, acc_norm, exact_match...), got {metric!r}")
+    batch = obj.get("batch_size")
+    if batch is not None:
+        batch = _num(batch, "search.objective.batch_size", lo=1, integer=True)
+    inc = obj.get("include_path")
+    if inc is not None and (not isinstance(inc, str) or not Path(inc).is_dir()):
+        raise _err("objective.include_path", f"a folder of lm-eval task YAML files, got {inc!r} (no such folder)")
+    chat = obj.get("apply_chat_template", False)
+    if not isinstance(chat, bool):
+        raise _err("objective.apply_chat_template", f"true or false, got {chat!r}")
+    return harness.Objective(tasks=tuple(tasks), metric=metric, limit=limit, num_fewshot=fewshot,
+                             include_path=inc, batch_size=batch, apply_chat_template=chat)
 
 
 def _files(value, key: str) -> list[str]:
@@ -301,10 +351,11 @@ class Scoring:
     objective: str = "geometric"
     metric: str = "smooth"
     reference: dict[str, float] | None = None     # per domain: the best fine-tune's score (geometric)
+    lm_eval: Any = None                           # harness.Objective: `domains` are its task names
 
     def value(self, scores: dict) -> float:
         """The objective of per-domain scores ({domain: {metric: value}}, as score_model gives)."""
-        if self.objective == "mean":
+        if self.lm_eval is not None or self.objective == "mean":
             return sum(float(scores[d][self.metric]) for d in self.domains) / len(self.domains)
         if self.objective != "geometric":
             return float(scores[self.objective][self.metric])
@@ -376,9 +427,10 @@ class Evaluator:
     """Holds the models and merges + scores candidate configs (dicts) in memory."""
 
     def __init__(self, base_dir: Path, base_sd: dict, ft_sds: list[dict], scoring: Scoring,
-                 stats: list | None = None, stats_m: float | None = None):
+                 stats: list | None = None, stats_m: float | None = None, harness=None):
         self.base_dir, self.base_sd, self.ft_sds, self.scoring = Path(base_dir), base_sd, ft_sds, scoring
         self._stats = {round(stats_m, 9): stats} if stats is not None and stats_m is not None else {}
+        self.harness = harness          # harness.Scorer of an lm-eval objective (its tasks loaded)
 
     @classmethod
     def from_job(cls, job: EvalJob) -> "Evaluator":
@@ -386,11 +438,18 @@ class Evaluator:
         base_dir = io.resolve_model(job.base, allow_pickle=job.allow_pickle)
         fts = [io.read_state_dict(io.resolve_model(m, allow_pickle=job.allow_pickle), allow_pickle=job.allow_pickle)
                for m in job.models]
-        ev = cls(base_dir, io.read_state_dict(base_dir, allow_pickle=job.allow_pickle), fts, job.scoring)
+        scorer = None
+        if job.scoring.lm_eval is not None:
+            from .harness import Scorer
+            scorer = Scorer(job.scoring.lm_eval, base_dir)
+        ev = cls(base_dir, io.read_state_dict(base_dir, allow_pickle=job.allow_pickle), fts, job.scoring,
+                 harness=scorer)
         if job.config is not None:         # now, not in the first candidate's time
             from .evaluation import _skeleton
             ev.stats(load_config(job.config))
             _skeleton(base_dir)
+            if scorer is not None:
+                scorer.lm()
         return ev
 
     def stats(self, cfg: MergeConfig):
@@ -405,6 +464,8 @@ class Evaluator:
         return self._stats[key]
 
     def scores(self, state_dict: dict, items: list[dict] | None = None, generate: bool | None = None) -> dict:
+        if self.harness is not None:        # lm-eval: the search's documents
+            return self.harness(state_dict, "search")
         from .evaluation import score_state_dict
         gen = self.scoring.metric == "em" if generate is None else generate
         return score_state_dict(self.base_dir, state_dict, items if items is not None else self.scoring.items,
@@ -719,19 +780,28 @@ def run_search(config, spec: SearchSpec | None = None, *, base_dir=None, model_d
     batch = 1 if spec.optimizer == "greedy" else batch or workers
     base_dir, model_dirs = _resolve(cfg, base_dir, model_dirs, allow_pickle)
 
-    # Data and the objective's domains: checked before any tensor is read.
-    domains = objective_domains(spec, model_domains(cfg, model_dirs), "the search")
-    items = load_items(spec.data, "dev", domains)
-    domains = domains or list(dict.fromkeys(it["domain"] for it in items))
-    if spec.objective not in OBJECTIVES and spec.objective not in domains:
-        raise ValueError(f"search objective {spec.objective!r} is not a domain of the data ({', '.join(domains)})")
-    scoring = Scoring(items=items, domains=domains, objective=spec.objective, metric=spec.metric)
+    # Data and the objective's domains (lm-eval: its tasks, their data and splits): checked before
+    # any tensor is read.
+    scorer = None
+    if spec.lm_eval is not None:
+        from .harness import Scorer
+        scorer = Scorer(spec.lm_eval, base_dir)
+        items, domains = [], scorer.names
+        data_text = f"lm-eval {scorer.describe('search')}"
+    else:
+        domains = objective_domains(spec, model_domains(cfg, model_dirs), "the search")
+        items = load_items(spec.data, "dev", domains)
+        domains = domains or list(dict.fromkeys(it["domain"] for it in items))
+        if spec.objective not in OBJECTIVES and spec.objective not in domains:
+            raise ValueError(f"search objective {spec.objective!r} is not a domain of the data ({', '.join(domains)})")
+        data_text = f"dev, {len(items)} items"
+    scoring = Scoring(items=items, domains=domains, objective=spec.objective, metric=spec.metric, lm_eval=spec.lm_eval)
 
     from . import io
     base_sd, ft_sds = loaded if loaded is not None else (
         io.read_state_dict(base_dir, allow_pickle=allow_pickle),
         [io.read_state_dict(d, allow_pickle=allow_pickle) for d in model_dirs])
-    ev = Evaluator(base_dir, base_sd, ft_sds, scoring, stats, cfg.dp_outlier_m)
+    ev = Evaluator(base_dir, base_sd, ft_sds, scoring, stats, cfg.dp_outlier_m, harness=scorer)
     serial = _Serial(ev, threads if not ray and workers == 1 else None)   # the reference and test run here
     base = search_base(cfg)
     # Workers resolve the config's own refs where they run (a hub id or demo: ref resolves on any node).
@@ -746,7 +816,7 @@ def run_search(config, spec: SearchSpec | None = None, *, base_dir=None, model_d
         executor = pool or serial
         log(f"search: {len(spec.params)} parameter(s), {spec.optimizer}, budget {spec.budget}, batch {batch}, "
             f"{'Ray' if ray else f'{workers} worker(s)'}; objective {spec.objective} ({spec.metric}) on "
-            f"{', '.join(domains)} (dev, {len(items)} items)")
+            f"{', '.join(domains)} ({data_text})")
         run = optimize(spec, lambda points: [scoring.rate(r) for r in executor.map(
                            [apply_values(base, spec.params, v) for v in points])],
                        init=[current_value(cfg, p) for p in spec.params], batch=batch, on_eval=on_eval, cancel=cancel)
@@ -770,7 +840,14 @@ def run_search(config, spec: SearchSpec | None = None, *, base_dir=None, model_d
 
 def _test_report(ev: Evaluator, cfg: MergeConfig, spec: SearchSpec, domains: list[str]) -> dict | None:
     """The chosen config on the test split (EM and smooth per domain, and the objective against the
-    best fine-tune's test score): reported once, never used by the search."""
+    best fine-tune's test score): reported once, never used by the search. lm-eval: its metric per
+    task on the documents the search never scored, beside the best fine-tune's there."""
+    if ev.harness is not None:
+        scores = ev.harness(ev.merged(cfg), "test")
+        refs = [ev.harness(sd, "test") for sd in ev.ft_sds]
+        ref = {d: max(r[d][spec.metric] for r in refs) for d in domains}
+        return {"scores": scores, "objective": ev.scoring.value(scores), "reference": ref,
+                "documents": ev.harness.describe("test")}
     if spec.data != "zoo" and not spec.test_data:
         return None
     items = load_items(spec.test_data or "zoo", "test", domains)
