@@ -172,6 +172,7 @@ class MergeConfig:
     epsilon: Any = 1e-5                   # ram, ramplus_tl
     r: Any = 0.1                          # ramplus_tl
     alpha: Any = 0.2                      # ramplus_tl
+    common_space_fraction: Any = 0.8      # iso_cts
     filter_wise: Any = False              # model_stock
     max_iter: Any = 10                    # karcher
     # --- APL (prune: apl), see methods/apl.py

@@ -18,6 +18,8 @@ from .interpolations import interpolate
 from .methods import (band_edges, band_factors, breadcrumbs_counts, breadcrumbs_prune, dare_prune, della_prune,
                       dp_prune, dpa_amplify, is_dp_target, keep_count, magnitude_prune, pcb_combine, ram_combine,
                       ramplus_tl_combine, sce_combine, sum_combine, tensor_generator, ties_combine)
+from .methods.iso import iso_c_combine, iso_cts_combine
+from .methods.tsv_m import tsv_m_combine
 from .methods.apl import APLDensity, apl_prune
 from .methods.dp import DPDensity
 from .stats import DeltaStats, collect_stats
@@ -117,6 +119,12 @@ def combine(cfg: MergeConfig, deltas: torch.Tensor, inplace: bool = False) -> to
         return ram_combine(deltas, cfg.epsilon)
     if cfg.combine == "ramplus_tl":
         return ramplus_tl_combine(deltas, cfg.r, cfg.alpha, cfg.epsilon)
+    if cfg.combine == "tsv_m":
+        return tsv_m_combine(deltas, weights, inplace=inplace)
+    if cfg.combine == "iso_c":
+        return iso_c_combine(deltas)
+    if cfg.combine == "iso_cts":
+        return iso_cts_combine(deltas, cfg.common_space_fraction)
     return pcb_combine(deltas, weights, cfg.pcb_ratio, cfg.clip_ratio)
 
 

@@ -105,6 +105,12 @@ EPSILON_RAM = _p("epsilon", "float", 1e-5, "|delta| at or below this does not co
                  scope="global", lo=0)
 RAM_R = _p("r", "float", 0.1, "RAM+ gain on a model's unique entries per unit of overlap ratio", scope="global", lo=0)
 RAM_ALPHA = _p("alpha", "float", 0.2, "cap on the overlap ratio RAM+ uses", scope="global", lo=0)
+# --- TSV-M, Iso-C, Iso-CTS (methods/tsv_m.py, methods/iso.py): FusionBench 0.2.33's defaults
+TSV_WEIGHT = replace(WEIGHT, doc="this task's alpha: scales its delta before the SVD (FusionBench's per-task "
+                     "alpha list)")
+COMMON_SPACE_FRACTION = _p("common_space_fraction", "float", 0.8, "share of each matrix's rank kept for the "
+                           "directions common to all tasks; the rest is split equally among the tasks",
+                           scope="global", lo=0, hi=1)
 
 # Interpolations
 T_SLERP = _p("t", "float", REQUIRED, "0 = base, 1 = the other model (outside [0, 1] extrapolates)", scope="global")
@@ -227,6 +233,13 @@ STAGES: dict[str, dict[str, Stage]] = {
               "contributors", "https://arxiv.org/abs/2601.13572", (EPSILON_RAM,)),
         Stage("combine", "ramplus_tl", "RAM with each model's unique entries boosted by its overlap ratio "
               "(tensor-local RAM+)", "https://arxiv.org/abs/2601.13572", (RAM_R, RAM_ALPHA, EPSILON_RAM)),
+        Stage("combine", "tsv_m", "each task's delta cut to its top 1/T singular directions, the tasks' singular "
+              "vectors decorrelated (orthogonal Procrustes); non-matrices averaged", "https://arxiv.org/abs/2412.00081",
+              (TSV_WEIGHT,)),
+        Stage("combine", "iso_c", "the summed deltas with every singular value set to their mean (a flat "
+              "spectrum); non-matrices averaged", "https://arxiv.org/abs/2502.04959"),
+        Stage("combine", "iso_cts", "the summed deltas' top directions plus each task's own, orthogonalized, with a "
+              "flat spectrum; non-matrices averaged", "https://arxiv.org/abs/2502.04959", (COMMON_SPACE_FRACTION,)),
     )},
 }
 PRUNES = tuple(STAGES["prune"])
@@ -307,6 +320,15 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     _pipe("apl", "APL", "Activated Parameter Locating: each module keeps more of its delta the more the "
           "fine-tune's loss on its own task rises without it (causal intervention), then a weighted sum.",
           "https://arxiv.org/abs/2408.09485", ("apl", "none", "sum"), mergekit=False),
+    _pipe("tsv_m", "TSV-M", "Task Singular Vectors: each delta cut to its top singular directions (an equal share "
+          "of the rank per task), the tasks' singular vectors decorrelated, then summed.",
+          "https://arxiv.org/abs/2412.00081", ("none", "none", "tsv_m"), mergekit=False),
+    _pipe("iso_c", "Iso-C", "Isotropic merging: the task-arithmetic sum with a flat singular value spectrum "
+          "(every direction at the mean singular value).", "https://arxiv.org/abs/2502.04959",
+          ("none", "none", "iso_c"), mergekit=False),
+    _pipe("iso_cts", "Iso-CTS", "Isotropic merging in common and task-specific subspaces: the sum's top "
+          "directions plus each task's own, orthogonalized, with a flat spectrum.",
+          "https://arxiv.org/abs/2502.04959", ("none", "none", "iso_cts"), mergekit=False),
     # ---- interpolations on weights
     Method("linear", "interpolation", "Linear (model soup)", "Weighted average of the models' weights.",
            "https://arxiv.org/abs/2203.05482", own_params=(WEIGHT, LINEAR_NORMALIZE), base="input"),
