@@ -172,9 +172,9 @@ def test_reload_export_and_yaml(state, tmp_path):
     exp = score.export_yaml({"state": state, "base": "demo:base", "fts": FTS, **values_of(c)})
     assert "merge_method: dppa" in exp["yaml_code"] and Path(exp["yaml_file"]["value"]).is_file()
     back = score.load_yaml_into_controls({"state": state, "yaml_code": exp["yaml_code"]})
-    assert back["score_status"].startswith("✓") and back["density"]["value"] == 0.3
+    assert back["yaml_status"].startswith("✓") and back["density"]["value"] == 0.3
     bad = score.load_yaml_into_controls({"state": state, "yaml_code": "merge_method: ties\nmodels: [a, b\n"})
-    assert "line 3, column 1" in bad["score_status"] and "density" not in bad
+    assert "line 3, column 1" in bad["yaml_status"] and "density" not in bad
     out = method.load_example({"state": state, "example": "ties"})
     assert out["preset"] == "ties" and out["method_status"].startswith("✓")
 
@@ -360,7 +360,7 @@ def test_smile_upscale_chats_with_routing_and_scores_with_routing_accuracy(state
     want = smile.routing_accuracy(model, tok, score.demo_items())
     assert [row[1] for row in acc["routing_table"]] == pytest.approx([round(want[n]["decisions"], 3) for n in names])
     assert all(0 <= x <= 1 for row in acc["routing_table"] for x in row[1:])
-    assert "is a SMILE model" in score.reload_run({"state": state, "run_no": run.number})["score_status"]
+    assert "is a SMILE model" in score.reload_run({"state": state, "run_no": run.number})["runs_status"]
     # a plain merge next: the routing views hide
     merge.merge({"state": state, "progress": Progress(), **ctl(preset="task_arithmetic")})
     assert chat.routing({"state": state, "chat_merged": hist, "system": ""})["chat_routing"]["visible"] is False
@@ -422,10 +422,11 @@ def test_search_streams_its_candidates_and_the_best_loads_into_the_controls(pair
     assert table["headers"][:4] == ["#", "weight reverse", "weight sort", "density"]
     assert [r[0] for r in table["data"]] == [6, 5, 4, 3, 2, 1]                 # newest first
     objectives = [r[4] for r in table["data"]]
-    assert res.objective == pytest.approx(max(objectives), abs=1e-4)          # the best scored candidate is chosen
-    best_row = table["data"][objectives.index(max(objectives))]
-    assert best_row[1:4] == pytest.approx([res.values["models[0].weight"], res.values["models[1].weight"],
-                                           res.values["density"]], abs=1e-4)
+    # the best scored candidate is chosen (the table shows 3 significant digits)
+    assert res.objective == pytest.approx(max(objectives), rel=5e-3)
+    best = [r for r in table["data"] if r[4] == max(objectives)]
+    assert any(r[1:4] == pytest.approx([res.values["models[0].weight"], res.values["models[1].weight"],
+                                        res.values["density"]], rel=5e-3) for r in best)
     assert all(0.5 <= r[1] <= 1.5 and 0.5 <= r[2] <= 1.5 and 0.05 <= r[3] <= 0.6 for r in table["data"])
     assert "test split" in last["search_status"]                              # scored once, for the best
     assert load_config(last["search_yaml"]).models[1].weight == pytest.approx(res.values["models[1].weight"])
@@ -517,21 +518,22 @@ def test_the_parameter_table_follows_the_preset(pair):
 
 def test_auto_lambda_writes_the_lambdas_it_found_into_the_weights(pair, monkeypatch):
     monkeypatch.setattr(core_search, "LAMBDA_BUDGET", 6)          # PCB's budget is 100: the same search, shorter
-    outs = list(search_ui.auto_lambda({"state": pair, **ctl(preset="pcb")}))
+    outs = list(method.auto_lambda({"state": pair, **ctl(preset="pcb")}))
     last = outs[-1]
-    assert last["method_status"].startswith("✓") and last["lambda_"] == 1.0
+    assert last["lambda_status"].startswith("✓") and last["lambda_"] == 1.0
     weights = [float(w) for w in last["weights"].split(",")]
     tried = [(float(o), [float(x) for x in lam.split(",")]) for lam, o in
              re.findall(r"#\d+: λ ([0-9., ]+) → ([0-9.]+)", last["lambda_log"])]
     assert len(tried) == 6 and all(0.8 <= x <= 1.3 for _, lam in tried for x in lam)
-    assert weights == pytest.approx(max(tried)[1], abs=1e-3)                  # the best candidate's λ_i
+    top = max(o for o, _ in tried)                                            # (the log shows 3 digits)
+    assert any(weights == pytest.approx(lam, abs=5e-3) for o, lam in tried if o == top)   # the best candidate's λ_i
     assert len(outs) >= 2                                                     # the log streamed before the end
 
 
 def test_auto_alpha_streams_the_official_walk_and_writes_what_it_chose(pair):
     outs = list(method.auto_alpha({"state": pair, **ctl(preset="dppa")}))
     last = outs[-1]
-    assert last["method_status"].startswith("✓") and len(outs) >= 3          # the log streamed before the end
+    assert last["alpha_status"].startswith("✓") and len(outs) >= 3           # the log streamed before the end
     chosen = [[float(x) for x in a.split(",")] for a in re.findall(r"chose \[([0-9., ]+)\]", last["alpha_log"])]
     written = controls_from({**DEFAULT_UI, "alpha_per_model": last["alpha_per_model"]}).alpha_per_model
     assert list(written) == FTS[::2] and list(written.values()) == chosen
@@ -629,22 +631,22 @@ def test_a_yaml_runs_as_written_with_its_layer_stack(state):
                                            [4, "sort", 3]]
     assert "passthrough" in out["yaml_plan"] and "5 layers" in out["yaml_plan"]
     done = score.merge_yaml({"state": state, "yaml_code": text, "progress": Progress()})
-    assert done["score_status"].startswith("✓") and "passthrough of reverse, sort" in done["merge_summary"]
+    assert done["yaml_status"].startswith("✓") and "passthrough of reverse, sort" in done["merge_summary"]
     import json
     assert json.loads((state.ws.runs.last.folder / "config.json").read_text())["num_hidden_layers"] == 5
     bad = text.replace("demo:sort", "/etc")
-    assert "outside the allowed model folders" in score.plan_yaml({"state": state, "yaml_code": bad})["score_status"]
+    assert "outside the allowed model folders" in score.plan_yaml({"state": state, "yaml_code": bad})["yaml_status"]
     assert "outside the allowed model folders" in score.merge_yaml({"state": state, "yaml_code": bad,
-                                                                    "progress": Progress()})["score_status"]
+                                                                    "progress": Progress()})["yaml_status"]
 
 
 def test_a_multi_stage_yaml_is_planned_and_merged_as_the_cli_does(state, tmp_path):
     text = (Path(__file__).resolve().parents[1] / "assets/examples/mergekit/two_stages.yaml").read_text()
     out = score.plan_yaml({"state": state, "yaml_code": text})
-    assert out["score_status"].startswith("✓") and "2 stages" in out["score_status"]
+    assert out["yaml_status"].startswith("✓") and "2 stages" in out["yaml_status"]
     assert out["yaml_plan"].index("stage ") < out["yaml_plan"].index("stage (final)")
     done = score.merge_yaml({"state": state, "yaml_code": text, "progress": Progress()})
-    assert done["score_status"].startswith("✓"), done["score_status"]
+    assert done["yaml_status"].startswith("✓"), done["yaml_status"]
     from dppa_ui.engine import merge_stages
     from dppa_ui.io import CheckpointReader
     merge_stages(text, tmp_path / "cli", log=lambda s: None)

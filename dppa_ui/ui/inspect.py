@@ -12,7 +12,8 @@ import gradio as gr
 from .. import analysis, figures
 from ..workspace import short
 from .common import CONTROL_KEYS, AppState, UserError, _expected, message, warn
-from .method import controls_of
+from .controls_ui import controls_of
+from .reports import summary_markdown
 
 THRESHOLD_HEADERS = ["fine-tune", "density", "keep |δ| ≥", "DPA band edges", "kept %"]
 HEATMAP_METRICS = {"mean |δ|": "mean_abs", "outlier %": "outlier_pct", "DP density": "dp_density"}
@@ -275,7 +276,6 @@ APL_VIEW_OUT = [*APL_OUT, "stats_timer"]
 def stats_tick(v: dict) -> dict:
     """Every second while the background statistics run: their progress; when they finish, every
     view that waited for them, and the timer stops."""
-    from .models import summary_markdown
     state: AppState = v["state"]
     if state.ws is None or not state.ws.loaded:
         return {"stats_timer": gr.Timer(active=False)}
@@ -303,14 +303,18 @@ def stats_tick(v: dict) -> dict:
     return out
 
 
-def wire(page, triggers: list, after_load: list) -> None:
-    """`triggers`: the method controls' commit events; `after_load`: events that load models."""
+def wire(page, triggers: list, after_load: list, check) -> None:
+    """`triggers`: the method controls' commit events; `after_load`: events that load models or set
+    the controls; `check`: (handler, inputs, outputs) of the controls' check, the first step of
+    every chain that redraws the views."""
     quiet = dict(show_progress="hidden", trigger_mode="always_last")
-    ev = page.on([*triggers, page["block"].release, page["module"].input], inspect, INSPECT_IN, INSPECT_OUT,
+    # The API's endpoints first: gradio names an unnamed event after its function, taking the name
+    ev = page.on([page["block"].release, page["module"].input], inspect, INSPECT_IN, INSPECT_OUT,
                  api_name="inspect", **quiet)
     ev = page.then(ev, heatmap, HEATMAP_IN, HEATMAP_OUT, api_name="heatmap", **quiet)
     ev = page.then(ev, masks, MASKS_IN, MASKS_OUT, api_name="masks", **quiet)
     page.then(ev, apl_view, APL_IN, APL_VIEW_OUT, api_visibility="private", **quiet)
+    chain(page, page.on(triggers, *check, api_visibility="private", **quiet))
     page.on([page["heat_metric"].input, page["heat_model"].input], heatmap, HEATMAP_IN, HEATMAP_OUT,
             api_visibility="private", **quiet)
     page.on(page["matrix"].input, masks, MASKS_IN, MASKS_OUT, api_visibility="private", **quiet)
@@ -321,11 +325,11 @@ def wire(page, triggers: list, after_load: list) -> None:
             concurrency_limit=1, concurrency_id="merge")
     page.on(page["heat_model"].input, apl_view, APL_IN, APL_VIEW_OUT, api_visibility="private", **quiet)
     for ev in after_load:
-        refresh(page, ev)
+        chain(page, page.then(ev, *check, show_progress="hidden", api_visibility="private"))
 
 
-def refresh(page, event):
-    """After an event that changes models or controls: redraw the three views (not as API endpoints)."""
+def chain(page, event):
+    """After `event`: redraw the views (not as API endpoints)."""
     quiet = dict(show_progress="hidden", api_visibility="private")
     ev = page.then(event, inspect, INSPECT_IN, INSPECT_OUT, **quiet)
     ev = page.then(ev, heatmap, HEATMAP_IN, HEATMAP_OUT, **quiet)
