@@ -84,13 +84,14 @@ def shot(page, name: str, locator: str | None = None) -> Path:
     return path
 
 
-def settle(joins: list[float], quiet: float = 3.0, limit: float = 30.0) -> None:
-    """Wait until no request has been sent for `quiet` seconds (fails after `limit`)."""
+def settle(page, joins: list[float], quiet: float = 3.0, limit: float = 30.0) -> None:
+    """Wait until no request has been sent for `quiet` seconds (fails after `limit`). Waits through
+    Playwright, which delivers the page's request events only while it is called (not in a sleep)."""
     t0 = time.time()
     while time.time() - t0 < limit:
+        page.wait_for_timeout(200)
         if not joins or time.time() - joins[-1] >= quiet:
             return
-        time.sleep(0.2)
     raise AssertionError(f"requests kept coming for {limit} s: {len(joins)} so far")
 
 
@@ -104,7 +105,7 @@ def test_select_inspect_merge_chat_score(url, browser):
     expect(page.locator("#preset-info")).to_contain_text("elects a sign")
     expect(page.locator("#dp-lambda")).to_be_hidden()
     expect(page.locator("#histogram")).to_contain_text("— ties")
-    settle(joins)
+    settle(page, joins)
     before = drawn_threshold(page)
     box = page.locator("#density input[type=range]").bounding_box()
     page.mouse.click(box["x"] + box["width"] * 0.045, box["y"] + box["height"] / 2)   # a click is a release
@@ -134,7 +135,7 @@ def test_select_inspect_merge_chat_score(url, browser):
 
 def test_a_slider_drag_sends_a_bounded_number_of_requests_that_stop(url, browser):
     page, joins = open_page(browser, url)
-    settle(joins)
+    settle(page, joins)
     n0 = len(joins)
     box = page.locator("#density input[type=range]").bounding_box()
     y = box["y"] + box["height"] / 2
@@ -144,17 +145,17 @@ def test_a_slider_drag_sends_a_bounded_number_of_requests_that_stop(url, browser
         page.mouse.move(box["x"] + box["width"] * (0.2 + 0.015 * k), y)
         time.sleep(0.05)
     page.mouse.up()
-    settle(joins)
+    settle(page, joins)
     drag = len(joins) - n0
     assert 1 <= drag <= 6, drag                           # one commit: inspect, heatmap, masks
     n1 = len(joins)
     page.locator("#density input[type=range]").focus()
     page.keyboard.press("ArrowLeft")
     page.keyboard.press("ArrowLeft")
-    settle(joins)
+    settle(page, joins)
     assert 1 <= len(joins) - n1 <= 12, len(joins) - n1    # two key presses: two commits at most
     n2 = len(joins)
-    time.sleep(5)
+    page.wait_for_timeout(5000)
     assert len(joins) == n2                               # and then nothing
     page.context.close()
 
@@ -170,7 +171,7 @@ def test_a_typed_hub_token_is_stored_nowhere_in_the_browser(url, browser):
         page.locator("#hub-repo input").fill("someone/model")
         page.locator("#push-btn").click()
         expect(page.locator("#merge-status")).to_contain_text("⚠", timeout=30_000)
-    settle(joins)
+    settle(page, joins)
     storage = page.evaluate("() => JSON.stringify(Object.entries(localStorage)) + JSON.stringify(Object.entries(sessionStorage))")
     assert token not in storage
     runs = page.context.request.get(url + "gradio_api/runs")
@@ -225,7 +226,7 @@ def test_a_tiny_search_streams_its_plot_then_stops_asking(url, browser):
     page.locator("button[role=tab]:has-text('Search')").first.click()
     expect(page.locator("#search-params")).to_contain_text("density")
     page.locator("#search-budget input").fill("6")
-    settle(joins)
+    settle(page, joins)
     page.locator("#search-btn").click()
     points = "() => { const p = document.querySelector('#search-plot .js-plotly-plot');" \
              " return p && p.data && p.data.length === 2 ? p.data[0].x.length : 0 }"
@@ -233,14 +234,14 @@ def test_a_tiny_search_streams_its_plot_then_stops_asking(url, browser):
     t0 = time.time()
     while time.time() - t0 < 120 and "searched 6" not in page.locator("#search-status").inner_text():
         seen.append(page.evaluate(points))
-        time.sleep(0.2)
+        page.wait_for_timeout(200)
     expect(page.locator("#search-status")).to_contain_text("test split")
     assert page.evaluate(points) == 6
     assert any(0 < n < 6 for n in seen), seen                    # it was drawn while the search ran
     expect(page.locator("#search-rows")).to_contain_text("weight brackets")
     shot(page, "ui_search", "#views-col")
     n = len(joins)
-    time.sleep(4)
+    page.wait_for_timeout(4000)
     assert len(joins) == n                                        # no request loop once it ended
     page.locator("#search-load-btn").click()
     expect(page.locator("#search-status")).to_contain_text("in the method controls")

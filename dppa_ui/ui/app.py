@@ -14,6 +14,7 @@ import gradio as gr
 from ..modelbuild import warm_up
 from ..refs import resolve_model
 from . import chat, inspect, lessons, merge, method, models, score, search
+from .choices import demo_choices
 from .common import CONCURRENCY, SESSION_TTL, AppState, close_state
 from .page import Page
 
@@ -70,22 +71,24 @@ def build_app() -> gr.Blocks:
                     with gr.Tab("8 · Lessons", id="lessons", elem_id="tab-lessons"):
                         lessons.build(page)
         models.wire(page)
-        method.wire(page)
+        control_setters = method.wire(page)
         autoload = page.on(demo.load, models.load_models, ["state", "base", "fts"], models.LOAD_OUTPUTS,
                            progress=True, api_visibility="private")
         merge.wire(page)
         chat.wire(page, CONCURRENCY)
-        control_setters = score.wire(page)
-        control_setters.append(page.on(page["example"].input, method.load_example, ["state", "example"],
-                                       [*method.SHOW_OUT, "method_status"], api_name="load_example"))
+        control_setters += score.wire(page)
         control_setters += search.wire(page)
         lessons.wire(page)
         # The views follow every committed control, every load, and every event that sets the controls.
-        inspect.wire(page, method.commit_triggers(page), [*page.loaded_events, autoload, *control_setters])
+        inspect.wire(page, method.commit_triggers(page), [*page.loaded_events, autoload, *control_setters],
+                     method.checker(page))
     demo.run_history = False
     demo.page = page
-    # The first chat would otherwise wait seconds for transformers' model classes to import.
-    base = models.demo_choices()[1]
+    # transformers resolves its classes lazily, and two threads resolving them at once can fail
+    # ("cannot import name 'AutoModelForCausalLM'"): resolve them here, before any handler runs; the
+    # rest of the warm-up (the first chat would otherwise wait seconds for it) runs beside the page.
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+    base = demo_choices()[1]
     threading.Thread(target=warm_up, args=(resolve_model(base) if base else None,), daemon=True,
                      name="dppa-ui-warm-up").start()
     return demo

@@ -15,8 +15,10 @@ from . import inspect as inspect_section
 from . import merge as merge_section
 from . import models as models_section
 from . import score as score_section
-from .common import AppState, warn
-from .method import SHOW_OUT, show_controls, values_of
+from .choices import all_choices, demo_choices
+from .common import AppState, values_of, warn
+from .controls_ui import SHOW_OUT, show_controls
+from .suites import DEMO_SUITE
 
 
 @dataclass(frozen=True)
@@ -149,9 +151,10 @@ def build(page) -> None:
 
 
 def lesson_outputs(key: str) -> list[str]:
-    return [*SHOW_OUT, *models_section.LOAD_OUTPUTS, *inspect_section.INSPECT_OUT, *inspect_section.HEATMAP_OUT,
-            *inspect_section.MASKS_OUT, "heat_metric", "merge_summary", "leaderboard", "score_plot", "objective",
-            f"lesson_note_{key}", f"lesson_runs_{key}"]
+    return list(dict.fromkeys([
+        *SHOW_OUT, *models_section.LOAD_OUTPUTS, *merge_section.MERGE_OUT, *inspect_section.INSPECT_OUT,
+        *inspect_section.HEATMAP_OUT, *inspect_section.MASKS_OUT, "heat_metric", "score_plot", "objective",
+        f"lesson_note_{key}", f"lesson_runs_{key}"]))
 
 
 def run_lesson(key: str, v: dict):
@@ -159,14 +162,14 @@ def run_lesson(key: str, v: dict):
     lesson = LESSONS[key]
     note, runs_out = f"lesson_note_{key}", f"lesson_runs_{key}"
     state: AppState = v["state"]
-    refs = models_section.demo_choices()[0]
+    refs = demo_choices()[0]
     missing = [f"demo:{m}" for m in ("base", *lesson.fts) if f"demo:{m}" not in refs]
     if missing:
         yield {note: warn(f"this lesson needs the demo family; missing {', '.join(missing)} "
                           f"(run `python -m dppa_ui zoo build`)")}
         return
     base, fts = "demo:base", [f"demo:{n}" for n in lesson.fts]
-    yield {**show_controls(lesson.runs[0], base, fts, models_section.all_choices(state)),
+    yield {**show_controls(lesson.runs[0], base, fts, all_choices(state)),
            note: f"**{lesson.title}**: loading models …"}
     loaded = models_section.load_models({"state": state, "base": base, "fts": fts})
     if loaded["models_status"].startswith("⚠"):
@@ -184,7 +187,7 @@ def run_lesson(key: str, v: dict):
             yield {note: merged["merge_status"]}
             return
         yield {**merged, note: f"**{lesson.title}**: scoring merge {k}/{len(lesson.runs)} …"}
-        scored = score_section.score({"state": state, "progress": progress, "suite": score_section.DEMO_SUITE,
+        scored = score_section.score({"state": state, "progress": progress, "suite": DEMO_SUITE,
                                       "upload": None})
         if scored["score_status"].startswith("⚠"):
             yield {note: scored["score_status"]}
