@@ -75,7 +75,7 @@ def test_full_flow_over_the_api(client, tmp_path, read_weights):
                                                           api_name="/inspect")
         assert not status.startswith("⚠") and fig["type"] == "plotly"
         assert [r[0] for r in table["data"]] == [f.removeprefix("demo:") for f in FTS]
-        return [float(r[2]) for r in table["data"]]
+        return [float(r[2].removeprefix("|δ| ≥ ")) for r in table["data"]]
     lo, hi = thresholds(0.5), thresholds(0.1)
     assert all(h > l > 0 for l, h in zip(lo, hi))
     heat, note = client.predict("DP density", 0, *method(preset="dppa"), api_name="/heatmap")

@@ -16,6 +16,7 @@ from pathlib import Path
 import gradio as gr
 
 from ..controls import MethodControls, extra_params, picker_methods
+from ..figures import fmt  # noqa: F401  (the one way numbers are written for people, figures and text alike)
 from ..refs import RefPolicy
 
 # ----------------------------------------------------------------------------------- settings
@@ -150,20 +151,6 @@ def without_paths(text: str) -> str:
             return "(a folder under the model roots)/" + Path(p).name
         return Path(p.rstrip("/")).name or p
     return _PATH.sub(short_path, text)
-
-
-def fmt(x, digits: int = 3) -> str:
-    """A number for people: `digits` significant digits (0.292, 21.4, 0.00981), whole numbers of
-    1000 and more with separators (12,345), never 0.2916666666666667."""
-    try:
-        v = float(x)
-    except (TypeError, ValueError):
-        return str(x)
-    if not math.isfinite(v):
-        return str(v)
-    if abs(v) >= 10 ** digits:
-        return f"{v:,.0f}"
-    return f"{v:.{digits}g}"
 
 
 def sig(x, digits: int = 3):

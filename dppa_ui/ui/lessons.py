@@ -16,7 +16,7 @@ from . import merge as merge_section
 from . import models as models_section
 from . import score as score_section
 from .choices import all_choices, demo_choices
-from .common import AppState, values_of, warn
+from .common import AppState, fmt, values_of, warn
 from .controls_ui import SHOW_OUT, show_controls
 from .suites import DEMO_SUITE
 
@@ -34,11 +34,11 @@ class Lesson:
 
 def _em(run, domain: str) -> str:
     s = (run.scores or {}).get(domain, {}).get("em")
-    return "n/a" if s is None else f"{s:.2f}"
+    return "n/a" if s is None else fmt(s)
 
 
 def _obj(run) -> str:
-    return "n/a" if run.objective is None else f"{run.objective:.3f}"
+    return "n/a" if run.objective is None else fmt(run.objective)
 
 
 def _look_dare_vs_dp(ws, runs) -> str:
@@ -58,7 +58,7 @@ def _masks_of(ws, run, module: str) -> tuple[str, dict]:
 def _look_ties(ws, runs) -> str:
     ta, ties = runs
     name, d = _masks_of(ws, ties, "self_attn.q_proj")
-    return (f"In {short(name)} {d['conflict_pct']:.1f}% of the entries have a kept delta against the elected sign "
+    return (f"In {short(name)} {fmt(d['conflict_pct'])}% of the entries have a kept delta against the elected sign "
             f"(the 'sign conflicts' panel): TIES drops those contributions instead of letting them cancel. Objective: "
             f"{ta.name} (task arithmetic) {_obj(ta)}, {ties.name} (TIES) {_obj(ties)}.")
 
@@ -66,10 +66,12 @@ def _look_ties(ws, runs) -> str:
 def _look_pcb(ws, runs) -> str:
     ta, pcb = runs
     name, d = _masks_of(ws, pcb, "mlp.up_proj")
-    weights = ", ".join(f"{short(k)} {w:.2f}" for k, w in d["pcb_mean_weight"].items())
-    return (f"PCB weighs each entry by how much it stands out in its own task and agrees with the others, and keeps "
-            f"the top 10%: mean weights in {short(name)}: {weights}. Objective: {ta.name} (task arithmetic) "
-            f"{_obj(ta)}, {pcb.name} (PCB) {_obj(pcb)}.")
+    kept = ", ".join(f"{short(k)} {fmt(p)}%" for k, p in d["kept_pct"].items())
+    weights = ", ".join(f"{short(k)} {fmt(w)}" for k, w in d["pcb_mean_weight"].items())
+    return (f"PCB scores each entry by how much it stands out in its own task and agrees with the others, and keeps "
+            f"each fine-tune's top 10% of scores: in {short(name)} it keeps {kept} (the histogram's solid lines, the "
+            f"method view's cuts); the kept entries weigh {weights} on average. Objective: {ta.name} (task "
+            f"arithmetic) {_obj(ta)}, {pcb.name} (PCB) {_obj(pcb)}.")
 
 
 def _look_dpa(ws, runs) -> str:
@@ -81,8 +83,10 @@ def _look_dpa(ws, runs) -> str:
     edge = (f"the dotted band-edge line splits the kept entries of {len(split)} of {len(rows)} fine-tunes in "
             f"{short(name)}" + (f" (DP's module density leaves the top band of {', '.join(short(r['model']) for r in rows if r not in split)} empty)"
                                 if len(split) < len(rows) else ""))
-    return (f"DPA multiplies the top half of the kept entries by α₁ = 2: {edge}. Objective: {dp.name} (DP alone) "
-            f"{_obj(dp)}, {dppa.name} (DP + DPA) {_obj(dppa)}.")
+    mass = ", ".join(f"{short(r['model'])} ×{fmt(r['mass_ratio'])}" for r in rows if r.get("mass_ratio"))
+    return (f"DPA multiplies the top half of the kept entries by α₁ = 2: {edge}; the light lines are the kept "
+            f"entries after α, their Σ|δ| grown {mass}. Objective: {dp.name} (DP alone) {_obj(dp)}, {dppa.name} "
+            f"(DP + DPA) {_obj(dppa)}.")
 
 
 def _look_slerp(ws, runs) -> str:
