@@ -391,19 +391,21 @@ def method_view(ws, cfg: MergeConfig, name: str) -> dict | None:
         return {"kind": "della", "cols": cols, "name": name, "rescale": view.models[0].rescale,
                 "curves": [(m.model, j, della_curve(min(cols, 512), s.density, m.epsilon) if s.prune else None)
                            for m, j, s in zip(view.models, idx, stp)]}
-    if cfg.combine == "pcb":
+    if cfg.combine == "pcb":        # the scores on a log grid: a few far above the many near 0
         pcb = pcb_parts(ws, cfg, name)
         samples = [sample_flat(sc, HIST_SAMPLE) for sc in pcb["score"]]
-        lo = min(float(x.min()) for x in samples)
-        hi = max(max(float(x.max()) for x in samples), lo + 1e-6)
+        logs = [x[x > 0].log10() for x in samples]
+        lo = min((float(x.min()) for x in logs if x.numel()), default=-8.0)
+        hi = max(max((float(x.max()) for x in logs if x.numel()), default=0.0), lo + 1e-6)
         width = (hi - lo) / HIST_BINS
         idx = ws.align(cfg)
         return {"kind": "pcb", "name": name, "ratio": pcb["ratio"], "scope": pcb["scope"],
-                "centers": [lo + (b + 0.5) * width for b in range(HIST_BINS)],
-                "series": [(m.model, j, torch.histc(x, bins=HIST_BINS, min=lo, max=hi).round().int().tolist(),
-                            float(cut), int((sc > 0).sum()), sc.numel())
-                           for m, j, x, cut, sc in zip(fine_tunes(cfg).models, idx, samples, pcb["cut"],
-                                                      pcb["scale"])]}
+                "centers": [10 ** (lo + (b + 0.5) * width) for b in range(HIST_BINS)],
+                "series": [{"model": m.model, "index": j, "cut": float(cut), "kept": int((sc > 0).sum()),
+                            "numel": sc.numel(), "not_positive": 1.0 - x.numel() / max(smp.numel(), 1),
+                            "counts": torch.histc(x, bins=HIST_BINS, min=lo, max=hi).round().int().tolist()}
+                           for m, j, x, smp, cut, sc in zip(fine_tunes(cfg).models, idx, logs, samples, pcb["cut"],
+                                                           pcb["scale"])]}
     if cfg.family != "interpolation":
         return None
     from .workspace.access import module_type

@@ -247,7 +247,7 @@ def masks(d: dict, method: str, combine: str) -> go.Figure:
     hover = "row %{y}, col %{x}: "
     cells = {}
     for c, (k, lab, ref) in enumerate(zip(d["kept"], labels, d["models"])):
-        cells[(0, c)] = (f"{lab}: {fmt(d['kept_pct'][ref])}% kept",
+        cells[(0, c)] = (f"{lab}: {fmt(d['kept_pct'][ref])}%",
                          dict(z=_np(k), zmin=0, zmax=1, colorscale=[[0, "#ffffff"], [1, color(d["index"][c])]],
                               showscale=False, hovertemplate=hover + "%{z:.0%} kept<extra></extra>"))
     cells[(1, 0)] = ("winner per cell", dict(z=d["winner"].numpy(), zmin=-0.5, zmax=n - 0.5, colorscale=scale,
@@ -258,7 +258,7 @@ def masks(d: dict, method: str, combine: str) -> go.Figure:
                           showscale=False, hovertemplate=hover + "%{z:.0%} in conflict<extra></extra>"))
     if has_pcb:
         for c, (sc, lab, ref) in enumerate(zip(d["pcb"], labels, d["models"])):
-            cells[(2, c)] = (f"{lab}: weight {fmt(d['pcb_mean_weight'][ref])} (kept)",
+            cells[(2, c)] = (f"{lab}: w̄ {fmt(d['pcb_mean_weight'][ref])}",
                              dict(z=_np(sc), zmin=0, zmax=_top(sc), colorscale=[[0, "#ffffff"], [1, color(d["index"][c])]],
                                   showscale=False, hovertemplate=hover + "mean weight %{z:.2f}<extra></extra>"))
     hgap, vgap = 0.04, 0.16
@@ -279,7 +279,7 @@ def masks(d: dict, method: str, combine: str) -> go.Figure:
     cell = "×".join(str(c) for c in d["cell"])
     pending = " (DP densities pending: target density shown)" if d.get("pending") else ""
     rows = f"row 1: what each keeps{' (PCB: its top ' + fmt(100 * d['pcb_ratio']) + '% of scores)' if has_pcb else ''}; " \
-           f"row 2: after the {combine} combine" + ("; row 3: PCB's balancing weights" if has_pcb else "")
+           f"row 2: after the {combine} combine" + ("; row 3: PCB's weights (w̄: mean of the kept)" if has_pcb else "")
     fig = figure(traces, title=dict(text=f"Masks of {d['name']} {d['shape']} — {method}{pending}<br><sup>each cell: "
                                          f"share of its {cell} entries; {rows}<br>{legend}</sup>"),
                  annotations=notes, height=210 * nrows + 120, margin=dict(t=110, l=20, r=20, b=20), **layout)
@@ -368,23 +368,24 @@ def merged_delta(d: dict) -> go.Figure:
 
 def _pcb_scores(d: dict) -> go.Figure:
     traces = []
-    peak = max((max(c) for _, _, c, *_ in d["series"]), default=1)
-    for ref, j, counts, cut, kept, numel in d["series"]:
-        lab = short(ref)
-        traces.append(go.Scatter(x=d["centers"], y=counts, mode="lines", line=dict(shape="hvh", color=color(j)),
-                                 name=f"{lab}: cut {fmt(cut)}, keeps {fmt(100 * kept / max(numel, 1))}%",
-                                 legendgroup=lab))
-        traces.append(go.Scatter(x=[cut, cut], y=[0.8, peak * 1.5], mode="lines", legendgroup=lab, showlegend=False,
-                                 line=dict(color=color(j), dash="dash", width=2),
-                                 hovertemplate=f"{lab}: weights above {fmt(cut)}<extra></extra>"))
+    peak = max((max(r["counts"]) for r in d["series"]), default=1)
+    for r in d["series"]:
+        lab, c, cut = short(r["model"]), color(r["index"]), r["cut"]
+        traces.append(go.Scatter(x=d["centers"], y=r["counts"], mode="lines", line=dict(shape="hvh", color=c),
+                                 name=f"{lab}: cut {fmt(cut)}, keeps {fmt(100 * r['kept'] / max(r['numel'], 1))}% "
+                                      f"({fmt(100 * r['not_positive'])}% score ≤ 0)", legendgroup=lab))
+        if cut > 0:
+            traces.append(go.Scatter(x=[cut, cut], y=[0, peak * 1.05], mode="lines", legendgroup=lab, showlegend=False,
+                                     line=dict(color=c, dash="dash", width=2),
+                                     hovertemplate=f"{lab}: weights above {fmt(cut)}<extra></extra>"))
     scope = "; scope: model (the merge balances over the whole model; shown: this tensor alone)" \
         if d.get("scope") == "model" else ""
     legend, bottom = legend_below([t.name for t in traces if t.showlegend is not False])
     return figure(traces, title=dict(text=f"PCB's balancing scores in {d['name']}<br><sup>score = intra × inter "
                                           f"balancing; each fine-tune keeps its top {fmt(100 * d['ratio'])}% (dashed: "
                                           f"its cut), weighted by the min-max of the scores above it{scope}</sup>"),
-                  xaxis=dict(title=dict(text="score", standoff=6)),
-                  yaxis=dict(title=dict(text="entries per bin (log)"), type="log"), legend=legend,
+                  xaxis=dict(title=dict(text="score > 0 (log scale)", standoff=6), type="log"),
+                  yaxis=dict(title=dict(text="entries per bin")), legend=legend,
                   height=300 + bottom, margin=dict(t=70, l=60, r=10, b=bottom))
 
 

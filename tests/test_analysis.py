@@ -213,7 +213,8 @@ def test_pcb_views_show_its_drop_its_weights_and_its_scores(ws):
         assert d["kept_pct"][ref] == pytest.approx(100 * kept.numel() / flat.shape[1])
         assert d["pcb_mean_weight"][ref] == pytest.approx(float(kept.mean()), rel=1e-5) and d["pcb_mean_weight"][ref] > 0
     mv = analysis.method_view(ws, c, NAME)
-    assert mv["kind"] == "pcb" and [s[3] for s in mv["series"]] == pytest.approx(pcb_cut(score, 0.1).reshape(-1).tolist())
+    assert mv["kind"] == "pcb" and [r["cut"] for r in mv["series"]] == pytest.approx(pcb_cut(score, 0.1).reshape(-1).tolist())
+    assert [r["kept"] for r in mv["series"]] == [r["kept"] for r in rows]
     assert "balancing scores" in figures.method_view(mv).layout.title.text
 
 

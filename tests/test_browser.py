@@ -170,7 +170,7 @@ def test_a_typed_hub_token_is_stored_nowhere_in_the_browser(url, browser):
         box.fill(token)
         page.locator("#hub-repo input").fill("someone/model")
         page.locator("#push-btn").click()
-        expect(page.locator("#merge-status")).to_contain_text("⚠", timeout=30_000)
+        expect(page.locator("#push-status")).to_contain_text("⚠", timeout=30_000)
     settle(page, joins)
     storage = page.evaluate("() => JSON.stringify(Object.entries(localStorage)) + JSON.stringify(Object.entries(sessionStorage))")
     assert token not in storage

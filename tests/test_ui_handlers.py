@@ -453,7 +453,7 @@ def test_stop_ends_the_search_with_the_best_so_far(pair):
     outs = []
     for o in search_ui.start(search_inputs(pair, search_budget=200)):
         outs.append(o)
-        m = re.search(r"⏳ (\d+)/200", o.get("search_status", ""))
+        m = re.search(r"⟳ (\d+)/200", o.get("search_status", ""))
         if m and int(m.group(1)) >= 2 and not pair.cancel.is_set():
             assert "stop requested" in search_ui.stop({"state": pair})["search_status"]
     res = outs[-1]["search_best"]

@@ -39,7 +39,15 @@ def launch_options() -> dict:
     """Keyword arguments for `demo.launch`: theme and CSS (gradio 6 takes them there), the script
     above, and no run history (it would keep every input, a typed hub token too, in the browser)."""
     return {"css_paths": [str(CSS_PATH)] if CSS_PATH.is_file() else None, "head": HEAD, "run_history": False,
-            "theme": gr.themes.Soft(primary_hue="indigo", neutral_hue="slate")}
+            "theme": gr.themes.Soft(primary_hue="indigo", neutral_hue="slate", font=FONT, font_mono=FONT_MONO)}
+
+
+# The system's own faces: the theme's web font is not reachable offline, and the face that stands
+# in draws w / z / E as ω / ƶ / Ɛ, which a class reading a cipher letter by letter cannot use.
+FONT = ["ui-sans-serif", "system-ui", "-apple-system", "Segoe UI", "Roboto", "Liberation Sans", "DejaVu Sans",
+        "Arial", "sans-serif"]
+FONT_MONO = ["ui-monospace", "SFMono-Regular", "Menlo", "Consolas", "Liberation Mono", "DejaVu Sans Mono",
+             "monospace"]
 
 
 def build_app() -> gr.Blocks:

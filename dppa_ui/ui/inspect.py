@@ -28,7 +28,7 @@ def build(page) -> None:
     page.add("histogram", gr.Plot(label="|δ| histogram", elem_id="histogram"))
     page.add("thresholds", gr.Dataframe(headers=THRESHOLD_HEADERS, label="Keep thresholds", interactive=False,
                                         elem_id="thresholds", wrap=False,
-                                        column_widths=["28%", "14%", "18%", "26%", "14%"]))
+                                        column_widths=["17%", "15%", "24%", "32%", "12%"]))
     page.add("inspect_status", gr.Markdown("", elem_id="inspect-status", elem_classes=["status"]))
     with gr.Accordion("Blocks × modules map", open=True, elem_id="heatmap-accordion"):
         with gr.Row():
@@ -324,9 +324,9 @@ def stats_tick(v: dict) -> dict:
     progress = [ws.stats_progress(x) for x in ms]
     running = [p for p in progress if p.state == "running"]
     if running:
-        return {"stats_status": f"⏳ whole-model statistics {running[0].text()}"}
+        return {"stats_status": f"⟳ whole-model statistics {running[0].text()}"}
     if cfg is not None and apl_running(ws, cfg):
-        return {"stats_status": f"⏳ {apl_pending_text(ws, cfg)}"}
+        return {"stats_status": f"⟳ {apl_pending_text(ws, cfg)}"}
     out = {"stats_timer": gr.Timer(active=False), "summary": summary_markdown(ws),
            "stats_status": "" if all(p.state == "done" for p in progress)
            else f"whole-model statistics: {', '.join(p.text() for p in progress)}"}

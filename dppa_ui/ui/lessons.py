@@ -16,7 +16,7 @@ from . import merge as merge_section
 from . import models as models_section
 from . import score as score_section
 from .choices import all_choices, demo_choices
-from .common import AppState, fmt, values_of, warn
+from .common import AppState, fmt, sig, values_of, warn
 from .controls_ui import SHOW_OUT, show_controls
 from .suites import DEMO_SUITE
 
@@ -151,7 +151,9 @@ def build(page) -> None:
             with gr.Column(scale=4):
                 page.add(f"lesson_note_{key}", gr.Markdown("", elem_id=f"lesson-note-{slug}", elem_classes=["lesson-note"]))
                 page.add(f"lesson_runs_{key}", gr.Dataframe(headers=RESULT_HEADERS, interactive=False, visible=False,
-                                                            elem_id=f"lesson-runs-{slug}", wrap=True))
+                                                            elem_id=f"lesson-runs-{slug}", wrap=True,
+                                                            elem_classes=["lesson-runs"],
+                                                            column_widths=["8%", "22%", "18%", "52%"]))
 
 
 def lesson_outputs(key: str) -> list[str]:
@@ -206,11 +208,11 @@ def run_lesson(key: str, v: dict):
     for view_fn in (inspect_section.inspect, inspect_section.heatmap, inspect_section.masks):
         out.update(view_fn(view))
     out["matrix"] = gr.update(value=view["matrix"])
-    rows = [[r.number, r.config.method_name, None if r.objective is None else round(r.objective, 4),
+    rows = [[r.number, r.config.method_name, sig(r.objective),
              " · ".join(f"{d} {s['em']:.2f}" for d, s in (r.scores or {}).items() if s.get("em") is not None)]
             for r in done]
     out[runs_out] = gr.update(value=rows, visible=True)
-    out[note] = f"**{lesson.title}** — done. 👉 {lesson.look(ws, done)}"
+    out[note] = f"**{lesson.title}** — done. → {lesson.look(ws, done)}"
     yield out
 
 

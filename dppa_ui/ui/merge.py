@@ -25,6 +25,7 @@ def build(page) -> None:
         page.add("merge_btn", gr.Button("Merge", variant="primary", elem_id="merge-btn"))
         page.add("cancel_btn", gr.Button("Cancel", variant="stop", elem_id="cancel-btn"))
         page.add("save_btn", gr.Button("Save model (zip)", elem_id="save-btn"))
+    page.add("merge_status", gr.Markdown("", elem_id="merge-status", elem_classes=["status"]))
     page.add("merge_summary", gr.Markdown("No merge yet.", elem_id="merge-summary"))
     page.add("download", gr.File(label="Download (zip)", interactive=False, elem_id="download", visible=False))
     with gr.Accordion("Push to the Hugging Face Hub", open=False, elem_id="push-accordion"):
@@ -41,7 +42,7 @@ def build(page) -> None:
             page.add("hub_private", gr.Checkbox(value=True, label="private", interactive=not offline,
                                                 elem_id="hub-private"))
             page.add("push_btn", gr.Button("Push", interactive=not offline, elem_id="push-btn"))
-    page.add("merge_status", gr.Markdown("", elem_id="merge-status", elem_classes=["status"]))
+        page.add("push_status", gr.Markdown("", elem_id="push-status", elem_classes=["status"]))
     with gr.Accordion("Upscale (SMILE): a mixture of low-rank experts instead of a merge", open=True,
                       elem_id="smile-accordion"):
         text, url = UPSCALE_METHODS["smile"]
@@ -170,10 +171,10 @@ def cancel(v: dict) -> dict:
         time.sleep(0.05)
     last = state.ws.runs.last if state.ws is not None else None
     if state.running is not None:
-        return {"merge_status": f"⏹ cancel requested: the {what} stops at its next tensor"}
+        return {"merge_status": f"■ cancel requested: the {what} stops at its next tensor"}
     if last is not None and last is not before:
         return {"merge_status": ok(f"the {what} finished before the cancel reached it: {last.name} is there")}
-    return {"merge_status": f"⏹ {what} cancelled; the previous merge (if any) is still there"}
+    return {"merge_status": f"■ {what} cancelled; the previous merge (if any) is still there"}
 
 
 CANCEL_WAIT = 10.0          # seconds Cancel waits to say how the merge ended (one tensor takes far less)
@@ -205,14 +206,14 @@ def push(v: dict) -> dict:
     one typed) is used for this call only: never stored, never sent back to the page."""
     state: AppState = v["state"]
     if hub_offline():
-        return {"merge_status": warn("pushing is off: this server runs offline (HF_HUB_OFFLINE=1)")}
+        return {"push_status": warn("pushing is off: this server runs offline (HF_HUB_OFFLINE=1)")}
     oauth_token = v.get("oauth_token")
     token = (oauth_token.token if oauth_token is not None else None) or (v["hub_token"] or "").strip() or None
     repo_id = (v["hub_repo"] or "").strip()
     if not token:
-        return {"merge_status": warn("sign in with Hugging Face (on a Space) or paste a write token first")}
+        return {"push_status": warn("sign in with Hugging Face (on a Space) or paste a write token first")}
     if not repo_id or "/" not in repo_id:
-        return {"merge_status": warn("give the target repo as user/name")}
+        return {"push_status": warn("give the target repo as user/name")}
     try:
         ws = state.workspace()
         run = ws.runs.last
@@ -223,8 +224,8 @@ def push(v: dict) -> dict:
         api.create_repo(repo_id, private=bool(v["hub_private"]), exist_ok=True, repo_type="model")
         api.upload_folder(folder_path=str(run.folder), repo_id=repo_id, repo_type="model")
     except Exception as e:   # noqa: BLE001 - auth, network, permissions: all shown to the user
-        return {"merge_status": warn(f"push failed: {type(e).__name__}: {message(e)}")}
-    return {"merge_status": ok(f"pushed {run.name} to https://huggingface.co/{repo_id}")}
+        return {"push_status": warn(f"push failed: {type(e).__name__}: {message(e)}")}
+    return {"push_status": ok(f"pushed {run.name} to https://huggingface.co/{repo_id}")}
 
 
 def wire(page) -> None:
@@ -239,5 +240,5 @@ def wire(page) -> None:
     page.on(page["cancel_btn"].click, cancel, ["state"], ["merge_status"], cancels=[ev, up], api_name="cancel",
             queue=False)
     page.on(page["save_btn"].click, save, ["state"], ["download", "merge_status"], api_name="save")
-    page.on(page["push_btn"].click, push, ["state", "hub_repo", "hub_token", "hub_private"], ["merge_status"],
+    page.on(page["push_btn"].click, push, ["state", "hub_repo", "hub_token", "hub_private"], ["push_status"],
             oauth=True, api_name="push")

@@ -199,7 +199,7 @@ def auto_alpha(v: dict):
         yield {"alpha_status": warn(message(e))}
         return
     yield {"alpha_log": "searching … (each step scores the pruned fine-tune on its dev split)",
-           "alpha_status": "⏳ auto α: searching each fine-tune's α on its dev split …"}
+           "alpha_status": "⟳ auto α: searching each fine-tune's α on its dev split …"}
     job = Job(lambda log, on_eval: ws.search_amplification(c, log=log), search_threads(ws))
     for _ in job.updates():
         yield {"alpha_log": "\n".join(job.lines[-12:])}
@@ -242,11 +242,11 @@ def auto_lambda(v: dict):
     head = (f"λ per model ({', '.join(refs)}): NGOpt from 1.0 in {list(search.LAMBDA_BOUNDS)}, budget "
             f"{search.LAMBDA_BUDGET}, dev splits")
     yield {"lambda_log": gr.update(value=head, visible=True),
-           "lambda_status": f"⏳ auto λ: 0/{search.LAMBDA_BUDGET} candidates (Stop in 7 · Search ends it early)"}
+           "lambda_status": f"⟳ auto λ: 0/{search.LAMBDA_BUDGET} candidates (Stop in 7 · Search ends it early)"}
     try:
         for _ in job.updates():
             yield {"lambda_log": "\n".join([head, *(line(r) for r in job.rows[-12:])]),
-                   "lambda_status": f"⏳ auto λ: {len(job.rows)}/{search.LAMBDA_BUDGET} candidates (Stop in "
+                   "lambda_status": f"⟳ auto λ: {len(job.rows)}/{search.LAMBDA_BUDGET} candidates (Stop in "
                                     f"7 · Search ends it early)"}
     finally:
         if not job.done.is_set():

@@ -60,7 +60,7 @@ def build(page) -> None:
         page.add("score_json", gr.JSON(label="Scores (all models)", elem_id="score-json"))
     page.add("leaderboard", gr.Dataframe(headers=LEADERBOARD_HEADERS, label="Session leaderboard", interactive=False,
                                          elem_id="leaderboard", wrap=True,
-                                         column_widths=["7%", "12%", "22%", "27%", "10%", "22%"]))
+                                         column_widths=["7%", "12%", "20%", "26%", "13%", "22%"]))
     with gr.Row(equal_height=True):
         page.add("run_no", gr.Number(value=1, precision=0, label="Run", elem_id="run-number", scale=1))
         page.add("reload_btn", gr.Button("Load that run's settings", elem_id="reload-run-btn", scale=2))
@@ -161,7 +161,7 @@ def score(v: dict):
             {"label": "base", "color": figures.BASE_COLOR, "scores": results["base"]}]
     rows += [{"label": short(r), "color": figures.color(i), "scores": results[r]} for i, r in enumerate(ws.access.ft_refs)]
     obj_md = (f"**Objective of {run.name}** (geometric mean over domains of merged ÷ best fine-tune, smooth score): "
-              f"**{obj:.3f}**" if obj is not None else "**Objective**: n/a (no fine-tune scored on these domains)")
+              f"**{fmt(obj)}**" if obj is not None else "**Objective**: n/a (no fine-tune scored on these domains)")
     return {"score_plot": figures.scores(rows), "objective": obj_md, "leaderboard": leaderboard(state),
             "score_json": results, "score_status": ok(f"scored {len(whos)} models on {label} ({len(items)} items)")}
 

@@ -137,7 +137,7 @@ def _curve(rows: list[dict], running: bool):
     if not scored:
         return figures.message("merging and scoring the first candidate …" if running else "no candidate scored")
     top = max(scored, key=lambda r: r["objective"])
-    title = f"objective per evaluation (dev) · best {top['objective']:.4f} at #{top['eval']}"
+    title = f"dev objective · best {fmt(top['objective'])} at #{top['eval']}"
     return figures.objective_curve([r["objective"] for r in scored], [r["best"] for r in scored], title)
 
 
@@ -202,7 +202,7 @@ def start(v: dict):
             return ws.search(cfg, block, on_eval=on_eval, cancel=state.cancel.is_set, log=log, test=test)
     job = Job(work, search_threads(ws))
     names = ", ".join(_label(p, refs) for p in spec.params)
-    yield {"search_status": f"⏳ searching {names} ({spec.optimizer}, budget {spec.budget}): scoring the fine-tunes "
+    yield {"search_status": f"⟳ searching {names} ({spec.optimizer}, budget {spec.budget}): scoring the fine-tunes "
                             f"for reference, then each candidate …", "search_plot": _curve([], True),
            "search_file": gr.update(value=None, visible=False), "search_yaml": ""}
     try:
@@ -210,7 +210,7 @@ def start(v: dict):
             rows = list(job.rows)
             n = sum(r["phase"] == "search" for r in rows)
             yield {"search_plot": _curve(rows, True), "search_rows": _table(rows, spec.params, refs),
-                   "search_status": f"⏳ {n}/{spec.budget} candidates scored"
+                   "search_status": f"⟳ {n}/{spec.budget} candidates scored"
                                     + (f", best {fmt(rows[-1]['best'])}" if rows else "")}
     finally:
         if not job.done.is_set():          # the page went away or the event was cancelled: stop it too
@@ -249,7 +249,7 @@ def stop(v: dict) -> dict:
     if what not in ("search", "auto λ"):
         return {"search_status": "nothing to stop: no search is running"}
     state.cancel.set()
-    return {"search_status": f"⏹ stop requested: the {what} ends after the current candidate, with its best so far"}
+    return {"search_status": f"■ stop requested: the {what} ends after the current candidate, with its best so far"}
 
 
 def load_best(v: dict) -> dict:
@@ -340,7 +340,7 @@ def build(page, tab) -> None:
                 value=rows0, headers=HEADERS, type="array", interactive=True,
                 datatype=["bool", "str", "str", "number", "number"], column_count=5, row_count=len(rows0),
                 label="Parameters (models: each = one value per model, shared = one for all, or a fine-tune's name)",
-                elem_id="search-params", column_widths=["15%", "25%", "24%", "18%", "18%"]))
+                elem_id="search-params", column_widths=["18%", "24%", "22%", "18%", "18%"]))
             with gr.Row(equal_height=True):
                 page.add("search_optimizer", gr.Dropdown(OPTIMIZER_CHOICES, value="ngopt", label="Optimizer",
                                                          elem_id="search-optimizer", scale=2))
