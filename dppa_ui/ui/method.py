@@ -20,7 +20,7 @@ from .common import (CONTROL_KEYS, DEFAULT_UI, EXTRA_SPECS, GRADIENT_HEADERS, Ap
                      extra_default, fmt, gradient_settings, lenient, message, ok, values_of, warn)
 from .controls_ui import (FAMILY_LABELS, SHOW_OUT, VIEW_OUT, bands_view, controls_of, preset_info, preset_view,
                           yaml_into_controls)
-from .jobs import Job, search_threads
+from .jobs import Job, running, search_threads
 
 EXAMPLES_DIR = Path(__file__).resolve().parents[2] / "assets" / "examples"
 
@@ -73,6 +73,14 @@ def build(page) -> None:
                                               elem_id="lambda")))
         page.add("weights", gr.Textbox(value=d["weights"], label="Weights", placeholder="1 each, or 1, 0.5, …",
                                        elem_id="weights"))
+    # PCB's λ search writes the weights: it sits under them, its result beside it
+    with gr.Group(visible=False, elem_id="auto-lambda-group") as lambda_group:
+        page.add("auto_lambda_btn", gr.Button("auto λ: PCB's search of one λ per model (→ weights)", size="sm",
+                                              elem_id="auto-lambda-btn"))
+        page.add("lambda_status", gr.Markdown("", elem_id="lambda-status", elem_classes=["status"]))
+        page.add("lambda_log", gr.Textbox(label="λ search log", lines=2, max_lines=8, interactive=False,
+                                          visible=False, elem_id="lambda-log"))
+    page.add("auto_lambda_group", lambda_group)
     with gr.Group(visible=True) as dp_group:
         page.add("dp_lambda", lenient(gr.Slider(0.0, 0.5, value=d["dp_lambda"], step=0.01, label="DP λ",
                                                 elem_id="dp-lambda",
@@ -104,13 +112,6 @@ def build(page) -> None:
     page.add("pcb_ratio", lenient(gr.Slider(0.01, 1.0, value=d["pcb_ratio"], step=0.01, label="PCB ratio",
                                             visible=False, elem_id="pcb-ratio",
                                             info="share of entries kept after balancing")))
-    with gr.Group(visible=False, elem_id="auto-lambda-group") as lambda_group:
-        page.add("auto_lambda_btn", gr.Button("auto λ: PCB's search of one λ per model (→ weights)", size="sm",
-                                              elem_id="auto-lambda-btn"))
-        page.add("lambda_status", gr.Markdown("", elem_id="lambda-status", elem_classes=["status"]))
-        page.add("lambda_log", gr.Textbox(label="λ search log", lines=2, max_lines=8, interactive=False,
-                                          visible=False, elem_id="lambda-log"))
-    page.add("auto_lambda_group", lambda_group)
     page.add("seed", gr.Number(value=d["seed"], precision=0, label="Seed (the random drop's masks)", visible=False,
                                elem_id="seed"))
     with gr.Group(visible=True) as extra_group:
@@ -237,8 +238,10 @@ def auto_lambda(v: dict):
         lam = ", ".join(fmt(x) for x in r["params"].values())
         return f"#{r['eval']}: λ {lam} → {fmt(r['objective'])} (best {fmt(r['best'])})"
 
-    job = Job(lambda log, on_eval: ws.search(cfg, preset="lambda", log=log, on_eval=on_eval,
-                                             cancel=state.cancel.is_set), search_threads(ws))
+    def work(log, on_eval):
+        with running(state, "auto λ"):          # the Search tab's Stop ends it
+            return ws.search(cfg, preset="lambda", log=log, on_eval=on_eval, cancel=state.cancel.is_set)
+    job = Job(work, search_threads(ws))
     head = (f"λ per model ({', '.join(refs)}): NGOpt from 1.0 in {list(search.LAMBDA_BOUNDS)}, budget "
             f"{search.LAMBDA_BUDGET}, dev splits")
     yield {"lambda_log": gr.update(value=head, visible=True),

@@ -69,8 +69,14 @@ class Page:
 
         if inspect.isgeneratorfunction(fn):
             def wrapper(*args):
+                # Each yield carries every key yielded before (unchanged: gradio then streams no edit
+                # for it). A key left out after an update is streamed as that update's fields deleted,
+                # which the page applies to the component's value: a table then holds
+                # {"__type__": "update"} and every event that reads it fails.
+                sent: dict = {}
                 for result in fn(values_of(args)):
-                    yield convert(result)
+                    sent.update(result)
+                    yield convert(dict(sent))
         else:
             def wrapper(*args):
                 return convert(fn(values_of(args)))
