@@ -177,3 +177,12 @@ def test_the_conflict_and_pcb_weight_panels_use_no_other_fine_tune_s_colour(stat
     top = [t.colorscale[-1][1] for t in fig.data]            # kept x4, winner, conflicts, PCB weights x4
     assert top[5] == figures.MERGED_COLOR
     assert top[:4] == top[6:] == [figures.color(i) for i in range(4)]
+
+
+def test_the_plan_reads_as_settings_not_python(state):
+    """The plan printed Python's None and 5.0 and "0.00 GB" for the demo family."""
+    exp = score.export_yaml({"state": state, "base": "demo:base", "fts": FTS, **ui_values(preset="dppa")})
+    plan = score.plan_yaml({"state": state, "yaml_code": exp["yaml_code"]})["yaml_plan"]
+    assert "settings: dp_lambda 0.08, dp_outlier_m 5," in plan and "normalize false" in plan
+    assert "None" not in plan and "0.00 GB" not in plan and "under 10 MB" in plan
+    assert not any(r in plan for r in map(str, model_roots()))

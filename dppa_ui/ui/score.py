@@ -6,6 +6,7 @@ tokens reach its own fine-tune's expert) sits beside the scores."""
 from __future__ import annotations
 
 import hashlib
+import re
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -273,7 +274,7 @@ def plan_yaml(v: dict) -> dict:
         stages = ws.check_yaml(v["yaml_code"] or "")
         if len(stages) > 1:
             res = merge_stages(v["yaml_code"], None, dry_run=True, log=lambda s: None)
-            return {"yaml_plan": "\n".join(f"- {ln}" for ln in res.plan.splitlines()),
+            return {"yaml_plan": "\n".join(f"- {ln}" for ln in plan_lines(res.plan)),
                     "layer_stack": gr.update(visible=False),
                     "yaml_status": ok(f"planned: {len(stages)} stages, nothing read yet")}
         cfg = stages[0].config
@@ -281,13 +282,48 @@ def plan_yaml(v: dict) -> dict:
         stack = layer_stack(cfg.to_dict())
     except (*_expected(), ConfigError) as e:
         return {"yaml_status": warn(f"this config cannot be planned: {message(e)}")}
-    head = [ln for ln in res.plan.splitlines() if not ln.startswith(("tensor ", "model: ", "base: "))]
     lines = [f"**{cfg.method_name}** of {', '.join(short(r) for r in cfg.parents)}: "
-             f"{res.tensors} tensors, {res.params:,} parameters"] + [f"- {ln}" for ln in head[1:]]
+             f"{res.tensors} tensors, {res.params:,} parameters"] + [f"- {ln}" for ln in plan_lines(res.plan)]
     return {"yaml_plan": "\n".join(lines),
             "layer_stack": gr.update(value=[[j, short(r), layer] for j, r, layer in stack], visible=bool(stack),
                                      label=f"Layer stack: {len(stack)} output layers"),
             "yaml_status": ok("planned: nothing was read but the checkpoints' headers")}
+
+
+_SETTING = re.compile(r"(\w+)=(\[[^\]]*\]|\{[^}]*\}|[^,]+)")
+_GB = re.compile(r"([0-9.]+) GB")
+
+
+def plan_lines(plan: str) -> list[str]:
+    """The engine's dry-run report for people: no server paths (its base and model lines), no
+    per-tensor lines, settings without Python's None and 5.0, sizes in the unit that shows them."""
+    out = []
+    for ln in plan.splitlines():
+        if ln.startswith(("tensor ", "model: ", "base: ", "method: ")):
+            continue
+        if ln.startswith("parameters: "):
+            kv = [(k, v.strip()) for k, v in _SETTING.findall(ln[len("parameters: "):]) if v.strip() != "None"]
+            ln = "settings: " + ", ".join(f"{k} {_number(v)}" for k, v in kv)
+        elif ln.startswith("estimated peak memory"):
+            ln = _GB.sub(lambda m: _gigabytes(float(m.group(1))), ln).replace("time: ~0 s", "time: under 1 s")
+        out.append(ln)
+    return out
+
+
+def _number(v: str) -> str:
+    if v in ("True", "False"):
+        return v.lower()                    # as the YAML writes it
+    try:
+        return fmt(float(v))
+    except ValueError:
+        return v
+
+
+def _gigabytes(gb: float) -> str:
+    """A size the report gives in GB (2 decimals) in the unit that shows it."""
+    if gb >= 1:
+        return f"{fmt(gb)} GB"
+    return "under 10 MB" if gb < 0.01 else f"{fmt(gb * 1000)} MB"
 
 
 def merge_yaml(v: dict) -> dict:
