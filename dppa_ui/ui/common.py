@@ -132,7 +132,7 @@ def roots_text() -> str:
     """The model roots as a user may read them: never their absolute paths on this server."""
     if os.environ.get("DPPA_UI_MODEL_ROOTS"):
         return "the folders in DPPA_UI_MODEL_ROOTS"
-    return "the demo family (assets/zoo) and models/ in the server's working folder (or DPPA_UI_MODEL_ROOTS)"
+    return "assets/zoo (the demo family) and models/ (or DPPA_UI_MODEL_ROOTS)"
 
 
 def without_paths(text: str) -> str:

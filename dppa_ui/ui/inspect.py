@@ -27,7 +27,7 @@ def build(page) -> None:
     page.add("stats_status", gr.Markdown("", elem_id="stats-status", elem_classes=["status"]))
     page.add("histogram", gr.Plot(label="|δ| histogram", elem_id="histogram"))
     page.add("thresholds", gr.Dataframe(headers=THRESHOLD_HEADERS, label="Keep thresholds", interactive=False,
-                                        elem_id="thresholds", wrap=False,
+                                        elem_id="thresholds", wrap=True,
                                         column_widths=["17%", "15%", "24%", "32%", "12%"]))
     page.add("inspect_status", gr.Markdown("", elem_id="inspect-status", elem_classes=["status"]))
     with gr.Accordion("Blocks × modules map", open=True, elem_id="heatmap-accordion"):

@@ -19,10 +19,9 @@ def build(page) -> None:
                                      elem_id="base-model"))
         page.add("fts", gr.Dropdown(refs, value=fts0, multiselect=True, label="Fine-tunes", allow_custom_value=True,
                                     scale=3, elem_id="finetunes"))
-    with gr.Row(equal_height=True):
-        page.add("add_box", gr.Textbox(label="Add a model", placeholder="folder under the model roots, or org/name",
-                                       scale=4, elem_id="add-model-box", info=f"Local folders must be under {roots_text()}"))
-        page.add("add_btn", gr.Button("Add", scale=1, elem_id="add-model-btn", size="sm"))
+    page.add("add_box", gr.Textbox(label="Add a model", placeholder="a folder, or a hub id org/name",
+                                   elem_id="add-model-box", info=f"folders under {roots_text()}"))
+    page.add("add_btn", gr.Button("Add", elem_id="add-model-btn", size="sm"))
     page.add("load_btn", gr.Button("Load models", variant="primary", elem_id="load-models-btn"))
     page.add("models_status", gr.Markdown("", elem_id="models-status", elem_classes=["status"]))
     page.add("summary", gr.Markdown(note or "The demo family loads when the page opens.", elem_id="models-summary"))
