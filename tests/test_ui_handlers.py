@@ -443,10 +443,10 @@ def test_search_streams_its_candidates_and_the_best_loads_into_the_controls(pair
     assert Path(last["search_file"]["value"]).read_text() == last["search_yaml"]
     out = search_ui.load_best({"state": pair, "search_best": res})
     assert out["search_status"].startswith("✓")
-    shown = controls_shown(out).to_config("demo:base", FTS[::2])
+    shown = controls_shown(out).to_config("demo:base", FTS[::2])            # to 3 significant digits
     assert [m.weight for m in shown.models] == pytest.approx([res.values["models[0].weight"],
-                                                              res.values["models[1].weight"]], rel=1e-5)
-    assert shown.models[0].density == pytest.approx(res.values["density"]) == shown.models[1].density
+                                                              res.values["models[1].weight"]], rel=5e-3)
+    assert shown.models[0].density == pytest.approx(res.values["density"], rel=5e-3) == shown.models[1].density
 
 
 def test_stop_ends_the_search_with_the_best_so_far(pair):

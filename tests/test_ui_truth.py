@@ -20,7 +20,7 @@ except ValueError:
 
 from dppa_ui import figures  # noqa: E402
 from dppa_ui.ui import inspect, merge, method, models, score  # noqa: E402
-from dppa_ui.ui.common import AppState, model_roots, ui_values  # noqa: E402
+from dppa_ui.ui.common import AppState, controls_from, model_roots, ui_values  # noqa: E402
 from dppa_ui.ui.controls_ui import preset_view  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -159,6 +159,18 @@ def test_a_txt_suite_upload_is_named_and_explained(state, tmp_path):
     out = score.upload_suite({"state": state, "upload": str(notes)})
     assert out["score_status"].startswith("⚠ my suite.txt is not a suite file: upload a .jsonl file")
     assert str(tmp_path) not in out["score_status"]
+
+
+def test_a_searched_value_reaches_the_controls_rounded_and_said(state):
+    """An optimizer's density (7/24) was printed as 0.2916666666666667 in the density slider."""
+    from dppa_ui import search as core_search
+    from dppa_ui.ui import search
+    cfg = state.ws.config(controls_from(ui_values(preset="ties", density=7 / 24)))
+    spec = core_search.parse_search(cfg, {"parameters": {"density": [0.1, 0.5]}})
+    res = core_search.SearchResult(config=cfg, values={"density": 7 / 24}, objective=0.5, spec=spec)
+    out = search.load_best({"state": state, "search_best": res})
+    assert out["density"]["value"] == 0.292
+    assert "density 0.291667 → 0.292" in out["search_status"] and "YAML below keeps the exact" in out["search_status"]
 
 
 def test_numbers_are_rounded_for_people(state):

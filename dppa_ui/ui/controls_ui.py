@@ -4,13 +4,15 @@ the page (show_controls; from a YAML config: yaml_into_controls). Every section 
 the controls goes through here."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import gradio as gr
 
 from ..config import load_config
 from ..controls import MethodControls, extra_params, picker_methods
 from ..registry import METHODS
 from .choices import all_choices, resolve_user_ref
-from .common import CONTROL_KEYS, DEFAULT_UI, EXTRA_SPECS, AppState, controls_from, extra_default, values_of
+from .common import CONTROL_KEYS, DEFAULT_UI, EXTRA_SPECS, AppState, controls_from, extra_default, sig, values_of
 
 FAMILY_LABELS = {"pipeline": "prune → combine", "interpolation": "interpolation", "stacking": "layer stacking"}
 
@@ -91,3 +93,14 @@ def yaml_into_controls(state: AppState, text: str) -> dict:
             state.added.append(ref)
     return show_controls(c, refs[0], refs[1:], all_choices(state))
 
+
+
+def rounded(c: MethodControls, digits: int = 3) -> MethodControls:
+    """`c` with every number at `digits` significant digits: what the controls show of a value an
+    optimizer found (a slider would print 0.2916666666666667)."""
+    r = lambda x: sig(x, digits) if isinstance(x, float) else x        # noqa: E731
+    return replace(c, density=r(c.density), lambda_=r(c.lambda_), weights=tuple(r(w) for w in c.weights),
+                   dp_lambda=r(c.dp_lambda), dp_outlier_m=r(c.dp_outlier_m),
+                   band_shares=tuple(r(b) for b in c.band_shares), alphas=tuple(r(a) for a in c.alphas),
+                   alpha_per_model={k: [r(a) for a in v] for k, v in c.alpha_per_model.items()},
+                   pcb_ratio=r(c.pcb_ratio), params={k: r(v) for k, v in c.params.items()})

@@ -21,7 +21,7 @@ from ..controls import MethodControls
 from ..workspace import short
 from .common import (CONTROL_KEYS, DEFAULT_UI, AppState, UserError, _expected, _finite, controls_from, fmt, lenient,
                      message, ok, sig, warn)
-from .controls_ui import CONTROLS_OUT, controls_of, show_controls
+from .controls_ui import CONTROLS_OUT, controls_of, rounded, show_controls
 from .jobs import Job, running, search_threads
 from .suites import UPLOAD_SUITE, register_upload, session_upload, upload_only
 
@@ -273,10 +273,16 @@ def load_best(v: dict) -> dict:
             raise UserError(f"the method controls cannot hold {', '.join(lost)} (no control sets "
                             f"{'it' if len(lost) == 1 else 'them'} this way); download the YAML and run it with "
                             f"`python -m dppa_ui merge`")
+        shown = rounded(c)
+        moved = list(dict.fromkeys(      # a shared value once ("density", not once per model)
+            (n.split(" (")[0], want, got) for n, want, got in _held(res, shown.to_config(res.config.base_model, refs))
+            if not math.isclose(want, got, rel_tol=1e-9, abs_tol=1e-12)))
     except _expected() as e:
         return {"search_status": warn(message(e))}
-    out = show_controls(c)
-    out["search_status"] = ok("the best settings are in the method controls (2 · Method): merge to use them")
+    out = show_controls(shown)
+    note = ("" if not moved else "; shown to 3 significant digits (" + ", ".join(
+        f"{n} {want:.6g} → {fmt(got)}" for n, want, got in moved) + "), the YAML below keeps the exact values")
+    out["search_status"] = ok(f"the best settings are in the method controls (2 · Method){note}: merge to use them")
     return out
 
 
