@@ -235,6 +235,17 @@ def in_view(page, selector: str) -> bool:
         and box["x"] >= 0 and box["x"] + 10 <= size["width"]
 
 
+BROKEN_WORDS = """(selector) => { const bad = [];
+  for (const th of document.querySelectorAll(selector + ' th')) {
+    const walk = document.createTreeWalker(th, NodeFilter.SHOW_TEXT); let node;
+    while ((node = walk.nextNode())) { const words = /\\S+/g; let m;
+      while ((m = words.exec(node.data))) { const r = document.createRange();
+        r.setStart(node, m.index); r.setEnd(node, m.index + m[0].length);
+        const lines = new Set(Array.from(r.getClientRects()).filter(x => x.width > 0).map(x => Math.round(x.top)));
+        if (lines.size > 1) bad.push(m[0]); } } }
+  return bad; }"""
+
+
 def test_every_button_works_and_its_outcome_is_beside_it(app, url, browser):
     """A teacher's session at 1366x768: every button of the page is clicked at least once (the
     registry's buttons; Push only shows that it is off while the server runs offline), each ends
@@ -267,6 +278,7 @@ def test_every_button_works_and_its_outcome_is_beside_it(app, url, browser):
     expect(page.locator("#lesson-note-dare-vs-dp")).to_contain_text("run 1 (DP)")
     expect(page.locator("#lesson-note-slerp-vs-linear")).to_contain_text("run 9 (linear)")
     expect(page.locator("#sec-models")).to_contain_text("+ 1 fine-tune")       # the last lesson's models
+    assert page.evaluate(BROKEN_WORDS, ".lesson-runs") == []
     # 1 · Models: add a fine-tune, load both
     page.locator("#sec-models").first.click()
     page.locator("#add-model-box input, #add-model-box textarea").first.fill("demo:sort")
@@ -327,6 +339,7 @@ def test_every_button_works_and_its_outcome_is_beside_it(app, url, browser):
     click("score-btn")
     expect(page.locator("#score-status")).to_contain_text("scored", timeout=180_000)
     assert in_view(page, "#score-status")
+    assert page.evaluate(BROKEN_WORDS, "#leaderboard") == []          # headers break between words: no "objecti/ve"
     expect(page.locator("#routing-status")).to_contain_text("chance 0.5", timeout=180_000)
     expect(page.locator("#routing-table")).to_contain_text("sort")
     for button, status, text in (("reload-run-btn", "#runs-status", "settings are back"),
@@ -347,6 +360,7 @@ def test_every_button_works_and_its_outcome_is_beside_it(app, url, browser):
     click("search-btn")
     expect(page.locator("#search-status")).to_contain_text("searched 3", timeout=180_000)
     assert in_view(page, "#search-plot") and in_view(page, "#search-status")
+    assert page.evaluate(BROKEN_WORDS, "#search-params") == [] and page.evaluate(BROKEN_WORDS, "#search-rows") == []
     click("search-load-btn")
     expect(page.locator("#search-status")).to_contain_text("in the method controls")
     click("search-stop-btn")
@@ -359,6 +373,7 @@ def test_every_button_works_and_its_outcome_is_beside_it(app, url, browser):
     expect(page.locator("#apl-map .js-plotly-plot")).to_have_count(1)
     expect(page.locator("#apl-map")).to_contain_text("APL importance — reverse")
     calm("apl")
+    assert page.evaluate(BROKEN_WORDS, "#thresholds") == []
     buttons = {c.elem_id for c in app.page.c.values() if isinstance(c, gr.Button)}
     assert buttons - clicked == set(), buttons - clicked
     page.context.close()

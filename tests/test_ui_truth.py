@@ -96,7 +96,6 @@ def test_a_slider_value_typed_outside_its_range_is_named_and_shown_as_used(state
     refused = merge.merge({"state": state, "progress": Progress(), **ui_values(density=-0.5)})
     assert "density -0.5 is out of range" in refused["merge_status"] and state.ws.runs.last is None
     # the slider passes the value on (gradio's own check would answer with a bare "Error")
-    from gradio.state_holder import SessionState  # noqa: F401  (gradio is what preprocesses)
     from dppa_ui.ui import build_app
     demo = build_app()
     assert demo.page["density"].preprocess(-0.5) == -0.5

@@ -23,8 +23,8 @@ from .common import CONTROL_KEYS, SCORE_PER_DOMAIN, AppState, UserError, _expect
 from .controls_ui import SHOW_OUT, controls_of, show_controls, yaml_into_controls
 from .jobs import running
 from .reports import LEADERBOARD_HEADERS, leaderboard, run_summary
-from .suites import (DEMO_SUITE, SUITE_FORMAT, UPLOAD_SUITE, demo_items, register_upload, session_upload,
-                     upload_only)
+from .suites import (DEMO_SUITE, SUITE_FORMAT, UPLOAD_SUITE, demo_items, session_upload, upload_only,
+                     upload_report)
 
 _SCORES: OrderedDict = OrderedDict()        # (model files identity, suite key) -> scores, every session
 _SCORES_LOCK = threading.Lock()
@@ -85,16 +85,8 @@ def build(page) -> None:
 
 def upload_suite(v: dict) -> dict:
     """A suite file arrived through the upload box: remember it for this session and check it."""
-    try:
-        got = register_upload(v["state"], v["upload"])
-    except _expected() as e:
-        return {"score_status": warn(message(e))}
-    if got is None:
-        return {"score_status": ""}
-    path, items = got
-    domains = sorted({it["domain"] for it in items})
-    return {"suite": UPLOAD_SUITE,
-            "score_status": ok(f"{Path(path).name}: {len(items)} items in {len(domains)} domain(s): {', '.join(domains)}")}
+    text, registered = upload_report(v["state"], v["upload"])
+    return {"score_status": text, **({"suite": UPLOAD_SUITE} if registered else {})}
 
 
 def suite_items(state: AppState, choice: str, upload) -> tuple[list[dict], str, str]:

@@ -23,7 +23,7 @@ from .common import (CONTROL_KEYS, DEFAULT_UI, AppState, UserError, _expected, _
                      message, ok, sig, warn)
 from .controls_ui import CONTROLS_OUT, controls_of, rounded, show_controls
 from .jobs import Job, running, search_threads
-from .suites import UPLOAD_SUITE, register_upload, session_upload, upload_only
+from .suites import UPLOAD_SUITE, session_upload, upload_only, upload_report
 
 MAX_BUDGET = 200                         # candidates per search in the app (the CLI has no limit)
 DEMO_DEV = "demo dev splits"
@@ -315,17 +315,8 @@ def rows_for_preset(v: dict) -> dict:
 
 def upload(v: dict) -> dict:
     """A JSONL file arrived through the search's upload box: registered exactly as /upload_suite does."""
-    try:
-        got = register_upload(v["state"], v["search_upload"])
-    except _expected() as e:
-        return {"search_status": warn(message(e))}
-    if got is None:
-        return {"search_status": ""}
-    path, items = got
-    domains = sorted({it["domain"] for it in items})
-    return {"search_data": UPLOAD_SUITE,
-            "search_status": ok(f"{Path(path).name}: {len(items)} items in {len(domains)} domain(s): "
-                                f"{', '.join(domains)}")}
+    text, registered = upload_report(v["state"], v["search_upload"])
+    return {"search_status": text, **({"search_data": UPLOAD_SUITE} if registered else {})}
 
 
 # ----------------------------------------------------------------------------------- layout

@@ -9,7 +9,7 @@ from pathlib import Path
 import gradio as gr
 
 from .. import evaluation
-from .common import MAX_UPLOAD_ITEMS, SCORE_PER_DOMAIN, AppState, UserError
+from .common import MAX_UPLOAD_ITEMS, SCORE_PER_DOMAIN, AppState, UserError, _expected, message, ok, warn
 
 DEMO_SUITE = "demo suite"
 UPLOAD_SUITE = "uploaded JSONL"
@@ -91,6 +91,20 @@ def register_upload(state: AppState, upload) -> tuple[str, list[dict]] | None:
         return None
     state.uploads.add(str(Path(path).resolve()))
     return path, read_upload(path)
+
+
+def upload_report(state: AppState, upload) -> tuple[str, bool]:
+    """(the status line, whether a suite was registered) for a file that arrived through an upload
+    box: its items and domains, or what is wrong with it."""
+    try:
+        got = register_upload(state, upload)
+    except _expected() as e:
+        return warn(message(e)), False
+    if got is None:
+        return "", False
+    path, items = got
+    domains = sorted({it["domain"] for it in items})
+    return ok(f"{Path(path).name}: {len(items)} items in {len(domains)} domain(s): {', '.join(domains)}"), True
 
 
 def session_upload(state: AppState, upload, missing: str, refused: str) -> tuple[str, list[dict]]:
