@@ -246,6 +246,16 @@ BROKEN_WORDS = """(selector) => { const bad = [];
   return bad; }"""
 
 
+OVERLAPS = """(selector) => { const svg = document.querySelector(selector);
+  const boxes = [...svg.querySelectorAll('.g-xtitle, .g-gtitle, .legend, .annotation')].map(e => [e.getAttribute('class'),
+    e.getBoundingClientRect()]).filter(([_, r]) => r.width > 0 && r.height > 0);
+  const out = [];
+  for (let i = 0; i < boxes.length; i++) for (let j = i + 1; j < boxes.length; j++) {
+    const [n1, a] = boxes[i], [n2, b] = boxes[j];
+    if (a.left < b.right - 1 && b.left < a.right - 1 && a.top < b.bottom - 1 && b.top < a.bottom - 1) out.push(n1 + ' / ' + n2); }
+  return out; }"""
+
+
 def test_every_button_works_and_its_outcome_is_beside_it(app, url, browser):
     """A teacher's session at 1366x768: every button of the page is clicked at least once (the
     registry's buttons; Push only shows that it is off while the server runs offline), each ends
@@ -268,6 +278,15 @@ def test_every_button_works_and_its_outcome_is_beside_it(app, url, browser):
     def tab(name: str):
         page.locator(f"button[role=tab]:has-text('{name}')").first.click()
 
+    # five fine-tunes: no title or legend of the views lies on another
+    page.locator("#sec-models").first.click()
+    page.locator("#add-model-box input, #add-model-box textarea").first.fill("demo:reverse_complex")
+    click("add-model-btn")
+    click("load-models-btn")
+    expect(page.locator("#models-status")).to_contain_text("5 fine-tune(s)", timeout=60_000)
+    expect(page.locator("#histogram")).to_contain_text("reverse_complex after α", timeout=60_000)
+    expect(page.locator("#mask-plot")).to_contain_text("reverse_complex", timeout=60_000)
+    assert page.evaluate(OVERLAPS, "#histogram") == [] and page.evaluate(OVERLAPS, "#mask-plot") == []
     # 8 · Lessons: each one's result beside its button
     tab("Lessons")
     for key in ("dare-vs-dp", "ties-conflicts", "pcb-balance", "dpa-top-band", "slerp-vs-linear"):
