@@ -280,11 +280,10 @@ def masks(d: dict, method: str, combine: str) -> go.Figure:
     pending = " (DP densities pending: target density shown)" if d.get("pending") else ""
     rows = f"row 1: what each keeps{' (PCB: its top ' + fmt(100 * d['pcb_ratio']) + '% of scores)' if has_pcb else ''}; " \
            f"row 2: after the {combine} combine" + ("; row 3: PCB's weights (w̄: mean of the kept)" if has_pcb else "")
-    # the three title lines from the figure's top, the panels' titles under them (never across)
+    # a top margin that holds the three title lines above the panels' titles (they crossed at five fine-tunes)
     fig = figure(traces, title=dict(text=f"Masks of {d['name']} {d['shape']} — {method}{pending}<br><sup>each cell: "
-                                         f"share of its {cell} entries; {rows}<br>{legend}</sup>",
-                                    yref="container", y=1, yanchor="top", pad=dict(t=8)),
-                 annotations=notes, height=210 * nrows + 140, margin=dict(t=125, l=20, r=20, b=20), **layout)
+                                         f"share of its {cell} entries; {rows}<br>{legend}</sup>"),
+                 annotations=notes, height=210 * nrows + 170, margin=dict(t=150, l=20, r=20, b=20), **layout)
     return fig
 
 
