@@ -17,10 +17,10 @@ import torch.nn.functional as F
 
 from .config import MergeConfig
 from .methods import band_edges, breadcrumbs_counts, keep_count, tensor_generator
-from .methods.pcb import clip_abs, pcb_scale
+from .methods.pcb import clip_abs, minmax_rows, pcb_cut, pcb_score
 from .methods.sce import sce_select_mask, sce_weights
 from .methods.ties import agreement_mask
-from .pipeline import Step, plan_steps, prune_amplify
+from .pipeline import Step, combine, plan_steps, prune_amplify
 from .stats import HIST_SAMPLE, sample_flat
 
 HIST_BINS = 80
@@ -95,7 +95,42 @@ def thresholds(ws, cfg: MergeConfig, name: str) -> list[dict]:
             row["kept_mask"] = (d.reshape(-1) != 0) & selected      # what histogram splits by
             row["kept"] = int(row["kept_mask"].sum())
             row["sce_select"] = topk
+    pcb = pcb_parts(ws, cfg, name)
+    if pcb is not None:       # PCB drops in its combine: an entry whose balancing weight is 0 adds nothing
+        for i, row in enumerate(out):
+            row["kept_mask"] = pcb["scale"][i] > 0
+            row["kept"] = int(row["kept_mask"].sum())
+            row["pcb_ratio"], row["pcb_cut"] = pcb["ratio"], float(pcb["cut"][i])
+    if cfg.amplify == "dpa":  # the kept |δ| mass before and after each band's α
+        before, after = amplified_deltas(ws, cfg, name)
+        for i, row in enumerate(out):
+            m = cfg.for_tensor(name).models[i]
+            row["alphas"] = list(m.amplification)
+            mass = float(before[i].abs().sum())
+            row["mass_ratio"] = float(after[i].abs().sum()) / mass if mass > 0 else None
     return out
+
+
+def amplified_deltas(ws, cfg: MergeConfig, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(before, after): each config model's delta of `name` after the prune alone, and after the
+    prune and DPA's bands (what the combine receives), both by the pipeline's own stages."""
+    return (pruned_deltas(ws, dataclasses.replace(cfg, amplify="none"), name), pruned_deltas(ws, cfg, name))
+
+
+def pcb_parts(ws, cfg: MergeConfig, name: str) -> dict | None:
+    """PCB's combine on `name` as the merge computes it (pcb.pcb_score / pcb_cut on the pruned
+    deltas, clipped as configured): {"score" (n, d) balancing scores, "cut" (n,) each row's score at
+    the cut, "scale" (n, d) the weights (0 below the cut), "ratio"}; None unless the combine is pcb."""
+    if cfg.combine != "pcb":
+        return None
+    view = fine_tunes(cfg).for_tensor(name)
+    pruned = pruned_deltas(ws, cfg, name)
+    flat = pruned.reshape(pruned.shape[0], -1)
+    score = pcb_score(flat, clip_abs(flat, view.clip_ratio))
+    cut = pcb_cut(score, view.pcb_ratio)
+    scale = minmax_rows(score.clamp(min=cut), inplace=True)
+    return {"score": score, "cut": cut.reshape(-1), "scale": scale, "ratio": float(view.pcb_ratio),
+            "clipped": clip_abs(flat, view.clip_ratio), "scope": cfg.scope}
 
 
 def pruned_deltas(ws, cfg: MergeConfig, name: str) -> torch.Tensor:
@@ -156,7 +191,9 @@ def histogram(ws, cfg: MergeConfig, name: str, rows: list[dict] | None = None) -
     idx, stp, _ = steps(ws, cfg, name)
     rows = thresholds(ws, cfg, name) if rows is None else rows
     samples = [_log_sample(ws, name, j) for j in idx]
-    finite = [s[torch.isfinite(s)] for s in samples]
+    amplified = ([sample_flat(d.reshape(-1), HIST_SAMPLE).abs().log10() for d in amplified_deltas(ws, cfg, name)[1]]
+                 if cfg.amplify == "dpa" else [])    # α can carry the kept entries past the largest |δ|
+    finite = [s[torch.isfinite(s)] for s in samples + amplified]
     lo = min((float(s.min()) for s in finite if s.numel()), default=-8.0)
     hi = max((float(s.max()) for s in finite if s.numel()), default=0.0)
     hi = max(hi, lo + 1e-6)
@@ -179,9 +216,12 @@ def histogram(ws, cfg: MergeConfig, name: str, rows: list[dict] | None = None) -
             series.append({"model": m.model, "index": j, "part": "dropped", "counts": counts(logs[~keep])})
         else:
             series.append({"model": m.model, "index": j, "part": "all", "counts": counts(logs)})
+    for j, m, logs in zip(idx, cfg.models, amplified):      # the kept entries after their band's α
+        series.append({"model": m.model, "index": j, "part": "amplified", "counts": counts(logs)})
     return {"name": name, "centers": centers, "series": series, "rows": rows,
             "sampled": min(acc.numel[name], HIST_SAMPLE), "numel": acc.numel[name],
-            "sce_select": rows[0].get("sce_select") if rows else None}
+            "sce_select": rows[0].get("sce_select") if rows else None,
+            "pcb_ratio": rows[0].get("pcb_ratio") if rows else None}
 
 
 # ------------------------------------------------------------------------------------ heatmap
@@ -260,11 +300,11 @@ def combine_maps(ws, cfg: MergeConfig, name: str) -> dict:
     if cfg.combine == "ties":
         contrib = weighted * agree
     elif cfg.combine == "pcb":
+        pcb = pcb_parts(ws, cfg, name)
         flat = pruned.reshape(n, -1)
-        a = clip_abs(flat)
-        scale = pcb_scale(flat, cfg.pcb_ratio, clipped_abs=a)
-        contrib = (w.reshape(n, 1) * torch.sign(flat) * a * scale).view_as(pruned)
-        scale = scale.view_as(pruned)
+        contrib = (w.reshape(n, 1) * torch.sign(flat) * pcb["clipped"] * pcb["scale"]).view_as(pruned)
+        scale = pcb["scale"].view_as(pruned)
+        conflict = ((contrib != 0) & ~agreement_mask(contrib)).any(dim=0)     # among what PCB keeps
     elif cfg.combine == "sce":     # select (a shared mask), calculate (a weight per model), erase (signs)
         topk = sce_topk(cfg, name)
         if topk is not None:
@@ -286,12 +326,15 @@ def mask_data(ws, cfg: MergeConfig, name: str) -> dict:
     "conflict_pct", "pcb" (pooled weights per model or None), "pcb_mean_weight", "pending"}."""
     cfg = fine_tunes(cfg)
     maps = combine_maps(ws, cfg, name)
+    rows = thresholds(ws, cfg, name)
     shape = list(ws.access.shape(name))
     numel = ws.access.numel[name]
     refs = [m.model for m in cfg.models]
     n = len(refs)
     winner = maps["winner"]
-    kept = [pool(p != 0) for p in maps["pruned"]]
+    # what each model keeps: its pruned entries; under PCB, those its balancing weight keeps
+    keeps = [p != 0 for p in maps["pruned"]] if maps["pcb_scale"] is None else [s > 0 for s in maps["pcb_scale"]]
+    kept = [pool(k) for k in keeps]
     share = torch.stack([pool(winner == i) for i in range(-1, n)])
     cell_winner = share.argmax(dim=0).float() - 1
     cell_winner[cell_winner < 0] = float("nan")
@@ -300,13 +343,15 @@ def mask_data(ws, cfg: MergeConfig, name: str) -> dict:
     down = list(kept[0].shape)
     return {"name": name, "shape": shape, "models": refs, "index": maps["idx"],
             "cell": [math.ceil(rows2d / down[0]), math.ceil(numel / rows2d / down[1])],
-            "kept": kept, "kept_pct": {r["model"]: 100.0 * r["kept"] / numel for r in thresholds(ws, cfg, name)},
+            "kept": kept, "kept_pct": {r["model"]: 100.0 * r["kept"] / numel for r in rows},
             "winner": cell_winner, "winner_pct": {r: 100.0 * counts[i + 1] / numel for i, r in enumerate(refs)},
             "no_winner_pct": 100.0 * counts[0] / numel,
             "conflict": pool(maps["conflict"]), "conflict_pct": 100.0 * float(maps["conflict"].sum()) / numel,
             "pcb": [pool(s) for s in maps["pcb_scale"]] if maps["pcb_scale"] is not None else None,
-            "pcb_mean_weight": ({r: float(s.mean()) for r, s in zip(refs, maps["pcb_scale"])}
-                                if maps["pcb_scale"] is not None else None),
+            # the mean weight of the entries PCB keeps (the others weigh 0)
+            "pcb_mean_weight": ({r: float(s[s > 0].mean()) if bool((s > 0).any()) else 0.0
+                                 for r, s in zip(refs, maps["pcb_scale"])} if maps["pcb_scale"] is not None else None),
+            "pcb_ratio": rows[0].get("pcb_ratio") if rows else None,
             "pending": maps["pending"]}
 
 
@@ -346,6 +391,21 @@ def method_view(ws, cfg: MergeConfig, name: str) -> dict | None:
         return {"kind": "della", "cols": cols, "name": name, "rescale": view.models[0].rescale,
                 "curves": [(m.model, j, della_curve(min(cols, 512), s.density, m.epsilon) if s.prune else None)
                            for m, j, s in zip(view.models, idx, stp)]}
+    if cfg.combine == "pcb":        # the scores on a log grid: a few far above the many near 0
+        pcb = pcb_parts(ws, cfg, name)
+        samples = [sample_flat(sc, HIST_SAMPLE) for sc in pcb["score"]]
+        logs = [x[x > 0].log10() for x in samples]
+        lo = min((float(x.min()) for x in logs if x.numel()), default=-8.0)
+        hi = max(max((float(x.max()) for x in logs if x.numel()), default=0.0), lo + 1e-6)
+        width = (hi - lo) / HIST_BINS
+        idx = ws.align(cfg)
+        return {"kind": "pcb", "name": name, "ratio": pcb["ratio"], "scope": pcb["scope"],
+                "centers": [10 ** (lo + (b + 0.5) * width) for b in range(HIST_BINS)],
+                "series": [{"model": m.model, "index": j, "cut": float(cut), "kept": int((sc > 0).sum()),
+                            "numel": sc.numel(), "not_positive": 1.0 - x.numel() / max(smp.numel(), 1),
+                            "counts": torch.histc(x, bins=HIST_BINS, min=lo, max=hi).round().int().tolist()}
+                           for m, j, x, smp, cut, sc in zip(fine_tunes(cfg).models, idx, logs, samples, pcb["cut"],
+                                                           pcb["scale"])]}
     if cfg.family != "interpolation":
         return None
     from .workspace.access import module_type
@@ -359,3 +419,30 @@ def method_view(ws, cfg: MergeConfig, name: str) -> dict | None:
         t = [float(v) if v is not None else None for v in P.gradient_curve(cfg.t, name, len(blocks))]
     return {"kind": "interpolation", "module": module, "blocks": blocks, "name": name, "method": cfg.merge_method,
             "angles": [(m.model, j, _angles(ws, module, j)) for m, j in zip(cfg.models, idx)], "t": t}
+
+
+def merged_delta(ws, cfg: MergeConfig, name: str) -> dict | None:
+    """The merged delta of `name` as the pipeline computes it (prune, amplify, combine, λ) beside
+    task arithmetic's of the same models (λ Σ wᵢδᵢ), on one log10 |δ| grid: {"name", "method",
+    "centers", "before", "after" (counts of non-zero entries), "nonzero" (before, after shares),
+    "norm_ratio" (‖after‖ / ‖before‖)}; None for an interpolation or layer stacking."""
+    cfg = fine_tunes(cfg)
+    if cfg.family != "pipeline":
+        return None
+    view = cfg.for_tensor(name)
+    idx = ws.align(cfg)
+    deltas = torch.stack([ws.access.delta(name, j) for j in idx])
+    w = torch.tensor([float(m.weight) for m in view.models]).view(-1, *([1] * (deltas.dim() - 1)))
+    before = (deltas * w).sum(0) * float(view.lambda_)
+    after = combine(view, pruned_deltas(ws, cfg, name).clone(), inplace=True) * float(view.lambda_)
+    logs = [sample_flat(t.reshape(-1), HIST_SAMPLE).abs().log10() for t in (before, after)]
+    finite = [x[torch.isfinite(x)] for x in logs]
+    lo = min((float(x.min()) for x in finite if x.numel()), default=-8.0)
+    hi = max(max((float(x.max()) for x in finite if x.numel()), default=0.0), lo + 1e-6)
+    counts = [torch.histc(x, bins=HIST_BINS, min=lo, max=hi).round().int().tolist() for x in finite]
+    width = (hi - lo) / HIST_BINS
+    norm = float(before.norm())
+    return {"name": name, "method": cfg.method_name, "centers": [10 ** (lo + (b + 0.5) * width) for b in range(HIST_BINS)],
+            "before": counts[0], "after": counts[1],
+            "nonzero": (float((before != 0).float().mean()), float((after != 0).float().mean())),
+            "norm_ratio": float(after.norm()) / norm if norm > 0 else None, "lambda": float(view.lambda_)}

@@ -95,10 +95,11 @@ class MethodControls:
         if unknown:
             raise ConfigError(f"{self.preset} takes no {', '.join(sorted(unknown))}")
         if prune != "none" and not 0 < self.density <= 1:
-            raise ConfigError(f"prune rate {self.prune_rate:g} leaves nothing: keep it below 1")
+            raise ConfigError(f"density {self.density:g} is out of range: the share of each δ kept, above 0 and at "
+                              f"most 1 (0.2 keeps 20%, prunes 80%)")
         if self.weights and len(self.weights) not in (1, n_models):
-            raise ConfigError(f"{len(self.weights)} weights for {n_models} fine-tunes: give one per fine-tune, "
-                              f"or a single number for all")
+            raise ConfigError(f"weights: {len(self.weights)} given for {n_models} fine-tune"
+                              f"{'' if n_models == 1 else 's'}: give one per fine-tune, or a single number for all")
         if amplify == "dpa":
             s = self.band_shares
             if any(b <= a for a, b in zip(s, s[1:])) or any(not 0 < b < 1 for b in s):

@@ -18,7 +18,32 @@ COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e3
           "#bcbd22", "#7f7f7f"]
 MERGED_COLOR, BASE_COLOR = "#111827", "#9ca3af"
 _AXIS = dict(gridcolor="#ebf0f8", linecolor="#ebf0f8", zeroline=False, automargin=True)
-_LEGEND_BELOW = dict(orientation="h", x=0, xanchor="left", y=-0.22, yanchor="top", font=dict(size=11))
+def legend_below(entries: list[str], width: int = 760) -> tuple[dict, int]:
+    """(legend, bottom margin) for a legend under the plot, in the figure's own bottom margin
+    (below the x axis title, which it never covers): rows estimated from the entries' lengths."""
+    per_row, rows, used = max(width, 200), 1, 0
+    for e in entries:
+        w = 40 + 6.5 * len(e)
+        if used and used + w > per_row:
+            rows, used = rows + 1, 0
+        used += w
+    legend = dict(orientation="h", x=0, xanchor="left", yref="container", y=0, yanchor="bottom",
+                  font=dict(size=11), tracegroupgap=0)
+    return legend, 56 + 21 * rows
+
+
+def fmt(x, digits: int = 3) -> str:
+    """A number for people: `digits` significant digits (0.292, 21.4, 0.00981), whole numbers of
+    1000 and more with separators (12,345), never 0.2916666666666667."""
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return str(x)
+    if not math.isfinite(v):
+        return str(v)
+    if abs(v) >= 10 ** digits:
+        return f"{v:,.0f}"
+    return f"{v:.{digits}g}"
 
 
 def color(index: int) -> str:
@@ -56,7 +81,8 @@ def message(text: str, height: int = 320) -> go.Figure:
 
 def histogram(data: dict, method: str, prune: str, amplify: str) -> go.Figure:
     """|δ| histograms (analysis.histogram) on a log axis, one line per fine-tune, with its keep
-    threshold (dashed) and DPA band edges (dotted) in its colour."""
+    threshold (dashed) and DPA band edges (dotted) in its colour; under DPA, the kept entries after
+    their band's α (a lighter line), so moving α moves that mass."""
     x, rows = data["centers"], {r["model"]: r for r in data["rows"]}
     traces, peak = [], 1
     for s in data["series"]:
@@ -69,10 +95,17 @@ def histogram(data: dict, method: str, prune: str, amplify: str) -> go.Figure:
             traces.append(go.Scatter(x=x, y=s["counts"], mode="lines", line=dict(shape="hvh", color=c, dash="dot"),
                                      name=f"{label} dropped", legendgroup=label, showlegend=False))
             continue
+        if s["part"] == "amplified":
+            ratio = r.get("mass_ratio")
+            name = f"{label} after α ({'×'.join(fmt(a) for a in r.get('alphas', []))})" + (
+                f": kept Σ|δ| ×{fmt(ratio)}" if ratio is not None else "")
+            traces.append(go.Scatter(x=x, y=s["counts"], mode="lines", name=name, legendgroup=label,
+                                     line=dict(shape="hvh", color=c, width=3), opacity=0.45))
+            continue
         if s["part"] == "kept":
-            name = f"{label}: kept {pct:.1f}% (solid), dropped (dotted)"
+            name = f"{label}: kept {fmt(pct)}% (solid), dropped (dotted)"
         elif r["threshold"] is not None:
-            name = f"{label} threshold {r['threshold']:.3g} (density {r['density']:.3f})"
+            name = f"{label}: keep |δ| ≥ {fmt(r['threshold'])}, density {fmt(r['density'])}"
         else:
             name = f"{label}: all kept"
         traces.append(go.Scatter(x=x, y=s["counts"], mode="lines", line=dict(shape="hvh", color=c), name=name,
@@ -83,36 +116,40 @@ def histogram(data: dict, method: str, prune: str, amplify: str) -> go.Figure:
             t = r["threshold"]
             traces.append(go.Scatter(x=[t, t], y=[0, peak * 1.05], mode="lines", legendgroup=label, showlegend=False,
                                      line=dict(color=c, dash="dash", width=2),
-                                     hovertemplate=f"{label}: keep |δ| ≥ {t:.3g}<extra></extra>"))
+                                     hovertemplate=f"{label}: keep |δ| ≥ {fmt(t)}<extra></extra>"))
         if r.get("upper") is not None and r["upper"] > 0:
             u = r["upper"]
             traces.append(go.Scatter(x=[u, u], y=[0, peak * 1.05], mode="lines", legendgroup=label, showlegend=False,
                                      line=dict(color=c, dash="dashdot", width=2),
-                                     hovertemplate=f"{label}: outliers above {u:.3g} dropped<extra></extra>"))
+                                     hovertemplate=f"{label}: outliers above {fmt(u)} dropped<extra></extra>"))
         for f, e in zip(r["band_fractions"], r["band_edges"]):
             if e is not None and e > 0:
                 traces.append(go.Scatter(x=[e, e], y=[0, peak * 1.05], mode="lines", legendgroup=label,
                                          showlegend=False, line=dict(color=c, dash="dot", width=1.5),
-                                         hovertemplate=f"{label}: band edge {e:.3g} (top {100 * f:.2f}%)<extra></extra>"))
+                                         hovertemplate=f"{label}: band edge {fmt(e)} (top {fmt(100 * f)}%)<extra></extra>"))
     n, sampled = data["numel"], data["sampled"]
     what = "all entries" if sampled == n else f"a fixed sample of {sampled:,} of {n:,} entries"
-    if prune == "random":
+    if data.get("pcb_ratio") is not None:
+        key = (f"PCB keeps each fine-tune's top {fmt(100 * data['pcb_ratio'])}% of balancing scores, not of |δ| "
+               f"(solid: kept, dotted: dropped)")
+    elif prune == "random":
         key = "random drop ignores magnitude: kept and dropped overlap"
     elif prune == "none":
-        key = "no pruning" + ("" if data.get("sce_select") is not None else ": every entry is kept")
+        key = f"{method} prunes nothing" + ("" if data.get("sce_select") is not None else ": no thresholds")
     elif prune == "breadcrumbs":
         key = "kept band between dashed (smallest kept) and dash-dot (outliers above dropped)"
     else:
-        key = "dashed: keep threshold" + (", dotted: DPA band edges" if amplify == "dpa" else "")
+        key = "dashed: keep threshold" + (", dotted: DPA band edges, light: kept after α" if amplify == "dpa" else "")
     if data.get("sce_select") is not None:
-        key += (f"; SCE keeps the {100 * data['sce_select']:.0f}% of entries that vary most across the models "
+        key += (f"; SCE keeps the {fmt(100 * data['sce_select'])}% of entries that vary most across the models "
                 f"(solid: kept, dotted: dropped)")
     if any(r.get("pending") for r in data["rows"]):
         key += "; DP densities pending (target density shown)"
+    legend, bottom = legend_below([t.name for t in traces if t.showlegend is not False and t.name])
     return figure(traces, title=dict(text=f"|δ| of {data['name']} — {method}<br><sup>{what}; {key}</sup>"),
-                  xaxis=dict(title=dict(text="|δ| (log scale)"), type="log"),
-                  yaxis=dict(title=dict(text="entries per bin")), legend=_LEGEND_BELOW, height=430,
-                  margin=dict(t=70, l=60, r=10, b=40))
+                  xaxis=dict(title=dict(text="|δ| (log scale)", standoff=6), type="log"),
+                  yaxis=dict(title=dict(text="entries per bin")), legend=legend, height=330 + bottom,
+                  margin=dict(t=70, l=60, r=10, b=bottom))
 
 
 # ------------------------------------------------------------------------------------ heatmap
@@ -210,19 +247,20 @@ def masks(d: dict, method: str, combine: str) -> go.Figure:
     hover = "row %{y}, col %{x}: "
     cells = {}
     for c, (k, lab, ref) in enumerate(zip(d["kept"], labels, d["models"])):
-        cells[(0, c)] = (f"{lab}: {d['kept_pct'][ref]:.1f}% kept",
+        cells[(0, c)] = (f"{lab}: {fmt(d['kept_pct'][ref])}%",
                          dict(z=_np(k), zmin=0, zmax=1, colorscale=[[0, "#ffffff"], [1, color(d["index"][c])]],
                               showscale=False, hovertemplate=hover + "%{z:.0%} kept<extra></extra>"))
     cells[(1, 0)] = ("winner per cell", dict(z=d["winner"].numpy(), zmin=-0.5, zmax=n - 0.5, colorscale=scale,
                                              showscale=False, hovertemplate=hover + "model %{z}<extra></extra>"))
-    cells[(1, 1)] = (f"sign conflicts {d['conflict_pct']:.1f}%",
-                     dict(z=_np(d["conflict"]), zmin=0, zmax=1, colorscale="Reds", showscale=False,
-                          hovertemplate=hover + "%{z:.0%} in conflict<extra></extra>"))
+    # near-black: no fine-tune's colour (a red panel would read as the red fine-tune's)
+    cells[(1, 1)] = (f"sign conflicts {fmt(d['conflict_pct'])}%",
+                     dict(z=_np(d["conflict"]), zmin=0, zmax=1, colorscale=[[0, "#ffffff"], [1, MERGED_COLOR]],
+                          showscale=False, hovertemplate=hover + "%{z:.0%} in conflict<extra></extra>"))
     if has_pcb:
         for c, (sc, lab, ref) in enumerate(zip(d["pcb"], labels, d["models"])):
-            cells[(2, c)] = (f"{lab}: PCB weight {d['pcb_mean_weight'][ref]:.2f}",
-                             dict(z=_np(sc), zmin=0, zmax=_top(sc), colorscale="Greens", showscale=False,
-                                  hovertemplate=hover + "weight %{z:.2f}<extra></extra>"))
+            cells[(2, c)] = (f"{lab}: w̄ {fmt(d['pcb_mean_weight'][ref])}",
+                             dict(z=_np(sc), zmin=0, zmax=_top(sc), colorscale=[[0, "#ffffff"], [1, color(d["index"][c])]],
+                                  showscale=False, hovertemplate=hover + "mean weight %{z:.2f}<extra></extra>"))
     hgap, vgap = 0.04, 0.16
     w, h = (1 - hgap * (cols - 1)) / cols, (1 - vgap * (nrows - 1)) / nrows
     traces, layout, notes = [], {}, []
@@ -236,13 +274,16 @@ def masks(d: dict, method: str, combine: str) -> go.Figure:
         layout[f"yaxis{sy}"] = dict(ticks="", domain=[max(round(y1 - h, 6), 0.0), y1], anchor=f"x{sx}",
                                     autorange="reversed", showticklabels=False, showgrid=False)
         notes.append(dict(text=title, x=x0 + w / 2, y=y1 + 0.01, xref="paper", yref="paper", xanchor="center",
-                          yanchor="bottom", showarrow=False, font=dict(size=11)))
+                          yanchor="bottom", showarrow=False, font=dict(size=11 if cols <= 3 else 10)))
     legend = " · ".join(f"<span style='color:{color(j)}'>■</span> {lab}" for j, lab in zip(d["index"], labels))
     cell = "×".join(str(c) for c in d["cell"])
     pending = " (DP densities pending: target density shown)" if d.get("pending") else ""
+    rows = f"row 1: what each keeps{' (PCB: its top ' + fmt(100 * d['pcb_ratio']) + '% of scores)' if has_pcb else ''}; " \
+           f"row 2: after the {combine} combine" + ("; row 3: PCB's weights (w̄: mean of the kept)" if has_pcb else "")
+    # a top margin that holds the three title lines above the panels' titles (they crossed at five fine-tunes)
     fig = figure(traces, title=dict(text=f"Masks of {d['name']} {d['shape']} — {method}{pending}<br><sup>each cell: "
-                                         f"share of its {cell} entries; row 2: after the {combine} combine · {legend}</sup>"),
-                 annotations=notes, height=210 * nrows + 110, margin=dict(t=100, l=20, r=20, b=20), **layout)
+                                         f"share of its {cell} entries; {rows}<br>{legend}</sup>"),
+                 annotations=notes, height=210 * nrows + 170, margin=dict(t=150, l=20, r=20, b=20), **layout)
     return fig
 
 
@@ -270,10 +311,11 @@ def scores(rows: list[dict], metric: str = "smooth") -> go.Figure:
     yaxis = {"title": dict(text=metric)}
     if metric in ("em", "smooth"):
         yaxis["range"] = [0, 1.15]
+    legend, bottom = legend_below([b.name for b in bars])
     return figure(bars, title=dict(text=f"{metric} per domain<br><sup>merged model's value on its bar; hover for "
                                         f"the others</sup>"), barmode="group",
-                  xaxis=dict(title=dict(text="domain")), yaxis=yaxis, legend=_LEGEND_BELOW, height=420,
-                  margin=dict(t=70, l=60, r=10, b=40))
+                  xaxis=dict(title=dict(text="domain", standoff=6)), yaxis=yaxis, legend=legend, height=340 + bottom,
+                  margin=dict(t=70, l=60, r=10, b=bottom))
 
 
 def layer_curves(curves: list[tuple[str, list]], n_layers: int, title: str = "per-layer values") -> go.Figure:
@@ -283,19 +325,22 @@ def layer_curves(curves: list[tuple[str, list]], n_layers: int, title: str = "pe
     x = list(range(n_layers))
     lines = [go.Scatter(x=x, y=[None if v is None else float(v) for v in ys], mode="lines+markers", name=label,
                         line=dict(color=COLORS[k % len(COLORS)])) for k, (label, ys) in enumerate(curves)]
-    return figure(lines, title=dict(text=title), xaxis=dict(title=dict(text="layer"), dtick=1 if n_layers <= 32 else None),
-                  yaxis=dict(title=dict(text="value")), legend=_LEGEND_BELOW, height=300,
-                  margin=dict(t=40, l=60, r=10, b=40))
+    legend, bottom = legend_below([ln.name for ln in lines], width=300)
+    return figure(lines, title=dict(text=title),
+                  xaxis=dict(title=dict(text="layer", standoff=6), dtick=1 if n_layers <= 32 else None),
+                  yaxis=dict(title=dict(text="value")), legend=legend, height=220 + bottom,
+                  margin=dict(t=40, l=60, r=10, b=bottom))
 
 
 def objective_curve(values: list[float], best: list[float], title: str) -> go.Figure:
     """An objective per evaluation with the best so far (searches)."""
     x = list(range(1, len(values) + 1))
+    legend, bottom = legend_below(["evaluation", "best so far"])
     return figure([go.Scatter(x=x, y=values, mode="markers", name="evaluation", marker=dict(color=COLORS[0])),
                    go.Scatter(x=x, y=best, mode="lines", name="best so far", line=dict(color=MERGED_COLOR))],
-                  title=dict(text=title), xaxis=dict(title=dict(text="evaluation")),
-                  yaxis=dict(title=dict(text="objective")), legend=_LEGEND_BELOW, height=320,
-                  margin=dict(t=50, l=60, r=10, b=40))
+                  title=dict(text=title), xaxis=dict(title=dict(text="evaluation", standoff=6)),
+                  yaxis=dict(title=dict(text="objective")), legend=legend, height=250 + bottom,
+                  margin=dict(t=50, l=60, r=10, b=bottom))
 
 
 def nan_to_none(x: float | None) -> float | None:
@@ -306,9 +351,51 @@ _DELLA_RESCALE = {"l1": "kept entries rescaled so each delta keeps its L1 norm",
                   "paper": "each kept entry divided by its p", "none": "kept entries keep their values"}
 
 
+def merged_delta(d: dict) -> go.Figure:
+    """analysis.merged_delta: |merged δ| of the tensor under the method beside task arithmetic's."""
+    nz0, nz1 = d["nonzero"]
+    traces = [go.Scatter(x=d["centers"], y=d["before"], mode="lines", line=dict(shape="hvh", color=BASE_COLOR, width=2),
+                         name=f"task arithmetic λ Σ wᵢδᵢ: {fmt(100 * nz0)}% non-zero"),
+              go.Scatter(x=d["centers"], y=d["after"], mode="lines", line=dict(shape="hvh", color=MERGED_COLOR),
+                         name=f"{d['method']}: {fmt(100 * nz1)}% non-zero")]
+    ratio = "" if d["norm_ratio"] is None else f"; ‖{d['method']}‖ / ‖task arithmetic‖ = {fmt(d['norm_ratio'])}"
+    legend, bottom = legend_below([t.name for t in traces])
+    return figure(traces, title=dict(text=f"Merged δ of {d['name']}: before / after {d['method']}<br><sup>the same "
+                                          f"models, weights and λ {fmt(d['lambda'])}{ratio}</sup>"),
+                  xaxis=dict(title=dict(text="|merged δ| (log scale)", standoff=6), type="log"),
+                  yaxis=dict(title=dict(text="entries per bin")), legend=legend, height=300 + bottom,
+                  margin=dict(t=70, l=60, r=10, b=bottom))
+
+
+def _pcb_scores(d: dict) -> go.Figure:
+    traces = []
+    peak = max((max(r["counts"]) for r in d["series"]), default=1)
+    for r in d["series"]:
+        lab, c, cut = short(r["model"]), color(r["index"]), r["cut"]
+        traces.append(go.Scatter(x=d["centers"], y=r["counts"], mode="lines", line=dict(shape="hvh", color=c),
+                                 name=f"{lab}: cut {fmt(cut)}, keeps {fmt(100 * r['kept'] / max(r['numel'], 1))}% "
+                                      f"({fmt(100 * r['not_positive'])}% score ≤ 0)", legendgroup=lab))
+        if cut > 0:
+            traces.append(go.Scatter(x=[cut, cut], y=[0, peak * 1.05], mode="lines", legendgroup=lab, showlegend=False,
+                                     line=dict(color=c, dash="dash", width=2),
+                                     hovertemplate=f"{lab}: weights above {fmt(cut)}<extra></extra>"))
+    scope = "; scope: model (the merge balances over the whole model; shown: this tensor alone)" \
+        if d.get("scope") == "model" else ""
+    legend, bottom = legend_below([t.name for t in traces if t.showlegend is not False])
+    return figure(traces, title=dict(text=f"PCB's balancing scores in {d['name']}<br><sup>score = intra × inter "
+                                          f"balancing; each fine-tune keeps its top {fmt(100 * d['ratio'])}% (dashed: "
+                                          f"its cut), weighted by the min-max of the scores above it{scope}</sup>"),
+                  xaxis=dict(title=dict(text="score > 0 (log scale)", standoff=6), type="log"),
+                  yaxis=dict(title=dict(text="entries per bin")), legend=legend,
+                  height=300 + bottom, margin=dict(t=70, l=60, r=10, b=bottom))
+
+
 def method_view(d: dict) -> go.Figure:
-    """analysis.method_view: DELLA's keep probability by |δ| rank, or an interpolation's angle
-    between the base and each model per layer (with slerp's t over the layers)."""
+    """analysis.method_view: PCB's balancing scores with each fine-tune's cut, DELLA's keep
+    probability by |δ| rank, or an interpolation's angle between the base and each model per
+    layer (with slerp's t over the layers)."""
+    if d["kind"] == "pcb":
+        return _pcb_scores(d)
     if d["kind"] == "della":
         lines = []
         for ref, j, curve in d["curves"]:
@@ -316,12 +403,13 @@ def method_view(d: dict) -> go.Figure:
                 continue
             x = [k / max(len(curve) - 1, 1) for k in range(len(curve))]
             lines.append(go.Scatter(x=x, y=curve, mode="lines", name=short(ref), line=dict(color=color(j))))
+        legend, bottom = legend_below([ln.name for ln in lines])
         return figure(lines, title=dict(text=f"DELLA: keep probability by |δ| rank in a row of {d['name']}<br><sup>"
                                              f"rank 0 = the row's smallest |δ|, 1 = its largest ({d['cols']} per row); "
                                              f"{_DELLA_RESCALE.get(d.get('rescale'), '')}</sup>"),
-                      xaxis=dict(title=dict(text="|δ| rank within its row")),
+                      xaxis=dict(title=dict(text="|δ| rank within its row", standoff=6)),
                       yaxis=dict(title=dict(text="keep probability"), rangemode="tozero"),
-                      legend={**_LEGEND_BELOW, "y": -0.3}, height=370, margin=dict(t=70, l=60, r=10, b=70))
+                      legend=legend, height=300 + bottom, margin=dict(t=70, l=60, r=10, b=bottom))
     traces = [go.Scatter(x=d["blocks"], y=angles, mode="lines+markers", name=f"{short(ref)}: angle to the base",
                          line=dict(color=color(j))) for ref, j, angles in d["angles"]]
     layout = {}
@@ -329,9 +417,10 @@ def method_view(d: dict) -> go.Figure:
         traces.append(go.Scatter(x=d["blocks"], y=d["t"], mode="lines", name="t over the layers", yaxis="y2",
                                  line=dict(color=MERGED_COLOR, dash="dash")))
         layout["yaxis2"] = dict(title=dict(text="t"), overlaying="y", side="right", range=[0, 1], showgrid=False)
+    legend, bottom = legend_below([t.name for t in traces])
     return figure(traces, title=dict(text=f"{d['method']}: the {d['module']} weights of each model against the base's"
                                           f"<br><sup>degrees between the flattened tensors per layer (slerp walks this "
                                           f"arc; near 0 it equals linear interpolation)</sup>"),
-                  xaxis=dict(title=dict(text="layer"), dtick=1), yaxis=dict(title=dict(text="angle (degrees)"),
-                                                                             rangemode="tozero"),
-                  legend={**_LEGEND_BELOW, "y": -0.3}, height=390, margin=dict(t=70, l=60, r=50, b=70), **layout)
+                  xaxis=dict(title=dict(text="layer", standoff=6), dtick=1),
+                  yaxis=dict(title=dict(text="angle (degrees)"), rangemode="tozero"),
+                  legend=legend, height=310 + bottom, margin=dict(t=70, l=60, r=50, b=bottom), **layout)

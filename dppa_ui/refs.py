@@ -144,9 +144,24 @@ def _download(ref: str, policy: RefPolicy, progress: Callable[[str], None] | Non
         from huggingface_hub import snapshot_download
         path = snapshot_download(repo_id, revision=revision or None, allow_patterns=patterns, **kwargs)
     except Exception as e:  # offline, unknown repo, bad revision, invalid id, network ...
-        raise ModelRefError(f"model {ref!r} is not a local folder and could not be fetched from the hub "
-                            f"(offline?): {type(e).__name__}: {e}") from e
+        raise ModelRefError(f"model {ref!r} is not a local folder and could not be fetched from the hub: "
+                            f"{_hub_failure(e, repo_id, revision)}") from e
     return Path(path)
+
+
+def _hub_failure(e: Exception, repo_id: str, revision: str) -> str:
+    """Why a hub download failed, in words a user can act on (not the library's exception text)."""
+    kind = type(e).__name__
+    if kind == "LocalEntryNotFoundError":
+        return ("this server has no copy of it and cannot reach the hub (offline: HF_HUB_OFFLINE=1, or no "
+                "network); use a demo model or a folder under the model roots")
+    if kind == "GatedRepoError":
+        return f"{repo_id} is gated: accept its terms on the hub and give this server a token (HF_TOKEN)"
+    if kind == "RepositoryNotFoundError":
+        return f"there is no model {repo_id} on the hub (or it is private): check the name"
+    if kind == "RevisionNotFoundError":
+        return f"{repo_id} has no revision {revision!r}"
+    return f"{kind}: {e}"
 
 
 def _progress_tqdm(ref: str, report: Callable[[str], None]):

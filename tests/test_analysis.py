@@ -86,8 +86,8 @@ def test_random_pruning_counts_the_real_mask(ws):
 def test_histogram_counts_every_entry_once_and_the_lines_follow_the_density(ws):
     c = cfg(ws, preset="dppa", density=0.3)
     data = analysis.histogram(ws, c, NAME)
-    assert [s["part"] for s in data["series"]] == ["all"] * 3
-    assert [sum(s["counts"]) for s in data["series"]] == [int((delta(ws, j) != 0).sum()) for j in range(3)]
+    assert [s["part"] for s in data["series"]] == ["all"] * 3 + ["amplified"] * 3       # DPA: after its α too
+    assert [sum(s["counts"]) for s in data["series"][:3]] == [int((delta(ws, j) != 0).sum()) for j in range(3)]
     fig = figures.histogram(data, c.method_name, c.prune, c.amplify)
     assert fig.layout.xaxis.type == "log" and NAME in fig.layout.title.text
     dashed = [t for t in fig.data if t.line.dash == "dash"]
@@ -167,3 +167,66 @@ def test_apl_random_drop_is_shown_as_a_random_drop(tmp_path):
     data = analysis.histogram(ws, cfg, name)
     assert [s["part"] for s in data["series"]] == ["kept", "dropped"]
     ws.close()
+
+
+# ------------------------------------------------------------------------------------ the seed methods (issue 16)
+
+def test_dpa_views_show_the_kept_mass_after_each_bands_alpha(ws):
+    """Moving α₁ moves what the views show: the kept entries after their band's α (histogram), and
+    the kept Σ|δ| after over before (table), as DPA computes them on the pruned delta."""
+    from dppa_ui.methods import dpa_amplify, magnitude_prune
+    shown = {}
+    for alpha in (1.8, 3.6):
+        c = cfg(ws, preset="dppa", density=0.3, alphas=(alpha, 1.0), dp_lambda=0.0)
+        data = analysis.histogram(ws, c, NAME)
+        for j, r in enumerate(data["rows"]):
+            m = c.for_tensor(NAME).models[j]
+            pruned = magnitude_prune(delta(ws, j), r["density"])
+            after = dpa_amplify(pruned, m.partitions, m.amplification)
+            assert r["alphas"] == [alpha, 1.0]
+            assert r["mass_ratio"] == pytest.approx(float(after.abs().sum() / pruned.abs().sum()), rel=1e-5)
+        amp = [s["counts"] for s in data["series"] if s["part"] == "amplified"]
+        assert [sum(x) for x in amp] == [r["kept"] for r in data["rows"]]          # every kept entry, once
+        centre = [sum(n * x for n, x in zip(k, data["centers"])) / sum(k) for k in amp]
+        shown[alpha] = ([r["mass_ratio"] for r in data["rows"]], centre)
+    assert all(hi > lo > 1 for lo, hi in zip(shown[1.8][0], shown[3.6][0]))
+    assert all(hi > lo for lo, hi in zip(shown[1.8][1], shown[3.6][1]))           # the kept mass moves right
+
+
+def test_pcb_views_show_its_drop_its_weights_and_its_scores(ws):
+    """PCB prunes nothing but drops in its combine: each fine-tune keeps the entries whose balancing
+    weight is > 0 (its top pcb_ratio of scores), as methods.pcb computes them."""
+    from dppa_ui.methods.pcb import clip_abs, pcb_cut, pcb_scale, pcb_score
+    c = cfg(ws, preset="pcb", pcb_ratio=0.1)
+    flat = torch.stack([delta(ws, j).reshape(-1) for j in range(3)])
+    scale = pcb_scale(flat, 0.1, clip_ratio=c.clip_ratio)
+    score = pcb_score(flat, clip_abs(flat, c.clip_ratio))
+    rows = analysis.thresholds(ws, c, NAME)
+    for j, r in enumerate(rows):
+        assert r["kept"] == int((scale[j] > 0).sum()) and r["kept"] == pytest.approx(0.1 * flat.shape[1], rel=0.01)
+        assert r["pcb_cut"] == pytest.approx(float(pcb_cut(score, 0.1)[j]))
+    data = analysis.histogram(ws, c, NAME)
+    assert [s["part"] for s in data["series"]] == ["kept", "dropped"] * 3 and data["pcb_ratio"] == 0.1
+    d = analysis.mask_data(ws, c, NAME)
+    for j, ref in enumerate(d["models"]):
+        kept = scale[j][scale[j] > 0]
+        assert d["kept_pct"][ref] == pytest.approx(100 * kept.numel() / flat.shape[1])
+        assert d["pcb_mean_weight"][ref] == pytest.approx(float(kept.mean()), rel=1e-5) and d["pcb_mean_weight"][ref] > 0
+    mv = analysis.method_view(ws, c, NAME)
+    assert mv["kind"] == "pcb" and [r["cut"] for r in mv["series"]] == pytest.approx(pcb_cut(score, 0.1).reshape(-1).tolist())
+    assert [r["kept"] for r in mv["series"]] == [r["kept"] for r in rows]
+    assert "balancing scores" in figures.method_view(mv).layout.title.text
+
+
+def test_merged_delta_is_the_merge_s_beside_task_arithmetic(ws):
+    """The before / after view: task arithmetic's merged δ and the method's, as the merge builds it."""
+    from dppa_ui.pipeline import merge_tensor
+    c = cfg(ws, preset="ties", density=0.3, lambda_=0.7)
+    d = analysis.merged_delta(ws, c, NAME)
+    base = ws.fam.base_sd[NAME].float()
+    after = merge_tensor(c, NAME, base, [ws.fam.ft_sds[j][NAME] for j in range(3)]) - base
+    before = 0.7 * sum(delta(ws, j) for j in range(3))
+    assert d["nonzero"][1] == pytest.approx(float((after != 0).float().mean()), abs=1e-3) and d["nonzero"][1] < 0.9
+    assert d["nonzero"][0] == pytest.approx(float((before != 0).float().mean()))
+    assert d["norm_ratio"] == pytest.approx(float(after.norm() / before.norm()), rel=1e-4)
+    assert analysis.merged_delta(ws, cfg(ws, preset="linear"), NAME) is None         # an interpolation: none

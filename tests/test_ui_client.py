@@ -75,16 +75,16 @@ def test_full_flow_over_the_api(client, tmp_path, read_weights):
                                                           api_name="/inspect")
         assert not status.startswith("⚠") and fig["type"] == "plotly"
         assert [r[0] for r in table["data"]] == [f.removeprefix("demo:") for f in FTS]
-        return [float(r[2]) for r in table["data"]]
+        return [float(r[2].removeprefix("|δ| ≥ ")) for r in table["data"]]
     lo, hi = thresholds(0.5), thresholds(0.1)
     assert all(h > l > 0 for l, h in zip(lo, hi))
     heat, note = client.predict("DP density", 0, *method(preset="dppa"), api_name="/heatmap")
     assert heat["type"] == "plotly"
-    mask, numbers, method_view = client.predict("model.layers.1.mlp.down_proj.weight",
-                                                *method(preset="ties", density=0.2), api_name="/masks")
-    assert "sign conflicts" in numbers and value(mask)["type"] == "plotly"
-    _, numbers, method_view = client.predict("model.layers.1.mlp.down_proj.weight", *method(preset="linear"),
-                                             api_name="/masks")
+    mask, numbers, method_view, merged = client.predict("model.layers.1.mlp.down_proj.weight",
+                                                        *method(preset="ties", density=0.2), api_name="/masks")
+    assert "sign conflicts" in numbers and value(mask)["type"] == "plotly" and value(merged)["type"] == "plotly"
+    _, numbers, method_view, merged = client.predict("model.layers.1.mlp.down_proj.weight", *method(preset="linear"),
+                                                     api_name="/masks")
     assert "keeps every entry" in numbers and value(method_view)["type"] == "plotly"
     mv = method(preset="dppa", density=0.1)
     summary, board, download, status = client.predict(*mv, api_name="/merge")
@@ -136,7 +136,8 @@ def test_bad_input_leaves_the_session_usable(client, tmp_path):
     assert client.predict("demo:base", FTS[:2], api_name="/load_models")[1].startswith("✓")
     assert "at least one fine-tune" in client.predict("demo:base", [], api_name="/load_models")[1]
     assert "outside the allowed model folders" in client.predict("/etc", "demo:base", FTS[:2], api_name="/add_model")[-1]
-    assert "weights" in client.predict(0, "mlp.up_proj", *method(weights="1, 2, 3"), api_name="/inspect")[-1]
+    fig = client.predict(0, "mlp.up_proj", *method(weights="1, 2, 3"), api_name="/inspect")[0]
+    assert "not drawn: weights: 3 given for 2 fine-tunes" in fig["plot"]             # the view says why
     for bad in (dict(weights="inf"), dict(weights="1e400, 1"), dict(alpha_per_model="demo:reverse=inf,1")):
         assert "finite" in client.predict(*method(**bad), api_name="/merge")[-1]
     bad = tmp_path / "bad.jsonl"

@@ -43,6 +43,16 @@ def state():
     s.close()
 
 
+def drawn(fig) -> str:
+    """What a view shows instead of a figure (its one-line state), '' for a drawn figure."""
+    return " ".join(a.text for a in fig.layout.annotations) if not fig.data else ""
+
+
+def cut(cell: str) -> float:
+    """The |δ| a thresholds row keeps from ('|δ| ≥ 0.00981')."""
+    return float(cell.removeprefix("|δ| ≥ "))
+
+
 def view(state, **over) -> dict:
     return {"state": state, "block": 1, "module": "mlp.down_proj", "matrix": "model.layers.1.mlp.down_proj.weight",
             "heat_metric": "mean |δ|", "heat_model": 0, **ctl(**over)}
@@ -73,13 +83,13 @@ def test_threshold_moves_with_the_density_and_the_masks_follow(state):
     state.shown_tensor = None
     lo = inspect.inspect(view(state, preset="ties", density=0.5))
     hi = inspect.inspect(view(state, preset="ties", density=0.1))
-    t_lo = [float(r[2]) for r in lo["thresholds"]]
-    t_hi = [float(r[2]) for r in hi["thresholds"]]
+    t_lo = [cut(r[2]) for r in lo["thresholds"]]
+    t_hi = [cut(r[2]) for r in hi["thresholds"]]
     assert all(h > l > 0 for l, h in zip(t_lo, t_hi))
     assert lo["matrix"]["value"] == "model.layers.1.mlp.down_proj.weight"    # the mask viewer follows the tensor
     assert "matrix" not in hi                                                # ... only when the tensor changes
     legend = " ".join(t.name for t in hi["histogram"].data if t.showlegend is not False)
-    assert "reverse threshold" in legend and "density 0.100" in legend
+    assert "reverse: keep |δ| ≥" in legend and "density 0.1" in legend
 
 
 def test_dp_shows_module_densities_and_its_warnings(state):
@@ -94,7 +104,7 @@ def test_non_finite_numbers_are_refused(state):
     for bad in (dict(weights="1, inf, 1, 1"), dict(weights="1e400"), dict(lambda_=float("inf")),
                 dict(alpha_per_model="demo:reverse=nan,1")):
         out = inspect.inspect(view(state, **bad))
-        assert out["inspect_status"].startswith("⚠") and "finite" in out["inspect_status"], (bad, out)
+        assert "finite" in drawn(out["histogram"]) and out["thresholds"] == [], (bad, out)
         out = merge.merge({"state": state, "progress": Progress(), **ctl(**bad)})
         assert "finite" in out["merge_status"]
 
@@ -172,9 +182,9 @@ def test_reload_export_and_yaml(state, tmp_path):
     exp = score.export_yaml({"state": state, "base": "demo:base", "fts": FTS, **values_of(c)})
     assert "merge_method: dppa" in exp["yaml_code"] and Path(exp["yaml_file"]["value"]).is_file()
     back = score.load_yaml_into_controls({"state": state, "yaml_code": exp["yaml_code"]})
-    assert back["score_status"].startswith("✓") and back["density"]["value"] == 0.3
+    assert back["yaml_status"].startswith("✓") and back["density"]["value"] == 0.3
     bad = score.load_yaml_into_controls({"state": state, "yaml_code": "merge_method: ties\nmodels: [a, b\n"})
-    assert "line 3, column 1" in bad["score_status"] and "density" not in bad
+    assert "line 3, column 1" in bad["yaml_status"] and "density" not in bad
     out = method.load_example({"state": state, "example": "ties"})
     assert out["preset"] == "ties" and out["method_status"].startswith("✓")
 
@@ -189,7 +199,7 @@ def test_preset_view_shows_only_the_controls_it_uses():
 
 def test_handlers_before_loading_say_what_to_do():
     s = AppState()
-    assert "load the models first" in inspect.inspect(view(s))["inspect_status"]
+    assert "load the models first" in drawn(inspect.inspect(view(s))["histogram"])
     assert "load the models first" in merge.merge({"state": s, "progress": Progress(), **ctl()})["merge_status"]
     assert "load the models first" in score.score({"state": s, "progress": Progress(), "suite": score.DEMO_SUITE,
                                                    "upload": None})["score_status"]
@@ -291,7 +301,7 @@ def test_an_apl_config_inspects_pending_then_its_maps_and_merges_like_the_cli(st
     state.ws.apl._jobs.clear()
     out = inspect.inspect(view(state))
     assert "APL importance of the fine-tunes 0/2 computed" in out["inspect_status"]
-    assert {r[1] for r in out["thresholds"]} == {"0.200"}                   # the target density until then
+    assert {r[1] for r in out["thresholds"]} == {"0.2"}                     # the target density until then
     assert "target density shown" in inspect.masks(view(state))["mask_numbers"]
     assert ws.kept_fraction(cfg) is None
     gate.set()
@@ -360,7 +370,7 @@ def test_smile_upscale_chats_with_routing_and_scores_with_routing_accuracy(state
     want = smile.routing_accuracy(model, tok, score.demo_items())
     assert [row[1] for row in acc["routing_table"]] == pytest.approx([round(want[n]["decisions"], 3) for n in names])
     assert all(0 <= x <= 1 for row in acc["routing_table"] for x in row[1:])
-    assert "is a SMILE model" in score.reload_run({"state": state, "run_no": run.number})["score_status"]
+    assert "is a SMILE model" in score.reload_run({"state": state, "run_no": run.number})["runs_status"]
     # a plain merge next: the routing views hide
     merge.merge({"state": state, "progress": Progress(), **ctl(preset="task_arithmetic")})
     assert chat.routing({"state": state, "chat_merged": hist, "system": ""})["chat_routing"]["visible"] is False
@@ -422,27 +432,28 @@ def test_search_streams_its_candidates_and_the_best_loads_into_the_controls(pair
     assert table["headers"][:4] == ["#", "weight reverse", "weight sort", "density"]
     assert [r[0] for r in table["data"]] == [6, 5, 4, 3, 2, 1]                 # newest first
     objectives = [r[4] for r in table["data"]]
-    assert res.objective == pytest.approx(max(objectives), abs=1e-4)          # the best scored candidate is chosen
-    best_row = table["data"][objectives.index(max(objectives))]
-    assert best_row[1:4] == pytest.approx([res.values["models[0].weight"], res.values["models[1].weight"],
-                                           res.values["density"]], abs=1e-4)
+    # the best scored candidate is chosen (the table shows 3 significant digits)
+    assert res.objective == pytest.approx(max(objectives), rel=5e-3)
+    best = [r for r in table["data"] if r[4] == max(objectives)]
+    assert any(r[1:4] == pytest.approx([res.values["models[0].weight"], res.values["models[1].weight"],
+                                        res.values["density"]], rel=5e-3) for r in best)
     assert all(0.5 <= r[1] <= 1.5 and 0.5 <= r[2] <= 1.5 and 0.05 <= r[3] <= 0.6 for r in table["data"])
     assert "test split" in last["search_status"]                              # scored once, for the best
     assert load_config(last["search_yaml"]).models[1].weight == pytest.approx(res.values["models[1].weight"])
     assert Path(last["search_file"]["value"]).read_text() == last["search_yaml"]
     out = search_ui.load_best({"state": pair, "search_best": res})
     assert out["search_status"].startswith("✓")
-    shown = controls_shown(out).to_config("demo:base", FTS[::2])
+    shown = controls_shown(out).to_config("demo:base", FTS[::2])            # to 3 significant digits
     assert [m.weight for m in shown.models] == pytest.approx([res.values["models[0].weight"],
-                                                              res.values["models[1].weight"]], rel=1e-5)
-    assert shown.models[0].density == pytest.approx(res.values["density"]) == shown.models[1].density
+                                                              res.values["models[1].weight"]], rel=5e-3)
+    assert shown.models[0].density == pytest.approx(res.values["density"], rel=5e-3) == shown.models[1].density
 
 
 def test_stop_ends_the_search_with_the_best_so_far(pair):
     outs = []
     for o in search_ui.start(search_inputs(pair, search_budget=200)):
         outs.append(o)
-        m = re.search(r"⏳ (\d+)/200", o.get("search_status", ""))
+        m = re.search(r"⟳ (\d+)/200", o.get("search_status", ""))
         if m and int(m.group(1)) >= 2 and not pair.cancel.is_set():
             assert "stop requested" in search_ui.stop({"state": pair})["search_status"]
     res = outs[-1]["search_best"]
@@ -517,21 +528,22 @@ def test_the_parameter_table_follows_the_preset(pair):
 
 def test_auto_lambda_writes_the_lambdas_it_found_into_the_weights(pair, monkeypatch):
     monkeypatch.setattr(core_search, "LAMBDA_BUDGET", 6)          # PCB's budget is 100: the same search, shorter
-    outs = list(search_ui.auto_lambda({"state": pair, **ctl(preset="pcb")}))
+    outs = list(method.auto_lambda({"state": pair, **ctl(preset="pcb")}))
     last = outs[-1]
-    assert last["method_status"].startswith("✓") and last["lambda_"] == 1.0
+    assert last["lambda_status"].startswith("✓") and last["lambda_"] == 1.0
     weights = [float(w) for w in last["weights"].split(",")]
     tried = [(float(o), [float(x) for x in lam.split(",")]) for lam, o in
              re.findall(r"#\d+: λ ([0-9., ]+) → ([0-9.]+)", last["lambda_log"])]
     assert len(tried) == 6 and all(0.8 <= x <= 1.3 for _, lam in tried for x in lam)
-    assert weights == pytest.approx(max(tried)[1], abs=1e-3)                  # the best candidate's λ_i
+    top = max(o for o, _ in tried)                                            # (the log shows 3 digits)
+    assert any(weights == pytest.approx(lam, abs=5e-3) for o, lam in tried if o == top)   # the best candidate's λ_i
     assert len(outs) >= 2                                                     # the log streamed before the end
 
 
 def test_auto_alpha_streams_the_official_walk_and_writes_what_it_chose(pair):
     outs = list(method.auto_alpha({"state": pair, **ctl(preset="dppa")}))
     last = outs[-1]
-    assert last["method_status"].startswith("✓") and len(outs) >= 3          # the log streamed before the end
+    assert last["alpha_status"].startswith("✓") and len(outs) >= 3           # the log streamed before the end
     chosen = [[float(x) for x in a.split(",")] for a in re.findall(r"chose \[([0-9., ]+)\]", last["alpha_log"])]
     written = controls_from({**DEFAULT_UI, "alpha_per_model": last["alpha_per_model"]}).alpha_per_model
     assert list(written) == FTS[::2] and list(written.values()) == chosen
@@ -571,7 +583,7 @@ def test_a_per_layer_gradient_round_trips_through_the_yaml(state):
     assert list(plot.data[0].y) == pytest.approx([0.0, 1 / 3, 2 / 3, 1.0])        # 4 layers: 0 .. 1 evenly
     bad = ctl(preset="slerp", gradients=[["density", "", "0.1, 0.2"]])
     out = inspect.inspect({**view(state), **bad})
-    assert "slerp has no per-layer parameter 'density'" in out["inspect_status"]
+    assert "slerp has no per-layer parameter 'density'" in drawn(out["histogram"])
     models.load_models({"state": state, "base": "demo:base", "fts": FTS})
     state.ws.stats.wait(timeout=60)
 
@@ -605,7 +617,7 @@ def test_slerp_and_della_in_the_views_and_merged_as_the_cli(state, tmp_path, rea
     step = plan_steps(cfg, name, (128, 384), None)[0]
     kept = int((prune_amplify(cfg, 0, name, state.ws.access.delta(name, 0), step) != 0).sum())
     assert thresholds(state.ws, cfg, name)[0]["kept"] == kept and float(rows[0][4]) == pytest.approx(
-        100 * kept / (128 * 384), abs=0.01)
+        100 * kept / (128 * 384), rel=5e-3)
     mv = inspect.masks(d)["method_plot"]["value"]
     assert "DELLA: keep probability" in mv.layout.title.text and mv.data[0].y[0] == pytest.approx(0.2)
     assert "L1 norm" in mv.layout.title.text                # mergekit's default rescale, as the merge does
@@ -618,7 +630,7 @@ def test_breadcrumbs_draws_both_cuts(state):
     cuts = [t for t in out["histogram"].data if t.line.dash == "dashdot"]
     assert len(cuts) == 4 and "outliers above" in cuts[0].hovertemplate
     assert "kept band between" in out["histogram"].layout.title.text
-    lo, hi = (float(x) for x in out["thresholds"][0][2].split(" to "))      # the table states the band too
+    lo, hi = (float(x) for x in out["thresholds"][0][2].split(" ≤ |δ| ≤ "))  # the table states the band too
     assert 0 < lo < hi
 
 
@@ -629,22 +641,22 @@ def test_a_yaml_runs_as_written_with_its_layer_stack(state):
                                            [4, "sort", 3]]
     assert "passthrough" in out["yaml_plan"] and "5 layers" in out["yaml_plan"]
     done = score.merge_yaml({"state": state, "yaml_code": text, "progress": Progress()})
-    assert done["score_status"].startswith("✓") and "passthrough of reverse, sort" in done["merge_summary"]
+    assert done["yaml_status"].startswith("✓") and "passthrough of reverse, sort" in done["merge_summary"]
     import json
     assert json.loads((state.ws.runs.last.folder / "config.json").read_text())["num_hidden_layers"] == 5
     bad = text.replace("demo:sort", "/etc")
-    assert "outside the allowed model folders" in score.plan_yaml({"state": state, "yaml_code": bad})["score_status"]
+    assert "outside the allowed model folders" in score.plan_yaml({"state": state, "yaml_code": bad})["yaml_status"]
     assert "outside the allowed model folders" in score.merge_yaml({"state": state, "yaml_code": bad,
-                                                                    "progress": Progress()})["score_status"]
+                                                                    "progress": Progress()})["yaml_status"]
 
 
 def test_a_multi_stage_yaml_is_planned_and_merged_as_the_cli_does(state, tmp_path):
     text = (Path(__file__).resolve().parents[1] / "assets/examples/mergekit/two_stages.yaml").read_text()
     out = score.plan_yaml({"state": state, "yaml_code": text})
-    assert out["score_status"].startswith("✓") and "2 stages" in out["score_status"]
+    assert out["yaml_status"].startswith("✓") and "2 stages" in out["yaml_status"]
     assert out["yaml_plan"].index("stage ") < out["yaml_plan"].index("stage (final)")
     done = score.merge_yaml({"state": state, "yaml_code": text, "progress": Progress()})
-    assert done["score_status"].startswith("✓"), done["score_status"]
+    assert done["yaml_status"].startswith("✓"), done["yaml_status"]
     from dppa_ui.engine import merge_stages
     from dppa_ui.io import CheckpointReader
     merge_stages(text, tmp_path / "cli", log=lambda s: None)

@@ -44,15 +44,26 @@ def clip_abs(flat: torch.Tensor, clip_ratio: float = CLIP_RATIO) -> torch.Tensor
     return a.clamp_(lo, hi)
 
 
+def pcb_score(flat: torch.Tensor, clipped_abs: torch.Tensor) -> torch.Tensor:
+    """The (n, d) balancing scores: intra-balancing x inter-balancing (a new tensor)."""
+    n = flat.shape[0]
+    score = minmax_rows(clipped_abs).square_().mul_(n).exp_()              # intra-balancing
+    return score.mul_(torch.mul(flat, flat.sum(dim=0, keepdim=True)).tanh_())   # x inter-balancing
+
+
+def pcb_cut(score: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Each row's score at the cut: its sorted value at index int(d*(1-ratio)); only the entries
+    above it keep a weight."""
+    d = score.shape[1]
+    return row_kth_smallest(score, min(int(d * (1 - ratio)), d - 1))
+
+
 def pcb_scale(flat: torch.Tensor, ratio: float = 0.1, clipped_abs: torch.Tensor | None = None,
               clip_ratio: float = CLIP_RATIO) -> torch.Tensor:
     """The (n, d) balancing weights in [0, 1] of n flattened task vectors."""
-    n, d = flat.shape
     a = clip_abs(flat, clip_ratio) if clipped_abs is None else clipped_abs
-    score = minmax_rows(a).square_().mul_(n).exp_()                        # intra-balancing
-    score.mul_(torch.mul(flat, flat.sum(dim=0, keepdim=True)).tanh_())      # x inter-balancing
-    floor = row_kth_smallest(score, min(int(d * (1 - ratio)), d - 1))
-    return minmax_rows(score.clamp_(min=floor), inplace=True)
+    score = pcb_score(flat, a)
+    return minmax_rows(score.clamp_(min=pcb_cut(score, ratio)), inplace=True)
 
 
 def pcb_combine(deltas: torch.Tensor, weights, ratio: float = 0.1, clip_ratio: float = CLIP_RATIO) -> torch.Tensor:

@@ -14,6 +14,7 @@ import gradio as gr
 from ..modelbuild import warm_up
 from ..refs import resolve_model
 from . import chat, inspect, lessons, merge, method, models, score, search
+from .choices import demo_choices
 from .common import CONCURRENCY, SESSION_TTL, AppState, close_state
 from .page import Page
 
@@ -38,7 +39,15 @@ def launch_options() -> dict:
     """Keyword arguments for `demo.launch`: theme and CSS (gradio 6 takes them there), the script
     above, and no run history (it would keep every input, a typed hub token too, in the browser)."""
     return {"css_paths": [str(CSS_PATH)] if CSS_PATH.is_file() else None, "head": HEAD, "run_history": False,
-            "theme": gr.themes.Soft(primary_hue="indigo", neutral_hue="slate")}
+            "theme": gr.themes.Soft(primary_hue="indigo", neutral_hue="slate", font=FONT, font_mono=FONT_MONO)}
+
+
+# The system's own faces: the theme's web font is not reachable offline, and the face that stands
+# in draws w / z / E as ω / ƶ / Ɛ, which a class reading a cipher letter by letter cannot use.
+FONT = ["ui-sans-serif", "system-ui", "-apple-system", "Segoe UI", "Roboto", "Liberation Sans", "DejaVu Sans",
+        "Arial", "sans-serif"]
+FONT_MONO = ["ui-monospace", "SFMono-Regular", "Menlo", "Consolas", "Liberation Mono", "DejaVu Sans Mono",
+             "monospace"]
 
 
 def build_app() -> gr.Blocks:
@@ -70,22 +79,24 @@ def build_app() -> gr.Blocks:
                     with gr.Tab("8 · Lessons", id="lessons", elem_id="tab-lessons"):
                         lessons.build(page)
         models.wire(page)
-        method.wire(page)
+        control_setters = method.wire(page)
         autoload = page.on(demo.load, models.load_models, ["state", "base", "fts"], models.LOAD_OUTPUTS,
                            progress=True, api_visibility="private")
         merge.wire(page)
         chat.wire(page, CONCURRENCY)
-        control_setters = score.wire(page)
-        control_setters.append(page.on(page["example"].input, method.load_example, ["state", "example"],
-                                       [*method.SHOW_OUT, "method_status"], api_name="load_example"))
+        control_setters += score.wire(page)
         control_setters += search.wire(page)
         lessons.wire(page)
         # The views follow every committed control, every load, and every event that sets the controls.
-        inspect.wire(page, method.commit_triggers(page), [*page.loaded_events, autoload, *control_setters])
+        inspect.wire(page, method.commit_triggers(page), [*page.loaded_events, autoload, *control_setters],
+                     method.checker(page))
     demo.run_history = False
     demo.page = page
-    # The first chat would otherwise wait seconds for transformers' model classes to import.
-    base = models.demo_choices()[1]
+    # transformers resolves its classes lazily, and two threads resolving them at once can fail
+    # ("cannot import name 'AutoModelForCausalLM'"): resolve them here, before any handler runs; the
+    # rest of the warm-up (the first chat would otherwise wait seconds for it) runs beside the page.
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+    base = demo_choices()[1]
     threading.Thread(target=warm_up, args=(resolve_model(base) if base else None,), daemon=True,
                      name="dppa-ui-warm-up").start()
     return demo

@@ -13,6 +13,7 @@ from .. import figures, gpu
 from ..chat import MAX_NEW_TOKENS, to_messages
 from ..workspace import short
 from .common import AppState, UserError, _expected, message, warn
+from .suites import demo_items
 
 EXAMPLES_PER_DOMAIN = 3
 NOTE = ("A merge of several skills often loses exact answers (6 · Score shows EM per domain): a reply that looks "
@@ -22,7 +23,6 @@ NOTE = ("A merge of several skills often loses exact answers (6 · Score shows E
 
 def example_rows() -> list[list[str]]:
     """[skill, prompt, expected answer] from the start of each demo domain's test split."""
-    from .score import demo_items
     rows, seen = [], {}
     for it in demo_items(0):
         k = seen.get(it["domain"], 0)
@@ -70,6 +70,8 @@ def build(page) -> None:
 def pick_example(v: dict) -> dict:
     """A clicked example: its prompt into the message box; its answer is checked after the reply."""
     state: AppState = v["state"]
+    if not v["chat_examples"]:          # no example under the click
+        return {}
     skill, prompt, answer = v["chat_examples"]
     state.expected = (prompt, answer)
     return {"msg": prompt, "chat_status": f"expected answer ({skill}): `{answer}`"}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import atexit
 import math
 import os
+import re
 import shutil
 import signal
 import tempfile
@@ -15,6 +16,7 @@ from pathlib import Path
 import gradio as gr
 
 from ..controls import MethodControls, extra_params, picker_methods
+from ..figures import fmt  # noqa: F401  (the one way numbers are written for people, figures and text alike)
 from ..refs import RefPolicy
 
 # ----------------------------------------------------------------------------------- settings
@@ -118,7 +120,45 @@ def _expected() -> tuple[type, ...]:
 def message(e: BaseException) -> str:
     """The text a user sees for an expected error (never a server path or a traceback)."""
     text = str(e).strip() or type(e).__name__
-    return text.strip("'\"") if isinstance(e, KeyError) else text
+    return without_paths(text.strip("'\"") if isinstance(e, KeyError) else text)
+
+
+# An absolute path of the server's: a "/" not after a word character, ":" or "/" (so not in a URL,
+# nor in "0.5/1"), then at least two path parts.
+_PATH = re.compile(r"(?<![\w:/.])/(?:[\w.@+~-]+/)+[\w.@+~-]*")
+
+
+def roots_text() -> str:
+    """The model roots as a user may read them: never their absolute paths on this server."""
+    if os.environ.get("DPPA_UI_MODEL_ROOTS"):
+        return "the folders in DPPA_UI_MODEL_ROOTS"
+    return "assets/zoo (the demo family) and models/ (or DPPA_UI_MODEL_ROOTS)"
+
+
+def without_paths(text: str) -> str:
+    """`text` with the server's folders named as a user knows them: the model roots by what
+    roots_text says, the app's own files relative to the project, any other absolute path by its
+    last part (an uploaded file's name)."""
+    roots = [str(r) for r in model_roots()]
+    text = text.replace(f": {', '.join(roots)}.", f": {roots_text()}.")      # refs.check_path_allowed's list
+    project = str(Path(__file__).resolve().parents[2])
+
+    def short_path(m: re.Match) -> str:
+        p = m.group(0)
+        if p.startswith(project + "/"):
+            return p[len(project) + 1:]
+        if any(p == r or p.startswith(r + "/") for r in roots):
+            return "(a folder under the model roots)/" + Path(p).name
+        return Path(p.rstrip("/")).name or p
+    return _PATH.sub(short_path, text)
+
+
+def sig(x, digits: int = 3):
+    """A number for a table cell, rounded to `digits` significant digits (None stays None)."""
+    if x is None:
+        return None
+    v = float(x)
+    return float(f"{v:.{digits}g}") if math.isfinite(v) else v
 
 
 def ok(msg: str) -> str:
@@ -126,9 +166,18 @@ def ok(msg: str) -> str:
 
 
 def warn(msg: str) -> str:
-    """A toast and the text for the section's status line."""
-    gr.Warning(msg, duration=10)
+    """The text of a problem for the section's status line (one line where it happened; no toast:
+    a toast per event repeats the same problem once per view)."""
     return f"⚠ {msg}"
+
+
+def lenient(component):
+    """A slider or number box whose out-of-range values reach the handlers, which name them
+    (gradio's own check answers with a bare red "Error" on every output of the event, and the
+    slider then shows its clamped value while the views keep the old one). Patched on the
+    instance, as suites.upload_only does."""
+    component.preprocess = lambda payload: payload
+    return component
 
 
 def keep():
@@ -148,6 +197,7 @@ class AppState:
         self.cancel = threading.Event()
         self.expected: tuple[str, str] | None = None    # (prompt, answer) of the clicked chat example
         self.shown_tensor: str | None = None        # the tensor the histogram shows
+        self.running: str | None = None             # what a Cancel / Stop would stop ("merge", ...)
 
     def __deepcopy__(self, memo):
         return AppState()

@@ -11,10 +11,11 @@ import gradio as gr
 
 from .. import analysis, figures
 from ..workspace import short
-from .common import CONTROL_KEYS, AppState, UserError, _expected, message, warn
-from .method import controls_of
+from .common import CONTROL_KEYS, AppState, UserError, _expected, fmt, message, warn
+from .controls_ui import controls_of
+from .reports import summary_markdown
 
-THRESHOLD_HEADERS = ["fine-tune", "density", "keep |δ| ≥", "DPA band edges", "kept %"]
+THRESHOLD_HEADERS = ["fine-tune", "density", "keeps", "DPA bands: edge · α · kept Σ|δ|", "kept %"]
 HEATMAP_METRICS = {"mean |δ|": "mean_abs", "outlier %": "outlier_pct", "DP density": "dp_density"}
 
 
@@ -26,8 +27,8 @@ def build(page) -> None:
     page.add("stats_status", gr.Markdown("", elem_id="stats-status", elem_classes=["status"]))
     page.add("histogram", gr.Plot(label="|δ| histogram", elem_id="histogram"))
     page.add("thresholds", gr.Dataframe(headers=THRESHOLD_HEADERS, label="Keep thresholds", interactive=False,
-                                        elem_id="thresholds", wrap=False,
-                                        column_widths=["28%", "14%", "18%", "26%", "14%"]))
+                                        elem_id="thresholds", wrap=True,
+                                        column_widths=["17%", "15%", "24%", "32%", "12%"]))
     page.add("inspect_status", gr.Markdown("", elem_id="inspect-status", elem_classes=["status"]))
     with gr.Accordion("Blocks × modules map", open=True, elem_id="heatmap-accordion"):
         with gr.Row():
@@ -48,6 +49,7 @@ def build(page) -> None:
         page.add("mask_numbers", gr.Markdown("", elem_id="mask-numbers"))
         # What the method does beyond masks: DELLA's keep probabilities, an interpolation's angles
         page.add("method_plot", gr.Plot(label="Method view", elem_id="method-view", visible=False))
+        page.add("merged_plot", gr.Plot(label="Merged delta: before / after", elem_id="merged-view", visible=False))
     page.add("stats_timer", gr.Timer(1.0, active=False))
 
 
@@ -104,15 +106,39 @@ def pending_text(ws, cfg) -> str:
     return f"whole-model statistics {p.text()}" if p.state != "done" else ""
 
 
+def keep_rule(r: dict) -> str:
+    """What decides that an entry is kept, for one fine-tune (a thresholds row)."""
+    if r.get("pcb_cut") is not None:
+        return f"score > {fmt(r['pcb_cut'])}"
+    if r["threshold"] is None:
+        return "at random" if r["prune"] in ("random", "della") or r["kept"] < r["numel"] else "every entry"
+    if r.get("upper") is not None:
+        return f"{fmt(r['threshold'])} ≤ |δ| ≤ {fmt(r['upper'])}"
+    return f"|δ| ≥ {fmt(r['threshold'])}"
+
+
+def bands_text(r: dict) -> str:
+    """DPA's bands for one fine-tune: the inner edges (largest band first), each band's α, and the
+    kept |δ| mass after the α over before."""
+    if not r.get("alphas"):
+        return ""
+    edges = ", ".join("empty" if e is None or e <= 0 else fmt(e) for e in r["band_edges"])
+    mass = "" if r.get("mass_ratio") is None else f" · ×{fmt(r['mass_ratio'])}"
+    return f"{edges or '—'} · α {', '.join(fmt(a) for a in r['alphas'])}{mass}"
+
+
 def threshold_rows(rows: list[dict]) -> list[list]:
     out = []
     for r in rows:
-        thr = r["threshold"]
-        edges = ", ".join("empty" if e is None or e <= 0 else f"{e:.3g}" for e in r["band_edges"])
-        out.append([short(r["model"]), f"{r['density']:.3f}" + (" *" if r["pending"] else ""),
-                    "" if thr is None else f"{thr:.4g}" + ("" if r.get("upper") is None else f" to {r['upper']:.4g}"),
-                    edges, f"{100.0 * r['kept'] / max(r['numel'], 1):.2f}"])
+        density = (f"{fmt(r['pcb_ratio'])} (PCB ratio)" if r.get("pcb_ratio") is not None
+                   else fmt(r["density"]) + (" *" if r["pending"] else ""))
+        out.append([short(r["model"]), density, keep_rule(r), bands_text(r), fmt(100.0 * r["kept"] / max(r["numel"], 1))])
     return out
+
+
+def not_drawn(text: str, height: int = 320):
+    """A view's one-line state when it cannot draw what the controls describe."""
+    return figures.message(f"not drawn: {text}", height=height)
 
 
 def inspect(v: dict) -> dict:
@@ -127,8 +153,8 @@ def inspect(v: dict) -> dict:
         rows = analysis.thresholds(ws, shown, name)
         drop = "random" if analysis.random_drop(shown) else shown.prune      # how the figure explains its lines
         fig = figures.histogram(analysis.histogram(ws, shown, name, rows), cfg.method_name, drop, cfg.amplify)
-    except _expected() as e:
-        return {"inspect_status": warn(message(e))}
+    except _expected() as e:      # the controls' problem is said once, beside them (method.check)
+        return {"histogram": not_drawn(message(e)), "thresholds": [], "inspect_status": ""}
     notes = []
     if rows and rows[0]["pending"]:
         notes.append(f"* DP's module densities: {pending_text(ws, cfg)}; the target density is shown until then")
@@ -155,7 +181,7 @@ def heatmap(v: dict) -> dict:
         i = i if 0 <= i < len(cfg.models) else 0          # the model set changed under the picker
         blocks, types, z = analysis.heatmap_values(ws, cfg, metric, i)
     except _expected() as e:
-        return {"heatmap_note": warn(message(e))}
+        return {"heatmap": not_drawn(message(e)), "heatmap_note": ""}
     label = analysis.METRICS[metric]
     start_statistics(ws, cfg)
     if z is None:
@@ -171,18 +197,22 @@ def heatmap(v: dict) -> dict:
 
 def numbers_markdown(d: dict) -> str:
     lines = [f"`{d['name']}` {d['shape']}, each cell {'×'.join(map(str, d['cell']))} entries"]
-    lines.append("- **kept**: " + ", ".join(f"{short(k)} {p:.1f}%" for k, p in d["kept_pct"].items()))
-    lines.append("- **wins the entry**: " + ", ".join(f"{short(k)} {p:.1f}%" for k, p in d["winner_pct"].items())
-                 + f", none {d['no_winner_pct']:.1f}%")
-    lines.append(f"- **sign conflicts**: {d['conflict_pct']:.1f}% of entries")
+    what = f" (PCB: its top {fmt(100 * d['pcb_ratio'])}% of balancing scores)" if d.get("pcb_ratio") is not None else ""
+    lines.append(f"- **kept**{what}: " + ", ".join(f"{short(k)} {fmt(p)}%" for k, p in d["kept_pct"].items()))
+    lines.append("- **wins the entry**: " + ", ".join(f"{short(k)} {fmt(p)}%" for k, p in d["winner_pct"].items())
+                 + f", none {fmt(d['no_winner_pct'])}%")
+    lines.append(f"- **sign conflicts**: {fmt(d['conflict_pct'])}% of entries")
     if d["pcb_mean_weight"]:
-        lines.append("- **mean PCB weight**: " + ", ".join(f"{short(k)} {w:.3f}" for k, w in d["pcb_mean_weight"].items()))
+        lines.append("- **mean PCB weight of the kept entries**: "
+                     + ", ".join(f"{short(k)} {fmt(w)}" for k, w in d["pcb_mean_weight"].items()))
     return "\n".join(lines)
 
 
 def masks(v: dict) -> dict:
     """Kept masks per fine-tune, the winner of each entry after the combine, sign conflicts and
-    PCB's weights, for one weight matrix."""
+    PCB's weights, for one weight matrix; what the method does beyond masks (PCB's scores, DELLA's
+    keep probabilities, an interpolation's angles); the merged delta before / after the method."""
+    hidden = gr.update(visible=False)
     try:
         ws, cfg = _setup(v)
         if not v["matrix"]:
@@ -190,18 +220,21 @@ def masks(v: dict) -> dict:
         shown, apl_pending = view_config(ws, cfg)
         mv = analysis.method_view(ws, shown, v["matrix"])
         d = analysis.mask_data(ws, shown, v["matrix"]) if cfg.family == "pipeline" else None
+        merged = analysis.merged_delta(ws, shown, v["matrix"])
     except _expected() as e:
-        return {"mask_numbers": warn(message(e))}
-    view = gr.update(value=figures.method_view(mv), visible=True) if mv else gr.update(visible=False)
+        return {"mask_plot": gr.update(value=not_drawn(message(e)), visible=True), "mask_numbers": "",
+                "method_plot": hidden, "merged_plot": hidden}
+    view = gr.update(value=figures.method_view(mv), visible=True) if mv else hidden
+    after = gr.update(value=figures.merged_delta(merged), visible=True) if merged else hidden
     if d is None:
         why = (f"{cfg.method_name} interpolates the weights themselves: it keeps every entry, none is pruned or "
                f"combined (the method view below shows what it does)")
-        return {"mask_plot": gr.update(visible=False), "mask_numbers": why, "method_plot": view}
+        return {"mask_plot": hidden, "mask_numbers": why, "method_plot": view, "merged_plot": after}
     numbers = numbers_markdown(d)
     if apl_pending:
         numbers += f"\n\n_{apl_pending_text(ws, cfg)}: target density shown until then_"
     return {"mask_plot": gr.update(value=figures.masks(d, cfg.method_name, cfg.combine), visible=True),
-            "mask_numbers": numbers, "method_plot": view}
+            "mask_numbers": numbers, "method_plot": view, "merged_plot": after}
 
 
 def _apl_index(v: dict, ws) -> int:
@@ -266,7 +299,7 @@ MASKS_IN = ["state", "matrix", *CONTROL_KEYS]
 VIEW_IN = ["state", "block", "module", "matrix", "heat_metric", "heat_model", *CONTROL_KEYS]
 INSPECT_OUT = ["histogram", "thresholds", "tensor_name", "matrix", "inspect_status"]
 HEATMAP_OUT = ["heatmap", "heatmap_note"]
-MASKS_OUT = ["mask_plot", "mask_numbers", "method_plot"]
+MASKS_OUT = ["mask_plot", "mask_numbers", "method_plot", "merged_plot"]
 APL_IN = ["state", "heat_model", *CONTROL_KEYS]
 APL_OUT = ["apl_plot", "apl_note"]
 APL_VIEW_OUT = [*APL_OUT, "stats_timer"]
@@ -275,7 +308,6 @@ APL_VIEW_OUT = [*APL_OUT, "stats_timer"]
 def stats_tick(v: dict) -> dict:
     """Every second while the background statistics run: their progress; when they finish, every
     view that waited for them, and the timer stops."""
-    from .models import summary_markdown
     state: AppState = v["state"]
     if state.ws is None or not state.ws.loaded:
         return {"stats_timer": gr.Timer(active=False)}
@@ -292,9 +324,9 @@ def stats_tick(v: dict) -> dict:
     progress = [ws.stats_progress(x) for x in ms]
     running = [p for p in progress if p.state == "running"]
     if running:
-        return {"stats_status": f"⏳ whole-model statistics {running[0].text()}"}
+        return {"stats_status": f"⟳ whole-model statistics {running[0].text()}"}
     if cfg is not None and apl_running(ws, cfg):
-        return {"stats_status": f"⏳ {apl_pending_text(ws, cfg)}"}
+        return {"stats_status": f"⟳ {apl_pending_text(ws, cfg)}"}
     out = {"stats_timer": gr.Timer(active=False), "summary": summary_markdown(ws),
            "stats_status": "" if all(p.state == "done" for p in progress)
            else f"whole-model statistics: {', '.join(p.text() for p in progress)}"}
@@ -303,14 +335,18 @@ def stats_tick(v: dict) -> dict:
     return out
 
 
-def wire(page, triggers: list, after_load: list) -> None:
-    """`triggers`: the method controls' commit events; `after_load`: events that load models."""
+def wire(page, triggers: list, after_load: list, check) -> None:
+    """`triggers`: the method controls' commit events; `after_load`: events that load models or set
+    the controls; `check`: (handler, inputs, outputs) of the controls' check, the first step of
+    every chain that redraws the views."""
     quiet = dict(show_progress="hidden", trigger_mode="always_last")
-    ev = page.on([*triggers, page["block"].release, page["module"].input], inspect, INSPECT_IN, INSPECT_OUT,
+    # The API's endpoints first: gradio names an unnamed event after its function, taking the name
+    ev = page.on([page["block"].release, page["module"].input], inspect, INSPECT_IN, INSPECT_OUT,
                  api_name="inspect", **quiet)
     ev = page.then(ev, heatmap, HEATMAP_IN, HEATMAP_OUT, api_name="heatmap", **quiet)
     ev = page.then(ev, masks, MASKS_IN, MASKS_OUT, api_name="masks", **quiet)
     page.then(ev, apl_view, APL_IN, APL_VIEW_OUT, api_visibility="private", **quiet)
+    chain(page, page.on(triggers, *check, api_visibility="private", **quiet))
     page.on([page["heat_metric"].input, page["heat_model"].input], heatmap, HEATMAP_IN, HEATMAP_OUT,
             api_visibility="private", **quiet)
     page.on(page["matrix"].input, masks, MASKS_IN, MASKS_OUT, api_visibility="private", **quiet)
@@ -321,11 +357,11 @@ def wire(page, triggers: list, after_load: list) -> None:
             concurrency_limit=1, concurrency_id="merge")
     page.on(page["heat_model"].input, apl_view, APL_IN, APL_VIEW_OUT, api_visibility="private", **quiet)
     for ev in after_load:
-        refresh(page, ev)
+        chain(page, page.then(ev, *check, show_progress="hidden", api_visibility="private"))
 
 
-def refresh(page, event):
-    """After an event that changes models or controls: redraw the three views (not as API endpoints)."""
+def chain(page, event):
+    """After `event`: redraw the views (not as API endpoints)."""
     quiet = dict(show_progress="hidden", api_visibility="private")
     ev = page.then(event, inspect, INSPECT_IN, INSPECT_OUT, **quiet)
     ev = page.then(ev, heatmap, HEATMAP_IN, HEATMAP_OUT, **quiet)

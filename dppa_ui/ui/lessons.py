@@ -15,8 +15,10 @@ from . import inspect as inspect_section
 from . import merge as merge_section
 from . import models as models_section
 from . import score as score_section
-from .common import AppState, warn
-from .method import SHOW_OUT, show_controls, values_of
+from .choices import all_choices, demo_choices
+from .common import AppState, fmt, sig, values_of, warn
+from .controls_ui import SHOW_OUT, show_controls
+from .suites import DEMO_SUITE
 
 
 @dataclass(frozen=True)
@@ -32,11 +34,11 @@ class Lesson:
 
 def _em(run, domain: str) -> str:
     s = (run.scores or {}).get(domain, {}).get("em")
-    return "n/a" if s is None else f"{s:.2f}"
+    return "n/a" if s is None else fmt(s)
 
 
 def _obj(run) -> str:
-    return "n/a" if run.objective is None else f"{run.objective:.3f}"
+    return "n/a" if run.objective is None else fmt(run.objective)
 
 
 def _look_dare_vs_dp(ws, runs) -> str:
@@ -56,7 +58,7 @@ def _masks_of(ws, run, module: str) -> tuple[str, dict]:
 def _look_ties(ws, runs) -> str:
     ta, ties = runs
     name, d = _masks_of(ws, ties, "self_attn.q_proj")
-    return (f"In {short(name)} {d['conflict_pct']:.1f}% of the entries have a kept delta against the elected sign "
+    return (f"In {short(name)} {fmt(d['conflict_pct'])}% of the entries have a kept delta against the elected sign "
             f"(the 'sign conflicts' panel): TIES drops those contributions instead of letting them cancel. Objective: "
             f"{ta.name} (task arithmetic) {_obj(ta)}, {ties.name} (TIES) {_obj(ties)}.")
 
@@ -64,10 +66,12 @@ def _look_ties(ws, runs) -> str:
 def _look_pcb(ws, runs) -> str:
     ta, pcb = runs
     name, d = _masks_of(ws, pcb, "mlp.up_proj")
-    weights = ", ".join(f"{short(k)} {w:.2f}" for k, w in d["pcb_mean_weight"].items())
-    return (f"PCB weighs each entry by how much it stands out in its own task and agrees with the others, and keeps "
-            f"the top 10%: mean weights in {short(name)}: {weights}. Objective: {ta.name} (task arithmetic) "
-            f"{_obj(ta)}, {pcb.name} (PCB) {_obj(pcb)}.")
+    kept = ", ".join(f"{short(k)} {fmt(p)}%" for k, p in d["kept_pct"].items())
+    weights = ", ".join(f"{short(k)} {fmt(w)}" for k, w in d["pcb_mean_weight"].items())
+    return (f"PCB scores each entry by how much it stands out in its own task and agrees with the others, and keeps "
+            f"each fine-tune's top 10% of scores: in {short(name)} it keeps {kept} (the histogram's solid lines, the "
+            f"method view's cuts); the kept entries weigh {weights} on average. Objective: {ta.name} (task "
+            f"arithmetic) {_obj(ta)}, {pcb.name} (PCB) {_obj(pcb)}.")
 
 
 def _look_dpa(ws, runs) -> str:
@@ -79,8 +83,10 @@ def _look_dpa(ws, runs) -> str:
     edge = (f"the dotted band-edge line splits the kept entries of {len(split)} of {len(rows)} fine-tunes in "
             f"{short(name)}" + (f" (DP's module density leaves the top band of {', '.join(short(r['model']) for r in rows if r not in split)} empty)"
                                 if len(split) < len(rows) else ""))
-    return (f"DPA multiplies the top half of the kept entries by α₁ = 2: {edge}. Objective: {dp.name} (DP alone) "
-            f"{_obj(dp)}, {dppa.name} (DP + DPA) {_obj(dppa)}.")
+    mass = ", ".join(f"{short(r['model'])} ×{fmt(r['mass_ratio'])}" for r in rows if r.get("mass_ratio"))
+    return (f"DPA multiplies the top half of the kept entries by α₁ = 2: {edge}; the light lines are the kept "
+            f"entries after α, their Σ|δ| grown {mass}. Objective: {dp.name} (DP alone) {_obj(dp)}, {dppa.name} "
+            f"(DP + DPA) {_obj(dppa)}.")
 
 
 def _look_slerp(ws, runs) -> str:
@@ -145,13 +151,16 @@ def build(page) -> None:
             with gr.Column(scale=4):
                 page.add(f"lesson_note_{key}", gr.Markdown("", elem_id=f"lesson-note-{slug}", elem_classes=["lesson-note"]))
                 page.add(f"lesson_runs_{key}", gr.Dataframe(headers=RESULT_HEADERS, interactive=False, visible=False,
-                                                            elem_id=f"lesson-runs-{slug}", wrap=True))
+                                                            elem_id=f"lesson-runs-{slug}", wrap=True,
+                                                            elem_classes=["lesson-runs"],
+                                                            column_widths=["8%", "22%", "18%", "52%"]))
 
 
 def lesson_outputs(key: str) -> list[str]:
-    return [*SHOW_OUT, *models_section.LOAD_OUTPUTS, *inspect_section.INSPECT_OUT, *inspect_section.HEATMAP_OUT,
-            *inspect_section.MASKS_OUT, "heat_metric", "merge_summary", "leaderboard", "score_plot", "objective",
-            f"lesson_note_{key}", f"lesson_runs_{key}"]
+    return list(dict.fromkeys([
+        *SHOW_OUT, *models_section.LOAD_OUTPUTS, *merge_section.MERGE_OUT, *inspect_section.INSPECT_OUT,
+        *inspect_section.HEATMAP_OUT, *inspect_section.MASKS_OUT, "heat_metric", "score_plot", "objective",
+        f"lesson_note_{key}", f"lesson_runs_{key}"]))
 
 
 def run_lesson(key: str, v: dict):
@@ -159,14 +168,14 @@ def run_lesson(key: str, v: dict):
     lesson = LESSONS[key]
     note, runs_out = f"lesson_note_{key}", f"lesson_runs_{key}"
     state: AppState = v["state"]
-    refs = models_section.demo_choices()[0]
+    refs = demo_choices()[0]
     missing = [f"demo:{m}" for m in ("base", *lesson.fts) if f"demo:{m}" not in refs]
     if missing:
         yield {note: warn(f"this lesson needs the demo family; missing {', '.join(missing)} "
                           f"(run `python -m dppa_ui zoo build`)")}
         return
     base, fts = "demo:base", [f"demo:{n}" for n in lesson.fts]
-    yield {**show_controls(lesson.runs[0], base, fts, models_section.all_choices(state)),
+    yield {**show_controls(lesson.runs[0], base, fts, all_choices(state)),
            note: f"**{lesson.title}**: loading models …"}
     loaded = models_section.load_models({"state": state, "base": base, "fts": fts})
     if loaded["models_status"].startswith("⚠"):
@@ -184,7 +193,7 @@ def run_lesson(key: str, v: dict):
             yield {note: merged["merge_status"]}
             return
         yield {**merged, note: f"**{lesson.title}**: scoring merge {k}/{len(lesson.runs)} …"}
-        scored = score_section.score({"state": state, "progress": progress, "suite": score_section.DEMO_SUITE,
+        scored = score_section.score({"state": state, "progress": progress, "suite": DEMO_SUITE,
                                       "upload": None})
         if scored["score_status"].startswith("⚠"):
             yield {note: scored["score_status"]}
@@ -199,11 +208,11 @@ def run_lesson(key: str, v: dict):
     for view_fn in (inspect_section.inspect, inspect_section.heatmap, inspect_section.masks):
         out.update(view_fn(view))
     out["matrix"] = gr.update(value=view["matrix"])
-    rows = [[r.number, r.config.method_name, None if r.objective is None else round(r.objective, 4),
+    rows = [[r.number, r.config.method_name, sig(r.objective),
              " · ".join(f"{d} {s['em']:.2f}" for d, s in (r.scores or {}).items() if s.get("em") is not None)]
             for r in done]
     out[runs_out] = gr.update(value=rows, visible=True)
-    out[note] = f"**{lesson.title}** — done. 👉 {lesson.look(ws, done)}"
+    out[note] = f"**{lesson.title}** — done. → {lesson.look(ws, done)}"
     yield out
 
 

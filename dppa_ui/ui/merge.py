@@ -10,9 +10,12 @@ import time
 import gradio as gr
 
 from ..config import UPSCALE_METHODS
-from ..workspace import short, size_text
-from .common import (CONTROL_KEYS, DOWNLOAD_LIMIT, AppState, _expected, hub_offline, message, ok, on_space, warn)
-from .method import controls_of
+from ..workspace import size_text
+from .common import (CONTROL_KEYS, DOWNLOAD_LIMIT, AppState, _expected, _finite, fmt, hub_offline, message, ok,
+                     on_space, warn)
+from .controls_ui import controls_of
+from .jobs import running
+from .reports import leaderboard, run_summary
 
 SMILE_SCOPES = {"blocks (paper)": "blocks", "blocks + embeddings": "embeddings"}
 
@@ -22,6 +25,7 @@ def build(page) -> None:
         page.add("merge_btn", gr.Button("Merge", variant="primary", elem_id="merge-btn"))
         page.add("cancel_btn", gr.Button("Cancel", variant="stop", elem_id="cancel-btn"))
         page.add("save_btn", gr.Button("Save model (zip)", elem_id="save-btn"))
+    page.add("merge_status", gr.Markdown("", elem_id="merge-status", elem_classes=["status"]))
     page.add("merge_summary", gr.Markdown("No merge yet.", elem_id="merge-summary"))
     page.add("download", gr.File(label="Download (zip)", interactive=False, elem_id="download", visible=False))
     with gr.Accordion("Push to the Hugging Face Hub", open=False, elem_id="push-accordion"):
@@ -38,7 +42,7 @@ def build(page) -> None:
             page.add("hub_private", gr.Checkbox(value=True, label="private", interactive=not offline,
                                                 elem_id="hub-private"))
             page.add("push_btn", gr.Button("Push", interactive=not offline, elem_id="push-btn"))
-    page.add("merge_status", gr.Markdown("", elem_id="merge-status", elem_classes=["status"]))
+        page.add("push_status", gr.Markdown("", elem_id="push-status", elem_classes=["status"]))
     with gr.Accordion("Upscale (SMILE): a mixture of low-rank experts instead of a merge", open=True,
                       elem_id="smile-accordion"):
         text, url = UPSCALE_METHODS["smile"]
@@ -63,24 +67,8 @@ def build(page) -> None:
         page.add("smile_size", gr.Markdown("", elem_id="smile-size"))
 
 
-def run_summary(run) -> str:
-    if run.is_smile:
-        lines = [f"**{run.label()}** built in **{run.seconds:.2f} s** on **{run.device}**.  ",
-                 f"Size: {size_text(run.parameters)}.  ",
-                 "The SMILE model is now the merged model: chat with it (5 · Chat shows which expert wrote each "
-                 "token) or score it (6 · Score adds routing accuracy per domain)."]
-    else:
-        kept = ", ".join(f"`{short(m)}` {k:.1%}" for m, k in zip(run.models, run.kept_fraction))
-        lines = [f"**{run.label()}** merged in **{run.seconds:.2f} s** on **{run.device}**.  ",
-                 f"Kept of each delta: {kept}.  ",
-                 "The merged model is ready: chat with it (5 · Chat) or score it (6 · Score)."]
-    lines += [f"\n⚠ {n}" for n in run.notices]
-    return "\n".join(lines)
-
-
 def merge(v: dict):
     """Merge the loaded models with the current controls (one merge at a time on the server)."""
-    from .score import leaderboard
     state: AppState = v["state"]
     progress = v["progress"]
     try:
@@ -97,14 +85,15 @@ def merge(v: dict):
         progress((done, total), desc=f"merging: {done}/{total} tensors, ~{left:.1f} s left", unit="tensors")
 
     try:
-        run = ws.merge(cfg, controls=c, progress=tick, cancel=state.cancel.is_set)
+        with running(state, "merge"):
+            run = ws.merge(cfg, controls=c, progress=tick, cancel=state.cancel.is_set)
     except InterruptedError:
         return {"merge_status": warn("merge cancelled; the previous merge (if any) is still there"), "state": state}
     except (*_expected(), RuntimeError, OSError) as e:
         return {"merge_status": warn(f"merge refused: {message(e)}"), "state": state}
     return {"merge_summary": run_summary(run), "leaderboard": leaderboard(state),
             "download": gr.update(value=None, visible=False),       # the zip of an older run must not linger
-            "merge_status": ok(f"merged in {run.seconds:.2f} s"), "state": state}
+            "merge_status": ok(f"{run.name} merged in {fmt(run.seconds)} s"), "state": state}
 
 
 MERGE_OUT = ["merge_summary", "leaderboard", "download", "merge_status", "state"]
@@ -112,7 +101,6 @@ MERGE_OUT = ["merge_summary", "leaderboard", "download", "merge_status", "state"
 
 def smile_config(v: dict, ws):
     """The SMILE config the section's controls describe, over the loaded models."""
-    from .common import _finite
     full = bool(v["smile_full"])
     rank = None if full else int(_finite(v["smile_rank"], "rank_of_expert"))
     scope = SMILE_SCOPES.get(v["smile_scope"], v["smile_scope"])
@@ -123,7 +111,6 @@ def smile_config(v: dict, ws):
 def upscale(v: dict) -> dict:
     """Build the SMILE model of the loaded fine-tunes into a new run (the merged model from now on);
     ranks a projection cannot hold, or more experts per token than fine-tunes, are refused first."""
-    from .score import leaderboard
     state: AppState = v["state"]
     progress = v["progress"]
     try:
@@ -140,15 +127,16 @@ def upscale(v: dict) -> dict:
         progress((done, total), desc=f"SMILE: {done}/{total} layers upscaled", unit="layers")
 
     try:
-        run = ws.merge(cfg, progress=tick, cancel=state.cancel.is_set)
+        with running(state, "upscale"):
+            run = ws.merge(cfg, progress=tick, cancel=state.cancel.is_set)
     except InterruptedError:
-        return {"merge_status": warn("upscale cancelled; the previous merge (if any) is still there"), "state": state}
+        return {"smile_size": warn("upscale cancelled; the previous merge (if any) is still there"), "state": state}
     except (*_expected(), RuntimeError, OSError) as e:
         return {"smile_size": warn(f"upscale refused: {message(e)}"), "state": state}
     return {"merge_summary": run_summary(run), "leaderboard": leaderboard(state),
             "download": gr.update(value=None, visible=False),
             "smile_size": ok(f"{run.name}: {size_text(run.parameters)}"),
-            "merge_status": ok(f"SMILE model built in {run.seconds:.2f} s"), "state": state}
+            "merge_status": ok(f"{run.name}: SMILE model built in {fmt(run.seconds)} s"), "state": state}
 
 
 def smile_estimate(v: dict) -> dict:
@@ -168,10 +156,28 @@ SMILE_OUT = ["merge_summary", "leaderboard", "download", "smile_size", "merge_st
 
 
 def cancel(v: dict) -> dict:
+    """Stop the session's merge (or upscale) at its next tensor, and say how it ended: cancelled,
+    or finished before the cancel reached it; nothing to cancel when none runs."""
     state: AppState = v["state"]
-    if state is not None:
-        state.cancel.set()
-    return {"merge_status": "⏹ cancel requested: the merge stops at the next tensor"}
+    if not isinstance(state, AppState) or state.running not in ("merge", "upscale", "merge as written"):
+        last = state.ws.runs.last if isinstance(state, AppState) and state.ws is not None else None
+        return {"merge_status": "nothing to cancel: no merge is running"
+                                + (f" (the last one, {last.name}, had finished)" if last is not None else "")}
+    what = state.running
+    before = state.ws.runs.last if state.ws is not None else None
+    state.cancel.set()
+    t0 = time.monotonic()
+    while state.running is not None and time.monotonic() - t0 < CANCEL_WAIT:
+        time.sleep(0.05)
+    last = state.ws.runs.last if state.ws is not None else None
+    if state.running is not None:
+        return {"merge_status": f"■ cancel requested: the {what} stops at its next tensor"}
+    if last is not None and last is not before:
+        return {"merge_status": ok(f"the {what} finished before the cancel reached it: {last.name} is there")}
+    return {"merge_status": f"■ {what} cancelled; the previous merge (if any) is still there"}
+
+
+CANCEL_WAIT = 10.0          # seconds Cancel waits to say how the merge ended (one tensor takes far less)
 
 
 def save(v: dict) -> dict:
@@ -185,24 +191,29 @@ def save(v: dict) -> dict:
         zpath = ws.runs.archive(run, max_bytes=DOWNLOAD_LIMIT)
     except (*_expected(), OSError) as e:
         return {"merge_status": warn(f"save failed: {message(e)}")}
-    size = sum(p.stat().st_size for p in run.folder.rglob("*") if p.is_file())
     if zpath is None:
+        size = sum(p.stat().st_size for p in run.folder.rglob("*") if p.is_file())
         return {"download": gr.update(value=None, visible=False),
-                "merge_status": ok(f"{run.name} is {size / 1e6:.0f} MB: too large to download here; push it to the hub")}
+                "merge_status": warn(f"{run.name} is {fmt(size / 1e6)} MB, over this server's download limit of "
+                                     f"{fmt(DOWNLOAD_LIMIT / 1e6)} MB (DPPA_UI_MAX_DOWNLOAD_BYTES): push it to "
+                                     f"the hub instead")}
     return {"download": gr.update(value=str(zpath), visible=True),
-            "merge_status": ok(f"{run.name} saved ({size / 1e6:.1f} MB): download the zip below")}
+            "merge_status": ok(f"{run.name} saved: {zpath.name}, {fmt(zpath.stat().st_size / 1e6)} MB, below")}
 
 
-def push(state: AppState, repo_id: str, token_text: str, private: bool, oauth_token: gr.OAuthToken | None = None):
+def push(v: dict) -> dict:
     """Upload the last run's folder to the user's hub repo. The token (the Space login's, or the
     one typed) is used for this call only: never stored, never sent back to the page."""
+    state: AppState = v["state"]
     if hub_offline():
-        return warn("pushing is off: this server runs offline (HF_HUB_OFFLINE=1)")
-    token = (oauth_token.token if oauth_token is not None else None) or (token_text or "").strip() or None
+        return {"push_status": warn("pushing is off: this server runs offline (HF_HUB_OFFLINE=1)")}
+    oauth_token = v.get("oauth_token")
+    token = (oauth_token.token if oauth_token is not None else None) or (v["hub_token"] or "").strip() or None
+    repo_id = (v["hub_repo"] or "").strip()
     if not token:
-        return warn("sign in with Hugging Face (on a Space) or paste a write token first")
+        return {"push_status": warn("sign in with Hugging Face (on a Space) or paste a write token first")}
     if not repo_id or "/" not in repo_id:
-        return warn("give the target repo as user/name")
+        return {"push_status": warn("give the target repo as user/name")}
     try:
         ws = state.workspace()
         run = ws.runs.last
@@ -210,11 +221,11 @@ def push(state: AppState, repo_id: str, token_text: str, private: bool, oauth_to
             raise ValueError("nothing to push yet: merge first (4 · Merge)")
         from huggingface_hub import HfApi
         api = HfApi(token=token)
-        api.create_repo(repo_id, private=bool(private), exist_ok=True, repo_type="model")
+        api.create_repo(repo_id, private=bool(v["hub_private"]), exist_ok=True, repo_type="model")
         api.upload_folder(folder_path=str(run.folder), repo_id=repo_id, repo_type="model")
     except Exception as e:   # noqa: BLE001 - auth, network, permissions: all shown to the user
-        return warn(f"push failed: {type(e).__name__}: {message(e)}")
-    return ok(f"pushed {run.name} to https://huggingface.co/{repo_id}")
+        return {"push_status": warn(f"push failed: {type(e).__name__}: {message(e)}")}
+    return {"push_status": ok(f"pushed {run.name} to https://huggingface.co/{repo_id}")}
 
 
 def wire(page) -> None:
@@ -229,5 +240,5 @@ def wire(page) -> None:
     page.on(page["cancel_btn"].click, cancel, ["state"], ["merge_status"], cancels=[ev, up], api_name="cancel",
             queue=False)
     page.on(page["save_btn"].click, save, ["state"], ["download", "merge_status"], api_name="save")
-    page["push_btn"].click(push, page.many(["state", "hub_repo", "hub_token", "hub_private"]), page["merge_status"],
-                           api_name="push")
+    page.on(page["push_btn"].click, push, ["state", "hub_repo", "hub_token", "hub_private"], ["push_status"],
+            oauth=True, api_name="push")

@@ -3,41 +3,13 @@ ids), load them (headers only: nothing is read until a view needs it) and start 
 statistics."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import gradio as gr
 
-from .. import zoo
-from ..refs import ModelRefError, check_path_allowed, is_hub_id, resolve_model
+from ..refs import ModelRefError
 from ..workspace import Workspace, short
-from .common import TEMP, AppState, UserError, _expected, message, model_roots, ok, policy, warn
-
-
-def demo_choices() -> tuple[list[str], str | None, list[str], str]:
-    """(demo refs, default base, default fine-tunes, note). The note says how to build the family
-    when it is missing, so the app still starts."""
-    refs, missing = [], []
-    for name in zoo.demo_names():
-        try:
-            zoo.demo_path(name)
-            refs.append(f"demo:{name}")
-        except ValueError:
-            missing.append(name)
-    if not refs:
-        return [], None, [], (f"The demo model family is not built ({zoo.ZOO_DIR} is missing). Run "
-                              f"`python -m dppa_ui zoo build`, or add a model folder under the model roots.")
-    base = "demo:base" if "demo:base" in refs else refs[0]
-    fts = [f"demo:{d}" for d in zoo.domain_names() if f"demo:{d}" in refs]
-    return refs, base, fts, (f"Demo models missing: {', '.join(missing)}." if missing else "")
-
-
-def all_choices(state: AppState | None) -> list[str]:
-    refs = demo_choices()[0]
-    return refs + [r for r in (state.added if state else []) if r not in refs]
-
-
-def roots_note() -> str:
-    return "Local folders must be under: " + ", ".join(f"`{r}`" for r in model_roots())
+from .choices import all_choices, demo_choices, resolve_user_ref
+from .common import TEMP, AppState, UserError, _expected, message, ok, policy, roots_text, warn
+from .reports import summary_markdown
 
 
 def build(page) -> None:
@@ -47,27 +19,12 @@ def build(page) -> None:
                                      elem_id="base-model"))
         page.add("fts", gr.Dropdown(refs, value=fts0, multiselect=True, label="Fine-tunes", allow_custom_value=True,
                                     scale=3, elem_id="finetunes"))
-    with gr.Row(equal_height=True):
-        page.add("add_box", gr.Textbox(label="Add a model", placeholder="folder under the model roots, or org/name",
-                                       scale=4, elem_id="add-model-box", info=roots_note()))
-        page.add("add_btn", gr.Button("Add", scale=1, elem_id="add-model-btn", size="sm"))
+    page.add("add_box", gr.Textbox(label="Add a model", placeholder="a folder, or a hub id org/name",
+                                   elem_id="add-model-box", info=f"folders under {roots_text()}"))
+    page.add("add_btn", gr.Button("Add", elem_id="add-model-btn", size="sm"))
     page.add("load_btn", gr.Button("Load models", variant="primary", elem_id="load-models-btn"))
-    page.add("summary", gr.Markdown(note or "The demo family loads when the page opens.", elem_id="models-summary"))
     page.add("models_status", gr.Markdown("", elem_id="models-status", elem_classes=["status"]))
-
-
-def resolve_user_ref(text: str) -> str:
-    """What the user typed in the model box, checked under the app's policy: the ref to keep
-    (a demo ref, the resolved folder under the roots, or the hub id)."""
-    text = (text or "").strip()
-    if not text:
-        raise UserError("type a model folder (under the model roots) or a hub id like org/name")
-    path = resolve_model(text, policy=policy())
-    if not (Path(path) / "config.json").is_file():
-        raise UserError(f"{short(text)} is not a model folder: it has no config.json")
-    if text.startswith("demo:") or is_hub_id(text, policy()):
-        return text
-    return str(check_path_allowed(path, model_roots()))
+    page.add("summary", gr.Markdown(note or "The demo family loads when the page opens.", elem_id="models-summary"))
 
 
 def add_model(v: dict) -> dict:
@@ -88,22 +45,12 @@ def add_model(v: dict) -> dict:
                                 f"if it is one)")}
 
 
-def summary_markdown(ws) -> str:
-    s = ws.access.summary()
-    norms = ws.stats.norms()
-    lines = [f"**{s['parameters']:,} parameters** in {s['tensors']} tensors ({s['blocks']} blocks), "
-             f"dtype **{s['dtype']}**; base `{short(s['base'])}`.", "",
-             "| fine-tune | ‖δ‖ / ‖base‖ |", "|---|---|"]
-    for i, ref in enumerate(s["fine_tunes"]):
-        lines.append(f"| `{short(ref)}` | {norms[i]:.4f} |" if norms else f"| `{short(ref)}` | (computing…) |")
-    return "\n".join(lines)
-
-
 def load_models(v: dict) -> dict:
     """Load base + fine-tunes into the session's workspace. Outputs the summary and the inspect
     pickers for the new models; the previous models stay when anything is wrong."""
     state: AppState = v["state"]
     fts = [f for f in (v["fts"] or []) if f]
+    before = list(state.ws.access.ft_refs) if state.ws is not None and state.ws.loaded else None
     try:
         if not v["base"]:
             raise UserError("pick a base model first")
@@ -120,9 +67,15 @@ def load_models(v: dict) -> dict:
     acc = ws.access
     block, module, matrix = acc.default_view()
     blocks = acc.blocks()
+    out = {}
+    note = ""
+    if before is not None and before != list(acc.ft_refs):
+        # One weight and one α list per fine-tune: they meant the previous models
+        out = {"weights": "", "alpha_per_model": ""}
+        note = "; the weights and per-model α were reset to the sliders' (they are per fine-tune)"
     return {
-        "state": state, "summary": summary_markdown(ws),
-        "models_status": ok(f"loaded {short(v['base'])} and {len(fts)} fine-tune(s)"),
+        **out, "state": state, "summary": summary_markdown(ws),
+        "models_status": ok(f"loaded {short(v['base'])} and {len(fts)} fine-tune(s){note}"),
         "block": gr.update(minimum=min(blocks, default=0), maximum=max(max(blocks, default=0), 1), value=block,
                            step=1, interactive=len(blocks) > 1),
         "module": gr.update(choices=acc.module_types(), value=module),
@@ -136,12 +89,13 @@ def load_models(v: dict) -> dict:
 
 
 LOAD_OUTPUTS = ["state", "summary", "models_status", "block", "module", "matrix", "heat_model", "compare",
-                "stats_timer", "models_acc"]
+                "stats_timer", "models_acc", "weights", "alpha_per_model"]
 
 
-def wire(page) -> None:
+def wire(page):
     ev = page.on(page["load_btn"].click, load_models, ["state", "base", "fts"], LOAD_OUTPUTS, progress=True,
                  api_name="load_models")
     page.on([page["add_btn"].click, page["add_box"].submit], add_model, ["state", "add_box", "base", "fts"],
             ["base", "fts", "models_status"], api_name="add_model")
     page.loaded_events = [ev]
+    return ev

@@ -5,8 +5,8 @@ it through the page. For a SMILE model, the routing accuracy per domain (how oft
 tokens reach its own fine-tune's expert) sits beside the scores."""
 from __future__ import annotations
 
-import functools
 import hashlib
+import re
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -14,17 +14,18 @@ from pathlib import Path
 import gradio as gr
 
 from .. import evaluation, figures, gpu
-from ..config import ConfigError, load_config
+from ..config import ConfigError
 from ..controls import MethodControls
 from ..refs import files_identity
-from ..workspace import params_text, short, size_text
-from .common import (CONTROL_KEYS, MAX_UPLOAD_ITEMS, SCORE_PER_DOMAIN, AppState, UserError, _expected, message,
-                     ok, warn)
-from .method import SHOW_OUT, controls_of, show_controls
+from ..workspace import params_text, short
+from .choices import all_choices
+from .common import CONTROL_KEYS, SCORE_PER_DOMAIN, AppState, UserError, _expected, fmt, message, ok, warn
+from .controls_ui import SHOW_OUT, controls_of, show_controls, yaml_into_controls
+from .jobs import running
+from .reports import LEADERBOARD_HEADERS, leaderboard, run_summary
+from .suites import (DEMO_SUITE, SUITE_FORMAT, UPLOAD_SUITE, demo_items, session_upload, upload_only,
+                     upload_report)
 
-DEMO_SUITE = "demo suite"
-UPLOAD_SUITE = "uploaded JSONL"
-LEADERBOARD_HEADERS = ["run", "method", "models", "settings", "objective", "EM per domain"]
 _SCORES: OrderedDict = OrderedDict()        # (model files identity, suite key) -> scores, every session
 _SCORES_LOCK = threading.Lock()
 ROUTING_HEADERS = ["domain", "own expert: all tokens", "own expert: answer tokens", "items mostly routed to it"]
@@ -34,46 +35,17 @@ ROUTING_HELP = ("**Routing accuracy of the SMILE model**: the share of (layer, t
                 "is their own.")
 
 
-def _require_upload(path) -> None:
-    from gradio.utils import get_upload_folder
-    p = Path(str(path)).resolve()
-    if not p.is_relative_to(Path(get_upload_folder()).resolve()):
-        raise gr.Error("only files uploaded through this page are accepted (over the API: upload the file, e.g. "
-                       "with gradio_client.handle_file, and call /upload_suite)")
-
-
-def upload_only(component: gr.File) -> gr.File:
-    """Make a File input accept only files gradio received through its upload route (they live in
-    its upload folder): a path or URL of the server's own, sent over the API, is refused before
-    anything reads it. Patched on the instance: a gr.File subclass would make gradio write a .pyi
-    stub beside this module."""
-    move, move_async = component.move_resource_to_block_cache, component.async_move_resource_to_block_cache
-
-    def guarded(url_or_file_path):
-        if url_or_file_path is not None:
-            _require_upload(url_or_file_path)
-        return move(url_or_file_path)
-
-    async def guarded_async(url_or_file_path):
-        if url_or_file_path is not None:
-            _require_upload(url_or_file_path)
-        return await move_async(url_or_file_path)
-
-    component.move_resource_to_block_cache = guarded
-    component.async_move_resource_to_block_cache = guarded_async
-    return component
-
-
 def build(page) -> None:
     with gr.Row(equal_height=True):
         page.add("suite", gr.Radio([DEMO_SUITE, UPLOAD_SUITE], value=DEMO_SUITE, label="Suite", scale=2,
                                    info=f"demo: the first {SCORE_PER_DOMAIN} held-out test items of each domain",
                                    elem_id="suite"))
-        page.add("upload", upload_only(gr.File(label="Suite file (.jsonl)", file_types=[".jsonl"], scale=2,
-                                               elem_id="suite-upload", height=120)))
+        # No file_types: gradio would refuse another file with a bare "Error"; upload_suite names the problem
+        page.add("upload", upload_only(gr.File(label="Suite file (.jsonl)", scale=2, elem_id="suite-upload",
+                                               height=120)))
         page.add("score_btn", gr.Button("Score", variant="primary", scale=1, elem_id="score-btn"))
-    gr.Markdown('One JSON object per line: `{"prompt": …, "answer": …, "domain": …}`.', elem_id="suite-help")
     page.add("score_status", gr.Markdown("", elem_id="score-status", elem_classes=["status"]))
+    gr.Markdown(f"Suite file: {SUITE_FORMAT}.", elem_id="suite-help")
     page.add("objective", gr.Markdown("", elem_id="objective"))
     page.add("score_plot", gr.Plot(label="Scores", elem_id="score-plot"))
     # Under the scores rather than beside them: a plot drawn before a column appears beside it
@@ -89,20 +61,21 @@ def build(page) -> None:
         page.add("score_json", gr.JSON(label="Scores (all models)", elem_id="score-json"))
     page.add("leaderboard", gr.Dataframe(headers=LEADERBOARD_HEADERS, label="Session leaderboard", interactive=False,
                                          elem_id="leaderboard", wrap=True,
-                                         column_widths=["7%", "12%", "22%", "27%", "10%", "22%"]))
+                                         column_widths=["7%", "12%", "20%", "26%", "13%", "22%"]))
     with gr.Row(equal_height=True):
         page.add("run_no", gr.Number(value=1, precision=0, label="Run", elem_id="run-number", scale=1))
         page.add("reload_btn", gr.Button("Load that run's settings", elem_id="reload-run-btn", scale=2))
         page.add("export_btn", gr.Button("Export the current settings as YAML", elem_id="export-yaml-btn", scale=2))
-    with gr.Row():
-        page.add("yaml_code", gr.Code(language="yaml", label="Config (runs with: python -m dppa_ui merge FILE --out DIR)",
-                                      elem_id="yaml-code", scale=3, interactive=True))
-        page.add("yaml_file", gr.File(label="YAML file", interactive=False, elem_id="yaml-file", scale=1, visible=False))
+    page.add("runs_status", gr.Markdown("", elem_id="runs-status", elem_classes=["status"]))
+    page.add("yaml_file", gr.File(label="YAML file", interactive=False, elem_id="yaml-file", visible=False, height=60))
+    page.add("yaml_code", gr.Code(language="yaml", label="Config (runs with: python -m dppa_ui merge FILE --out DIR)",
+                                  elem_id="yaml-code", interactive=True, max_lines=24))
     with gr.Row():
         page.add("load_yaml_btn", gr.Button("Load the YAML above into the controls", elem_id="load-yaml-btn",
                                             size="sm"))
         page.add("plan_yaml_btn", gr.Button("Plan: what this YAML builds", elem_id="plan-yaml-btn", size="sm"))
         page.add("merge_yaml_btn", gr.Button("Merge this YAML as written", elem_id="merge-yaml-btn", size="sm"))
+    page.add("yaml_status", gr.Markdown("", elem_id="yaml-status", elem_classes=["status"]))
     page.add("yaml_plan", gr.Markdown("", elem_id="yaml-plan"))
     page.add("layer_stack", gr.Dataframe(headers=["output layer", "from model", "its layer"], interactive=False,
                                          visible=False, elem_id="layer-stack", label="Layer stack"))
@@ -110,63 +83,10 @@ def build(page) -> None:
 
 # ----------------------------------------------------------------------------------- suites
 
-@functools.lru_cache(maxsize=2)
-def _zoo_test_items() -> tuple[dict, ...]:
-    return tuple(evaluation.load_suite("zoo", "test"))
-
-
-def demo_items(per_domain: int | None = None) -> list[dict]:
-    """The first `per_domain` test items of each demo domain (all when <= 0)."""
-    n = SCORE_PER_DOMAIN if per_domain is None else per_domain
-    items = _zoo_test_items()
-    if n <= 0:
-        return list(items)
-    return [it for its in evaluation.by_domain(items).values() for it in its[:n]]
-
-
-def _upload_path(upload) -> str | None:
-    if upload is None:
-        return None
-    return upload if isinstance(upload, str) else getattr(upload, "path", None) or (
-        upload.get("path") if isinstance(upload, dict) else None)
-
-
-def _read_upload(path: str) -> list[dict]:
-    try:
-        items = evaluation.load_suite(path, label=Path(path).name)
-    except UnicodeDecodeError:
-        raise UserError("the uploaded file is not UTF-8 text: upload a .jsonl file") from None
-    if len(items) > MAX_UPLOAD_ITEMS:
-        raise UserError(f"the uploaded suite has {len(items)} items; this app scores at most {MAX_UPLOAD_ITEMS} "
-                        f"(use `python -m dppa_ui score` for bigger suites)")
-    return items
-
-
-def session_upload(state: AppState, upload, missing: str, refused: str) -> tuple[str, list[dict]]:
-    """(path, items) of a suite file this session uploaded (registered by upload_suite); a path it
-    did not upload, even one that exists on the server, is refused with `refused`."""
-    path = _upload_path(upload)
-    if not path:
-        raise UserError(missing)
-    if str(Path(path).resolve()) not in state.uploads:
-        raise UserError(refused)
-    return path, _read_upload(path)
-
-
 def upload_suite(v: dict) -> dict:
     """A suite file arrived through the upload box: remember it for this session and check it."""
-    state: AppState = v["state"]
-    path = _upload_path(v["upload"])
-    if not path:
-        return {"score_status": ""}
-    state.uploads.add(str(Path(path).resolve()))
-    try:
-        items = _read_upload(path)
-    except _expected() as e:
-        return {"score_status": warn(message(e))}
-    domains = sorted({it["domain"] for it in items})
-    return {"suite": UPLOAD_SUITE,
-            "score_status": ok(f"{Path(path).name}: {len(items)} items in {len(domains)} domain(s): {', '.join(domains)}")}
+    text, registered = upload_report(v["state"], v["upload"])
+    return {"score_status": text, **({"suite": UPLOAD_SUITE} if registered else {})}
 
 
 def suite_items(state: AppState, choice: str, upload) -> tuple[list[dict], str, str]:
@@ -234,7 +154,7 @@ def score(v: dict):
             {"label": "base", "color": figures.BASE_COLOR, "scores": results["base"]}]
     rows += [{"label": short(r), "color": figures.color(i), "scores": results[r]} for i, r in enumerate(ws.access.ft_refs)]
     obj_md = (f"**Objective of {run.name}** (geometric mean over domains of merged ÷ best fine-tune, smooth score): "
-              f"**{obj:.3f}**" if obj is not None else "**Objective**: n/a (no fine-tune scored on these domains)")
+              f"**{fmt(obj)}**" if obj is not None else "**Objective**: n/a (no fine-tune scored on these domains)")
     return {"score_plot": figures.scores(rows), "objective": obj_md, "leaderboard": leaderboard(state),
             "score_json": results, "score_status": ok(f"scored {len(whos)} models on {label} ({len(items)} items)")}
 
@@ -285,23 +205,10 @@ ROUTING_IN = ["state", "suite", "upload"]
 ROUTING_OUT = ["routing_col", "routing_table", "routing_status"]
 
 
-def leaderboard(state: AppState) -> list[list]:
-    rows = []
-    ws = state.ws
-    for r in (ws.runs.items if ws is not None else []):
-        em = (" · ".join(f"{d} {s['em']:.2f}" for d, s in r.scores.items() if s.get("em") is not None)
-              if r.scores else "not scored")
-        settings = params_text(r.config) + (f"; {size_text(r.parameters)}" if r.is_smile else "")
-        rows.append([r.number, r.config.method_name, ", ".join(short(m) for m in r.models), settings,
-                     None if r.objective is None else round(r.objective, 4), em])
-    return rows
-
-
 # ----------------------------------------------------------------------------------- configs
 
 def reload_run(v: dict) -> dict:
     """A leaderboard row's settings (and models) back into the controls."""
-    from .models import all_choices
     state: AppState = v["state"]
     try:
         ws = state.workspace()
@@ -310,10 +217,13 @@ def reload_run(v: dict) -> dict:
             raise UserError(f"{run.name} is a SMILE model ({params_text(run.config)}): set these in "
                             f"4 · Merge › Upscale (SMILE)")
         c = run.controls if isinstance(run.controls, MethodControls) else MethodControls.from_config(run.config)
-    except _expected() as e:
-        return {"score_status": warn(message(e))}
+    except (*_expected(), ConfigError) as e:
+        return {"runs_status": warn(message(e))}
     out = show_controls(c, run.config.base_model, run.models, all_choices(state))
-    out["score_status"] = ok(f"{run.name}'s settings are back in the controls")
+    same = state.ws.access is not None and list(run.models) == list(state.ws.access.ft_refs) and \
+        run.config.base_model == state.ws.access.base_ref
+    out["runs_status"] = ok(f"{run.name}'s settings are back in the controls"
+                            + ("" if same else "; its models are in the pickers: press 'Load models' (1 · Models)"))
     return out
 
 
@@ -327,31 +237,21 @@ def export_yaml(v: dict) -> dict:
         cfg = controls_of(v).to_config(v["base"], fts)
         ws = state.workspace()
     except _expected() as e:
-        return {"score_status": warn(message(e))}
+        return {"runs_status": warn(message(e))}
     text = cfg.to_yaml()
     path = ws.temp_dir / "dppa_merge.yaml"
     path.write_text(text)
     return {"yaml_code": text, "yaml_file": gr.update(value=str(path), visible=True),
-            "score_status": ok("YAML ready: run it with `python -m dppa_ui merge dppa_merge.yaml --out merged/`")}
+            "runs_status": ok("YAML ready below: run it with `python -m dppa_ui merge dppa_merge.yaml --out merged/`")}
 
 
 def load_yaml_into_controls(v: dict) -> dict:
     """Every control (and the model pickers) from a YAML config; nothing changes if it is refused."""
-    from .models import all_choices, resolve_user_ref
-    state: AppState = v["state"]
     try:
-        cfg = load_config(v["yaml_code"] or "")
-        c = MethodControls.from_config(cfg)
-        refs = []
-        for ref in [cfg.base_model, *[m.model for m in cfg.models]]:
-            refs.append(ref if ref in all_choices(state) else resolve_user_ref(ref))
+        out = yaml_into_controls(v["state"], v["yaml_code"])
     except (*_expected(), ConfigError) as e:
-        return {"score_status": warn(f"this config cannot be loaded: {message(e)}")}
-    for ref in refs:
-        if ref not in all_choices(state):
-            state.added.append(ref)
-    out = show_controls(c, refs[0], refs[1:], all_choices(state))
-    out["score_status"] = ok("config loaded into the controls; press 'Load models' if the models changed")
+        return {"yaml_status": warn(f"this config cannot be loaded: {message(e)}")}
+    out["yaml_status"] = ok("config loaded into the controls; press 'Load models' (1 · Models) if the models changed")
     return out
 
 
@@ -366,27 +266,61 @@ def plan_yaml(v: dict) -> dict:
         stages = ws.check_yaml(v["yaml_code"] or "")
         if len(stages) > 1:
             res = merge_stages(v["yaml_code"], None, dry_run=True, log=lambda s: None)
-            return {"yaml_plan": "\n".join(f"- {ln}" for ln in res.plan.splitlines()),
+            return {"yaml_plan": "\n".join(f"- {ln}" for ln in plan_lines(res.plan)),
                     "layer_stack": gr.update(visible=False),
-                    "score_status": ok(f"planned: {len(stages)} stages, nothing read yet")}
+                    "yaml_status": ok(f"planned: {len(stages)} stages, nothing read yet")}
         cfg = stages[0].config
         res = run_merge(cfg.to_dict(), None, dry_run=True, log=lambda s: None)
         stack = layer_stack(cfg.to_dict())
     except (*_expected(), ConfigError) as e:
-        return {"score_status": warn(f"this config cannot be planned: {message(e)}")}
-    head = [ln for ln in res.plan.splitlines() if not ln.startswith(("tensor ", "model: ", "base: "))]
+        return {"yaml_status": warn(f"this config cannot be planned: {message(e)}")}
     lines = [f"**{cfg.method_name}** of {', '.join(short(r) for r in cfg.parents)}: "
-             f"{res.tensors} tensors, {res.params:,} parameters"] + [f"- {ln}" for ln in head[1:]]
+             f"{res.tensors} tensors, {res.params:,} parameters"] + [f"- {ln}" for ln in plan_lines(res.plan)]
     return {"yaml_plan": "\n".join(lines),
             "layer_stack": gr.update(value=[[j, short(r), layer] for j, r, layer in stack], visible=bool(stack),
                                      label=f"Layer stack: {len(stack)} output layers"),
-            "score_status": ok("planned: nothing was read but the checkpoints' headers")}
+            "yaml_status": ok("planned: nothing was read but the checkpoints' headers")}
+
+
+_SETTING = re.compile(r"(\w+)=(\[[^\]]*\]|\{[^}]*\}|[^,]+)")
+_GB = re.compile(r"([0-9.]+) GB")
+
+
+def plan_lines(plan: str) -> list[str]:
+    """The engine's dry-run report for people: no server paths (its base and model lines), no
+    per-tensor lines, settings without Python's None and 5.0, sizes in the unit that shows them."""
+    out = []
+    for ln in plan.splitlines():
+        if ln.startswith(("tensor ", "model: ", "base: ", "method: ")):
+            continue
+        if ln.startswith("parameters: "):
+            kv = [(k, v.strip()) for k, v in _SETTING.findall(ln[len("parameters: "):]) if v.strip() != "None"]
+            ln = "settings: " + ", ".join(f"{k} {_number(v)}" for k, v in kv)
+        elif ln.startswith("estimated peak memory"):
+            ln = _GB.sub(lambda m: _gigabytes(float(m.group(1))), ln).replace("time: ~0 s", "time: under 1 s")
+        out.append(ln)
+    return out
+
+
+def _number(v: str) -> str:
+    if v in ("True", "False"):
+        return v.lower()                    # as the YAML writes it
+    try:
+        return fmt(float(v))
+    except ValueError:
+        return v
+
+
+def _gigabytes(gb: float) -> str:
+    """A size the report gives in GB (2 decimals) in the unit that shows it."""
+    if gb >= 1:
+        return f"{fmt(gb)} GB"
+    return "under 10 MB" if gb < 0.01 else f"{fmt(gb * 1000)} MB"
 
 
 def merge_yaml(v: dict) -> dict:
     """Merge the config as written into a run (any method, slices, tokenizer surgery, ...); it is
     then the merged model for chat and score."""
-    from .merge import run_summary
     state: AppState = v["state"]
     progress = v["progress"]
     try:
@@ -394,12 +328,13 @@ def merge_yaml(v: dict) -> dict:
         text = v["yaml_code"] or ""
         ws.check_yaml(text)
         state.cancel.clear()
-        run = ws.merge_yaml(text, progress=lambda d, t: progress((d, t), desc="merging", unit="tensors"),
-                            cancel=state.cancel.is_set)
+        with running(state, "merge as written"):
+            run = ws.merge_yaml(text, progress=lambda d, t: progress((d, t), desc="merging", unit="tensors"),
+                                cancel=state.cancel.is_set)
     except (*_expected(), ConfigError, RuntimeError, OSError) as e:
-        return {"score_status": warn(f"merge refused: {message(e)}"), "state": state}
+        return {"yaml_status": warn(f"merge refused: {message(e)}"), "state": state}
     return {"merge_summary": run_summary(run), "leaderboard": leaderboard(state),
-            "score_status": ok(f"{run.name} merged as written in {run.seconds:.2f} s: chat with it or score it"),
+            "yaml_status": ok(f"{run.name} merged as written in {fmt(run.seconds)} s: chat with it or score it"),
             "state": state}
 
 
@@ -410,15 +345,15 @@ def wire(page) -> list:
                      api_name="score", concurrency_limit=1, concurrency_id="merge")
     page.then(scored, score_routing, ROUTING_IN, ROUTING_OUT, api_visibility="private", concurrency_limit=1,
               concurrency_id="merge")
-    reload = page.on(page["reload_btn"].click, reload_run, ["state", "run_no"], [*SHOW_OUT, "score_status"],
+    reload = page.on(page["reload_btn"].click, reload_run, ["state", "run_no"], [*SHOW_OUT, "runs_status"],
                      api_name="reload_run")
     page.on(page["export_btn"].click, export_yaml, ["state", "base", "fts", *CONTROL_KEYS],
-            ["yaml_code", "yaml_file", "score_status"], api_name="export_yaml")
+            ["yaml_code", "yaml_file", "runs_status"], api_name="export_yaml")
     load = page.on(page["load_yaml_btn"].click, load_yaml_into_controls, ["state", "yaml_code"],
-                   [*SHOW_OUT, "score_status"], api_name="load_yaml")
-    page.on(page["plan_yaml_btn"].click, plan_yaml, ["state", "yaml_code"], ["yaml_plan", "layer_stack", "score_status"],
+                   [*SHOW_OUT, "yaml_status"], api_name="load_yaml")
+    page.on(page["plan_yaml_btn"].click, plan_yaml, ["state", "yaml_code"], ["yaml_plan", "layer_stack", "yaml_status"],
             api_name="plan_yaml")
     page.on(page["merge_yaml_btn"].click, merge_yaml, ["state", "yaml_code"],
-            ["merge_summary", "leaderboard", "score_status", "state"], progress=True, api_name="merge_yaml",
+            ["merge_summary", "leaderboard", "yaml_status", "state"], progress=True, api_name="merge_yaml",
             concurrency_limit=1, concurrency_id="merge")
     return [reload, load]

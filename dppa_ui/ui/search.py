@@ -4,17 +4,14 @@ Start merges and scores candidates in memory in a thread of this process, stream
 per evaluation with the best so far and a table of every candidate; Stop ends it after the
 current candidate with the best so far; "Load best into controls" puts the result into the method
 controls (what they cannot hold is refused by name) and the best YAML is offered for download.
-Also here: the "auto λ" handler (PCB's λ_i search preset) and the streaming every search button
-shares (auto α too). One search, merge or score at a time per server (concurrency id "merge").
+Stop also ends the method column's auto λ. One search, merge or score at a time per server
+(concurrency id "merge").
 """
 from __future__ import annotations
 
 import math
-import os
-import threading
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable
 
 import gradio as gr
 
@@ -22,10 +19,11 @@ from .. import figures, search
 from ..config import ConfigError
 from ..controls import MethodControls
 from ..workspace import short
-from .common import (CONTROL_KEYS, DEFAULT_UI, AppState, UserError, _expected, _finite, controls_from, message, ok,
-                     values_of, warn)
-from .method import CONTROLS_OUT, controls_of, show_controls
-from .score import UPLOAD_SUITE, session_upload, upload_only, upload_suite
+from .common import (CONTROL_KEYS, DEFAULT_UI, AppState, UserError, _expected, _finite, controls_from, fmt, lenient,
+                     message, ok, sig, warn)
+from .controls_ui import CONTROLS_OUT, controls_of, rounded, show_controls
+from .jobs import Job, running, search_threads
+from .suites import UPLOAD_SUITE, session_upload, upload_only, upload_report
 
 MAX_BUDGET = 200                         # candidates per search in the app (the CLI has no limit)
 DEMO_DEV = "demo dev splits"
@@ -134,58 +132,12 @@ def _label(p: search.Param, refs: list[str]) -> str:
 
 # ----------------------------------------------------------------------------------- running
 
-def search_threads(ws) -> int | None:
-    """Torch threads for a search: DPPA_UI_SEARCH_THREADS (0 = torch's default), else 1 for small
-    models. Their candidates are tiny: OpenMP threads spin-wait on each other, so on a busy
-    machine one thread is many times faster, on a quiet one a little slower (README, The app)."""
-    env = os.environ.get("DPPA_UI_SEARCH_THREADS")
-    if env is not None and env.strip().isdigit():
-        return int(env) or None
-    return 1 if ws.access is not None and ws.access.n_params < 50_000_000 else None
-
-
-class Job:
-    """Runs `work(log, on_eval)` in a thread (with `threads` torch threads for its duration),
-    collecting its log lines and evaluation rows, so a generator handler can stream them."""
-
-    def __init__(self, work: Callable[[Callable, Callable], Any], threads: int | None = None):
-        self.lines: list[str] = []
-        self.rows: list[dict] = []
-        self.result: Any = None
-        self.error: BaseException | None = None
-        self.done = threading.Event()
-        threading.Thread(target=self._run, args=(work, threads), daemon=True, name="dppa-ui-search").start()
-
-    def _run(self, work, threads) -> None:
-        import torch
-        before = torch.get_num_threads()
-        try:
-            if threads:
-                torch.set_num_threads(threads)       # in this thread: OpenMP's setting is per thread
-            self.result = work(self.lines.append, self.rows.append)
-        except BaseException as e:  # noqa: BLE001 - handed to the handler, which shows it
-            self.error = e
-        finally:
-            torch.set_num_threads(before)
-            self.done.set()
-
-    def updates(self, every: float = 0.5):
-        """Yields while the work runs, at most once per `every` seconds and only when a line or a
-        row arrived; returns when it is done."""
-        seen = (0, 0)
-        while not self.done.wait(every):
-            now = (len(self.lines), len(self.rows))
-            if now != seen:
-                seen = now
-                yield
-
-
 def _curve(rows: list[dict], running: bool):
     scored = [r for r in rows if r["phase"] == "search"]
     if not scored:
         return figures.message("merging and scoring the first candidate …" if running else "no candidate scored")
     top = max(scored, key=lambda r: r["objective"])
-    title = f"objective per evaluation (dev) · best {top['objective']:.4f} at #{top['eval']}"
+    title = f"dev objective · best {fmt(top['objective'])} at #{top['eval']}"
     return figures.objective_curve([r["objective"] for r in scored], [r["best"] for r in scored], title)
 
 
@@ -194,8 +146,8 @@ def _table(rows: list[dict], params: list[search.Param], refs: list[str]) -> dic
     domains = list(dict.fromkeys(d for r in rows for d in r["scores"]))
     headers = ["#", *(_label(p, refs) for p in params), "objective", "best so far", *domains, "s"]
     data = [[r["eval"] if r["phase"] == "search" else f"{r['eval']} (chosen)",
-             *(round(r["params"][p.name], 4) for p in params), round(r["objective"], 4), round(r["best"], 4),
-             *(round(r["scores"][d], 3) if d in r["scores"] else "" for d in domains), round(r["seconds"], 2)]
+             *(sig(r["params"][p.name]) for p in params), sig(r["objective"]), sig(r["best"]),
+             *(sig(r["scores"][d]) if d in r["scores"] else "" for d in domains), sig(r["seconds"])]
             for r in reversed(rows)]
     return gr.update(value={"headers": headers, "data": data}, headers=headers)
 
@@ -244,10 +196,13 @@ def start(v: dict):
         return
     state.cancel.clear()
     test = bool(v["search_test"]) and data == "zoo"
-    job = Job(lambda log, on_eval: ws.search(cfg, block, on_eval=on_eval, cancel=state.cancel.is_set, log=log,
-                                             test=test), search_threads(ws))
+
+    def work(log, on_eval):
+        with running(state, "search"):
+            return ws.search(cfg, block, on_eval=on_eval, cancel=state.cancel.is_set, log=log, test=test)
+    job = Job(work, search_threads(ws))
     names = ", ".join(_label(p, refs) for p in spec.params)
-    yield {"search_status": f"⏳ searching {names} ({spec.optimizer}, budget {spec.budget}): scoring the fine-tunes "
+    yield {"search_status": f"⟳ searching {names} ({spec.optimizer}, budget {spec.budget}): scoring the fine-tunes "
                             f"for reference, then each candidate …", "search_plot": _curve([], True),
            "search_file": gr.update(value=None, visible=False), "search_yaml": ""}
     try:
@@ -255,8 +210,8 @@ def start(v: dict):
             rows = list(job.rows)
             n = sum(r["phase"] == "search" for r in rows)
             yield {"search_plot": _curve(rows, True), "search_rows": _table(rows, spec.params, refs),
-                   "search_status": f"⏳ {n}/{spec.budget} candidates scored"
-                                    + (f", best {rows[-1]['best']:.4f}" if rows else "")}
+                   "search_status": f"⟳ {n}/{spec.budget} candidates scored"
+                                    + (f", best {fmt(rows[-1]['best'])}" if rows else "")}
     finally:
         if not job.done.is_set():          # the page went away or the event was cancelled: stop it too
             state.cancel.set()
@@ -276,22 +231,25 @@ def start(v: dict):
 
 def _summary(res, spec, refs) -> str:
     n = sum(r["phase"] == "search" for r in res.rows)
-    values = ", ".join(f"{_label(p, refs)} {res.values[p.name]:.4g}" for p in spec.params)
+    values = ", ".join(f"{_label(p, refs)} {fmt(res.values[p.name])}" for p in spec.params)
     head = (f"stopped after {n} candidate(s): best so far" if res.cancelled else f"searched {n} candidates:")
     busy = sum(r["seconds"] for r in res.rows if r["phase"] == "search")
-    text = (f"{head} {values} · dev objective **{res.objective:.4f}** · {res.seconds:.1f} s in all, "
-            f"{n / max(busy, 1e-9):.1f} candidates/s")
+    text = (f"{head} {values} · dev objective **{fmt(res.objective)}** · {fmt(res.seconds)} s in all, "
+            f"{fmt(n / max(busy, 1e-9))} candidates/s")
     if res.test:
         em = ", ".join(f"{d} {s['em']:.2f}" for d, s in res.test["scores"].items() if s.get("em") is not None)
-        text += f"  \ntest split (scored once, never searched): objective **{res.test['objective']:.4f}**; EM {em}"
+        text += f"  \ntest split (scored once, never searched): objective **{fmt(res.test['objective'])}**; EM {em}"
     return ok(text + "  \nLoad it into the controls to merge it, or download the YAML below.")
 
 
 def stop(v: dict) -> dict:
+    """End the session's search (or auto λ) after its current candidate, with its best so far."""
     state: AppState = v["state"]
-    if isinstance(state, AppState):
-        state.cancel.set()
-    return {"search_status": "⏹ stop requested: the search ends after the current candidate, with its best so far"}
+    what = state.running if isinstance(state, AppState) else None
+    if what not in ("search", "auto λ"):
+        return {"search_status": "nothing to stop: no search is running"}
+    state.cancel.set()
+    return {"search_status": f"■ stop requested: the {what} ends after the current candidate, with its best so far"}
 
 
 def load_best(v: dict) -> dict:
@@ -315,10 +273,16 @@ def load_best(v: dict) -> dict:
             raise UserError(f"the method controls cannot hold {', '.join(lost)} (no control sets "
                             f"{'it' if len(lost) == 1 else 'them'} this way); download the YAML and run it with "
                             f"`python -m dppa_ui merge`")
+        shown = rounded(c)
+        moved = list(dict.fromkeys(      # a shared value once ("density", not once per model)
+            (n.split(" (")[0], want, got) for n, want, got in _held(res, shown.to_config(res.config.base_model, refs))
+            if not math.isclose(want, got, rel_tol=1e-9, abs_tol=1e-12)))
     except _expected() as e:
         return {"search_status": warn(message(e))}
-    out = show_controls(c)
-    out["search_status"] = ok("the best settings are in the method controls (2 · Method): merge to use them")
+    out = show_controls(shown)
+    note = ("" if not moved else "; shown to 3 significant digits (" + ", ".join(
+        f"{n} {want:.6g} → {fmt(got)}" for n, want, got in moved) + "), the YAML below keeps the exact values")
+    out["search_status"] = ok(f"the best settings are in the method controls (2 · Method){note}: merge to use them")
     return out
 
 
@@ -351,59 +315,8 @@ def rows_for_preset(v: dict) -> dict:
 
 def upload(v: dict) -> dict:
     """A JSONL file arrived through the search's upload box: registered exactly as /upload_suite does."""
-    out = upload_suite({"state": v["state"], "upload": v["search_upload"]})
-    res = {"search_status": out["score_status"]}
-    if "suite" in out:
-        res["search_data"] = out["suite"]
-    return res
-
-
-# ----------------------------------------------------------------------------------- auto λ
-
-def auto_lambda(v: dict):
-    """PCB's λ search (search.lambda_search: one λ_i per model, the model weight, NGOpt from 1.0 in
-    [0.8, 1.3], budget 100, on each model's dev split), streaming its log; the λ_i found go into
-    the weights box and λ to 1, as `lambda: auto` resolves."""
-    state: AppState = v["state"]
-    try:
-        ws = state.workspace()
-        c = controls_of(v)
-        cfg = ws.config(c)
-    except _expected() as e:
-        yield {"method_status": warn(message(e))}
-        return
-    refs = [short(m.model) for m in cfg.models]
-    state.cancel.clear()
-
-    def line(r: dict) -> str:
-        lam = ", ".join(f"{x:.3f}" for x in r["params"].values())
-        return f"#{r['eval']}: λ {lam} → {r['objective']:.4f} (best {r['best']:.4f})"
-
-    job = Job(lambda log, on_eval: ws.search(cfg, preset="lambda", log=log, on_eval=on_eval,
-                                             cancel=state.cancel.is_set), search_threads(ws))
-    head = (f"λ per model ({', '.join(refs)}): NGOpt from 1.0 in {list(search.LAMBDA_BOUNDS)}, budget "
-            f"{search.LAMBDA_BUDGET}, dev splits; the Search tab's Stop ends it")
-    yield {"lambda_log": gr.update(value=head, visible=True), "method_status": ""}
-    try:
-        for _ in job.updates():
-            yield {"lambda_log": "\n".join([head, *(line(r) for r in job.rows[-12:])])}
-    finally:
-        if not job.done.is_set():
-            state.cancel.set()
-    if isinstance(job.error, _expected()):
-        yield {"method_status": warn(f"λ search failed: {message(job.error)}")}
-        return
-    if job.error is not None:
-        raise job.error
-    res = job.result
-    weights = tuple(round(m.weight, 4) for m in res.config.models)
-    text = ", ".join(f"{r} {w:g}" for r, w in zip(refs, weights))
-    log = "\n".join([f"chose λ_i {text} (dev objective {res.objective:.4f}, {len(res.rows)} candidates)", head,
-                     *(line(r) for r in res.rows[-12:])])
-    shown = values_of(replace(c, weights=weights, lambda_=1.0))
-    yield {"weights": shown["weights"], "lambda_": shown["lambda_"], "lambda_log": log,
-           "method_status": ok(f"λ per model{' (stopped early)' if res.cancelled else ''}: {text} → the weights; "
-                               f"λ set to 1 (merge to use them)")}
+    text, registered = upload_report(v["state"], v["search_upload"])
+    return {"search_status": text, **({"search_data": UPLOAD_SUITE} if registered else {})}
 
 
 # ----------------------------------------------------------------------------------- layout
@@ -415,45 +328,51 @@ def build(page, tab) -> None:
                 "controls'. The test split is scored once, for the best only.", elem_id="search-help")
     page.add("search_for", gr.State(f"{DEFAULT_UI['preset']}/{DEFAULT_UI['n_bands']}"))
     page.add("search_best", gr.State(None))
-    with gr.Row():
-        page.add("search_params", gr.Dataframe(
-            value=default_rows(controls_from(DEFAULT_UI)), headers=HEADERS, type="array", interactive=True,
-            datatype=["bool", "str", "str", "number", "number"], column_count=5, row_count=len(default_rows(
-                controls_from(DEFAULT_UI))), label="Parameters (models: each = one value per model, shared = one "
-                                                  "for all, or a fine-tune's name)",
-            elem_id="search-params", scale=3, column_widths=["17%", "25%", "22%", "18%", "18%"]))
-        with gr.Column(scale=2, min_width=260):
-            page.add("search_optimizer", gr.Dropdown(OPTIMIZER_CHOICES, value="ngopt", label="Optimizer",
-                                                     elem_id="search-optimizer"))
-            page.add("search_budget", gr.Number(value=40, precision=0, minimum=1, maximum=MAX_BUDGET,
-                                                label=f"Budget (candidates, ≤ {MAX_BUDGET})", elem_id="search-budget"))
+    rows0 = default_rows(controls_from(DEFAULT_UI))
+    # The settings on the left, the buttons and what they start (status, streaming plot) on the right:
+    # in view together at 1366 x 768
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=5, min_width=380):
+            page.add("search_params", gr.Dataframe(
+                value=rows0, headers=HEADERS, type="array", interactive=True,
+                datatype=["bool", "str", "str", "number", "number"], column_count=5, row_count=len(rows0),
+                label="Parameters (models: each = one value per model, shared = one for all, or a fine-tune's name)",
+                elem_id="search-params", column_widths=["18%", "24%", "22%", "18%", "18%"]))
+            with gr.Row(equal_height=True):
+                page.add("search_optimizer", gr.Dropdown(OPTIMIZER_CHOICES, value="ngopt", label="Optimizer",
+                                                         elem_id="search-optimizer", scale=2))
+                page.add("search_budget", lenient(gr.Number(value=40, precision=0, minimum=1, maximum=MAX_BUDGET,
+                                                            label=f"Budget (≤ {MAX_BUDGET})", scale=1,
+                                                            elem_id="search-budget")))
+                page.add("search_seed", lenient(gr.Number(value=0, precision=0, minimum=0, label="Seed", scale=1,
+                                                          elem_id="search-seed")))
             page.add("search_objective", gr.Dropdown([("geometric mean over domains", GEOMETRIC),
                                                       *((d, d) for d in _domains())], value=GEOMETRIC,
                                                      allow_custom_value=True, label="Objective", elem_id="search-objective",
                                                      info="score ÷ the best fine-tune's, per domain (DPPA's), or one domain's score"))
-    with gr.Row(equal_height=True):
-        page.add("search_data", gr.Radio([DEMO_DEV, UPLOAD_SUITE], value=DEMO_DEV, label="Data", scale=2,
-                                         elem_id="search-data"))
-        page.add("search_upload", upload_only(gr.File(label="Dev file (.jsonl)", file_types=[".jsonl"], scale=2,
-                                                      height=100, elem_id="search-upload")))
-        with gr.Column(scale=1, min_width=160):
-            page.add("search_seed", gr.Number(value=0, precision=0, minimum=0, label="Seed", elem_id="search-seed"))
+            with gr.Row(equal_height=True):
+                page.add("search_data", gr.Radio([DEMO_DEV, UPLOAD_SUITE], value=DEMO_DEV, label="Data", scale=1,
+                                                 elem_id="search-data"))
+                # No file_types: gradio would refuse another file with a bare "Error"; upload names the problem
+                page.add("search_upload", upload_only(gr.File(label="Dev file (.jsonl)", scale=1, height=90,
+                                                              elem_id="search-upload")))
             page.add("search_test", gr.Checkbox(value=True, label="score the best on the test split",
                                                 elem_id="search-test"))
-    with gr.Row():
-        page.add("search_btn", gr.Button("Start", variant="primary", elem_id="search-btn"))
-        page.add("search_stop_btn", gr.Button("Stop", variant="stop", elem_id="search-stop-btn"))
-        page.add("search_load_btn", gr.Button("Load best into controls", elem_id="search-load-btn"))
-    page.add("search_status", gr.Markdown("", elem_id="search-status", elem_classes=["status"]))
-    page.add("search_plot", gr.Plot(label="Objective", elem_id="search-plot"))
+        with gr.Column(scale=4, min_width=320):
+            with gr.Row():
+                page.add("search_btn", gr.Button("Start", variant="primary", elem_id="search-btn", min_width=80))
+                page.add("search_stop_btn", gr.Button("Stop", variant="stop", elem_id="search-stop-btn", min_width=80))
+                page.add("search_load_btn", gr.Button("Load best into controls", elem_id="search-load-btn",
+                                                      min_width=120))
+            page.add("search_status", gr.Markdown("", elem_id="search-status", elem_classes=["status"]))
+            page.add("search_plot", gr.Plot(label="Objective", elem_id="search-plot"))
     page.add("search_rows", gr.Dataframe(headers=["#", "objective", "best so far"], label="Candidates (newest first)",
-                                         interactive=False, elem_id="search-rows", max_height=360))
+                                         interactive=False, elem_id="search-rows", max_height=360, wrap=True))
     with gr.Accordion("Best config (YAML)", open=False, elem_id="search-yaml-accordion"):
-        with gr.Row():
-            page.add("search_yaml", gr.Code(language="yaml", label="Runs with: python -m dppa_ui merge FILE --out DIR",
-                                            interactive=False, elem_id="search-yaml", scale=3))
-            page.add("search_file", gr.File(label="best.yaml", interactive=False, visible=False, scale=1,
-                                            elem_id="search-file"))
+        page.add("search_file", gr.File(label="best.yaml", interactive=False, visible=False, elem_id="search-file",
+                                        height=60))
+        page.add("search_yaml", gr.Code(language="yaml", label="Runs with: python -m dppa_ui merge FILE --out DIR",
+                                        interactive=False, elem_id="search-yaml"))
 
 
 SEARCH_IN = ["state", "search_params", "search_optimizer", "search_budget", "search_objective", "search_data",
@@ -462,8 +381,7 @@ SEARCH_OUT = ["search_plot", "search_rows", "search_status", "search_yaml", "sea
 
 
 def wire(page) -> list:
-    """Wires the section and the method column's "auto λ"; returns the events that set the method
-    controls (the inspect views follow them)."""
+    """Wires the section; returns the events that set the method controls (the inspect views follow them)."""
     quiet = dict(show_progress="hidden", api_visibility="private")
     page.on([page["search_tab"].select, page["preset"].input, page["n_bands"].input], rows_for_preset,
             ["preset", "n_bands", "search_for", "search_params"], ["search_params", "search_for"], **quiet)
@@ -474,7 +392,4 @@ def wire(page) -> list:
     page.on(page["search_stop_btn"].click, stop, ["state"], ["search_status"], api_name="search_stop", queue=False)
     load = page.on(page["search_load_btn"].click, load_best, ["state", "search_best"], [*CONTROLS_OUT, "search_status"],
                    api_name="search_load_best")
-    auto = page.on(page["auto_lambda_btn"].click, auto_lambda, ["state", *CONTROL_KEYS],
-                   ["lambda_log", "weights", "lambda_", "method_status"], api_name="auto_lambda",
-                   concurrency_limit=1, concurrency_id="merge")
-    return [load, auto]
+    return [load]

@@ -147,10 +147,13 @@ class Runs:
     def __init__(self, root: Path):
         self.root = Path(root)
         self.items: list[Run] = []
-        self._next = 1
 
     def next_folder(self) -> tuple[int, Path]:
-        n, self._next = self._next, self._next + 1
+        """The number and folder of the next run: one past the last run listed, so a merge that
+        was cancelled or refused leaves no gap in the leaderboard (past any folder it left)."""
+        n = (self.items[-1].number if self.items else 0) + 1
+        while (self.root / f"run-{n}").exists():
+            n += 1
         return n, self.root / f"run-{n}"
 
     def add(self, run: Run) -> Run:
