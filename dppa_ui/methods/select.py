@@ -102,3 +102,136 @@ def keep_count(density: float, numel: int) -> int:
     if density <= 0 or numel <= 0:
         return 0
     return max(1, int(density * numel))
+
+
+# ------------------------------------------------------------------ order statistics in passes
+#
+# PCB at `scope: model` needs order statistics of rows that span a whole model (each fine-tune's
+# task vector flattened), which never sits in memory at once. A radix selection finds them exactly
+# from two passes over the model's tensors. Every float32 maps to a 32-bit integer key that orders
+# as the floats do: its bits, with the 31 magnitude bits flipped for a negative float (so a larger
+# magnitude is a smaller key). Pass 1 histograms each row's high 16 key bits; the cumulative counts
+# give, for each wanted position, the bin that holds it and its rank inside that bin. Pass 2
+# histograms the low 16 bits of the entries in those bins only; the rank then names one key, hence
+# one float32 exactly. Two 65536-bin histograms per row and wanted position: memory does not
+# depend on the model's size. -0.0 gets the key just below +0.0; the two compare equal, so a key
+# order is one valid ascending sort and its k-th entry is the k-th of any other (NaN is not
+# expected in a delta and is not handled).
+
+_DIGITS = 1 << 16
+_HALF = 1 << 15
+
+
+def _high_digits(x: torch.Tensor, absolute: bool, out: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:
+    """The high 16 bits of each float32's order key, in [0, 65536), written to `out` (int32 of x's
+    shape; `tmp` the same, scratch). `absolute`: the keys of |x| (the sign bit cleared)."""
+    torch.bitwise_right_shift(x.view(torch.int32), 16, out=out)       # arithmetic: [-32768, 32767]
+    if absolute:
+        out.bitwise_and_(_HALF - 1)
+    else:                                  # a negative float: flip its 15 magnitude bits here
+        torch.bitwise_right_shift(out, 15, out=tmp).bitwise_and_(_HALF - 1)
+        out.bitwise_xor_(tmp)
+    return out.add_(_HALF)
+
+
+def _bincount(digits: torch.Tensor) -> np.ndarray:
+    """Counts of each value in [0, 65536) of a 1-D int32 tensor (numpy's on the CPU)."""
+    if digits.device.type == "cpu":
+        return np.bincount(digits.numpy(), minlength=_DIGITS)
+    return torch.bincount(digits, minlength=_DIGITS).cpu().numpy()
+
+
+def _key_value(high: int, low: int) -> float:
+    """The float32 whose order key has these high and low 16 bits."""
+    h = high - _HALF
+    bits = (h << 16) | low if h >= 0 else ((h ^ (_HALF - 1)) << 16) | (low ^ (_DIGITS - 1))
+    return float(np.array(bits, dtype=np.int32).view(np.float32))
+
+
+class StreamedSelect:
+    """Exact order statistics of the n rows of a float32 matrix seen as column blocks, in two
+    passes over the blocks (see above). `absolute`: of |x|.
+
+        sel = StreamedSelect()
+        for block in blocks(): sel.count(block)        # pass 1; sel.total: entries per row
+        sel.locate([k1, k2])                           # 0-based positions in each row sorted ascending
+        for block in blocks(): sel.refine(block)       # pass 2: the same blocks, the same order
+        sel.values()                                   # (n, 2) float32: each row's k1-th and k2-th
+
+    Blocks are (n, m) float32 tensors; their column order does not matter (only the multiset of
+    each row's entries does), so a model's tensors may come in any order, but both passes must
+    see the same entries."""
+
+    def __init__(self, absolute: bool = False):
+        self.absolute = absolute
+        self.total = 0
+        self._hist: np.ndarray | None = None           # (n, 65536) counts of the high digits
+        self._bins: list[dict[int, np.ndarray]] = []   # per row: bin -> counts of its low digits
+        self._wanted: list[list[tuple[int, int]]] = []  # per row, per position: (bin, rank inside it)
+        self._buf: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _digits(self, block: torch.Tensor) -> torch.Tensor:
+        if block.dtype != torch.float32 or block.dim() != 2:
+            raise ValueError(f"blocks must be 2-D float32, got {block.dtype} of shape {tuple(block.shape)}")
+        n = block.numel()
+        if self._buf is None or self._buf[0].numel() < n or self._buf[0].device != block.device:
+            self._buf = tuple(torch.empty(n, dtype=torch.int32, device=block.device) for _ in range(2))
+        out, tmp = (b[:n].view(block.shape) for b in self._buf)
+        return _high_digits(block.contiguous(), self.absolute, out, tmp)
+
+    def count(self, block: torch.Tensor) -> None:
+        """Pass 1: add an (n, m) block's entries to each row's histogram."""
+        if self._hist is None:
+            self._hist = np.zeros((block.shape[0], _DIGITS), dtype=np.int64)
+        if block.shape[0] != self._hist.shape[0]:
+            raise ValueError(f"a block of {block.shape[0]} rows after blocks of {self._hist.shape[0]}")
+        if block.shape[1] == 0:
+            return
+        digits = self._digits(block)
+        for i in range(block.shape[0]):
+            self._hist[i] += _bincount(digits[i])
+        self.total += block.shape[1]
+
+    def locate(self, positions: list[int]) -> None:
+        """After pass 1: the 0-based positions (in each row sorted ascending) to find."""
+        if self._hist is None or self.total == 0:
+            raise ValueError("no entries counted: run pass 1 (count) over a non-empty matrix first")
+        bad = [p for p in positions if not 0 <= p < self.total]
+        if bad:
+            raise ValueError(f"positions {bad} out of range for rows of {self.total} entries")
+        cum = np.cumsum(self._hist, axis=1)
+        self._bins, self._wanted = [], []
+        for row in cum:
+            wanted = []
+            for p in positions:
+                b = int(np.searchsorted(row, p, side="right"))      # the first bin whose count passes p
+                wanted.append((b, p - (int(row[b - 1]) if b else 0)))
+            self._wanted.append(wanted)
+            self._bins.append({b: np.zeros(_DIGITS, dtype=np.int64) for b, _ in wanted})
+
+    def refine(self, block: torch.Tensor) -> None:
+        """Pass 2: add the low digits of a block's entries that fall in a wanted bin."""
+        if not self._wanted:
+            raise ValueError("call locate(positions) between the two passes")
+        if block.shape[1] == 0:
+            return
+        block = block.contiguous()
+        digits = self._digits(block)
+        bits = block.view(torch.int32)
+        for i, bins in enumerate(self._bins):
+            for b, counts in bins.items():
+                low = bits[i][digits[i] == b].bitwise_and_(_DIGITS - 1)
+                if b < _HALF and not self.absolute:       # a negative float's low bits order reversed
+                    low.bitwise_xor_(_DIGITS - 1)
+                counts += _bincount(low)
+
+    def values(self) -> torch.Tensor:
+        """After pass 2: (n, len(positions)) float32, each row's entries at the wanted positions."""
+        out = []
+        for bins, wanted in zip(self._bins, self._wanted):
+            row = []
+            for b, rank in wanted:
+                low = int(np.searchsorted(np.cumsum(bins[b]), rank, side="right"))
+                row.append(_key_value(b, low))
+            out.append(row)
+        return torch.tensor(out, dtype=torch.float32)
