@@ -3,7 +3,7 @@ written straight into pre-planned safetensors shards.
 
 Data flow for one merge (nothing else is held in memory):
   resolve refs -> open readers (headers only) -> check compatibility -> [DP: two statistics
-  passes] -> for each tensor name: read base + fine-tunes (prefetched by a thread) -> pipeline
+  passes; PCB at scope model: three or four] -> for each tensor name: read base + fine-tunes (prefetched by a thread) -> pipeline
   -> write at its offset (a second thread) -> copy config/tokenizer -> card + YAML -> rename.
 Peak memory is about (n_models + 2) x the largest tensor in float32 plus one prefetched set of
 raw inputs and one pending output, whatever the depth of the model.
@@ -24,8 +24,9 @@ import torch
 
 from . import io
 from .config import MergeConfig, load_config, load_stages, rename_refs
-from .pipeline import (Scratch, dominant_float_dtype, dp_maps_from_stats, kept_fraction, merge_state_dicts, merge_tensor,
-                       output_dtype)
+from .methods.pcb import stat_passes
+from .pipeline import (Scratch, dominant_float_dtype, dp_maps_from_stats, kept_fraction, merge_tensor, output_dtype,
+                       pcb_model_stats)
 from .plan import build_plan, input_refs
 from .stats import DeltaStats, collect_stats, save_stats
 
@@ -403,6 +404,8 @@ def _merge_to(cfg: MergeConfig, inputs: _Inputs, tmp: Path, dev: torch.device, o
     passes = cfg.prune == "dp" and stats is None
     total = len(names) + (len(float_names) + sum(
         1 for n in float_names if len(inputs.shapes[n]) == 2) if passes else 0)
+    if cfg.family == "pipeline" and cfg.combine == "pcb" and cfg.scope == "model":
+        total += stat_passes(cfg.clip_ratio) * len(float_names)
     bar, tick = _progress(progress, total)
     merge_cfg, apl_plan = cfg, None
     try:
@@ -423,46 +426,39 @@ def _merge_to(cfg: MergeConfig, inputs: _Inputs, tmp: Path, dev: torch.device, o
         if cfg.prune == "dp":
             dp_maps = dp_maps_from_stats(cfg, stats)
             save_stats(stats, tmp / STATS_FILE)
-        if cfg.combine == "pcb" and cfg.scope == "model":
-            base_sd, fts = {}, [{} for _ in cfg.models]
-            for n in names:
-                base_sd[n], ft_tensors = inputs.load(n)
-                for sd, t in zip(fts, ft_tensors):
-                    sd[n] = t
-            merged = merge_state_dicts(base_sd, fts, cfg, device=dev, stats=stats, apl_plan=apl_plan)
-            specs = [(n, tuple(merged[n].shape), merged[n].dtype) for n in names]
-            with io.ShardedWriter(tmp, specs, max_shard_bytes=shard_bytes) as w:
-                for n in names:
-                    w.write(n, merged[n])
-                    tick(1)
-        else:
-            specs = [(n, inputs.shapes[n], out_dtype if inputs.dtype(n).is_floating_point
-                      else inputs.dtype(n)) for n in names]
-            jobs = inputs.plan.jobs
-            with io.ShardedWriter(tmp, specs, max_shard_bytes=shard_bytes) as w, \
-                    ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writer:
-                scratch = Scratch()
-                pending_read = reader.submit(inputs.load_job, jobs[0])
-                pending_write = None
-                for k, job in enumerate(jobs):
-                    name = job.name
-                    if cancel and cancel():
-                        raise InterruptedError("merge cancelled")
-                    base, fts = pending_read.result()
-                    if k + 1 < len(jobs):          # overlap the next read with this tensor's math
-                        pending_read = reader.submit(inputs.load_job, jobs[k + 1])
-                    # APL's merge weights are not in the plan's per-tensor views: resolve them here
-                    jcfg = job.cfg if merge_cfg is cfg else merge_cfg.for_tensor(name, job.t)
-                    merged = merge_tensor(jcfg, name, base.to(dev) if base is not None else None,
-                                          [f.to(dev) for f in fts] if base is None else fts, dp_maps,
-                                          out_dtype=out_dtype, scratch=scratch).to("cpu")
-                    if pending_write is not None:
-                        pending_write.result()
-                    pending_write = writer.submit(w.write, name, merged)
-                    del base, fts, merged
-                    tick(1)
+        pcb_stats, tied = None, {}
+        if cfg.family == "pipeline" and cfg.combine == "pcb" and cfg.scope == "model":
+            floats = set(float_names)
+            pcb_stats, tied = pcb_model_stats([(j.name, j.cfg) for j in inputs.plan.jobs if j.name in floats],
+                                              inputs.load, dp_maps, dev, tick)
+        specs = [(n, inputs.shapes[n], out_dtype if inputs.dtype(n).is_floating_point
+                  else inputs.dtype(n)) for n in names]
+        jobs = inputs.plan.jobs
+        with io.ShardedWriter(tmp, specs, max_shard_bytes=shard_bytes) as w, \
+                ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writer:
+            scratch = Scratch()
+            pending_read = reader.submit(inputs.load_job, jobs[0])
+            pending_write = None
+            for k, job in enumerate(jobs):
+                name = job.name
+                if cancel and cancel():
+                    raise InterruptedError("merge cancelled")
+                base, fts = pending_read.result()
+                if k + 1 < len(jobs):          # overlap the next read with this tensor's math
+                    pending_read = reader.submit(inputs.load_job, jobs[k + 1])
+                math_job = inputs.jobs[tied.get(name, name)]     # a tied duplicate is merged as its primary
+                # APL's merge weights are not in the plan's per-tensor views: resolve them here
+                jcfg = math_job.cfg if merge_cfg is cfg else merge_cfg.for_tensor(math_job.name, math_job.t)
+                merged = merge_tensor(jcfg, math_job.name, base.to(dev) if base is not None else None,
+                                      [f.to(dev) for f in fts] if base is None else fts, dp_maps,
+                                      out_dtype=out_dtype, scratch=scratch, pcb_stats=pcb_stats).to("cpu")
                 if pending_write is not None:
                     pending_write.result()
+                pending_write = writer.submit(w.write, name, merged)
+                del base, fts, merged
+                tick(1)
+            if pending_write is not None:
+                pending_write.result()
     finally:
         if bar is not None:
             bar.close()
