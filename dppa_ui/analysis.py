@@ -259,10 +259,11 @@ def combine_maps(ws, cfg: MergeConfig, name: str) -> dict:
     scale = None
     if cfg.combine == "ties":
         contrib = weighted * agree
-    elif cfg.combine == "pcb":
+    elif cfg.combine == "pcb":      # at scope model, with the whole model's statistics, as the merge
         flat = pruned.reshape(n, -1)
-        a = clip_abs(flat)
-        scale = pcb_scale(flat, cfg.pcb_ratio, clipped_abs=a)
+        stats = ws.pcb_stats(cfg)
+        a = clip_abs(flat, cfg.clip_ratio, None if stats is None else (stats.lo, stats.hi))
+        scale = pcb_scale(flat, cfg.pcb_ratio, clipped_abs=a, stats=stats)
         contrib = (w.reshape(n, 1) * torch.sign(flat) * a * scale).view_as(pruned)
         scale = scale.view_as(pruned)
     elif cfg.combine == "sce":     # select (a shared mask), calculate (a weight per model), erase (signs)

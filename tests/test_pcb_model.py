@@ -3,6 +3,8 @@ the exact order statistics the passes rest on (StreamedSelect), the statistics t
 the whole flattened matrix, and the engine's streamed merge against the official flattening."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -261,6 +263,32 @@ def test_engine_leaves_a_tied_copy_out_of_the_flattening(tmp_path, read_weights)
     for k in keys:
         assert torch.allclose(got[k], ref[k], rtol=1e-6, atol=1e-6 * scale), k
     assert torch.equal(got["lm_head.weight"], got["model.embed_tokens.weight"])
+
+
+def test_inspect_pcb_weights_are_the_merge_s_whole_model_weights(tiny_llama, tmp_path):
+    from dppa_ui import analysis
+    from dppa_ui.controls import MethodControls
+    from dppa_ui.workspace import DiskCache, Workspace
+    fam = tiny_llama("pcb-inspect", n_ft=3)
+    ws = Workspace(temp_root=tmp_path, stats_cache=DiskCache(tmp_path / "cache")).load(
+        str(fam.base), [str(f) for f in fam.fts], start_stats=False)
+    try:
+        c = ws.config(MethodControls(preset="pcb", pcb_ratio=0.2))
+        assert c.scope == "model"
+        names = [k for k in fam.base_sd if fam.base_sd[k].is_floating_point()]
+        flat = torch.stack([torch.cat([(ft[k] - fam.base_sd[k]).reshape(-1) for k in names]) for ft in fam.ft_sds])
+        _, scale = official_pcb(flat, [1.0] * 3, 0.2, with_scale=True)
+        name = "model.layers.1.mlp.up_proj.weight"
+        pos = sum(fam.base_sd[k].numel() for k in names[:names.index(name)])
+        want = scale[:, pos:pos + fam.base_sd[name].numel()]
+        shown = analysis.combine_maps(ws, c, name)["pcb_scale"].reshape(3, -1)
+        assert torch.allclose(shown, want, rtol=1e-5, atol=1e-6)
+        per_tensor = analysis.combine_maps(ws, dataclasses.replace(c, scope="tensor"), name)["pcb_scale"]
+        per_tensor = per_tensor.reshape(3, -1)
+        assert not torch.allclose(per_tensor, want, rtol=1e-3, atol=1e-3)       # what the view showed before
+        assert ws.pcb_stats(c) is ws.pcb_stats(c)                                 # computed once
+    finally:
+        ws.close()
 
 
 # ------------------------------------------------------------------------------------------ config
