@@ -108,43 +108,46 @@ def keep_count(density: float, numel: int) -> int:
 #
 # PCB at `scope: model` needs order statistics of rows that span a whole model (each fine-tune's
 # task vector flattened), which never sits in memory at once. A radix selection finds them exactly
-# from two passes over the model's tensors. Every float32 maps to a 32-bit integer key that orders
-# as the floats do: its bits, with the 31 magnitude bits flipped for a negative float (so a larger
-# magnitude is a smaller key). Pass 1 histograms each row's high 16 key bits; the cumulative counts
-# give, for each wanted position, the bin that holds it and its rank inside that bin. Pass 2
-# histograms the low 16 bits of the entries in those bins only; the rank then names one key, hence
-# one float32 exactly. Two 65536-bin histograms per row and wanted position: memory does not
-# depend on the model's size. -0.0 gets the key just below +0.0; the two compare equal, so a key
-# order is one valid ascending sort and its k-th entry is the k-th of any other (NaN is not
-# expected in a delta and is not handled).
+# from two passes over the model's tensors. Pass 1 histograms each row's entries by the high 16
+# bits of their float32 bit pattern; those bins order as the floats do once the negative floats'
+# bins are read backwards (a larger magnitude has larger bits), so the cumulative counts in that
+# order give, for each wanted position, the bin that holds it and its rank inside. Pass 2
+# histograms the low 16 bits of the entries in those bins only (again backwards for a negative
+# bin); the rank then names one bit pattern, hence one float32 exactly. Memory: two 65536-bin
+# histograms per row and wanted position, whatever the model's size. -0.0 sorts just below +0.0;
+# the two compare equal, so this is one valid ascending sort and its k-th entry equals the k-th of
+# any other (NaN is not expected in a delta and is not handled).
 
 _DIGITS = 1 << 16
 _HALF = 1 << 15
 
 
-def _high_digits(x: torch.Tensor, absolute: bool, out: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:
-    """The high 16 bits of each float32's order key, in [0, 65536), written to `out` (int32 of x's
-    shape; `tmp` the same, scratch). `absolute`: the keys of |x| (the sign bit cleared)."""
+def _high_bins(x: torch.Tensor, absolute: bool, out: torch.Tensor) -> torch.Tensor:
+    """Each float32's bin: its high 16 bits as an int32 in [0, 65536) (`absolute`: of |x|, in
+    [0, 32768)), written to `out`."""
     torch.bitwise_right_shift(x.view(torch.int32), 16, out=out)       # arithmetic: [-32768, 32767]
+    return out.bitwise_and_(_HALF - 1) if absolute else out.add_(_HALF)
+
+
+def _bin_order(absolute: bool) -> np.ndarray:
+    """The bins in ascending order of their floats: the negative floats' bins (below _HALF)
+    backwards, then the others."""
     if absolute:
-        out.bitwise_and_(_HALF - 1)
-    else:                                  # a negative float: flip its 15 magnitude bits here
-        torch.bitwise_right_shift(out, 15, out=tmp).bitwise_and_(_HALF - 1)
-        out.bitwise_xor_(tmp)
-    return out.add_(_HALF)
+        return np.arange(_DIGITS)
+    return np.concatenate([np.arange(_HALF - 1, -1, -1), np.arange(_HALF, _DIGITS)])
 
 
-def _bincount(digits: torch.Tensor) -> np.ndarray:
-    """Counts of each value in [0, 65536) of a 1-D int32 tensor (numpy's on the CPU)."""
-    if digits.device.type == "cpu":
-        return np.bincount(digits.numpy(), minlength=_DIGITS)
-    return torch.bincount(digits, minlength=_DIGITS).cpu().numpy()
+def _bincount(values: torch.Tensor) -> np.ndarray:
+    """Counts of each value in [0, 65536) of a 1-D integer tensor (numpy's on the CPU)."""
+    if values.device.type == "cpu":
+        return np.bincount(values.numpy(), minlength=_DIGITS)
+    return torch.bincount(values, minlength=_DIGITS).cpu().numpy()
 
 
-def _key_value(high: int, low: int) -> float:
-    """The float32 whose order key has these high and low 16 bits."""
-    h = high - _HALF
-    bits = (h << 16) | low if h >= 0 else ((h ^ (_HALF - 1)) << 16) | (low ^ (_DIGITS - 1))
+def _float_of(bin_: int, low: int, absolute: bool) -> float:
+    """The float32 in `bin_` whose low 16 bits are `low` counted in ascending order."""
+    high = bin_ if absolute else bin_ - _HALF
+    bits = (high << 16) | (low if high >= 0 else low ^ (_DIGITS - 1))
     return float(np.array(bits, dtype=np.int32).view(np.float32))
 
 
@@ -165,19 +168,19 @@ class StreamedSelect:
     def __init__(self, absolute: bool = False):
         self.absolute = absolute
         self.total = 0
-        self._hist: np.ndarray | None = None           # (n, 65536) counts of the high digits
-        self._bins: list[dict[int, np.ndarray]] = []   # per row: bin -> counts of its low digits
-        self._wanted: list[list[tuple[int, int]]] = []  # per row, per position: (bin, rank inside it)
-        self._buf: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._hist: np.ndarray | None = None           # (n, 65536) counts per bin
+        self._bins: np.ndarray | None = None           # (n, positions): the bin of each wanted entry
+        self._ranks: np.ndarray | None = None          # (n, positions): its rank inside the bin
+        self._low: np.ndarray | None = None            # (n, positions, 65536) counts of the low bits there
+        self._buf: torch.Tensor | None = None
 
-    def _digits(self, block: torch.Tensor) -> torch.Tensor:
+    def _bins_of(self, block: torch.Tensor) -> torch.Tensor:
         if block.dtype != torch.float32 or block.dim() != 2:
             raise ValueError(f"blocks must be 2-D float32, got {block.dtype} of shape {tuple(block.shape)}")
         n = block.numel()
-        if self._buf is None or self._buf[0].numel() < n or self._buf[0].device != block.device:
-            self._buf = tuple(torch.empty(n, dtype=torch.int32, device=block.device) for _ in range(2))
-        out, tmp = (b[:n].view(block.shape) for b in self._buf)
-        return _high_digits(block.contiguous(), self.absolute, out, tmp)
+        if self._buf is None or self._buf.numel() < n or self._buf.device != block.device:
+            self._buf = torch.empty(n, dtype=torch.int32, device=block.device)
+        return _high_bins(block, self.absolute, self._buf[:n].view(block.shape))
 
     def count(self, block: torch.Tensor) -> None:
         """Pass 1: add an (n, m) block's entries to each row's histogram."""
@@ -187,9 +190,9 @@ class StreamedSelect:
             raise ValueError(f"a block of {block.shape[0]} rows after blocks of {self._hist.shape[0]}")
         if block.shape[1] == 0:
             return
-        digits = self._digits(block)
+        bins = self._bins_of(block.contiguous())
         for i in range(block.shape[0]):
-            self._hist[i] += _bincount(digits[i])
+            self._hist[i] += _bincount(bins[i])
         self.total += block.shape[1]
 
     def locate(self, positions: list[int]) -> None:
@@ -199,39 +202,37 @@ class StreamedSelect:
         bad = [p for p in positions if not 0 <= p < self.total]
         if bad:
             raise ValueError(f"positions {bad} out of range for rows of {self.total} entries")
-        cum = np.cumsum(self._hist, axis=1)
-        self._bins, self._wanted = [], []
-        for row in cum:
-            wanted = []
-            for p in positions:
-                b = int(np.searchsorted(row, p, side="right"))      # the first bin whose count passes p
-                wanted.append((b, p - (int(row[b - 1]) if b else 0)))
-            self._wanted.append(wanted)
-            self._bins.append({b: np.zeros(_DIGITS, dtype=np.int64) for b, _ in wanted})
+        order = _bin_order(self.absolute)
+        cum = np.cumsum(self._hist[:, order], axis=1)
+        n, k = cum.shape[0], len(positions)
+        self._bins, self._ranks = np.zeros((n, k), dtype=np.int64), np.zeros((n, k), dtype=np.int64)
+        for i, row in enumerate(cum):
+            for j, p in enumerate(positions):
+                at = int(np.searchsorted(row, p, side="right"))      # the first bin whose count passes p
+                self._bins[i, j], self._ranks[i, j] = order[at], p - (int(row[at - 1]) if at else 0)
+        self._low = np.zeros((n, k, _DIGITS), dtype=np.int64)
 
     def refine(self, block: torch.Tensor) -> None:
-        """Pass 2: add the low digits of a block's entries that fall in a wanted bin."""
-        if not self._wanted:
+        """Pass 2: add the low bits of a block's entries that fall in a wanted bin."""
+        if self._low is None:
             raise ValueError("call locate(positions) between the two passes")
         if block.shape[1] == 0:
             return
         block = block.contiguous()
-        digits = self._digits(block)
+        bins = self._bins_of(block)
         bits = block.view(torch.int32)
-        for i, bins in enumerate(self._bins):
-            for b, counts in bins.items():
-                low = bits[i][digits[i] == b].bitwise_and_(_DIGITS - 1)
-                if b < _HALF and not self.absolute:       # a negative float's low bits order reversed
+        for j in range(self._bins.shape[1]):
+            want = torch.from_numpy(self._bins[:, j]).to(device=block.device, dtype=torch.int32).view(-1, 1)
+            hit = bins == want
+            for i in torch.nonzero(hit.any(dim=1)).view(-1).tolist():
+                low = bits[i][hit[i]].bitwise_and_(_DIGITS - 1)
+                if not self.absolute and self._bins[i, j] < _HALF:     # a negative float: low bits backwards
                     low.bitwise_xor_(_DIGITS - 1)
-                counts += _bincount(low)
+                self._low[i, j] += _bincount(low)
 
     def values(self) -> torch.Tensor:
         """After pass 2: (n, len(positions)) float32, each row's entries at the wanted positions."""
-        out = []
-        for bins, wanted in zip(self._bins, self._wanted):
-            row = []
-            for b, rank in wanted:
-                low = int(np.searchsorted(np.cumsum(bins[b]), rank, side="right"))
-                row.append(_key_value(b, low))
-            out.append(row)
+        out = [[_float_of(int(b), int(np.searchsorted(np.cumsum(low), r, side="right")), self.absolute)
+                for b, r, low in zip(bins, ranks, lows)]
+               for bins, ranks, lows in zip(self._bins, self._ranks, self._low)]
         return torch.tensor(out, dtype=torch.float32)
