@@ -3,8 +3,9 @@ written straight into pre-planned safetensors shards.
 
 Data flow for one merge (nothing else is held in memory):
   resolve refs -> open readers (headers only) -> check compatibility -> [DP: two statistics
-  passes; PCB at scope model: three or four] -> for each tensor name: read base + fine-tunes (prefetched by a thread) -> pipeline
-  -> write at its offset (a second thread) -> copy config/tokenizer -> card + YAML -> rename.
+  passes; PCB at scope model: three or four] -> for each tensor name: read base + fine-tunes
+  (prefetched by a thread) -> pipeline -> write at its offset (a second thread) -> copy
+  config/tokenizer -> card + YAML -> rename.
 Peak memory is about (n_models + 2) x the largest tensor in float32 plus one prefetched set of
 raw inputs and one pending output, whatever the depth of the model.
 """

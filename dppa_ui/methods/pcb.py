@@ -131,10 +131,18 @@ def pcb_global_stats(blocks: Callable[[], Iterable[torch.Tensor]], ratio: float 
     computes them on the whole (n, d) matrix, from passes over its column blocks: `blocks()`
     yields the (n, m) float32 blocks (a model's tensors' deltas, flattened), the same ones in the
     same order at every call; each block is done with before the next is asked for. Passes: the
-    clip bounds' high and low key digits (one pass of min / max when clip_ratio is 0), then the
-    scores' (StreamedSelect). Memory: one block's work buffers and a few histograms."""
-    sel = StreamedSelect(absolute=True)
+    clip bounds (StreamedSelect's two passes over |delta|; one pass of min / max when clip_ratio
+    is 0), then the score at the cut (two more, the largest score taken on the first of them).
+    Memory: one block's work buffers and a few histograms."""
+    buf: list[torch.Tensor] = []
+
+    def abs_of(b: torch.Tensor) -> torch.Tensor:        # |b| in a reused buffer
+        if not buf or buf[0].numel() < b.numel() or buf[0].device != b.device:
+            buf[:] = [torch.empty(b.numel(), dtype=torch.float32, device=b.device)]
+        return torch.abs(b, out=buf[0][:b.numel()].view(b.shape))
+
     if clip_ratio > 0:
+        sel = StreamedSelect(absolute=True)
         for b in blocks():
             sel.count(b)
         sel.locate(list(clip_positions(sel.total, clip_ratio)))
@@ -146,12 +154,12 @@ def pcb_global_stats(blocks: Callable[[], Iterable[torch.Tensor]], ratio: float 
         lo = hi = None
         d = 0
         for b in blocks():
-            a = b.abs()
-            lo = torch.minimum(lo, a.amin(1).cpu()) if lo is not None else a.amin(1).cpu()
-            hi = torch.maximum(hi, a.amax(1).cpu()) if hi is not None else a.amax(1).cpu()
+            a = abs_of(b)
+            lo = a.amin(1).cpu() if lo is None else torch.minimum(lo, a.amin(1).cpu())
+            hi = a.amax(1).cpu() if hi is None else torch.maximum(hi, a.amax(1).cpu())
             d += b.shape[1]
-        if lo is None or d == 0:
-            raise ValueError("PCB over an empty model: no floating-point entries to merge")
+    if lo is None or d == 0:
+        raise ValueError("PCB over an empty model: no floating-point entries to merge")
     lo, hi = lo.unsqueeze(1), hi.unsqueeze(1)
 
     def scores():
@@ -159,13 +167,15 @@ def pcb_global_stats(blocks: Callable[[], Iterable[torch.Tensor]], ratio: float 
         for b in blocks():
             if dev != b.device:
                 dev, blo, bhi = b.device, lo.to(b.device), hi.to(b.device)
-            yield balance_scores(b, clip_abs(b, clip_ratio, (blo, bhi)), blo, bhi, inplace=True)
+            a = abs_of(b)
+            yield balance_scores(b, a.clamp_(blo, bhi) if clip_ratio > 0 else a, blo, bhi, inplace=True)
 
-    sel = StreamedSelect()
+    sel, top = StreamedSelect(), None
     for s in scores():
         sel.count(s)
-    sel.locate([cut_position(d, ratio), d - 1])
+        m = s.amax(1).cpu()
+        top = m if top is None else torch.maximum(top, m)
+    sel.locate([cut_position(d, ratio)])
     for s in scores():
         sel.refine(s)
-    floor, top = sel.values().unbind(1)
-    return PCBStats(lo, hi, floor.unsqueeze(1), top.unsqueeze(1))
+    return PCBStats(lo, hi, sel.values(), top.unsqueeze(1))
