@@ -122,7 +122,8 @@ def combine(cfg: MergeConfig, deltas: torch.Tensor, inplace: bool = False,
         return ramplus_tl_combine(deltas, cfg.r, cfg.alpha, cfg.epsilon)
     if cfg.scope == "model" and pcb_stats is None:
         raise ValueError("PCB at scope model needs the whole model's statistics: pipeline.pcb_model_stats")
-    return pcb_combine(deltas, weights, cfg.pcb_ratio, cfg.clip_ratio, pcb_stats if cfg.scope == "model" else None)
+    stats = pcb_stats.to(deltas.device) if cfg.scope == "model" else None
+    return pcb_combine(deltas, weights, cfg.pcb_ratio, cfg.clip_ratio, stats)
 
 
 class Scratch:
