@@ -138,9 +138,8 @@ def _bin_order(absolute: bool) -> np.ndarray:
 
 
 def _bincount(values: torch.Tensor) -> np.ndarray:
-    """Counts of each value in [0, 65536) of a 1-D integer tensor (numpy's on the CPU)."""
-    if values.device.type == "cpu":
-        return np.bincount(values.numpy(), minlength=_DIGITS)
+    """Counts of each value in [0, 65536) of a 1-D int32 tensor (torch's: on an int32 tensor about
+    twice as fast as numpy's, which converts it to int64 first)."""
     return torch.bincount(values, minlength=_DIGITS).cpu().numpy()
 
 
