@@ -35,9 +35,10 @@ STATS_FILE = "dppa_stats.json"
 APL_FILE = "dppa_apl.json"
 CONFIG_FILE = "dppa_merge.yaml"
 # CPU throughput (delta entries per second, all fine-tunes together) measured on 2 cores at 0.5 B
-# parameters (benchmarks/merge_speed.py), used only for --dry-run's rough time estimate.
+# parameters (benchmarks/merge_speed.py; pcb_model: PCB at scope model, benchmarks/pcb_scope.py),
+# used only for --dry-run's rough time estimate.
 _EST_RATE = {"none": 3e8, "magnitude": 7.5e7, "random": 1.2e8, "dp": 6e7, "apl": 7.5e7, "pcb": 2.7e7,
-             "breadcrumbs": 4e7, "della": 2e7}
+             "pcb_model": 2e7, "breadcrumbs": 4e7, "della": 2e7}
 
 
 @dataclass
@@ -159,7 +160,8 @@ def _plan_report(cfg: MergeConfig, inputs: _Inputs, out_dtype: torch.dtype, devi
     disk = n_params * out_dtype.itemsize
     n = max(len(cfg.models), max((len(j.sources) for j in inputs.plan.jobs), default=1))
     mem = (n + 2) * largest * 4 + (n + 1) * largest * 4      # working set + prefetched inputs
-    rate = _EST_RATE.get("pcb" if cfg.combine == "pcb" else cfg.prune, 1e8) if cfg.family == "pipeline" else 3e8
+    key = ("pcb_model" if cfg.scope == "model" else "pcb") if cfg.combine == "pcb" else cfg.prune
+    rate = _EST_RATE.get(key, 1e8) if cfg.family == "pipeline" else 3e8
     secs = n_params * n / rate * (0.1 if device.type == "cuda" else 1)
     stages = f" (prune={cfg.prune}, amplify={cfg.amplify}, combine={cfg.combine})" if cfg.family == "pipeline" else ""
     lines = [f"method: {cfg.method_name}{stages}", f"base: {cfg.base_model} -> {inputs.base_dir}"
