@@ -433,7 +433,7 @@ def _merge_to(cfg: MergeConfig, inputs: _Inputs, tmp: Path, dev: torch.device, o
         if cfg.family == "pipeline" and cfg.combine == "pcb" and cfg.scope == "model":
             floats = set(float_names)
             pcb_stats, tied = pcb_model_stats([(j.name, j.cfg) for j in inputs.plan.jobs if j.name in floats],
-                                              inputs.load, dp_maps, dev, tick)
+                                              inputs.load, dp_maps, dev, tick, cancel)
         specs = [(n, inputs.shapes[n], out_dtype if inputs.dtype(n).is_floating_point
                   else inputs.dtype(n)) for n in names]
         jobs = inputs.plan.jobs

@@ -204,8 +204,8 @@ def task_deltas(cfg: MergeConfig, name: str, base: torch.Tensor, fts: list[torch
 
 
 def pcb_model_stats(tensors: list[tuple[str, MergeConfig]], load: Callable, dp_maps: list[DensityMap] | None = None,
-                    device: str | torch.device = "cpu", tick: Callable[[int], None] | None = None
-                    ) -> tuple[PCBStats, dict[str, str]]:
+                    device: str | torch.device = "cpu", tick: Callable[[int], None] | None = None,
+                    cancel: Callable[[], bool] | None = None) -> tuple[PCBStats, dict[str, str]]:
     """PCB's whole-model statistics (scope model: the official flattening of every task vector)
     for a set of models: over the floating `tensors` [(name, the config resolved for it)], each
     read by `load(name) -> (base, fine-tunes aligned with the config's models)` once per pass
@@ -213,8 +213,9 @@ def pcb_model_stats(tensors: list[tuple[str, MergeConfig]], load: Callable, dp_m
     in memory at a time. Tied duplicates are left out of the flattening, as the official
     `remove_keys` does for T5's embed_tokens (counted twice they would shift every row
     statistic); the merge gives them their primary's values. Returns (the statistics,
-    {duplicate: primary}). `tick(1)` after each tensor of each pass. The models' weights do not
-    enter (they scale the merged numerator only)."""
+    {duplicate: primary}). `tick(1)` after each tensor of each pass; `cancel()` polled before
+    each (True: InterruptedError). The models' weights do not enter (they scale the merged
+    numerator only)."""
     device = torch.device(device)
     tied = tied_duplicates([name for name, _ in tensors], load)
     flat = [(name, c) for name, c in tensors if name not in tied]
@@ -224,6 +225,8 @@ def pcb_model_stats(tensors: list[tuple[str, MergeConfig]], load: Callable, dp_m
 
     def blocks():
         for name, c in flat:
+            if cancel and cancel():
+                raise InterruptedError("merge cancelled")
             base, fts = load(name)
             _, deltas = task_deltas(c, name, base.to(device), fts, dp_maps, scratch)
             yield deltas.reshape(deltas.shape[0], -1)

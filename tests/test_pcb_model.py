@@ -291,6 +291,19 @@ def test_inspect_pcb_weights_are_the_merge_s_whole_model_weights(tiny_llama, tmp
         ws.close()
 
 
+def test_a_cancel_during_the_statistics_passes_leaves_nothing(demo_family, tmp_path):
+    seen = []
+
+    def cancel():
+        seen.append(1)
+        return len(seen) > 60          # inside the second pass (39 tensors a pass)
+    progress = []
+    with pytest.raises(InterruptedError):
+        dppa_ui.merge(demo_config(), tmp_path / "out", cancel=cancel, progress=lambda a, b: progress.append(a))
+    assert len(seen) == 61 and progress[-1] == 60 and not (tmp_path / "out").exists()
+    assert not [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
 # ------------------------------------------------------------------------------------------ config
 
 def test_scope_model_is_the_default_and_tensor_an_option():
