@@ -1,6 +1,7 @@
 """The demo family's score matrix, as the README shows it (the papers' tables in miniature).
 
     python benchmarks/zoo_table.py [--split test] [--densities 0.1 0.2 0.5] [--out table.md]
+    python benchmarks/zoo_table.py --methods pcb      # some methods' rows only
 
 Prints markdown tables, every number measured now on the committed family (assets/zoo):
   1. base and each fine-tune on every domain (EM, smooth score), and the scoring time;
@@ -70,7 +71,10 @@ def main():
     ap.add_argument("--split", default="test", choices=["test", "dev"])
     ap.add_argument("--densities", type=float, nargs="+", default=[0.1, 0.2, 0.5])
     ap.add_argument("--out", default=None, help="also write the markdown here")
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
+                    help="the methods of the merge tables (default: all)")
     args = ap.parse_args()
+    methods = [m for m in METHODS if m in args.methods]
     torch.set_num_threads(min(2, torch.get_num_threads()))
     t_all = time.perf_counter()
     domains = zoo.domain_names()
@@ -121,7 +125,7 @@ def main():
     t0 = time.perf_counter()
     objectives = {n: alpha_objective(f"demo:{n}") for n in domains}
     amps = {}
-    for dens in args.densities:
+    for dens in args.densities if "dppa" in methods else []:
         for n in domains:
             res = search_alpha(n, dens, base_sd, sds[n], objectives[n])
             amps[(n, dens)] = res.alpha
@@ -133,9 +137,9 @@ def main():
     results = {}
     for group in groups:
         its = [i for i in items if i["domain"] in group]
-        for method in METHODS:
+        for method in methods:
             for dens in args.densities:
-                cfg = config(method, group, dens, {n: amps[(n, dens)] for n in group})
+                cfg = config(method, group, dens, {n: amps.get((n, dens)) for n in group})
                 merged = dppa_ui.merge_in_memory(base_sd, [sds[n] for n in group], cfg)
                 s = score_state_dict("demo:base", merged, its)
                 results[(group, method, dens)] = {d: (s[d]["em"], gains(s, d)) for d in group}
@@ -147,7 +151,7 @@ def main():
     out(f"**All {len(all4)} fine-tunes merged**: mean EM over the domains / mean share of the smooth gain kept\n")
     out(head)
     out(rule)
-    for method in METHODS:
+    for method in methods:
         cells = []
         for dens in args.densities:
             r = results[(all4, method, dens)]
@@ -159,7 +163,7 @@ def main():
         "pairs keeping >= 0.6 of both gains\n")
     out(head)
     out(rule)
-    for method in METHODS:
+    for method in methods:
         cells = []
         for dens in args.densities:
             rs = [results[(p, method, dens)] for p in pairs]
@@ -170,11 +174,11 @@ def main():
     out("")
     out("**Pairs at density 0.2, EM of each domain** (first / second of the pair)\n")
     if 0.2 in args.densities:
-        out("| pair | " + " | ".join(METHODS) + " |")
-        out("|---|" + "---|" * len(METHODS))
+        out("| pair | " + " | ".join(methods) + " |")
+        out("|---|" + "---|" * len(methods))
         for p in pairs:
             out(f"| {' + '.join(p)} | " + " | ".join(
-                " / ".join(f"{results[(p, m, 0.2)][d][0]:.2f}" for d in p) for m in METHODS) + " |")
+                " / ".join(f"{results[(p, m, 0.2)][d][0]:.2f}" for d in p) for m in methods) + " |")
         out("")
     finish(lines, args.out, t_all)
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from .config import MergeConfig
 from .methods import band_edges, breadcrumbs_counts, keep_count, tensor_generator
-from .methods.pcb import clip_abs, minmax_rows, pcb_cut, pcb_score
+from .methods.pcb import clip_abs, minmax_rows, score_and_cut
 from .methods.sce import sce_select_mask, sce_weights
 from .methods.ties import agreement_mask
 from .pipeline import Step, combine, plan_steps, prune_amplify
@@ -118,19 +118,21 @@ def amplified_deltas(ws, cfg: MergeConfig, name: str) -> tuple[torch.Tensor, tor
 
 
 def pcb_parts(ws, cfg: MergeConfig, name: str) -> dict | None:
-    """PCB's combine on `name` as the merge computes it (pcb.pcb_score / pcb_cut on the pruned
-    deltas, clipped as configured): {"score" (n, d) balancing scores, "cut" (n,) each row's score at
-    the cut, "scale" (n, d) the weights (0 below the cut), "ratio"}; None unless the combine is pcb."""
+    """PCB's combine on `name` as the merge computes it (pcb.score_and_cut on the pruned deltas,
+    clipped as configured, with the whole model's statistics at scope model): {"score" (n, d)
+    balancing scores, "cut" (n,) each row's score at the cut, "scale" (n, d) the weights (0 below
+    the cut), "clipped", "ratio", "scope"}; None unless the combine is pcb."""
     if cfg.combine != "pcb":
         return None
     view = fine_tunes(cfg).for_tensor(name)
     pruned = pruned_deltas(ws, cfg, name)
     flat = pruned.reshape(pruned.shape[0], -1)
-    score = pcb_score(flat, clip_abs(flat, view.clip_ratio))
-    cut = pcb_cut(score, view.pcb_ratio)
-    scale = minmax_rows(score.clamp(min=cut), inplace=True)
+    stats = ws.pcb_stats(cfg)
+    clipped = clip_abs(flat, view.clip_ratio, None if stats is None else (stats.lo, stats.hi))
+    score, cut, top = score_and_cut(flat, clipped, view.pcb_ratio, stats)
+    scale = minmax_rows(score.clamp(min=cut), inplace=True, lo=cut, hi=top)
     return {"score": score, "cut": cut.reshape(-1), "scale": scale, "ratio": float(view.pcb_ratio),
-            "clipped": clip_abs(flat, view.clip_ratio), "scope": cfg.scope}
+            "clipped": clipped, "scope": cfg.scope}
 
 
 def pruned_deltas(ws, cfg: MergeConfig, name: str) -> torch.Tensor:

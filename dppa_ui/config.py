@@ -150,7 +150,7 @@ class MergeConfig:
     dp_outlier_m: float = 5.0
     dp_others: str = "keep"
     pcb_ratio: Any = 0.1
-    scope: str = "tensor"
+    scope: str = "model"                # PCB: statistics over the whole model (official) or per tensor
     # --- DPPA and PCB as their official code does them (issue 8)
     dpa_whole: str = "amplify"          # tensors DP keeps whole: "amplify" (official, x max alpha) or "keep" (x1)
     dpa_bands: str = "max"              # band k's factor: max(alpha_k..alpha_K) (official) or "own" alpha_k
@@ -946,9 +946,13 @@ def _layer_range(value, where: str) -> tuple[int, int]:
 def _load_slices(cfg: MergeConfig, items, params: dict, top_global: dict, plist, check_keys, label: str) -> None:
     if not isinstance(items, list) or not items:
         raise ConfigError("`slices` must list at least one slice (`- sources: [{model: PATH, layer_range: [0, N]}]`)")
-    if cfg.prune == "dp" or (cfg.combine == "pcb" and cfg.scope == "model"):
+    if cfg.prune == "dp" or (cfg.combine == "pcb" and cfg.scope == "model" and "scope" in params):
         raise ConfigError(f"{label} needs whole-model statistics (DP outlier ratios / PCB model scope); it "
-                          f"cannot run on `slices`: use `models`")
+                          f"cannot run on `slices`: use `models`" + (", or `scope: tensor`" if cfg.prune != "dp" else ""))
+    if cfg.combine == "pcb" and cfg.scope == "model":     # the default: a stack of slices has no one task vector
+        cfg.scope = "tensor"
+        cfg.notices.append("PCB on `slices` runs at scope tensor (each tensor's own statistics): the official "
+                           "whole-model flattening needs `models`")
     cfg.slices = []
     for k, s in enumerate(items):
         where = f"slices[{k}]"
@@ -984,6 +988,9 @@ def _load_slices(cfg: MergeConfig, items, params: dict, top_global: dict, plist,
         for p in plist:
             if p.scope == "global" and p.key in sp and p.kind != "rescale":
                 spec.params[p.key] = P.parse_setting(sp[p.key], p, f"{where}.parameters.{p.key}")
+        if cfg.combine == "pcb" and spec.params.get("scope") == "model":
+            raise ConfigError(f"`{where}.parameters.scope` = model: PCB's whole-model statistics cannot run on "
+                              f"`slices`; use `models`, or `scope: tensor`")
         cfg.slices.append(spec)
         _validate_inputs(cfg, spec.base_model, [x.model for x in spec.sources], where, label, slices=True)
         view = slice_view(cfg, k)
@@ -1053,8 +1060,10 @@ def _validate_method(cfg: MergeConfig, mrec: Method | None, label: str) -> None:
         for i, m in enumerate(cfg.models):
             _check_constant_prune(cfg.prune, m, f"models[{i}] ({m.model})")
     if cfg.family == "pipeline":
-        if cfg.combine == "pcb" and cfg.scope == "model":
-            cfg.notices.append("scope: model flattens the whole model at once; it needs all deltas in memory")
+        if cfg.combine == "pcb" and cfg.scope == "model" and not P.is_constant(cfg.pcb_ratio):
+            raise ConfigError("`parameters.pcb_ratio` must be one number at `scope: model` (the default: one cut "
+                              "over the whole model, as the official code makes it); give one value, or "
+                              "`scope: tensor` for a ratio per tensor")
         if cfg.prune == "dp":
             for i, m in enumerate(cfg.models):
                 if not P.is_constant(m.density):

@@ -3,8 +3,9 @@ written straight into pre-planned safetensors shards.
 
 Data flow for one merge (nothing else is held in memory):
   resolve refs -> open readers (headers only) -> check compatibility -> [DP: two statistics
-  passes] -> for each tensor name: read base + fine-tunes (prefetched by a thread) -> pipeline
-  -> write at its offset (a second thread) -> copy config/tokenizer -> card + YAML -> rename.
+  passes; PCB at scope model: three or four] -> for each tensor name: read base + fine-tunes
+  (prefetched by a thread) -> pipeline -> write at its offset (a second thread) -> copy
+  config/tokenizer -> card + YAML -> rename.
 Peak memory is about (n_models + 2) x the largest tensor in float32 plus one prefetched set of
 raw inputs and one pending output, whatever the depth of the model.
 """
@@ -24,8 +25,9 @@ import torch
 
 from . import io
 from .config import MergeConfig, load_config, load_stages, rename_refs
-from .pipeline import (Scratch, dominant_float_dtype, dp_maps_from_stats, kept_fraction, merge_state_dicts, merge_tensor,
-                       output_dtype)
+from .methods.pcb import stat_passes
+from .pipeline import (Scratch, dominant_float_dtype, dp_maps_from_stats, kept_fraction, merge_tensor, output_dtype,
+                       pcb_model_stats)
 from .plan import build_plan, input_refs
 from .stats import DeltaStats, collect_stats, save_stats
 
@@ -33,9 +35,10 @@ STATS_FILE = "dppa_stats.json"
 APL_FILE = "dppa_apl.json"
 CONFIG_FILE = "dppa_merge.yaml"
 # CPU throughput (delta entries per second, all fine-tunes together) measured on 2 cores at 0.5 B
-# parameters (benchmarks/merge_speed.py), used only for --dry-run's rough time estimate.
+# parameters (benchmarks/merge_speed.py; pcb_model: PCB at scope model, benchmarks/pcb_scope.py),
+# used only for --dry-run's rough time estimate.
 _EST_RATE = {"none": 3e8, "magnitude": 7.5e7, "random": 1.2e8, "dp": 6e7, "apl": 7.5e7, "pcb": 2.7e7,
-             "breadcrumbs": 4e7, "della": 2e7}
+             "pcb_model": 2e7, "breadcrumbs": 4e7, "della": 2e7}
 
 
 @dataclass
@@ -157,7 +160,8 @@ def _plan_report(cfg: MergeConfig, inputs: _Inputs, out_dtype: torch.dtype, devi
     disk = n_params * out_dtype.itemsize
     n = max(len(cfg.models), max((len(j.sources) for j in inputs.plan.jobs), default=1))
     mem = (n + 2) * largest * 4 + (n + 1) * largest * 4      # working set + prefetched inputs
-    rate = _EST_RATE.get("pcb" if cfg.combine == "pcb" else cfg.prune, 1e8) if cfg.family == "pipeline" else 3e8
+    key = ("pcb_model" if cfg.scope == "model" else "pcb") if cfg.combine == "pcb" else cfg.prune
+    rate = _EST_RATE.get(key, 1e8) if cfg.family == "pipeline" else 3e8
     secs = n_params * n / rate * (0.1 if device.type == "cuda" else 1)
     stages = f" (prune={cfg.prune}, amplify={cfg.amplify}, combine={cfg.combine})" if cfg.family == "pipeline" else ""
     lines = [f"method: {cfg.method_name}{stages}", f"base: {cfg.base_model} -> {inputs.base_dir}"
@@ -403,6 +407,8 @@ def _merge_to(cfg: MergeConfig, inputs: _Inputs, tmp: Path, dev: torch.device, o
     passes = cfg.prune == "dp" and stats is None
     total = len(names) + (len(float_names) + sum(
         1 for n in float_names if len(inputs.shapes[n]) == 2) if passes else 0)
+    if cfg.family == "pipeline" and cfg.combine == "pcb" and cfg.scope == "model":
+        total += stat_passes(cfg.clip_ratio) * len(float_names)
     bar, tick = _progress(progress, total)
     merge_cfg, apl_plan = cfg, None
     try:
@@ -423,46 +429,39 @@ def _merge_to(cfg: MergeConfig, inputs: _Inputs, tmp: Path, dev: torch.device, o
         if cfg.prune == "dp":
             dp_maps = dp_maps_from_stats(cfg, stats)
             save_stats(stats, tmp / STATS_FILE)
-        if cfg.combine == "pcb" and cfg.scope == "model":
-            base_sd, fts = {}, [{} for _ in cfg.models]
-            for n in names:
-                base_sd[n], ft_tensors = inputs.load(n)
-                for sd, t in zip(fts, ft_tensors):
-                    sd[n] = t
-            merged = merge_state_dicts(base_sd, fts, cfg, device=dev, stats=stats, apl_plan=apl_plan)
-            specs = [(n, tuple(merged[n].shape), merged[n].dtype) for n in names]
-            with io.ShardedWriter(tmp, specs, max_shard_bytes=shard_bytes) as w:
-                for n in names:
-                    w.write(n, merged[n])
-                    tick(1)
-        else:
-            specs = [(n, inputs.shapes[n], out_dtype if inputs.dtype(n).is_floating_point
-                      else inputs.dtype(n)) for n in names]
-            jobs = inputs.plan.jobs
-            with io.ShardedWriter(tmp, specs, max_shard_bytes=shard_bytes) as w, \
-                    ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writer:
-                scratch = Scratch()
-                pending_read = reader.submit(inputs.load_job, jobs[0])
-                pending_write = None
-                for k, job in enumerate(jobs):
-                    name = job.name
-                    if cancel and cancel():
-                        raise InterruptedError("merge cancelled")
-                    base, fts = pending_read.result()
-                    if k + 1 < len(jobs):          # overlap the next read with this tensor's math
-                        pending_read = reader.submit(inputs.load_job, jobs[k + 1])
-                    # APL's merge weights are not in the plan's per-tensor views: resolve them here
-                    jcfg = job.cfg if merge_cfg is cfg else merge_cfg.for_tensor(name, job.t)
-                    merged = merge_tensor(jcfg, name, base.to(dev) if base is not None else None,
-                                          [f.to(dev) for f in fts] if base is None else fts, dp_maps,
-                                          out_dtype=out_dtype, scratch=scratch).to("cpu")
-                    if pending_write is not None:
-                        pending_write.result()
-                    pending_write = writer.submit(w.write, name, merged)
-                    del base, fts, merged
-                    tick(1)
+        pcb_stats, tied = None, {}
+        if cfg.family == "pipeline" and cfg.combine == "pcb" and cfg.scope == "model":
+            floats = set(float_names)
+            pcb_stats, tied = pcb_model_stats([(j.name, j.cfg) for j in inputs.plan.jobs if j.name in floats],
+                                              inputs.load, dp_maps, dev, tick, cancel)
+        specs = [(n, inputs.shapes[n], out_dtype if inputs.dtype(n).is_floating_point
+                  else inputs.dtype(n)) for n in names]
+        jobs = inputs.plan.jobs
+        with io.ShardedWriter(tmp, specs, max_shard_bytes=shard_bytes) as w, \
+                ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writer:
+            scratch = Scratch()
+            pending_read = reader.submit(inputs.load_job, jobs[0])
+            pending_write = None
+            for k, job in enumerate(jobs):
+                name = job.name
+                if cancel and cancel():
+                    raise InterruptedError("merge cancelled")
+                base, fts = pending_read.result()
+                if k + 1 < len(jobs):          # overlap the next read with this tensor's math
+                    pending_read = reader.submit(inputs.load_job, jobs[k + 1])
+                math_job = inputs.jobs[tied.get(name, name)]     # a tied duplicate is merged as its primary
+                # APL's merge weights are not in the plan's per-tensor views: resolve them here
+                jcfg = math_job.cfg if merge_cfg is cfg else merge_cfg.for_tensor(math_job.name, math_job.t)
+                merged = merge_tensor(jcfg, math_job.name, base.to(dev) if base is not None else None,
+                                      [f.to(dev) for f in fts] if base is None else fts, dp_maps,
+                                      out_dtype=out_dtype, scratch=scratch, pcb_stats=pcb_stats).to("cpu")
                 if pending_write is not None:
                     pending_write.result()
+                pending_write = writer.submit(w.write, name, merged)
+                del base, fts, merged
+                tick(1)
+            if pending_write is not None:
+                pending_write.result()
     finally:
         if bar is not None:
             bar.close()

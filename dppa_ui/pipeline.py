@@ -22,6 +22,7 @@ from .methods.iso import iso_c_combine, iso_cts_combine
 from .methods.tsv_m import tsv_m_combine
 from .methods.apl import APLDensity, apl_prune
 from .methods.dp import DPDensity
+from .methods.pcb import PCBStats, pcb_global_stats
 from .stats import DeltaStats, collect_stats
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -106,8 +107,10 @@ def prune_amplify(cfg: MergeConfig, i: int, name: str, delta: torch.Tensor, step
     return delta
 
 
-def combine(cfg: MergeConfig, deltas: torch.Tensor, inplace: bool = False) -> torch.Tensor:
-    """Stage 3 on the stacked (n, ...) deltas: the merged delta, before lambda."""
+def combine(cfg: MergeConfig, deltas: torch.Tensor, inplace: bool = False,
+            pcb_stats: PCBStats | None = None) -> torch.Tensor:
+    """Stage 3 on the stacked (n, ...) deltas: the merged delta, before lambda. `pcb_stats`: PCB's
+    whole-model statistics (scope model, from `pcb_model_stats`)."""
     weights = [m.weight for m in cfg.models]
     if cfg.combine == "sum":
         return sum_combine(deltas, weights, cfg.normalize, inplace=inplace)
@@ -125,7 +128,10 @@ def combine(cfg: MergeConfig, deltas: torch.Tensor, inplace: bool = False) -> to
         return iso_c_combine(deltas)
     if cfg.combine == "iso_cts":
         return iso_cts_combine(deltas, cfg.common_space_fraction)
-    return pcb_combine(deltas, weights, cfg.pcb_ratio, cfg.clip_ratio)
+    if cfg.scope == "model" and pcb_stats is None:
+        raise ValueError("PCB at scope model needs the whole model's statistics: pipeline.pcb_model_stats")
+    stats = pcb_stats.to(deltas.device) if cfg.scope == "model" else None
+    return pcb_combine(deltas, weights, cfg.pcb_ratio, cfg.clip_ratio, stats)
 
 
 class Scratch:
@@ -161,12 +167,13 @@ def to_float32(t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
 def merge_tensor(cfg: MergeConfig, name: str, base: torch.Tensor | None, fts: list[torch.Tensor],
                  dp_maps: list[DensityMap] | None = None, out_dtype: torch.dtype | None = None,
                  scratch: Scratch | None = None, t: float | None = None,
-                 source_names: list[str] | None = None) -> torch.Tensor:
+                 source_names: list[str] | None = None, pcb_stats: PCBStats | None = None) -> torch.Tensor:
     """The merged tensor for `name`, a new tensor on base's device in `out_dtype` (default float32).
     Non-float tensors: the base's (or the first input's), unchanged. `scratch` lends reusable work
     buffers. `fts` are aligned with cfg.models; `base` is None for interpolations without one.
     `t` / `source_names`: the gradient position and each model's own tensor name (slices), for
-    resolving per-tensor parameters (default: from `name` and cfg.n_layers)."""
+    resolving per-tensor parameters (default: from `name` and cfg.n_layers). `pcb_stats`: PCB's
+    whole-model statistics (scope model)."""
     cfg = cfg.for_tensor(name, t, source_names)
     ref = base if base is not None else fts[0]
     if not ref.is_floating_point():
@@ -181,6 +188,18 @@ def merge_tensor(cfg: MergeConfig, name: str, base: torch.Tensor | None, fts: li
         xs = [to_float32(ft.to(dev), scratch.get(f"in{i}", ft.shape, dev)) for i, ft in enumerate(fts)]
         merged = interpolate(cfg, name, b32, xs)
         return merged.to(out_dtype or torch.float32, copy=True)
+    base32, deltas = task_deltas(cfg, name, base, fts, dp_maps, scratch)
+    merged = combine(cfg, deltas, inplace=True, pcb_stats=pcb_stats)
+    out = torch.empty(base.shape, dtype=out_dtype or torch.float32, device=dev)
+    return torch.add(base32, merged, alpha=cfg.lambda_, out=out) if cfg.lambda_ != 1.0 else \
+        torch.add(base32, merged, out=out)
+
+
+def task_deltas(cfg: MergeConfig, name: str, base: torch.Tensor, fts: list[torch.Tensor],
+                dp_maps: list[DensityMap] | None, scratch: Scratch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the base in float32, the (n, ...) stacked deltas after prune and amplify) of tensor `name`,
+    on base's device, in `scratch`'s buffers; `cfg` resolved for the tensor."""
+    dev = base.device
     steps = plan_steps(cfg, name, base.shape, dp_maps)
     deltas = scratch.get("deltas", (len(fts), *base.shape), dev)
     base32 = base if base.dtype == torch.float32 else to_float32(base, scratch.get("base", base.shape, dev))
@@ -189,10 +208,42 @@ def merge_tensor(cfg: MergeConfig, name: str, base: torch.Tensor | None, fts: li
         slot = prune_amplify(cfg, i, name, deltas[i], steps[i], inplace=True)
         if slot.data_ptr() != deltas[i].data_ptr():
             deltas[i].copy_(slot)
-    merged = combine(cfg, deltas, inplace=True)
-    out = torch.empty(base.shape, dtype=out_dtype or torch.float32, device=dev)
-    return torch.add(base32, merged, alpha=cfg.lambda_, out=out) if cfg.lambda_ != 1.0 else \
-        torch.add(base32, merged, out=out)
+    return base32, deltas
+
+
+def pcb_model_stats(tensors: list[tuple[str, MergeConfig]], load: Callable, dp_maps: list[DensityMap] | None = None,
+                    device: str | torch.device = "cpu", tick: Callable[[int], None] | None = None,
+                    cancel: Callable[[], bool] | None = None) -> tuple[PCBStats, dict[str, str]]:
+    """PCB's whole-model statistics (scope model: the official flattening of every task vector)
+    for a set of models: over the floating `tensors` [(name, the config resolved for it)], each
+    read by `load(name) -> (base, fine-tunes aligned with the config's models)` once per pass
+    (methods.pcb.stat_passes) and pruned and amplified as the merge does, so only one tensor is
+    in memory at a time. Tied duplicates are left out of the flattening, as the official
+    `remove_keys` does for T5's embed_tokens (counted twice they would shift every row
+    statistic); the merge gives them their primary's values. Returns (the statistics,
+    {duplicate: primary}). `tick(1)` after each tensor of each pass; `cancel()` polled before
+    each (True: InterruptedError). The models' weights do not enter (they scale the merged
+    numerator only)."""
+    device = torch.device(device)
+    tied = tied_duplicates([name for name, _ in tensors], load)
+    flat = [(name, c) for name, c in tensors if name not in tied]
+    if not flat:
+        raise ValueError("PCB over a model without floating-point tensors: nothing to merge")
+    scratch = Scratch()
+
+    def blocks():
+        for name, c in flat:
+            if cancel and cancel():
+                raise InterruptedError("merge cancelled")
+            base, fts = load(name)
+            _, deltas = task_deltas(c, name, base.to(device), fts, dp_maps, scratch)
+            yield deltas.reshape(deltas.shape[0], -1)
+            if tick:
+                tick(1)
+        if tick and tied:
+            tick(len(tied))
+    cfg = flat[0][1]
+    return pcb_global_stats(blocks, cfg.pcb_ratio, cfg.clip_ratio), tied
 
 
 @dataclass(frozen=True)
@@ -337,75 +388,57 @@ def merge_state_dicts(base_sd: dict[str, torch.Tensor] | None, ft_sds, config,
                                   [m.model for m in cfg.models], cfg.dp_outlier_m)
         if cfg.prune == "dp":
             dp_maps = dp_maps_from_stats(cfg, stats)
-        if cfg.combine == "pcb" and cfg.scope == "model":
-            return _pcb_model_scope(cfg, base_sd, fts, float_names, device, dp_maps)
     else:
         dp_maps = None
     readers = [DictReader(by_ref[r]) for r in refs]
     plan = build_plan(cfg, readers)
+
+    jobs = {j.name: j for j in plan.jobs}
+
+    def load(name):
+        job = jobs[name]
+        base = readers[job.base[0]].get(job.base[1]).to(device) if job.base else None
+        return base, [readers[i].get(n) for i, n in job.sources]
+    pcb_stats, tied = None, {}
+    if cfg.family == "pipeline" and cfg.combine == "pcb" and cfg.scope == "model":
+        pcb_stats, tied = pcb_model_stats([(j.name, j.cfg) for j in plan.jobs if base_sd[j.name].is_floating_point()],
+                                          load, dp_maps, device)
     out, scratch = {}, Scratch()
     for k, job in enumerate(plan.jobs):
         if cancel and cancel():
             raise InterruptedError("merge cancelled")
-        base = readers[job.base[0]].get(job.base[1]).to(device) if job.base else None
-        fts = [readers[i].get(n) for i, n in job.sources]
+        base, fts = load(job.name)
         ref = base if base is not None else fts[0]
-        merged = merge_tensor(job.cfg, job.name, base, fts, dp_maps, out_dtype=output_dtype(cfg, ref.dtype),
-                              scratch=scratch)
+        math_job = jobs[tied.get(job.name, job.name)]      # a tied duplicate is merged as its primary
+        merged = merge_tensor(math_job.cfg, math_job.name, base, fts, dp_maps,
+                              out_dtype=output_dtype(cfg, ref.dtype), scratch=scratch, pcb_stats=pcb_stats)
         out[job.name] = merged.to("cpu")
         if progress:
             progress(k + 1, len(plan.jobs))
     return out
 
 
-def tied_duplicates(base_sd: dict[str, torch.Tensor], ft_sds: list[dict[str, torch.Tensor]],
-                    names: list[str]) -> dict[str, str]:
+def tied_duplicates(names: list[str], load: Callable) -> dict[str, str]:
     """{duplicate: primary} for tensors tied to an earlier one (T5's encoder/decoder embed_tokens
     to `shared`, a tied lm_head): the same storage, or equal values, in the base and every
-    fine-tune. A first-entries check keeps unrelated same-shape tensors from a full comparison."""
+    fine-tune; `load(name) -> (base, fine-tunes)`. Only tensors whose first entries agree too are
+    compared in full."""
     def same(a: torch.Tensor, b: torch.Tensor) -> bool:
         if a.data_ptr() == b.data_ptr() and a.stride() == b.stride():
             return True
-        fa, fb = a.reshape(-1), b.reshape(-1)
-        return torch.equal(fa[:16], fb[:16]) and torch.equal(fa, fb)
+        return torch.equal(a.reshape(-1), b.reshape(-1))
 
     out: dict[str, str] = {}
     seen: dict[tuple, list[str]] = {}
     for name in names:
-        key = (tuple(base_sd[name].shape), base_sd[name].dtype)
+        base, fts = load(name)
+        ts = (base, *fts)
+        key = (tuple(base.shape), base.dtype, tuple(tuple(t.reshape(-1)[:16].tolist()) for t in ts))
         for prev in seen.get(key, []):
-            if all(same(sd[name], sd[prev]) for sd in (base_sd, *ft_sds)):
+            pb, pfts = load(prev)
+            if all(same(x, y) for x, y in zip(ts, (pb, *pfts))):
                 out[name] = prev
                 break
         else:
             seen.setdefault(key, []).append(name)
     return out
-
-
-def _pcb_model_scope(cfg, base_sd, ft_sds, float_names, device, dp_maps):
-    """PCB's official whole-model flattening: one n x d matrix over every floating tensor. Tied
-    duplicates are left out of it and get their primary's merged values, as the official code's
-    `remove_keys` does for T5's embed_tokens (counted twice they would shift every row statistic)."""
-    tied = tied_duplicates(base_sd, ft_sds, float_names)
-    float_names = [n for n in float_names if n not in tied]
-    flat = []
-    for i, sd in enumerate(ft_sds):
-        parts = []
-        for name in float_names:
-            b = base_sd[name].to(device, torch.float32)
-            step = plan_steps(cfg, name, b.shape, dp_maps)[i]
-            parts.append(prune_amplify(cfg, i, name, sd[name].to(device, torch.float32) - b, step).reshape(-1))
-        flat.append(torch.cat(parts))
-    merged = combine(cfg, torch.stack(flat)) * cfg.lambda_
-    out, pos = {}, 0
-    for name, t in base_sd.items():
-        if name in float_names:
-            n = t.numel()
-            m = merged[pos:pos + n].view(t.shape) + t.to(device, torch.float32)
-            out[name] = m.to("cpu", output_dtype(cfg, t.dtype))
-            pos += n
-        elif name not in tied:
-            out[name] = t
-    for name, primary in tied.items():
-        out[name] = out[primary].clone()
-    return {name: out[name] for name in base_sd}

@@ -97,7 +97,8 @@ DP_OTHERS = _p("dp_others", "choice", "keep", "tensors outside numbered blocks: 
                scope="global", choices=("keep", "magnitude"), per_tensor=False)
 PCB_RATIO = _p("pcb_ratio", "float", 0.1, "share of entries PCB keeps per task", scope="global", lo=0, hi=1,
                lo_open=True)
-SCOPE = _p("scope", "choice", "tensor", "PCB on each tensor, or the whole model flattened (official code)",
+SCOPE = _p("scope", "choice", "model", "PCB's statistics over the whole model flattened (official code), or "
+           "per tensor",
            scope="global", choices=("tensor", "model"), per_tensor=False)
 SELECT_TOPK = _p("select_topk", "float", 1.0, "share of entries (by variance across models) SCE keeps",
                  scope="global", lo=0, hi=1)

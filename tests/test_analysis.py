@@ -3,6 +3,8 @@ the deltas computed here from the files: thresholds are the exact k-th largest |
 module's density, DARE counts its real mask, histograms count every entry once."""
 from __future__ import annotations
 
+import dataclasses
+
 import os
 
 import pytest
@@ -193,18 +195,29 @@ def test_dpa_views_show_the_kept_mass_after_each_bands_alpha(ws):
     assert all(hi > lo for lo, hi in zip(shown[1.8][1], shown[3.6][1]))           # the kept mass moves right
 
 
-def test_pcb_views_show_its_drop_its_weights_and_its_scores(ws):
+@pytest.mark.parametrize("scope", ["tensor", "model"])
+def test_pcb_views_show_its_drop_its_weights_and_its_scores(ws, scope):
     """PCB prunes nothing but drops in its combine: each fine-tune keeps the entries whose balancing
-    weight is > 0 (its top pcb_ratio of scores), as methods.pcb computes them."""
-    from dppa_ui.methods.pcb import clip_abs, pcb_cut, pcb_scale, pcb_score
+    weight is > 0 (its top pcb_ratio of scores, per tensor or of the whole model), as methods.pcb
+    computes them."""
+    from dppa_ui.methods.pcb import clip_abs, cut_position, pcb_scale, score_and_cut
+    from dppa_ui.methods.select import row_kth_smallest
     c = cfg(ws, preset="pcb", pcb_ratio=0.1)
+    c = dataclasses.replace(c, scope=scope)
     flat = torch.stack([delta(ws, j).reshape(-1) for j in range(3)])
-    scale = pcb_scale(flat, 0.1, clip_ratio=c.clip_ratio)
-    score = pcb_score(flat, clip_abs(flat, c.clip_ratio))
+    stats = ws.pcb_stats(c)
+    assert (stats is None) == (scope == "tensor")
+    bounds = None if stats is None else (stats.lo, stats.hi)
+    scale = pcb_scale(flat, 0.1, clip_ratio=c.clip_ratio, stats=stats)
+    score, cut, _ = score_and_cut(flat, clip_abs(flat, c.clip_ratio, bounds), 0.1, stats)
+    if scope == "tensor":      # this tensor's own rows: the cut is its sorted score at int(d * 0.9)
+        assert torch.equal(cut, row_kth_smallest(score, cut_position(flat.shape[1], 0.1)))
     rows = analysis.thresholds(ws, c, NAME)
     for j, r in enumerate(rows):
-        assert r["kept"] == int((scale[j] > 0).sum()) and r["kept"] == pytest.approx(0.1 * flat.shape[1], rel=0.01)
-        assert r["pcb_cut"] == pytest.approx(float(pcb_cut(score, 0.1)[j]))
+        assert r["kept"] == int((scale[j] > 0).sum()) and r["kept"] > 0
+        if scope == "tensor":
+            assert r["kept"] == pytest.approx(0.1 * flat.shape[1], rel=0.01)
+        assert r["pcb_cut"] == pytest.approx(float(cut[j]))
     data = analysis.histogram(ws, c, NAME)
     assert [s["part"] for s in data["series"]] == ["kept", "dropped"] * 3 and data["pcb_ratio"] == 0.1
     d = analysis.mask_data(ws, c, NAME)
@@ -213,7 +226,7 @@ def test_pcb_views_show_its_drop_its_weights_and_its_scores(ws):
         assert d["kept_pct"][ref] == pytest.approx(100 * kept.numel() / flat.shape[1])
         assert d["pcb_mean_weight"][ref] == pytest.approx(float(kept.mean()), rel=1e-5) and d["pcb_mean_weight"][ref] > 0
     mv = analysis.method_view(ws, c, NAME)
-    assert mv["kind"] == "pcb" and [r["cut"] for r in mv["series"]] == pytest.approx(pcb_cut(score, 0.1).reshape(-1).tolist())
+    assert mv["kind"] == "pcb" and [r["cut"] for r in mv["series"]] == pytest.approx(cut.reshape(-1).tolist())
     assert [r["kept"] for r in mv["series"]] == [r["kept"] for r in rows]
     assert "balancing scores" in figures.method_view(mv).layout.title.text
 

@@ -48,7 +48,7 @@ def test_defaults():
     assert cfg.dtype is None                       # output dtype = the base's
     assert cfg.lambda_ == 1.0 and cfg.seed == 0
     assert cfg.dp_lambda == 0.08 and cfg.dp_outlier_m == 5.0 and cfg.dp_others == "keep"
-    assert cfg.pcb_ratio == 0.1 and cfg.scope == "tensor"
+    assert cfg.pcb_ratio == 0.1 and cfg.scope == "model"
     # rescale: mergekit's defaults (dare_*: true = L1 norm; ties / breadcrumbs: false)
     assert [m.rescale for m in load_config(c("dare_linear")).models] == ["l1", "l1"]
     assert [m.rescale for m in load_config(c("dare_ties")).models] == ["l1", "l1"]

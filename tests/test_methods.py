@@ -556,7 +556,7 @@ def test_pcb_clip_ratio_matches_official_clamp(clip):
     got = pcb_combine(flat, [1.0, 0.7, 1.2], 0.2, clip_ratio=clip)
     assert torch.allclose(got, ref_pcb(flat, [1.0, 0.7, 1.2], 0.2, clip)[0], rtol=1e-5, atol=1e-8)
     base, fts = make_sds(2, seed=19)
-    out = merge_in_memory(base, fts, cfg("pcb", n=2, params={"clip_ratio": clip, "pcb_ratio": 0.3}))
+    out = merge_in_memory(base, fts, cfg("pcb", n=2, params={"clip_ratio": clip, "pcb_ratio": 0.3, "scope": "tensor"}))
     k = "model.layers.0.mlp.up_proj.weight"
     flat = torch.stack([(ft[k] - base[k]).reshape(-1) for ft in fts])
     assert torch.allclose(out[k], base[k] + ref_pcb(flat, [1.0, 1.0], 0.3, clip)[0].view(base[k].shape),
@@ -948,18 +948,21 @@ def test_magnitude_dpa_explicit_stages_match_reference():
         assert torch.allclose(out[k], ref, atol=1e-6), k
 
 
-@pytest.mark.parametrize("prune,combine", [("dp", "ties"), ("magnitude", "pcb"), ("random", "pcb"),
-                                           ("dp", "pcb"), ("magnitude", "sum")])
-def test_explicit_stage_compositions_match_reference(prune, combine):
+@pytest.mark.parametrize("prune,combine,scope", [("dp", "ties", None), ("magnitude", "pcb", "tensor"),
+                                                 ("random", "pcb", "tensor"), ("dp", "pcb", "tensor"),
+                                                 ("magnitude", "pcb", "model"), ("random", "pcb", "model"),
+                                                 ("dp", "pcb", "model"), ("magnitude", "sum", None)])
+def test_explicit_stage_compositions_match_reference(prune, combine, scope):
     base, fts = make_sds(3, seed=17)
     weights, dens = [1.0, 0.5, 0.8], [0.3, 0.5, 0.4]
     c = load_config({"prune": prune, "combine": combine, "base_model": "b", "seed": 2,
-                     "parameters": {"lambda": 0.8, "pcb_ratio": 0.3},
+                     "parameters": {"lambda": 0.8, "pcb_ratio": 0.3, **({"scope": scope} if scope else {})},
                      "models": [{"model": f"m{i}", "parameters": {"weight": w, "density": d}}
                                 for i, (w, d) in enumerate(zip(weights, dens))]})
     out = merge_in_memory(base, fts, c)
     deltas = deltas_of(base, fts)
     dp = [ref_dp(deltas[i], dens[i]) for i in range(3)]
+    stacks = {}
     for k in base:
         ps = []
         for i in range(3):
@@ -972,7 +975,9 @@ def test_explicit_stage_compositions_match_reference(prune, combine):
                 ps.append(kept * (d.abs().sum() / kept.abs().sum()) if kept.abs().sum() >= 1e-7 else kept)
             else:
                 ps.append(ref_magnitude(d, dp[i][k][0]) if k in dp[i] else d)
-        stack = torch.stack(ps)
+        stacks[k] = stack = torch.stack(ps)
+        if scope == "model":      # the official flattening: every tensor's pruned deltas in one row per model
+            continue
         if combine == "ties":
             merged = ref_ties_mergekit(stack, weights, c.normalize)
         elif combine == "pcb":
@@ -980,6 +985,13 @@ def test_explicit_stage_compositions_match_reference(prune, combine):
         else:
             merged = sum(w * p for w, p in zip(weights, ps))
         assert torch.allclose(out[k], base[k] + 0.8 * merged, rtol=1e-5, atol=1e-6), k
+    if scope == "model":
+        merged, pos = ref_pcb(torch.cat([stacks[k].reshape(3, -1) for k in base], dim=1), weights, 0.3)[0], 0
+        for k in base:
+            n = base[k].numel()
+            assert torch.allclose(out[k], base[k] + 0.8 * merged[pos:pos + n].view(base[k].shape),
+                                  rtol=1e-5, atol=1e-6), k
+            pos += n
 
 
 # ======================================================================= greedy alpha search

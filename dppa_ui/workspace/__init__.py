@@ -14,7 +14,9 @@ the tensors on screen -> `merge` (engine, to a run folder) -> chat / score / sav
 from __future__ import annotations
 
 import copy
+import dataclasses
 import shutil
+import threading
 import tempfile
 import warnings
 from pathlib import Path
@@ -22,7 +24,8 @@ from typing import Callable, Iterable
 
 from ..config import MergeConfig, load_config, load_stages
 from ..methods.dp import DPDensity
-from ..pipeline import kept_fraction
+from ..methods.pcb import PCBStats
+from ..pipeline import kept_fraction, pcb_model_stats
 from ..refs import RefPolicy, resolve_model
 from ..stats import DeltaStats
 from .access import ModelAccess, module_type
@@ -52,6 +55,8 @@ class Workspace:
         self.data_files: set[str] = set()           # files an `apl_data` may name (see allow_data)
         self.runs = Runs(self.temp_dir)
         self._dp: dict[tuple, tuple[dict[str, DPDensity], list[str]]] = {}
+        self._pcb: dict[tuple, PCBStats] = {}
+        self._pcb_lock = threading.Lock()
 
     # -- loading
 
@@ -78,7 +83,7 @@ class Workspace:
         self._drop_models()
         self.access, self.stats = access, StatsService(access, self.stats_cache)
         self.apl = APLService(access, self.data_files)
-        self._dp = {}
+        self._dp, self._pcb = {}, {}
         if start_stats:
             self.stats.start()
         return self
@@ -199,6 +204,29 @@ class Workspace:
                               gradient_at=cfg.apl_gradient_at, density=density, apl_lambda=cfg.apl_lambda,
                               compute=compute, progress=progress)
 
+    def pcb_stats(self, cfg: MergeConfig) -> PCBStats | None:
+        """PCB's whole-model statistics for `cfg` over the loaded models, as a `scope: model` merge
+        computes them (pipeline.pcb_model_stats: passes over every floating tensor); computed on
+        first use and cached. None for another combine, `scope: tensor`, or while DP's or APL's
+        density maps are still being computed."""
+        if cfg.combine != "pcb" or cfg.scope != "model":
+            return None
+        maps = self.dp_maps(cfg)
+        if cfg.prune in ("dp", "apl") and maps is None:
+            return None
+        acc = self.require()
+        idx = self.align(cfg)
+        # the weights and lambda scale the merged delta only: configs that differ in them share one
+        same = dataclasses.replace(cfg, lambda_=1.0, models=[dataclasses.replace(m, weight=1.0) for m in cfg.models])
+        key = (tuple(idx), same.to_yaml())
+        with self._pcb_lock:
+            if key not in self._pcb:
+                def load(name):
+                    base, fts = acc.views(name, counted=False)
+                    return base, [fts[j] for j in idx]
+                self._pcb[key] = pcb_model_stats([(n, cfg.for_tensor(n)) for n in acc.float_names], load, maps)[0]
+            return self._pcb[key]
+
     def kept_fraction(self, cfg: MergeConfig) -> list[float] | None:
         """Share of each fine-tune's delta entries the prune keeps (None while DP or APL wait)."""
         acc = self.require()
@@ -211,15 +239,13 @@ class Workspace:
 
     def working_bytes(self, cfg: MergeConfig) -> int:
         """Memory a streamed merge needs: (n + 2) float32 buffers of the largest tensor plus one
-        prefetched set of inputs; PCB at model scope flattens every delta at once; SMILE holds
+        prefetched set of inputs (PCB's whole-model statistics too: they are streamed); SMILE holds
         every checkpoint and the upscaled model in float32."""
         acc = self.require()
         largest = max((acc.numel[n] for n in acc.float_names), default=0)
         n = len(cfg.models)
         if cfg.upscale == "smile":
             return 4 * ((n + 1) * acc.n_params + self.smile_parameters(cfg))
-        if cfg.combine == "pcb" and cfg.scope == "model":
-            return 3 * n * acc.n_params * 4
         return (n + 2) * largest * 4 + (n + 1) * largest * 4
 
     def merge(self, source, controls=None, progress: Callable[[int, int], None] | None = None,
