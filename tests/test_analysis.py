@@ -4,7 +4,6 @@ module's density, DARE counts its real mask, histograms count every entry once."
 from __future__ import annotations
 
 import dataclasses
-
 import os
 
 import pytest
