@@ -127,12 +127,21 @@ def pcb_parts(ws, cfg: MergeConfig, name: str) -> dict | None:
     view = fine_tunes(cfg).for_tensor(name)
     pruned = pruned_deltas(ws, cfg, name)
     flat = pruned.reshape(pruned.shape[0], -1)
-    stats = ws.pcb_stats(cfg)
+    stats = pcb_stats(ws, cfg)
     clipped = clip_abs(flat, view.clip_ratio, None if stats is None else (stats.lo, stats.hi))
     score, cut, top = score_and_cut(flat, clipped, view.pcb_ratio, stats)
     scale = minmax_rows(score.clamp(min=cut), inplace=True, lo=cut, hi=top)
     return {"score": score, "cut": cut.reshape(-1), "scale": scale, "ratio": float(view.pcb_ratio),
             "clipped": clipped, "scope": cfg.scope}
+
+
+def pcb_stats(ws, cfg: MergeConfig):
+    """The whole model's PCB statistics the merge uses for `cfg` (None: scope tensor, or not PCB);
+    a ValueError the views show while they wait for DP's or APL's density maps."""
+    stats = ws.pcb_stats(cfg)
+    if stats is None and cfg.combine == "pcb" and cfg.scope == "model":
+        raise ValueError("PCB's whole-model statistics wait for the prune's density maps (being computed)")
+    return stats
 
 
 def pruned_deltas(ws, cfg: MergeConfig, name: str) -> torch.Tensor:
@@ -436,7 +445,8 @@ def merged_delta(ws, cfg: MergeConfig, name: str) -> dict | None:
     deltas = torch.stack([ws.access.delta(name, j) for j in idx])
     w = torch.tensor([float(m.weight) for m in view.models]).view(-1, *([1] * (deltas.dim() - 1)))
     before = (deltas * w).sum(0) * float(view.lambda_)
-    after = combine(view, pruned_deltas(ws, cfg, name).clone(), inplace=True) * float(view.lambda_)
+    after = combine(view, pruned_deltas(ws, cfg, name).clone(), inplace=True,
+                    pcb_stats=pcb_stats(ws, cfg)) * float(view.lambda_)
     logs = [sample_flat(t.reshape(-1), HIST_SAMPLE).abs().log10() for t in (before, after)]
     finite = [x[torch.isfinite(x)] for x in logs]
     lo = min((float(x.min()) for x in finite if x.numel()), default=-8.0)
