@@ -8,7 +8,6 @@ from .config import PRESETS, ConfigError, MergeConfig, ModelSpec, load_config
 from .engine import MergeResult, merge
 from .pipeline import merge_state_dicts as merge_in_memory
 from . import zoo  # noqa: F401,E402  registers the demo family's `demo:NAME` refs and `zoo` suite
-
-__version__ = "0.1.0"
+from .version import __version__
 __all__ = ["PRESETS", "ConfigError", "MergeConfig", "ModelSpec", "load_config", "merge", "MergeResult",
            "merge_in_memory", "__version__"]

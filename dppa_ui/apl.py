@@ -30,7 +30,7 @@ from .config import APL_EXAMPLES, ConfigError, MergeConfig
 from .methods.apl import (APLDensity, density_map, gradient_importance, importance_weights, intervention_importance,
                           partition_groups)
 from .methods.dp import block_of, module_of
-from .refs import files_identity
+from .refs import files_identity, resolve_model
 
 CACHE_ENV = io.CACHE_ENV      # the folder is io.cache_root(); tests point it elsewhere
 _FORMAT = 1
@@ -227,7 +227,7 @@ class APLPlan:
 
 def model_dirs(cfg: MergeConfig) -> tuple[Path, list[Path]]:
     """The local folders of the config's base and fine-tunes."""
-    return io.resolve_model(cfg.base_model), [io.resolve_model(m.model) for m in cfg.models]
+    return resolve_model(cfg.base_model), [resolve_model(m.model) for m in cfg.models]
 
 
 def plan(cfg: MergeConfig, shapes: dict[str, tuple] | None = None, base_dir: Path | None = None,
@@ -279,7 +279,7 @@ def importance_table(base: str | Path, finetune: str | Path, data: str | None = 
 
     None marks a (block, module) the model does not have. `data` is an apl_data JSONL path.
     `progress(step, 3, what)` is called before each of the three importance computations."""
-    base_dir, ft_dir = io.resolve_model(str(base)), io.resolve_model(str(finetune))
+    base_dir, ft_dir = resolve_model(str(base)), resolve_model(str(finetune))
     td = task_data(ft_dir, str(finetune), data, domain, examples)
     tick = progress or (lambda step, total, what: None)
     tick(0, 3, "exact intervention per module")

@@ -45,6 +45,7 @@ def _merge(args) -> int:
 
 def _search(args) -> int:
     from . import io, search
+    from .refs import resolve_model
     from .config import load_config
     from .engine import search_amplification, search_lambda
     cfg = load_config(args.config)
@@ -60,8 +61,8 @@ def _search(args) -> int:
     log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr))
     with contextlib.ExitStack() as stack:   # a non-empty --out is refused before any work
         tmp = stack.enter_context(io.atomic_output_dir(args.out, overwrite=args.overwrite)) if args.out else None
-        base_dir = io.resolve_model(cfg.base_model)
-        model_dirs = [io.resolve_model(m.model) for m in cfg.models]
+        base_dir = resolve_model(cfg.base_model)
+        model_dirs = [resolve_model(m.model) for m in cfg.models]
         search_amplification(cfg, base_dir, model_dirs, log)
         search_lambda(cfg, base_dir, model_dirs, log)
         if spec is not None:

@@ -29,6 +29,7 @@ from .methods.pcb import stat_passes
 from .pipeline import (Scratch, dominant_float_dtype, dp_maps_from_stats, kept_fraction, merge_tensor, output_dtype,
                        pcb_model_stats)
 from .plan import build_plan, input_refs
+from .refs import resolve_model
 from .stats import DeltaStats, collect_stats, save_stats
 
 STATS_FILE = "dppa_stats.json"
@@ -88,7 +89,7 @@ class _Inputs:
     def __init__(self, cfg: MergeConfig, allow_pickle: bool, allow_vocab_trim: bool,
                  lora_cache: str | Path | None = None, log: Callable[[str], None] | None = None):
         self.refs = input_refs(cfg)
-        self.dirs = [io.resolve_model(r, allow_pickle=allow_pickle, lora_cache=lora_cache, log=log) for r in self.refs]
+        self.dirs = [resolve_model(r, allow_pickle=allow_pickle, lora_cache=lora_cache, log=log) for r in self.refs]
         self.readers = [io.CheckpointReader(d, allow_pickle=allow_pickle) for d in self.dirs]
         index = {r: i for i, r in enumerate(self.refs)}
         self.vocab = None
@@ -322,7 +323,7 @@ def _merge(cfg, out, dev, t0, overwrite, dry_run, progress, cancel, allow_pickle
                 tok_dir = inputs.vocab.save(tmp / ".tokenizer")
             elif cfg.tokenizer_source:
                 tok_dir = inputs.dirs[inputs.refs.index(cfg.tokenizer_source)] if cfg.tokenizer_source in inputs.refs \
-                    else io.resolve_model(cfg.tokenizer_source, allow_pickle=allow_pickle)
+                    else resolve_model(cfg.tokenizer_source, allow_pickle=allow_pickle)
             else:
                 tok_dir = None
             if cfg.auto_chat_template and cfg.chat_template is None:

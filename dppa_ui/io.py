@@ -1,9 +1,7 @@
-"""Checkpoint I/O for the merge engine: model refs, a lazy reader, a streaming writer, output files.
+"""Checkpoint I/O for the merge engine: a lazy reader, a streaming writer, output files.
 
 The engine touches one tensor at a time, so nothing here holds a whole model:
 
-- `resolve_model` (from refs.py) turns a ref (`demo:NAME`, a local folder, or a hub id
-  `org/name[@rev]`) into a local folder.
 - `CheckpointReader` reads names, shapes and dtypes from the safetensors headers and each tensor
   on demand (`safe_open` memory-maps the files; nothing is read until `get`).
 - `ShardedWriter` plans every output shard up front from the tensor specs, so each shard's header
@@ -27,8 +25,7 @@ from typing import Iterable, Iterator, Mapping, Sequence
 
 import torch
 
-# The one model-ref resolver lives in refs.py; the engine and the CLI reach it as io.resolve_model.
-from .refs import ModelRefError, resolve_model  # noqa: F401
+from .version import __version__
 
 # --------------------------------------------------------------------------------------- caches
 
@@ -613,8 +610,7 @@ def library_versions() -> dict[str, str]:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
             if pkg == "dppa-ui":
-                import dppa_ui
-                out[pkg] = getattr(dppa_ui, "__version__", "unknown")
+                out[pkg] = __version__
             else:
                 out[pkg] = "not installed"
     return out

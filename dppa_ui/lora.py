@@ -19,6 +19,8 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
+from .io import CheckpointReader, copy_model_files
+
 _ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
 
 
@@ -72,7 +74,6 @@ def _same_model(recorded: str, model_ref: str, model_dir: Path) -> bool:
 
 def check_adapter(model_ref: str, model_dir: Path, lora_ref: str, a_dir: Path) -> dict:
     """Refuse an adapter made for another model (see module doc). Returns its adapter config."""
-    from .io import CheckpointReader
     cfg = json.loads((a_dir / "adapter_config.json").read_text())
     recorded = cfg.get("base_model_name_or_path") or ""
     if not _same_model(recorded, model_ref, model_dir):
@@ -145,7 +146,6 @@ def merge_adapter(model_dir: Path, a_dir: Path, out: Path) -> None:
     import transformers
     from peft import PeftModel
 
-    from .io import copy_model_files
     cfg = transformers.AutoConfig.from_pretrained(str(model_dir))
     arch = (cfg.architectures or [""])[0]
     auto = transformers.AutoModelForCausalLM if arch.endswith(("ForCausalLM", "LMHeadModel")) or not arch \

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+from .lora import AdapterError, resolve_lora
+
 GB = 1 << 30
 
 
@@ -201,7 +203,6 @@ def resolve_model(ref: str, *, allow_pickle: bool = False, policy: RefPolicy | N
         except ValueError as e:
             raise ModelRefError(str(e)) from None
     if "+" in ref:
-        from .lora import AdapterError, resolve_lora
         try:
             return resolve_lora(ref, lambda r: resolve_model(r, policy=policy, progress=progress), lora_cache, log,
                                 local=lambda r: _local(r, policy))

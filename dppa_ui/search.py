@@ -75,7 +75,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from . import io
 from .config import ConfigError, MergeConfig, _num, load_config
+from .refs import resolve_model
 
 OPTIMIZERS = {"ngopt": "NGOpt", "cma": "CMA", "oneplusone": "OnePlusOne", "random": "RandomSearch", "greedy": None}
 METRICS = ("smooth", "em")
@@ -434,9 +436,8 @@ class Evaluator:
 
     @classmethod
     def from_job(cls, job: EvalJob) -> "Evaluator":
-        from . import io
-        base_dir = io.resolve_model(job.base, allow_pickle=job.allow_pickle)
-        fts = [io.read_state_dict(io.resolve_model(m, allow_pickle=job.allow_pickle), allow_pickle=job.allow_pickle)
+        base_dir = resolve_model(job.base, allow_pickle=job.allow_pickle)
+        fts = [io.read_state_dict(resolve_model(m, allow_pickle=job.allow_pickle), allow_pickle=job.allow_pickle)
                for m in job.models]
         scorer = None
         if job.scoring.lm_eval is not None:
@@ -677,10 +678,9 @@ class SearchResult:
 
 
 def _resolve(cfg: MergeConfig, base_dir, model_dirs, allow_pickle: bool):
-    from . import io
-    base_dir = Path(base_dir) if base_dir is not None else io.resolve_model(cfg.base_model, allow_pickle=allow_pickle)
+    base_dir = Path(base_dir) if base_dir is not None else resolve_model(cfg.base_model, allow_pickle=allow_pickle)
     model_dirs = [Path(d) for d in model_dirs] if model_dirs is not None else \
-        [io.resolve_model(m.model, allow_pickle=allow_pickle) for m in cfg.models]
+        [resolve_model(m.model, allow_pickle=allow_pickle) for m in cfg.models]
     return base_dir, model_dirs
 
 
@@ -797,7 +797,6 @@ def run_search(config, spec: SearchSpec | None = None, *, base_dir=None, model_d
         data_text = f"dev, {len(items)} items"
     scoring = Scoring(items=items, domains=domains, objective=spec.objective, metric=spec.metric, lm_eval=spec.lm_eval)
 
-    from . import io
     base_sd, ft_sds = loaded if loaded is not None else (
         io.read_state_dict(base_dir, allow_pickle=allow_pickle),
         [io.read_state_dict(d, allow_pickle=allow_pickle) for d in model_dirs])

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from . import io
+from .refs import resolve_model
 from .config import ConfigError, MergeConfig, load_config
 from .methods.dp import block_of
 from .methods.smile import SmileEmbedding, SmileLinear, is_projection, linear_weight, smile_embedding, smile_linear
@@ -98,8 +99,8 @@ def build(config, device: str | torch.device = "cpu", base_sd: dict | None = Non
     cfg = config if isinstance(config, MergeConfig) else load_config(config)
     if cfg.upscale != "smile":
         raise ConfigError("dppa_ui.smile.build needs `merge_method: smile`")
-    base_dir = io.resolve_model(cfg.base_model)
-    dirs = [io.resolve_model(m.model) for m in cfg.models]
+    base_dir = resolve_model(cfg.base_model)
+    dirs = [resolve_model(m.model) for m in cfg.models]
     shapes = targets(_arch(base_dir), cfg.smile_scope)
     check(cfg, shapes)
     log = log or (lambda s: None)
@@ -160,7 +161,7 @@ def build(config, device: str | torch.device = "cpu", base_sd: dict | None = Non
                    "embeddings": [n for n in upscaled if isinstance(modules[n], nn.Embedding)],
                    "orientation": "linear (out x in), Conv1D weights transposed"}
     model.smile_cfg = cfg
-    tok_dir = io.resolve_model(cfg.tokenizer_source) if cfg.tokenizer_source else base_dir
+    tok_dir = resolve_model(cfg.tokenizer_source) if cfg.tokenizer_source else base_dir
     tok = None          # a bare checkpoint without tokenizer files (tests) gets none
     if any((tok_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         tok = AutoTokenizer.from_pretrained(str(tok_dir))
@@ -206,7 +207,7 @@ def save(model: nn.Module, tokenizer, out: str | Path, overwrite: bool = False, 
     from .engine import CONFIG_FILE
 
     spec, cfg = model.smile, model.smile_cfg
-    base_dir = io.resolve_model(cfg.base_model)
+    base_dir = resolve_model(cfg.base_model)
     if dtype is None:
         from .pipeline import DTYPES, dominant_float_dtype
         with io.CheckpointReader(base_dir) as r:
@@ -422,9 +423,9 @@ def upscale(cfg: MergeConfig, out, *, device: torch.device, overwrite: bool = Fa
 
     t0 = time.perf_counter() if t0 is None else t0
     log = log or (lambda s: print(s, file=sys.stderr))
-    base_dir = io.resolve_model(cfg.base_model, allow_pickle=allow_pickle)
+    base_dir = resolve_model(cfg.base_model, allow_pickle=allow_pickle)
     for m in cfg.models:
-        io.resolve_model(m.model, allow_pickle=allow_pickle)
+        resolve_model(m.model, allow_pickle=allow_pickle)
     arch = _arch(base_dir)
     shapes = targets(arch, cfg.smile_scope)
     check(cfg, shapes)

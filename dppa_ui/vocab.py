@@ -33,6 +33,7 @@ import torch
 
 from .config import ConfigError, MergeConfig
 from .io import is_vocab_tensor
+from .refs import resolve_model
 
 
 def _load_tokenizer(path: Path):
@@ -208,7 +209,6 @@ def build_vocab(cfg: MergeConfig, refs: list[str], dirs: list[Path], readers, lo
                               f"({why}); use `source: base` or give that model its tokenizer files")
     src_ref = base_ref if spec.source in ("base", "union") else spec.source
     if src_ref not in refs:
-        from .io import resolve_model
         try:
             toks[src_ref] = _load_tokenizer(resolve_model(src_ref))
         except Exception as e:

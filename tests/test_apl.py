@@ -13,6 +13,7 @@ import dppa_ui
 from dppa_ui import apl, io
 from dppa_ui.cli import main
 from dppa_ui.config import ConfigError, load_config
+from dppa_ui.refs import resolve_model
 from dppa_ui.methods.apl import (apl_prune, calibrated_densities, density_map, gradient_importance,
                                  importance_weights, intervention_importance, partition_groups)
 
@@ -209,8 +210,8 @@ def test_importance_table_for_the_app():
 
 def test_apl_merge_in_memory_equals_disk_and_records_importance(tmp_path, read_weights):
     cfg = _demo_cfg(["reverse", "sort"], apl_level="row", apl_drop="magnitude", apl_weights=True)
-    mem = dppa_ui.merge_in_memory(io.read_state_dict(io.resolve_model("demo:base")),
-                                  [io.read_state_dict(io.resolve_model(f"demo:{n}")) for n in ("reverse", "sort")], cfg)
+    mem = dppa_ui.merge_in_memory(io.read_state_dict(resolve_model("demo:base")),
+                                  [io.read_state_dict(resolve_model(f"demo:{n}")) for n in ("reverse", "sort")], cfg)
     res = dppa_ui.merge(cfg, tmp_path / "out")
     disk = read_weights(tmp_path / "out")
     assert all(torch.equal(mem[k], disk[k]) for k in disk)
@@ -232,8 +233,8 @@ def test_apl_merge_in_memory_equals_disk_and_records_importance(tmp_path, read_w
 
 
 def test_apl_composes_with_every_combine():
-    base = io.read_state_dict(io.resolve_model("demo:base"))
-    fts = [io.read_state_dict(io.resolve_model(f"demo:{n}")) for n in ("cipher", "brackets")]
+    base = io.read_state_dict(resolve_model("demo:base"))
+    fts = [io.read_state_dict(resolve_model(f"demo:{n}")) for n in ("cipher", "brackets")]
     outs = {}
     for combine in ("sum", "ties", "pcb"):
         cfg = _demo_cfg(["cipher", "brackets"], 0.3)

@@ -220,7 +220,8 @@ def test_lm_eval_objective_scores_validation_and_reports_test(monkeypatch):
     # The test report: lm-eval's own simple_evaluate on the merged model, first 8 test documents.
     from dppa_ui import merge_in_memory
     from dppa_ui.evaluation import _load_into
-    from dppa_ui.io import read_state_dict, resolve_model
+    from dppa_ui.io import read_state_dict
+    from dppa_ui.refs import resolve_model
     merged = merge_in_memory(read_state_dict(resolve_model("demo:base")),
                              [read_state_dict(resolve_model(f"demo:{d}")) for d in ("cipher", "sort")], res.config)
     model, tok = load_model("demo:base")

@@ -18,9 +18,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from dppa_ui import io
-from dppa_ui.io import (CheckpointReader, IncompatibleModels, ModelRefError, NotEnoughDiskSpace,
-                        ShardedWriter, atomic_output_dir, check_compatible, check_free_disk,
-                        copy_model_files, resolve_model, write_model_card)
+from dppa_ui.io import (CheckpointReader, IncompatibleModels, NotEnoughDiskSpace, ShardedWriter, atomic_output_dir,
+                        check_compatible, check_free_disk, copy_model_files, write_model_card)
+from dppa_ui.refs import ModelRefError, resolve_model
 
 
 def _llama(path, *, seed=0, vocab=64, intermediate=64, max_shard_size=None, tie=False):

@@ -10,7 +10,7 @@ import torch
 
 import dppa_ui
 from dppa_ui import merge_in_memory
-from dppa_ui.io import ModelRefError
+from dppa_ui.refs import ModelRefError
 
 
 def make_adapter(base_dir, out_dir, r: int, seed: int, alpha: int = 8, targets=("q_proj", "v_proj")):

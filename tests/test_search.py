@@ -191,7 +191,8 @@ def test_search_block_round_trips_and_expands_per_model():
 def test_search_scores_each_candidate_as_an_independent_merge_would(small_data):
     from dppa_ui import merge_in_memory
     from dppa_ui.evaluation import geometric_objective, load_suite, score_state_dict
-    from dppa_ui.io import read_state_dict, resolve_model
+    from dppa_ui.io import read_state_dict
+    from dppa_ui.refs import resolve_model
     cfg = dppa({"models[*].weight": [0.5, 1.5], "models[*].density": [0.1, 0.5]}, budget=6, seed=1,
                data=[small_data["dev"]], test_data=[small_data["test"]])
     rows = []

@@ -13,6 +13,7 @@ from dppa_ui.cli import main
 from dppa_ui.config import ConfigError, load_config
 from dppa_ui.evaluation import load_model, load_suite
 from dppa_ui.methods.smile import SmileLinear, smile_linear
+from dppa_ui.refs import resolve_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -141,8 +142,8 @@ def test_tensors_outside_the_experts(others):
                       {"model": "demo:sort", "parameters": {"weight": 0.5}}]}
     assert load_config(cfg).smile_others == (others or "base")
     model, _ = smile.build(cfg)
-    base = io.read_state_dict(io.resolve_model("demo:base"))
-    fts = [io.read_state_dict(io.resolve_model(f"demo:{d}")) for d in ("reverse", "sort")]
+    base = io.read_state_dict(resolve_model("demo:base"))
+    fts = [io.read_state_dict(resolve_model(f"demo:{d}")) for d in ("reverse", "sort")]
     got = model.state_dict()
     for name in ("model.embed_tokens.weight", "model.norm.weight", "model.layers.0.input_layernorm.weight"):
         assert not torch.equal(fts[0][name], base[name]), name         # the fine-tunes did change it
