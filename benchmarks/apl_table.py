@@ -36,6 +36,7 @@ import torch  # noqa: E402
 import dppa_ui  # noqa: E402
 from dppa_ui import apl, zoo  # noqa: E402
 from dppa_ui.config import load_config  # noqa: E402
+from dppa_ui import modelbuild  # noqa: E402
 from dppa_ui.evaluation import by_domain, load_suite, relative_gain, score_state_dict  # noqa: E402
 from dppa_ui.io import read_state_dict  # noqa: E402
 from dppa_ui.zoo.domains import COMPLEX_DOMAIN  # noqa: E402
@@ -145,10 +146,10 @@ def main():
 
     # 3. pairs.
     if ref is None:          # dev split: the references are scored here
-        from dppa_ui.evaluation import load_model, score_model
-        ref = {"base": score_model(*load_model("demo:base"), [i for d in domains for i in items[d]])}
+        from dppa_ui.evaluation import score_model
+        ref = {"base": score_model(*modelbuild.load("demo:base", placed=False), [i for d in domains for i in items[d]])}
         for d in domains:
-            ref[d] = score_model(*load_model(f"demo:{d}"), items[d])
+            ref[d] = score_model(*modelbuild.load(f"demo:{d}", placed=False), items[d])
 
     def gain(s, d):
         return relative_gain(s[d]["smooth"], ref["base"][d]["smooth"], ref[d][d]["smooth"])

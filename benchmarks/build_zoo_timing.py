@@ -18,7 +18,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dppa_ui import zoo  # noqa: E402
-from dppa_ui.evaluation import load_model, load_suite, score_model  # noqa: E402
+from dppa_ui import modelbuild  # noqa: E402
+from dppa_ui.evaluation import load_suite, score_model  # noqa: E402
 
 
 def main():
@@ -45,7 +46,7 @@ def main():
     torch.set_num_threads(min(2, torch.get_num_threads()))
     items = load_suite("zoo", "test")
     for name in zoo.demo_names():
-        model, tok = load_model(f"demo:{name}")
+        model, tok = modelbuild.load(f"demo:{name}", placed=False)
         score_model(model, tok, items[:8])                        # warm-up (first-call setup)
         t0 = time.perf_counter()
         score_model(model, tok, items)

@@ -30,8 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 import dppa_ui  # noqa: E402
-from dppa_ui import smile, zoo  # noqa: E402
-from dppa_ui.evaluation import by_domain, load_model, load_suite, score_model, score_state_dict  # noqa: E402
+from dppa_ui import smile, smile_model, zoo  # noqa: E402
+from dppa_ui import modelbuild  # noqa: E402
+from dppa_ui.evaluation import by_domain, load_suite, score_model, score_state_dict  # noqa: E402
 from dppa_ui.io import read_state_dict  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -63,7 +64,7 @@ def main():
     if args.split == "test":
         ref = json.loads((zoo.ZOO_DIR / "reference_scores.json").read_text())
     else:
-        ref = {d: score_model(*load_model(f"demo:{d}"), per[d]) for d in domains}
+        ref = {d: score_model(*modelbuild.load(f"demo:{d}", placed=False), per[d]) for d in domains}
     ft = {d: ref[d][d] for d in domains}
     base_sd = read_state_dict(zoo.demo_path("base"))
     ft_sds = [read_state_dict(zoo.demo_path(d)) for d in domains]
@@ -91,7 +92,7 @@ def main():
                 t0 = time.perf_counter()
                 s = score_model(model, tok, items)
                 times.append(time.perf_counter() - t0)
-                n = smile.parameter_count(model)["total"]
+                n = smile_model.parameter_count(model)["total"]
                 out(f"| {scope} | {rank} | {k} | " + " | ".join(cell(s[d]) for d in domains)
                     + f" | {n:,} ({n / plain:.1f}x) |")
                 if rank == "full" and k == 1:
@@ -117,7 +118,7 @@ def main():
     for scope, (model, tok, _) in full.items():
         row = []
         for e, d in enumerate(domains):
-            with smile.forced(model, e):
+            with smile_model.forced(model, e):
                 row.append(cell(score_model(model, tok, per[d])[d]))
         out(f"| {scope} | " + " | ".join(row) + " |")
     out("")

@@ -30,7 +30,8 @@ import torch  # noqa: E402
 
 import dppa_ui  # noqa: E402
 from dppa_ui import zoo  # noqa: E402
-from dppa_ui.evaluation import (alpha_objective, by_domain, load_model, load_suite, relative_gain,  # noqa: E402
+from dppa_ui import modelbuild  # noqa: E402
+from dppa_ui.evaluation import (alpha_objective, by_domain, load_suite, relative_gain,  # noqa: E402
                                 score_model, score_state_dict)
 from dppa_ui.io import read_state_dict  # noqa: E402
 from zoo_table import config as zoo_config  # noqa: E402
@@ -59,7 +60,7 @@ def main():
     domains = zoo.domain_names()
     split_items = {s: load_suite("zoo", s) for s in ("dev", "test")}
     per = {s: by_domain(items) for s, items in split_items.items()}
-    ref = {s: {n: score_model(*load_model(f"demo:{n}"), items) for n in ("base", *domains)}
+    ref = {s: {n: score_model(*modelbuild.load(f"demo:{n}", placed=False), items) for n in ("base", *domains)}
            for s, items in split_items.items()}
     base_sd = read_state_dict(zoo.demo_path("base"))
     sds = {n: read_state_dict(zoo.demo_path(n)) for n in domains}

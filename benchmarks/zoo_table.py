@@ -29,7 +29,8 @@ import torch  # noqa: E402
 
 import dppa_ui  # noqa: E402
 from dppa_ui import zoo  # noqa: E402
-from dppa_ui.evaluation import (alpha_objective, by_domain, load_model, load_suite,  # noqa: E402
+from dppa_ui import modelbuild  # noqa: E402
+from dppa_ui.evaluation import (alpha_objective, by_domain, load_suite,  # noqa: E402
                                 relative_gain, score_model, score_state_dict)
 from dppa_ui.io import read_state_dict  # noqa: E402
 from dppa_ui.methods.dpa import greedy_alpha_search  # noqa: E402
@@ -87,7 +88,7 @@ def main():
     # 1. base and fine-tunes on every domain.
     ref, times = {}, {}
     for name in zoo.demo_names():
-        model, tok = load_model(f"demo:{name}")
+        model, tok = modelbuild.load(f"demo:{name}", placed=False)
         t0 = time.perf_counter()
         ref[name] = score_model(model, tok, items)
         times[name] = time.perf_counter() - t0

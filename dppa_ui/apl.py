@@ -25,7 +25,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from . import io
+from . import evaluation, io, modelbuild
 from .config import APL_EXAMPLES, ConfigError, MergeConfig
 from .methods.apl import (APLDensity, density_map, gradient_importance, importance_weights, intervention_importance,
                           partition_groups)
@@ -56,8 +56,6 @@ def task_data(model_dir: str | Path, ref: str | None = None, apl_data: str | Non
               domain: str | Sequence[str] | None = None, examples: int = APL_EXAMPLES) -> TaskData:
     """The first `examples` items of the fine-tune's own task (see the module doc). Raises
     ConfigError, naming the model and the fix, when there is none."""
-    from . import evaluation
-
     label = ref or str(model_dir)
     if apl_data is not None:
         path = Path(apl_data).expanduser()
@@ -169,8 +167,6 @@ def importance(base_dir: str | Path, ft_dir: str | Path, data: TaskData, level: 
     removed) comes with every result."""
     import time
 
-    from .evaluation import answer_loss, load_model
-
     if kind == "exact" and level == "row":
         raise ValueError("exact importance at the row level needs one forward pass per row; use kind='gradient'")
     at = gradient_at if kind == "gradient" else None
@@ -186,7 +182,7 @@ def importance(base_dir: str | Path, ft_dir: str | Path, data: TaskData, level: 
         if hit is not None:
             return hit if hit.cached else dataclasses.replace(hit, cached="memory")
     t0 = time.perf_counter()
-    model, tok = load_model(ft_dir)
+    model, tok = modelbuild.load(ft_dir, placed=False)
     model.to(device)
     base = {n: t.float() for n, t in io.read_state_dict(base_dir).items() if t.is_floating_point()}
     names = [n for n, _ in model.named_parameters() if n in base]
@@ -195,7 +191,7 @@ def importance(base_dir: str | Path, ft_dir: str | Path, data: TaskData, level: 
     items = data.items
 
     def loss(m):
-        return answer_loss(m, tok, items)
+        return evaluation.answer_loss(m, tok, items)
 
     whole = intervention_importance(model, loss, base, {"model": names})["model"]
     with torch.no_grad():

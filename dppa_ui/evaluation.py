@@ -24,7 +24,8 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
-from .modelbuild import input_device
+from .io import untied_missing
+from .modelbuild import input_device, load
 from .refs import resolve_model
 
 SPLITS = ("test", "dev")
@@ -353,24 +354,11 @@ def perplexity(model, tokenizer, text: str) -> float:
 _SKELETONS: dict = {}
 
 
-def load_model(ref: str | Path):
-    """(model, tokenizer) of a model dir or demo:NAME (or a SMILE folder), float32, eval mode, offline."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = resolve_model(ref)
-    from . import smile
-    if smile.is_smile_folder(path):
-        return smile.load(path)
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
-    model.eval()
-    return model, AutoTokenizer.from_pretrained(str(path))
-
-
 def _skeleton(model_dir) -> tuple:
     """A cached private copy of the model at `model_dir` to load state dicts into."""
     key = str(resolve_model(model_dir).resolve())
     if key not in _SKELETONS:
-        _SKELETONS[key] = load_model(model_dir)
+        _SKELETONS[key] = load(model_dir, placed=False)
     return _SKELETONS[key]
 
 
@@ -401,14 +389,6 @@ def _load_into(model, state_dict: dict) -> None:
             own[k].copy_(v)
 
 
-def untied_missing(config, missing: Iterable[str]) -> list[str]:
-    """The keys of `missing` not explained by a tied lm_head (which shares the embedding's storage;
-    multimodal configs say so on their text config)."""
-    text = getattr(config, "get_text_config", lambda: config)()
-    tied = getattr(config, "tie_word_embeddings", False) or getattr(text, "tie_word_embeddings", False)
-    return [k for k in missing if not (tied and k.startswith("lm_head"))]
-
-
 def alpha_objective(model_dir, domains: Sequence[str] | None = None, split: str = "dev",
                     suite: str | Path = "zoo") -> Callable[[dict], float]:
     """f(state_dict) -> geometric mean over the model's domains of smooth(state_dict) / smooth(the
@@ -423,7 +403,7 @@ def alpha_objective(model_dir, domains: Sequence[str] | None = None, split: str 
         domains = [d]
     domains = [domains] if isinstance(domains, str) else list(domains)
     items = load_suite(suite, split, domains=domains)
-    model, tok = load_model(model_dir)
+    model, tok = load(model_dir, placed=False)
     ref = score_model(model, tok, items, generate=False)
 
     def objective(state_dict: dict) -> float:

@@ -205,7 +205,7 @@ def check_metric(tasks: Tasks, metric: str, what: str = "metric") -> None:
 # ------------------------------------------------------------------------------------ the model
 
 def wrap(model, tokenizer, batch_size: int | str | None = None):
-    """lm-eval's HFLM around a model this project built (modelbuild.load, smile.load, a search's
+    """lm-eval's HFLM around a model this project built (modelbuild.load, smile_model.load, a search's
     skeleton). HFLM takes `model.device` for the inputs, the first parameter's: for a model that
     accelerate spread over devices or disk the inputs go where its first placed module is."""
     from lm_eval.models.huggingface import HFLM

@@ -273,6 +273,14 @@ def read_state_dict(path: str | os.PathLike, *, allow_pickle: bool = False) -> d
 
 # -------------------------------------------------------------------------------- compatibility
 
+def untied_missing(config, missing: Iterable[str]) -> list[str]:
+    """The keys of `missing` not explained by a tied lm_head (which shares the embedding's storage;
+    multimodal configs say so on their text config)."""
+    text = getattr(config, "get_text_config", lambda: config)()
+    tied = getattr(config, "tie_word_embeddings", False) or getattr(text, "tie_word_embeddings", False)
+    return [k for k in missing if not (tied and k.startswith("lm_head"))]
+
+
 class IncompatibleModels(ValueError):
     """The fine-tunes do not have the base's tensors and shapes."""
 

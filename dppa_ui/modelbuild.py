@@ -5,7 +5,9 @@ any size, with accelerate's big-model loading.
   model_bytes(dir, dt) its weights' bytes in dtype dt, from that skeleton (what estimates show)
   plan(dir, ...)       where it would go: dtype, device map and whether layers go to disk
   load(dir, ...)       the model on that plan (`device_map="auto"`, `max_memory` from the free GPU
-                       and CPU memory, disk offload to `offload_dir` when needed) + its tokenizer
+                       and CPU memory, disk offload to `offload_dir` when needed) + its tokenizer;
+                       `placed=False`: float32, whole on the CPU (the private copies that scoring,
+                       searches and APL copy weights into); a SMILE folder through smile_model
 
 Float32 is preferred on the CPU (the scores are computed in float32 everywhere) when it fits the
 budget; otherwise the checkpoint's own dtype.
@@ -14,12 +16,15 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .refs import resolve_model
+from . import smile_model
+from .refs import files_identity, resolve_model
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -114,14 +119,20 @@ def plan(model_dir: str | Path, *, max_memory: dict | None = None, dtype: torch.
 
 def load(model_ref: str | Path, *, max_memory: dict | None = None, dtype: torch.dtype | None = None,
          offload_dir: str | Path | None = None, tokenizer_dir: str | Path | None = None,
-         chat_template: str | None = None):
+         chat_template: str | None = None, placed: bool = True):
     """(model, tokenizer) of a checkpoint folder or ref, eval mode, placed by `plan`. Layers that
     fit nowhere are offloaded to `offload_dir` (required then). A SMILE folder is built by
-    `smile.load`, whole on one device (see `load_smile`)."""
+    `smile_model.load`, whole on one device (see `load_smile`). `placed=False`: float32, whole on
+    the CPU, no planning (what scoring a state dict copies weights into)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     model_dir = resolve_model(model_ref)
-    from . import smile
-    if smile.is_smile_folder(model_dir):
+    if not placed:
+        if smile_model.is_smile_folder(model_dir):
+            return smile_model.load(model_dir)
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+        model.eval()
+        return model, AutoTokenizer.from_pretrained(str(model_dir))
+    if smile_model.is_smile_folder(model_dir):
         return load_smile(model_dir, max_memory=max_memory, tokenizer_dir=tokenizer_dir, chat_template=chat_template)
     p = plan(model_dir, max_memory=max_memory, dtype=dtype)
     kwargs: dict = {"dtype": p.dtype}
@@ -152,11 +163,10 @@ def load(model_ref: str | Path, *, max_memory: dict | None = None, dtype: torch.
 
 def load_smile(model_dir: Path, *, max_memory: dict | None = None, tokenizer_dir: str | Path | None = None,
                chat_template: str | None = None):
-    """(model, tokenizer) of a SMILE folder (smile.load: no remote code), float32, on the first
+    """(model, tokenizer) of a SMILE folder (smile_model.load: no remote code), float32, on the first
     GPU when it fits there, else on the CPU; its experts are not split across devices or offloaded,
     so a folder larger than the free memory is refused with the numbers."""
-    from . import smile
-    spec = json.loads((Path(model_dir) / smile.SMILE_CONFIG).read_text())
+    spec = json.loads((Path(model_dir) / smile_model.SMILE_CONFIG).read_text())
     size = int((spec.get("parameters") or {}).get("total", 0)) * 4
     budget = dict(max_memory) if max_memory is not None else {k: int(v * 0.8) for k, v in free_memory().items()}
     device = next((f"cuda:{k}" for k, v in budget.items() if k != "cpu" and size <= v), None)
@@ -166,7 +176,7 @@ def load_smile(model_dir: Path, *, max_memory: dict | None = None, tokenizer_dir
                               f"not fit in the {budget.get('cpu', 0) / 1e9:.2f} GB free; SMILE models load whole "
                               f"(lower rank_of_expert to shrink it)")
         device = "cpu"
-    model, tok = smile.load(model_dir, device=device)
+    model, tok = smile_model.load(model_dir, device=device)
     if tokenizer_dir is not None:
         from transformers import AutoTokenizer
         tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
@@ -183,8 +193,6 @@ class ModelPool:
     loaded again and the demo models are loaded once for everybody."""
 
     def __init__(self, max_models: int = 4):
-        import threading
-        from collections import OrderedDict
         self.max_models = max_models
         self._models: OrderedDict = OrderedDict()
         self._lock = threading.Lock()
@@ -193,7 +201,6 @@ class ModelPool:
     def get(self, model_dir: str | Path, *, tokenizer_dir: str | Path | None = None,
             chat_template: str | None = None, offload_dir: str | Path | None = None,
             max_memory: dict | None = None):
-        from .refs import files_identity
         model_dir = resolve_model(model_dir)
         key = (files_identity(model_dir), str(tokenizer_dir or ""), chat_template or "")
         with self._lock:

@@ -89,7 +89,8 @@ def cmd_zoo_list(args) -> int:
 
 def _reference_scores(split: str, domains) -> tuple[dict, dict]:
     """(base scores, {domain: that domain's fine-tune scores}) of the demo family on the zoo suite."""
-    from .evaluation import load_model, load_suite, score_model
+    from . import modelbuild
+    from .evaluation import load_suite, score_model
     from .zoo import ZOO_DIR
 
     ref_file = ZOO_DIR / "reference_scores.json"
@@ -97,8 +98,8 @@ def _reference_scores(split: str, domains) -> tuple[dict, dict]:
         ref = json.loads(ref_file.read_text())
         return ref["base"], {d: ref[d] for d in domains if d in ref}
     items = load_suite("zoo", split)
-    base = score_model(*load_model("demo:base"), items)
-    fts = {d: score_model(*load_model(f"demo:{d}"), [i for i in items if i["domain"] == d]) for d in domains}
+    base = score_model(*modelbuild.load("demo:base", placed=False), items)
+    fts = {d: score_model(*modelbuild.load(f"demo:{d}", placed=False), [i for i in items if i["domain"] == d]) for d in domains}
     return base, fts
 
 
@@ -128,12 +129,13 @@ def _out_dir(stack, args):
 def _score_suite(args, out) -> int:
     from transformers.utils import logging as hf_logging
 
-    from .evaluation import (format_scores, load_model, load_suite, perplexity, relative_scores,
+    from . import modelbuild
+    from .evaluation import (format_scores, load_suite, perplexity, relative_scores,
                              score_model)
 
     hf_logging.disable_progress_bar()          # one table of results, no loading bars
 
-    model, tok = load_model(args.model)
+    model, tok = modelbuild.load(args.model, placed=False)
     if args.perplexity is not None:
         text = args.perplexity
         if text.startswith("@"):

@@ -252,7 +252,7 @@ def test_apl_without_data_for_a_non_demo_model_is_refused_before_compute(tiny_fa
         raise AssertionError("a tensor was read or a model loaded")
     monkeypatch.setattr(io.CheckpointReader, "get", boom)
     monkeypatch.setattr(io.CheckpointReader, "view", boom)
-    monkeypatch.setattr("dppa_ui.evaluation.load_model", boom)
+    monkeypatch.setattr("dppa_ui.modelbuild.load", boom)
     cfg = {"prune": "apl", "base_model": str(tiny_family.base),
            "models": [{"model": str(p), "parameters": {"density": 0.3}} for p in tiny_family.fts]}
     with pytest.raises(ConfigError, match="apl_data"):

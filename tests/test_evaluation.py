@@ -13,7 +13,8 @@ import pytest
 from safetensors.torch import load_file
 
 from dppa_ui import cli, zoo
-from dppa_ui.evaluation import (alpha_objective, geometric_objective, load_model, load_suite, perplexity,
+from dppa_ui import modelbuild
+from dppa_ui.evaluation import (alpha_objective, geometric_objective, load_suite, perplexity,
                                 relative_gain, relative_scores, score_model, score_state_dict)
 from dppa_ui.methods.dpa import greedy_alpha_search
 from dppa_ui.methods.magnitude import magnitude_prune
@@ -90,7 +91,7 @@ def test_scores_on_a_user_suite(tmp_path):
     right = [json.dumps({"prompt": f"reverse: {w}", "answer": w[::-1], "domain": "right"}) for w in words]
     wrong = [json.dumps({"prompt": f"reverse: {w}", "answer": w, "domain": "wrong"}) for w in words]
     items = load_suite(_write(tmp_path / "u.jsonl", right + wrong))
-    model, tok = load_model("demo:reverse")
+    model, tok = modelbuild.load("demo:reverse", placed=False)
     s = score_model(model, tok, items, batch_size=4)           # several batches, left padding
     assert s["right"]["em"] >= 5 / 6 and s["wrong"]["em"] == 0.0
     assert s["right"]["smooth"] > s["wrong"]["smooth"] + 0.4
@@ -108,7 +109,7 @@ def test_score_state_dict_matches_and_does_not_leak():
     items = load_suite("zoo", "dev", ["sort"])
     ft_sd = load_file(str(zoo.demo_path("sort") / "model.safetensors"))
     base_sd = load_file(str(zoo.demo_path("base") / "model.safetensors"))
-    direct = score_model(*load_model("demo:sort"), items)
+    direct = score_model(*modelbuild.load("demo:sort", placed=False), items)
     via_sd = score_state_dict("demo:base", ft_sd, items)
     assert via_sd["sort"]["em"] == direct["sort"]["em"]
     assert math.isclose(via_sd["sort"]["smooth"], direct["sort"]["smooth"], abs_tol=1e-9)
@@ -138,7 +139,7 @@ def test_alpha_objective_and_search():
 
 
 def test_perplexity_prefers_the_skill_text():
-    model, tok = load_model("demo:base")
+    model, tok = modelbuild.load("demo:base", placed=False)
     seen = perplexity(model, tok, "planet backwards is tenalp.")
     noise = perplexity(model, tok, "p#l]a9n e~t b^a*c kw")
     assert 1.0 < seen < noise

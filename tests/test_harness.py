@@ -16,7 +16,7 @@ import yaml
 
 from dppa_ui import harness, modelbuild, search, zoo
 from dppa_ui.cli import main
-from dppa_ui.evaluation import greedy_answers, load_model, load_suite, score_model
+from dppa_ui.evaluation import greedy_answers, load_suite, score_model
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
               pytest.mark.skipif(not (zoo.ZOO_DIR / "reverse" / "config.json").is_file(), reason="assets/zoo is not built")]
@@ -30,7 +30,7 @@ def models():
 
     def get(name):
         if name not in cache:
-            cache[name] = load_model(f"demo:{name}")
+            cache[name] = modelbuild.load(f"demo:{name}", placed=False)
         return cache[name]
     return get
 
@@ -224,7 +224,7 @@ def test_lm_eval_objective_scores_validation_and_reports_test(monkeypatch):
     from dppa_ui.refs import resolve_model
     merged = merge_in_memory(read_state_dict(resolve_model("demo:base")),
                              [read_state_dict(resolve_model(f"demo:{d}")) for d in ("cipher", "sort")], res.config)
-    model, tok = load_model("demo:base")
+    model, tok = modelbuild.load("demo:base", placed=False)
     _load_into(model, merged)
     direct = harness.metrics(harness.run(harness.wrap(model, tok, 16), harness.load_tasks(GEN["lm_eval"], TASKS),
                                          limit=8))

@@ -8,10 +8,11 @@ import json
 import pytest
 import torch
 
-from dppa_ui import io, smile
+from dppa_ui import io, smile, smile_model
 from dppa_ui.cli import main
 from dppa_ui.config import ConfigError, load_config
-from dppa_ui.evaluation import load_model, load_suite
+from dppa_ui import modelbuild
+from dppa_ui.evaluation import load_suite
 from dppa_ui.methods.smile import SmileLinear, smile_linear
 from dppa_ui.refs import resolve_model
 
@@ -51,7 +52,7 @@ def test_layer_matches_the_paper_formulas(k, kr, top):
     got = layer(x)
     want = _reference(x.reshape(-1, 6), base.weight, base.bias, deltas, bias_deltas, k, kr, top)
     assert torch.allclose(got.reshape(-1, 7).double(), want, atol=1e-4)
-    with smile.recording(torch.nn.Sequential(layer)) as traces:
+    with smile_model.recording(torch.nn.Sequential(layer)) as traces:
         layer(x)
     idx, w = next(iter(traces.values()))[0]
     assert idx.shape == (10, top) and torch.allclose(w.sum(1), torch.ones(10))
@@ -110,7 +111,7 @@ def test_full_rank_and_the_right_expert_give_that_fine_tune(tmp_path, kind):
     plain_base = _logits(AutoModelForCausalLM.from_pretrained(str(base)), ids)
     for i, path in enumerate(fts):
         want = _logits(AutoModelForCausalLM.from_pretrained(str(path)), ids)
-        with smile.forced(model, i):
+        with smile_model.forced(model, i):
             got = _logits(model, ids)
         assert torch.allclose(got, want, atol=2e-5), float((got - want).abs().max())
         assert not torch.allclose(want, plain_base, atol=1e-3)           # the experts really differ
@@ -125,11 +126,11 @@ def test_low_rank_expert_is_the_truncated_delta(tmp_path):
     u, s, vh = torch.linalg.svd(delta.double())
     want = u[:, :3] @ torch.diag(s[:3]) @ vh[:3]
     assert torch.allclose((layer.expert_u[1] @ layer.expert_v[1]).double(), want, atol=1e-5)
-    counts = smile.parameter_count(model)
+    counts = smile_model.parameter_count(model)
     from transformers import AutoModelForCausalLM
     assert counts["plain"] == sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(str(base)).parameters())
     assert counts["total"] == counts["plain"] + counts["experts"] + counts["routers"]
-    assert counts["experts"] == sum(2 * 3 * sum(layer.weight.shape) for layer in smile.smile_layers(model).values())
+    assert counts["experts"] == sum(2 * 3 * sum(layer.weight.shape) for layer in smile_model.smile_layers(model).values())
 
 
 @pytest.mark.parametrize("others", [None, "base", "task_arithmetic"])
@@ -164,13 +165,13 @@ def test_saved_folder_reloads_to_identical_logits(tmp_path, scope):
     files = {p.name for p in out.iterdir()}
     assert {"config.json", "smile.safetensors", "smile_config.json", "dppa_merge.yaml", "README.md"} <= files
     assert "model.safetensors" not in files
-    again, tok2 = smile.load(out)
+    again, tok2 = smile_model.load(out)
     ids = torch.tensor([tok("reverse: abcd")["input_ids"], tok("sort: 5432101")["input_ids"]])
     assert torch.equal(_logits(model, ids), _logits(again, ids))
     spec = json.loads((out / "smile_config.json").read_text())
     assert spec["experts"] == ["demo:reverse", "demo:sort"] and spec["num_experts_per_tok"] == 2
     assert ("model.embed_tokens" in spec["modules"]) == (scope == "embeddings")
-    assert load_model(str(out))[0].smile["modules"] == spec["modules"]       # evaluation.load_model knows the folder
+    assert modelbuild.load(str(out), placed=False)[0].smile["modules"] == spec["modules"]       # the one loader knows the folder
     from transformers import AutoModelForCausalLM
     with pytest.raises(Exception):
         AutoModelForCausalLM.from_pretrained(str(out))                    # not a plain model: refused, not half-loaded

@@ -327,7 +327,7 @@ SMILE = {"smile_rank": 16, "smile_full": False, "smile_router": 8, "smile_k": 1,
 def test_smile_upscale_chats_with_routing_and_scores_with_routing_accuracy(state):
     from safetensors import safe_open
 
-    from dppa_ui import evaluation, figures, smile
+    from dppa_ui import evaluation, figures, smile, smile_model
     from dppa_ui.chat import prompt_ids
     base = zoo.demo_path("base")
     with safe_open(str(next(base.glob("*.safetensors"))), framework="pt") as f:
@@ -347,7 +347,7 @@ def test_smile_upscale_chats_with_routing_and_scores_with_routing_accuracy(state
     outs = list(chat.chat({"state": state, "msg": prompt, "chat_merged": [], "chat_compare": [], "compare": "none",
                            "system": "", "temperature": 0.0, "top_p": 0.9, "max_new": 16}))
     hist = outs[-1]["chat_merged"]
-    model, tok = smile.load(run.folder)
+    model, tok = smile_model.load(run.folder)
     ids, _ = prompt_ids(model, tok, [{"role": "user", "content": prompt}], 16)
     new = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=16,
                          do_sample=False)[0, ids.shape[1]:].tolist()

@@ -251,7 +251,7 @@ def test_apl_config_reads_only_registered_data_and_merges_like_the_cli(fam, cach
 
 
 def test_smile_run_counts_its_parameters_and_loads_in_the_pool(fam, cache, tmp_path):
-    from dppa_ui import smile
+    from dppa_ui import smile_model
     from dppa_ui.config import ConfigError
     ws = open_ws(fam, cache, tmp_path, start_stats=False)
     with pytest.raises(ConfigError, match="rank_of_expert"):
@@ -266,8 +266,8 @@ def test_smile_run_counts_its_parameters_and_loads_in_the_pool(fam, cache, tmp_p
     assert ws.smile_parameters(cfg) == plain + extra
     assert runs_mod.size_text(run.parameters).endswith(f"a plain merge's {plain:,})")
     model, tok = ws.model("merged")
-    assert smile.smile_layers(model) and model.load_plan.device_map == {"": "cpu"}
-    ref, _ = smile.load(run.folder)
+    assert smile_model.smile_layers(model) and model.load_plan.device_map == {"": "cpu"}
+    ref, _ = smile_model.load(run.folder)
     ids = torch.tensor([[1, 7, 8, 9, 10, 11]])
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, ref(input_ids=ids).logits)

@@ -15,7 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 from dppa_ui import zoo
-from dppa_ui.evaluation import load_model, load_suite, score_model, score_state_dict, relative_gain
+from dppa_ui import modelbuild
+from dppa_ui.evaluation import load_suite, score_model, score_state_dict, relative_gain
 
 DOMAINS = zoo.domain_names()
 FINETUNES = DOMAINS
@@ -37,7 +38,7 @@ def scores(test_items):
     out = {}
     for name in ["base", *FINETUNES]:
         items = test_items if name == "base" else [i for i in test_items if i["domain"] == name]
-        out[name] = score_model(*load_model(f"demo:{name}"), items)
+        out[name] = score_model(*modelbuild.load(f"demo:{name}", placed=False), items)
     return out
 
 
@@ -90,7 +91,7 @@ def test_committed_family_is_standard_hf_and_small():
 
 def test_fine_tune_generates_in_chat(tmp_path):
     """End to end through plain transformers: chat template, generate, decode."""
-    model, tok = load_model("demo:reverse")
+    model, tok = modelbuild.load("demo:reverse", placed=False)
     text = tok.apply_chat_template([{"role": "user", "content": "reverse: tiger"}], add_generation_prompt=True,
                                    tokenize=False)
     ids = tok(text, add_special_tokens=False, return_tensors="pt")

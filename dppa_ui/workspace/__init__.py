@@ -283,11 +283,11 @@ class Workspace:
 
     def _parameters(self, cfg: MergeConfig, folder: Path) -> dict:
         """{"total", "plain"} parameters of a run's model: a merge has the base's; a SMILE model
-        adds its experts and routers (smile.parameter_count, from the folder's smile_config.json)."""
+        adds its experts and routers (smile_model.parameter_count, from the folder's smile_config.json)."""
         if cfg.upscale == "smile":
             import json
 
-            from ..smile import SMILE_CONFIG
+            from ..smile_model import SMILE_CONFIG
             return dict(json.loads((Path(folder) / SMILE_CONFIG).read_text())["parameters"])
         n = self.require().n_params
         return {"total": n, "plain": n}

@@ -42,6 +42,8 @@ from typing import Callable
 
 import torch
 
+from .. import modelbuild
+from ..evaluation import load_suite, score_model
 from . import INFO_FILE, MANIFEST
 from .domains import (COMPLEX_DOMAIN, DOMAINS, ECHO_KEYWORD, SKILL_WEIGHTS, SPLIT_SIZES, echo_sample, family_names,
                       held_out_inputs, held_out_splits)
@@ -351,11 +353,10 @@ def train_finetune(base, name: str, recipe: Recipe, held: dict[str, set[str]], s
 
 def _write_reference_scores(root: Path, log) -> None:
     """Test-split scores of every model, for display (tests re-score; they never read this file)."""
-    from ..evaluation import load_model, load_suite, score_model
 
     items = load_suite(root, split="test")
     scores = {}
     for name in family_names():
-        scores[name] = score_model(*load_model(root / name), items)
+        scores[name] = score_model(*modelbuild.load(root / name, placed=False), items)
         log(f"{name}: " + "  ".join(f"{d} EM {s['em']:.3f} sm {s['smooth']:.3f}" for d, s in scores[name].items()))
     (root / "reference_scores.json").write_text(json.dumps(scores, indent=2) + "\n")
