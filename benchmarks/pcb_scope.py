@@ -166,7 +166,8 @@ def check(args, shape) -> dict:
     import torch
     from _models import build_models
     from dppa_ui import io, load_config
-    from dppa_ui.engine import _Inputs, merge
+    from dppa_ui.engine import Inputs
+    from dppa_ui.runner import merge
     from dppa_ui.pipeline import pcb_model_stats
 
     base, fts = build_models(shape, args.finetunes, "bfloat16", args.cache_dir)
@@ -180,7 +181,7 @@ def check(args, shape) -> dict:
         t0 = time.perf_counter()
         merge(yaml_text(base, fts, dtype="float32"), out, log=lambda s: None)
         print(f"  ({time.perf_counter() - t0:.0f} s)\n  the streamed statistics alone", flush=True)
-        inputs = _Inputs(load_config(yaml_text(base, fts)), False, False)
+        inputs = Inputs(load_config(yaml_text(base, fts)), False, False)
         floats = [(j.name, j.cfg) for j in inputs.plan.jobs if inputs.dtype(j.name).is_floating_point]
         streamed = pcb_model_stats(floats, inputs.load)[0]
         same = True

@@ -30,11 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from dppa_ui import engine, search  # noqa: E402
+from dppa_ui import search  # noqa: E402
 from dppa_ui.config import load_config  # noqa: E402
 from dppa_ui.evaluation import geometric_objective, load_suite, score_state_dict  # noqa: E402
 from dppa_ui.io import read_state_dict, resolve_model  # noqa: E402
-from dppa_ui.pipeline import merge_state_dicts  # noqa: E402
+from dppa_ui.inmemory import merge_state_dicts  # noqa: E402
 
 FINE_TUNES = ("reverse", "cipher", "sort", "brackets")
 
@@ -93,12 +93,12 @@ def quality(budget: int, n_pairs: int) -> None:
         out = {}
         out["dppa defaults"] = test(dppa(pair), pair)
         cfg = load_config(dppa(pair, parameters={"amplification": "auto"}))
-        engine.search_amplification(cfg, base_dir, mdirs, log=lambda s: None, loaded=loaded)
+        search.search_amplification(cfg, base_dir, mdirs, log=lambda s: None, loaded=loaded)
         out["dppa alpha auto"] = test(cfg, pair)
         alphas = [m.amplification for m in cfg.models]
         out["pcb lambda 1"] = test(pcb(pair), pair)
         cfg = load_config({**pcb(pair), "parameters": {"pcb_ratio": 0.2, "lambda": "auto"}})
-        lam = engine.search_lambda(cfg, base_dir, mdirs, log=lambda s: None, loaded=loaded)
+        lam = search.search_lambda(cfg, base_dir, mdirs, log=lambda s: None, loaded=loaded)
         out["pcb lambda auto"] = test(cfg, pair)
         full = dppa(pair, search={"parameters": {"models[*].weight": [0.5, 1.5], "models[*].density": [0.05, 0.6]},
                                   "budget": budget, "seed": 0})

@@ -15,13 +15,16 @@ import math
 import torch
 import torch.nn.functional as F
 
+from . import params as P
 from .config import MergeConfig
-from .methods import band_edges, breadcrumbs_counts, keep_count, tensor_generator
+from .methods import band_edges, breadcrumbs_counts, della_curve, keep_count, tensor_generator
 from .methods.pcb import clip_abs, minmax_rows, score_and_cut
 from .methods.sce import sce_select_mask, sce_weights
 from .methods.ties import agreement_mask
 from .pipeline import Step, combine, plan_steps, prune_amplify
 from .stats import HIST_SAMPLE, sample_flat
+from .interpolations.slerp import slerp_dot
+from .workspace.access import module_type
 
 HIST_BINS = 80
 MASK_SIDE = 256
@@ -371,7 +374,6 @@ def mask_data(ws, cfg: MergeConfig, name: str) -> dict:
 def _angles(ws, module: str, j: int) -> list[float | None]:
     """Per block, the angle (degrees) between the base's and fine-tune j's `module` weights: how far
     apart the two points are on the sphere slerp walks on. Cached (it depends on the weights only)."""
-    from .interpolations.slerp import slerp_dot
 
     def compute():
         out = []
@@ -391,8 +393,6 @@ def method_view(ws, cfg: MergeConfig, name: str) -> dict | None:
       della          {"kind": "della", "cols", "rescale", "curves": [(model, index, [keep probability by rank])]}
       interpolations {"kind": "interpolation", "module", "blocks", "angles": [(model, index, [degrees per
                      block])], "t": [value per block] | None (slerp / nearswap's t over the layers)}"""
-    from . import params as P
-    from .methods import della_curve
     cfg = fine_tunes(cfg)
     if cfg.prune == "della":
         idx, stp, _ = steps(ws, cfg, name)
@@ -419,7 +419,6 @@ def method_view(ws, cfg: MergeConfig, name: str) -> dict | None:
                                                            pcb["scale"])]}
     if cfg.family != "interpolation":
         return None
-    from .workspace.access import module_type
     module = module_type(name)
     if module is None:
         return None

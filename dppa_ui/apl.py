@@ -32,6 +32,7 @@ from .methods.apl import (APLDensity, density_map, gradient_importance, importan
 from .methods.dp import block_of, module_of
 from .refs import files_identity, resolve_model
 
+APL_FILE = "dppa_apl.json"     # what a merge with `prune: apl` writes beside its weights (`report`)
 CACHE_ENV = io.CACHE_ENV      # the folder is io.cache_root(); tests point it elsewhere
 _FORMAT = 1
 _MEMORY: dict[str, "Importance"] = {}
@@ -254,6 +255,19 @@ def weighted(cfg: MergeConfig, weights: Sequence[float]) -> MergeConfig:
     out = copy.deepcopy(cfg)
     for m, w in zip(out.models, weights):
         m.weight = m.weight * w
+    return out
+
+
+def report(cfg: MergeConfig, plan: "APLPlan") -> dict:
+    """What dppa_apl.json records: per fine-tune its task data, losses, merge weight, and every
+    partitioned tensor's importance (exact or gradient; row level: summed per tensor) and density."""
+    out = {"level": cfg.apl_level, "importance": cfg.apl_importance_kind, "examples": cfg.apl_examples,
+           "apl_lambda": cfg.apl_lambda, "drop": cfg.apl_drop, "models": []}
+    for m, imp, dmap, w in zip(cfg.models, plan.importance, plan.maps, plan.weights):
+        values = {str(k): (float(v.sum()) if isinstance(v, torch.Tensor) else float(v)) for k, v in imp.values.items()}
+        out["models"].append({"model": m.model, "data": imp.data, "loss_finetune": imp.loss_finetune,
+                              "loss_base": imp.loss_base, "merge_weight": w, "importance": values,
+                              "density": {n: d.density for n, d in dmap.items()}})
     return out
 
 

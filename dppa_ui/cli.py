@@ -10,6 +10,11 @@ import os
 import re
 import sys
 
+from . import io, search, zoo_cli
+from .config import load_config
+from .refs import resolve_model
+from .runner import merge
+
 
 def _size(text: str) -> int:
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*", text.lower())
@@ -19,7 +24,6 @@ def _size(text: str) -> int:
 
 
 def _merge(args) -> int:
-    from .engine import merge
     out = args.out or args.out_pos
     if not out and not args.dry_run:
         print("error: give an output folder with --out DIR", file=sys.stderr)
@@ -29,7 +33,7 @@ def _merge(args) -> int:
                 allow_vocab_trim=args.allow_vocab_trim, shard_bytes=args.shard_size,
                 lora_cache=args.lora_merge_cache, intermediate_dir=args.intermediate_dir)
     if args.dry_run:
-        print(res.plan)
+        print(res.report)
         return 0
     if res.config.upscale:
         print(f"upscaled {res.tensors} projections with {res.config.method_name} on {res.device} in "
@@ -44,10 +48,6 @@ def _merge(args) -> int:
 
 
 def _search(args) -> int:
-    from . import io, search
-    from .refs import resolve_model
-    from .config import load_config
-    from .engine import search_amplification, search_lambda
     cfg = load_config(args.config)
     autos = cfg.lambda_auto or any(m.amplification == "auto" for m in cfg.models)
     if cfg.search is None and not autos:
@@ -63,8 +63,8 @@ def _search(args) -> int:
         tmp = stack.enter_context(io.atomic_output_dir(args.out, overwrite=args.overwrite)) if args.out else None
         base_dir = resolve_model(cfg.base_model)
         model_dirs = [resolve_model(m.model) for m in cfg.models]
-        search_amplification(cfg, base_dir, model_dirs, log)
-        search_lambda(cfg, base_dir, model_dirs, log)
+        search.search_amplification(cfg, base_dir, model_dirs, log)
+        search.search_lambda(cfg, base_dir, model_dirs, log)
         if spec is not None:
             def progress(row):
                 if not args.quiet:
@@ -130,12 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-test", action="store_true", help="do not score the result on the test split")
     s.add_argument("--quiet", action="store_true", help="no per-candidate lines")
     s.set_defaults(func=_search)
-    try:
-        from . import zoo_cli
-    except ImportError:       # the demo-zoo commands are optional for the merge core
-        zoo_cli = None
-    if zoo_cli is not None:
-        zoo_cli.register(sub)
+    zoo_cli.register(sub)
     return p
 
 

@@ -534,7 +534,7 @@ def _ref(value, key: str, notices: list[str] | None = None) -> str:
 
 
 def _read(source) -> dict:
-    docs = _read_docs(source)
+    docs = read_documents(source)
     if len(docs) != 1:
         raise ConfigError(f"this config has {len(docs)} YAML documents (a multi-stage merge, as "
                           f"mergekit-multimerge runs): load it with load_stages, or run it with "
@@ -542,7 +542,7 @@ def _read(source) -> dict:
     return docs[0]
 
 
-def _read_docs(source) -> list[dict]:
+def read_documents(source) -> list[dict]:
     if isinstance(source, MergeConfig):
         return [source.to_dict()]
     if isinstance(source, dict):
@@ -585,7 +585,7 @@ def load_stages(source) -> list[MergeStage]:
     merge, `name:` naming its output; a later stage uses an earlier one by giving its name as a
     model. Returned in an order where every stage follows the stages it reads; the unnamed
     document (at most one) is the final merge, else the last document is. One document = one stage."""
-    docs = _read_docs(source)
+    docs = read_documents(source)
     stages, names = [], set()
     for i, d in enumerate(docs):
         try:
@@ -822,10 +822,8 @@ def _validate_official(cfg: MergeConfig, params: dict, data: dict, label: str) -
                 raise ConfigError(f"`parameters.alpha_start` has {len(start)} values but models[{i}] has "
                                   f"{len(m.partitions)} partitions")
         cfg.alpha_start = start
-    if data.get("search") is not None:
-        from .search import parse_search      # validated before any tensor is read
+    if data.get("search") is not None:      # kept as written: whoever runs it validates it (search.parse_search)
         cfg.search = copy.deepcopy(data["search"])
-        parse_search(cfg)
 
 
 def _model_spec(ref: str, own: dict, where: str, params: dict, slice_params: dict | None, plist, amplify: str,

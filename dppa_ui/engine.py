@@ -11,11 +11,8 @@ raw inputs and one pending output, whatever the depth of the model.
 """
 from __future__ import annotations
 
-import json
 import shutil
 import sys
-import tempfile
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,16 +21,16 @@ from typing import Callable
 import torch
 
 from . import io
-from .config import MergeConfig, load_config, load_stages, rename_refs
+from .config import MergeConfig, load_config
 from .methods.pcb import stat_passes
 from .pipeline import (Scratch, dominant_float_dtype, dp_maps_from_stats, kept_fraction, merge_tensor, output_dtype,
                        pcb_model_stats)
 from .plan import build_plan, input_refs
 from .refs import resolve_model
 from .stats import DeltaStats, collect_stats, save_stats
+from .vocab import build_vocab
 
 STATS_FILE = "dppa_stats.json"
-APL_FILE = "dppa_apl.json"
 CONFIG_FILE = "dppa_merge.yaml"
 # CPU throughput (delta entries per second, all fine-tunes together) measured on 2 cores at 0.5 B
 # parameters (benchmarks/merge_speed.py; pcb_model: PCB at scope model, benchmarks/pcb_scope.py),
@@ -54,7 +51,7 @@ class MergeResult:
     notices: list[str] = field(default_factory=list)
     alpha_search: dict[str, dict] = field(default_factory=dict)   # model -> {alpha, score, path}
     lambda_search: dict = field(default_factory=dict)              # {weights, score, evaluations}
-    plan: str = ""                                   # the dry-run report
+    report: str = ""                                 # the dry-run report
 
 
 def tune_allocator() -> None:
@@ -83,7 +80,7 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-class _Inputs:
+class Inputs:
     """The opened input checkpoints (headers only) and the merge plan over them."""
 
     def __init__(self, cfg: MergeConfig, allow_pickle: bool, allow_vocab_trim: bool,
@@ -94,7 +91,6 @@ class _Inputs:
         index = {r: i for i, r in enumerate(self.refs)}
         self.vocab = None
         if cfg.vocab is not None:
-            from .vocab import build_vocab
             self.vocab = build_vocab(cfg, self.refs, self.dirs, self.readers, log=log)
         shapes = None
         if cfg.slices is None:
@@ -111,6 +107,11 @@ class _Inputs:
         self.shapes = self.plan.shapes
         self.names = self.plan.names
         self.n_params = sum(torch.Size(sh).numel() for sh in self.shapes.values())
+        self.float_names = [n for n in self.names if self.dtype(n).is_floating_point]
+
+    def output_dtype(self, cfg: MergeConfig) -> torch.dtype:
+        """The output dtype: the config's, else the base's (its most common floating dtype)."""
+        return output_dtype(cfg, dominant_float_dtype(self.dtype(n) for n in self.names) or torch.float32)
 
     def dtype(self, name: str) -> torch.dtype:
         j = self.jobs[name]
@@ -155,7 +156,7 @@ class _Inputs:
             r.close()
 
 
-def _plan_report(cfg: MergeConfig, inputs: _Inputs, out_dtype: torch.dtype, device: torch.device) -> tuple[str, int]:
+def plan_report(cfg: MergeConfig, inputs: Inputs, out_dtype: torch.dtype, device: torch.device) -> tuple[str, int]:
     n_params = inputs.n_params
     largest = max(torch.Size(s).numel() for s in inputs.shapes.values())
     disk = n_params * out_dtype.itemsize
@@ -191,54 +192,6 @@ def _plan_report(cfg: MergeConfig, inputs: _Inputs, out_dtype: torch.dtype, devi
     return "\n".join(lines), disk
 
 
-def search_amplification(cfg: MergeConfig, base_dir: Path, model_dirs: list[Path],
-                         log: Callable[[str], None] = print, max_evals: int = 60,
-                         loaded: tuple[dict, list[dict]] | None = None,
-                         stats: list[DeltaStats] | None = None) -> dict[str, dict]:
-    """Resolve `amplification: auto`: DPPA's greedy alpha walk (search.alpha_search), per
-    fine-tune alone, on the dev split of its domain, scoring the pruned fine-tune against the
-    unpruned one. Sets each model's amplification; returns {model: {alpha, score, path}}.
-
-    `loaded` = (base state dict, fine-tunes' state dicts, aligned with cfg.models) and `stats`
-    (their DeltaStats at cfg.dp_outlier_m) spare the reads when the caller (the app) holds them."""
-    todo = [i for i, m in enumerate(cfg.models) if m.amplification == "auto"]
-    if not todo:
-        return {}
-    from .search import alpha_search
-    base_sd = loaded[0] if loaded else io.read_state_dict(base_dir)
-    report = {}
-    for i in todo:
-        m = cfg.models[i]
-        ft_sd = loaded[1][i] if loaded else io.read_state_dict(model_dirs[i])
-        log(f"searching amplification for {m.model} (dev split)")
-        res = alpha_search(cfg, i, base_dir, model_dirs[i], ft_sd=ft_sd, base_sd=base_sd,
-                           stats=[stats[i]] if stats else None, max_evals=max_evals,
-                           on_eval=lambda r: log(f"  alpha {list(r['params'].values())} -> {r['objective']:.4f}"))
-        alpha = [round(v, 9) for v in res.values.values()]
-        m.amplification = alpha
-        path = [([round(v, 9) for v in r["params"].values()], r["objective"]) for r in res.rows if r["phase"] == "search"]
-        report[m.model] = {"alpha": alpha, "score": res.objective, "path": path}
-        log(f"  chose {alpha} (score {res.objective:.4f})")
-    return report
-
-
-def search_lambda(cfg: MergeConfig, base_dir: Path, model_dirs: list[Path],
-                  log: Callable[[str], None] = print, loaded: tuple[dict, list[dict]] | None = None,
-                  stats: list[DeltaStats] | None = None) -> dict:
-    """Resolve `lambda: auto`: PCB's NGOpt search of one lambda_i (model weight) per model
-    (search.lambda_search). Sets the weights and lambda 1; returns {weights, score, evaluations}."""
-    if not cfg.lambda_auto:
-        return {}
-    from .search import lambda_search
-    log("searching lambda per model (PCB: NGOpt, init 1.0, bounds [0.8, 1.3], budget 100; dev split)")
-    res = lambda_search(cfg, base_dir, model_dirs, loaded=loaded, stats=stats)
-    for m, w in zip(cfg.models, res.config.models):
-        m.weight = w.weight
-    cfg.lambda_, cfg.lambda_auto = 1.0, False
-    log(f"  chose weights {[m.weight for m in cfg.models]} (score {res.objective:.4f})")
-    return {"weights": [m.weight for m in cfg.models], "score": res.objective, "evaluations": len(res.rows)}
-
-
 def write_model_files(out: Path, cfg: MergeConfig, base_dir: Path, dtype: torch.dtype, tokenizer_dir: Path | None,
                       kept: list[float], device: str, config_overrides: dict | None = None) -> None:
     """Everything of a merged model folder but the weights: the base's config (in `dtype`) and
@@ -254,174 +207,58 @@ def write_model_files(out: Path, cfg: MergeConfig, base_dir: Path, dtype: torch.
                         method=cfg.method_name, seed=cfg.seed, yaml_text=yaml_text, extra={**extra, "device": device})
 
 
-def merge(config, out: str | Path | None, *, device: str = "auto", seed: int | None = None,
-          overwrite: bool = False, dry_run: bool = False, progress: bool | Callable[[int, int], None] = False,
-          cancel: Callable[[], bool] | None = None, allow_pickle: bool = False, allow_vocab_trim: bool = False,
-          shard_bytes: int = 5 * 10**9, log: Callable[[str], None] | None = None,
-          stats: list[DeltaStats] | None = None, lora_cache: str | Path | None = None,
-          intermediate_dir: str | Path | None = None) -> MergeResult:
-    """Run a merge from a config (dict, YAML text or path) into the folder `out`.
-
-    `progress`: True for a tqdm bar on stderr, or a callable(done, total). `cancel`: a callable
-    polled between tensors; when it returns True the merge stops and nothing is left on disk.
-    `stats`: the fine-tunes' DeltaStats (aligned with the config's models, at its dp_outlier_m)
-    when the caller has them (the app's statistics cache): DP then skips its statistics passes.
-    `lora_cache`: where `MODEL+ADAPTER` inputs are merged and kept for reuse (default: a
-    dppa-ui-lora folder in the system's temp dir). A config of several YAML documents is a
-    multi-stage merge (see `merge_stages`); `intermediate_dir` keeps its named stages' outputs
-    (default: temporary).
-    """
-    from .config import _read_docs
-    if not isinstance(config, MergeConfig) and len(_read_docs(config)) > 1:
-        if stats is not None:
-            raise ValueError("statistics can be passed for a single merge, not for a multi-stage config")
-        return merge_stages(config, out, device=device, seed=seed, overwrite=overwrite, dry_run=dry_run,
-                            progress=progress, cancel=cancel, allow_pickle=allow_pickle,
-                            allow_vocab_trim=allow_vocab_trim, shard_bytes=shard_bytes, log=log,
-                            lora_cache=lora_cache, intermediate_dir=intermediate_dir)
-    log = log or (lambda s: print(s, file=sys.stderr))
-    t0 = time.perf_counter()
-    tune_allocator()
-    cfg = load_config(config)
-    if seed is not None:
-        cfg.seed = int(seed)
-    for note in cfg.notices:
-        log(f"notice: {note}")
-    dev = pick_device(device)
-    if cfg.upscale == "smile":
-        from . import smile
-        return smile.upscale(cfg, out, device=dev, overwrite=overwrite, dry_run=dry_run, log=log,
-                             allow_pickle=allow_pickle, shard_bytes=shard_bytes, t0=t0,
-                             progress=progress if callable(progress) else None, cancel=cancel)
-    return _merge(cfg, out, dev, t0, overwrite, dry_run, progress, cancel, allow_pickle, allow_vocab_trim,
-                  shard_bytes, log, lora_cache, stats)
-
-
-def _merge(cfg, out, dev, t0, overwrite, dry_run, progress, cancel, allow_pickle, allow_vocab_trim, shard_bytes,
-           log, lora_cache, stats=None) -> MergeResult:
-    inputs = _Inputs(cfg, allow_pickle, allow_vocab_trim, lora_cache, log)
-    try:
-        if cfg.prune == "apl":      # every fine-tune's task data, before anything is computed
-            from . import apl
-            apl.check_data(cfg, inputs.model_dirs)
-        # The output dtype: the config's, else the base's (its most common floating dtype).
-        out_dtype = output_dtype(cfg, dominant_float_dtype(inputs.dtype(n) for n in inputs.names) or torch.float32)
-        report, disk = _plan_report(cfg, inputs, out_dtype, dev)
-        if dry_run:
-            return MergeResult(out=None, seconds=time.perf_counter() - t0, device=str(dev), tensors=len(inputs.names),
-                               params=inputs.n_params,
-                               kept_fraction=[], config=cfg, notices=cfg.notices, plan=report)
-        if out is None:
-            raise ValueError("an output folder is needed (--out DIR)")
-        out = Path(out)
-        io.check_free_disk(out.parent if not out.exists() else out, int(disk * 1.02) + (1 << 20))
-        alpha_report = search_amplification(cfg, inputs.base_dir, inputs.model_dirs, log)
-        lambda_report = search_lambda(cfg, inputs.base_dir, inputs.model_dirs, log)
-        with io.atomic_output_dir(out, overwrite=overwrite) as tmp:
-            result = _merge_to(cfg, inputs, tmp, dev, out_dtype, progress, cancel, shard_bytes, log, stats)
-            if inputs.vocab is not None:
-                tok_dir = inputs.vocab.save(tmp / ".tokenizer")
-            elif cfg.tokenizer_source:
-                tok_dir = inputs.dirs[inputs.refs.index(cfg.tokenizer_source)] if cfg.tokenizer_source in inputs.refs \
-                    else resolve_model(cfg.tokenizer_source, allow_pickle=allow_pickle)
-            else:
-                tok_dir = None
-            if cfg.auto_chat_template and cfg.chat_template is None:
-                cfg.chat_template = io.most_common_template(inputs.dirs)
-            write_model_files(tmp, cfg, inputs.base_dir, out_dtype, tok_dir, result.kept_fraction, str(dev),
-                              config_overrides=inputs.config_overrides(cfg))
-            if inputs.vocab is not None:
-                shutil.rmtree(tmp / ".tokenizer", ignore_errors=True)
-        result.out, result.seconds, result.alpha_search = out, time.perf_counter() - t0, alpha_report
-        result.lambda_search = lambda_report
-        return result
-    finally:
-        inputs.close()
-
-
 def layer_stack(config, allow_pickle: bool = False) -> list[tuple[int, str, int]]:
     """What a `slices` config builds, from the checkpoints' headers only: per output layer, the
     input model and the layer of it that lands there ([] for a `models` config)."""
     cfg = load_config(config)
     if cfg.slices is None:
         return []
-    inputs = _Inputs(cfg, allow_pickle, False)
+    inputs = Inputs(cfg, allow_pickle, False)
     try:
         return [(j, inputs.refs[i], layer) for j, (i, layer) in enumerate(inputs.plan.layer_origin)]
     finally:
         inputs.close()
 
 
-def merge_stages(config, out: str | Path | None, *, intermediate_dir: str | Path | None = None,
-                 log: Callable[[str], None] | None = None, dry_run: bool = False, **kw) -> MergeResult:
-    """A multi-stage config (several YAML documents, as mergekit-multimerge): each named stage is
-    merged into `intermediate_dir/NAME` (default: a temporary folder beside `out`, removed at the
-    end), later stages read it by that name, and the final stage (the unnamed document, else the
-    last) is written to `out`. With an `intermediate_dir`, a stage whose folder is already complete
-    is reused. Every document is validated before the first merge starts. Returns the final
-    stage's result, with the stages' outputs in `notices`."""
-    log = log or (lambda s: print(s, file=sys.stderr))
-    stages = load_stages(config)
-    final = stages[-1]
-    keep = intermediate_dir is not None
-    if dry_run:
-        lines = []
-        for s in stages:
-            head = f"stage {s.name or '(final)'}: {s.config.method_name}"
-            lines.append(head + (f", reads stage(s) {', '.join(s.depends)}" if s.depends else ""))
-        lines.append("(each stage is planned in full when it runs; run a single stage's YAML with --dry-run "
-                     "for its tensors)")
-        return MergeResult(out=None, seconds=0.0, device="", tensors=0, params=0, kept_fraction=[],
-                           config=final.config, notices=[], plan="\n".join(lines))
-    if out is None:
-        raise ValueError("an output folder is needed for the final stage (--out DIR)")
-    out = Path(out)
-    work = Path(intermediate_dir) if keep else Path(tempfile.mkdtemp(prefix=f".{out.name}.stages-",
-                                                                       dir=out.absolute().parent))
-    work.mkdir(parents=True, exist_ok=True)
-    paths = {s.name: work / s.name for s in stages if s.name is not None and s is not final}
-    notes = []
-    try:
-        result = None
-        for s in stages:
-            cfg = rename_refs(s.config, {k: str(v) for k, v in paths.items()})
-            target = out if s is final else paths[s.name]
-            if s is not final and keep and (target / "config.json").is_file() and any(target.glob("*.safetensors")):
-                log(f"stage {s.name}: {target} exists, reused")
-                notes.append(f"stage {s.name}: reused {target}")
-                continue
-            log(f"stage {s.name or '(final)'}: {s.config.method_name} -> {target}")
-            result = merge(cfg, target, log=log, dry_run=False,
-                           **({**kw, "overwrite": True} if s is not final else kw))
-            notes.append(f"stage {s.name or '(final)'}: {target}")
-        result.notices = result.notices + notes
-        return result
-    finally:
-        if not keep:
-            shutil.rmtree(work, ignore_errors=True)
+def write(cfg: MergeConfig, inputs: Inputs, tmp: Path, dev: torch.device, out_dtype: torch.dtype, *,
+          progress=False, cancel: Callable[[], bool] | None = None, shard_bytes: int = 5 * 10**9,
+          stats: list[DeltaStats] | None = None, density_maps: list | None = None,
+          merge_cfg: MergeConfig | None = None, allow_pickle: bool = False) -> MergeResult:
+    """The merged model into the folder `tmp`: weights streamed into shards, then the tokenizer,
+    config, card and YAML. `stats`: DP's statistics when the caller has them (else two passes
+    here); `density_maps`: a prune's per-tensor densities computed above the engine (APL's), and
+    `merge_cfg` the config the tensors are merged with when it differs from `cfg` (APL's merge
+    weights; the saved YAML is `cfg`, which recomputes them)."""
+    result = _write_weights(cfg, inputs, tmp, dev, out_dtype, progress, cancel, shard_bytes, stats, density_maps,
+                            merge_cfg or cfg)
+    if inputs.vocab is not None:
+        tok_dir = inputs.vocab.save(tmp / ".tokenizer")
+    elif cfg.tokenizer_source:
+        tok_dir = inputs.dirs[inputs.refs.index(cfg.tokenizer_source)] if cfg.tokenizer_source in inputs.refs \
+            else resolve_model(cfg.tokenizer_source, allow_pickle=allow_pickle)
+    else:
+        tok_dir = None
+    if cfg.auto_chat_template and cfg.chat_template is None:
+        cfg.chat_template = io.most_common_template(inputs.dirs)
+    write_model_files(tmp, cfg, inputs.base_dir, out_dtype, tok_dir, result.kept_fraction, str(dev),
+                      config_overrides=inputs.config_overrides(cfg))
+    if inputs.vocab is not None:
+        shutil.rmtree(tmp / ".tokenizer", ignore_errors=True)
+    return result
 
 
-def _merge_to(cfg: MergeConfig, inputs: _Inputs, tmp: Path, dev: torch.device, out_dtype: torch.dtype,
-              progress, cancel, shard_bytes: int, log, stats: list[DeltaStats] | None = None) -> MergeResult:
+def _write_weights(cfg: MergeConfig, inputs: Inputs, tmp: Path, dev: torch.device, out_dtype: torch.dtype,
+                   progress, cancel, shard_bytes: int, stats: list[DeltaStats] | None, dp_maps: list | None,
+                   merge_cfg: MergeConfig) -> MergeResult:
     names = inputs.names
-    float_names = [n for n in names if inputs.dtype(n).is_floating_point]
+    float_names = inputs.float_names
     passes = cfg.prune == "dp" and stats is None
     total = len(names) + (len(float_names) + sum(
         1 for n in float_names if len(inputs.shapes[n]) == 2) if passes else 0)
     if cfg.family == "pipeline" and cfg.combine == "pcb" and cfg.scope == "model":
         total += stat_passes(cfg.clip_ratio) * len(float_names)
     bar, tick = _progress(progress, total)
-    merge_cfg, apl_plan = cfg, None
     try:
-        dp_maps = None
-        if cfg.prune == "apl":
-            from . import apl
-            float_shapes = {n: inputs.shapes[n] for n in float_names}
-            apl_plan = apl.plan(cfg, float_shapes, inputs.base_dir, inputs.model_dirs, device=dev)
-            dp_maps, merge_cfg = apl_plan.maps, apl.weighted(cfg, apl_plan.weights)
-            (tmp / APL_FILE).write_text(json.dumps(apl_report(cfg, apl_plan), indent=1))
-            for m, w in zip(cfg.models, apl_plan.weights):
-                log(f"apl: {m.model} merge weight x{w:.3f}")
         if cfg.prune != "dp":
             stats = None
         elif passes:
@@ -471,19 +308,6 @@ def _merge_to(cfg: MergeConfig, inputs: _Inputs, tmp: Path, dev: torch.device, o
     return MergeResult(out=None, seconds=0.0, device=str(dev), tensors=len(names),
                        params=inputs.n_params,
                        kept_fraction=kept_fraction(cfg, float_shapes, dp_maps), config=cfg, notices=cfg.notices)
-
-
-def apl_report(cfg: MergeConfig, plan) -> dict:
-    """What dppa_apl.json records: per fine-tune its task data, losses, merge weight, and every
-    partitioned tensor's importance (exact or gradient; row level: summed per tensor) and density."""
-    out = {"level": cfg.apl_level, "importance": cfg.apl_importance_kind, "examples": cfg.apl_examples,
-           "apl_lambda": cfg.apl_lambda, "drop": cfg.apl_drop, "models": []}
-    for m, imp, dmap, w in zip(cfg.models, plan.importance, plan.maps, plan.weights):
-        values = {str(k): (float(v.sum()) if isinstance(v, torch.Tensor) else float(v)) for k, v in imp.values.items()}
-        out["models"].append({"model": m.model, "data": imp.data, "loss_finetune": imp.loss_finetune,
-                              "loss_base": imp.loss_base, "merge_weight": w, "importance": values,
-                              "density": {n: d.density for n, d in dmap.items()}})
-    return out
 
 
 def _to(pair, dev):

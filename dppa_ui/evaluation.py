@@ -186,7 +186,7 @@ def encode_item(tokenizer, prompt: str, answer: str) -> tuple[list[int], list[in
     return cache[key]
 
 
-def _pad_id(tokenizer) -> int:
+def pad_id(tokenizer) -> int:
     for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
         if tid is not None:
             return tid
@@ -219,7 +219,7 @@ def answer_logits(model, tokenizer, items: Sequence[dict]) -> tuple[torch.Tensor
     """One teacher-forced forward over prompt + answer of each item (right-padded): (float32 logits
     (B, T-1, V), next-token targets (B, T-1), mask of the positions whose next token is an answer
     token). Differentiable: under inference_mode only where the caller asks for it."""
-    pad, dev = _pad_id(tokenizer), _device(model)
+    pad, dev = pad_id(tokenizer), _device(model)
     enc = [encode_item(tokenizer, it["prompt"], it["answer"]) for it in items]
     n = max(len(p) + len(a) for p, a in enc)
     ids = torch.full((len(enc), n), pad, dtype=torch.long)
@@ -246,7 +246,7 @@ def answer_loss(model, tokenizer, items: Sequence[dict]) -> torch.Tensor:
 @torch.inference_mode()
 def greedy_answers(model, tokenizer, items: Sequence[dict], batch_size: int = 256) -> list[str]:
     """Greedy answers, batched with left padding; max_new_tokens = longest answer (tokens) + 1."""
-    pad, dev, eos = _pad_id(tokenizer), _device(model), _eos_id(tokenizer)
+    pad, dev, eos = pad_id(tokenizer), _device(model), _eos_id(tokenizer)
     out = []
     for i in range(0, len(items), batch_size):
         enc = [encode_item(tokenizer, it["prompt"], it["answer"]) for it in items[i:i + batch_size]]
@@ -354,7 +354,7 @@ def perplexity(model, tokenizer, text: str) -> float:
 _SKELETONS: dict = {}
 
 
-def _skeleton(model_dir) -> tuple:
+def scoring_model(model_dir) -> tuple:
     """A cached private copy of the model at `model_dir` to load state dicts into."""
     key = str(resolve_model(model_dir).resolve())
     if key not in _SKELETONS:
@@ -368,12 +368,12 @@ def score_state_dict(model_dir, state_dict: dict, items: Sequence[dict], batch_s
     `model_dir` (a dir or demo:NAME of the same architecture; no disk I/O after the first call) and
     run `score_model`. The key sets must match (a tied lm_head may be absent). The skeleton holds
     the last state scored: never read it back."""
-    model, tok = _skeleton(model_dir)
-    _load_into(model, state_dict)
+    model, tok = scoring_model(model_dir)
+    load_weights(model, state_dict)
     return score_model(model, tok, items, batch_size=batch_size, generate=generate)
 
 
-def _load_into(model, state_dict: dict) -> None:
+def load_weights(model, state_dict: dict) -> None:
     """Copy every tensor of `state_dict` into `model` in place; the key sets must match (a tied
     lm_head may be absent), so nothing of a previously scored state survives."""
     own = model.state_dict()
@@ -407,7 +407,7 @@ def alpha_objective(model_dir, domains: Sequence[str] | None = None, split: str 
     ref = score_model(model, tok, items, generate=False)
 
     def objective(state_dict: dict) -> float:
-        _load_into(model, state_dict)
+        load_weights(model, state_dict)
         return geometric_objective(score_model(model, tok, items, generate=False), ref, "smooth", domains)
 
     objective.reference = ref          # for reports: the unpruned fine-tune's scores

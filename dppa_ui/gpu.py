@@ -13,7 +13,13 @@ from typing import Callable, Iterator, Sequence
 import spaces
 import torch
 
+from . import apl, io, runner, smile
+from .chat import chat_stream
+from .config import load_config, load_stages
+from .evaluation import score_model
+from .modelbuild import POOL
 from .refs import resolve_model, weight_files
+from .stats import collect_stats
 
 # Seconds per GB of weights read (measured orders of magnitude on one GPU, with headroom), plus
 # the worker's start; ZeroGPU refuses calls that ask for more than the quota left.
@@ -39,14 +45,12 @@ def duration(kind: str, refs: Sequence[str | Path], extra: float = 0.0) -> int:
 
 
 def _merge_duration(config) -> int:
-    from .config import load_config
     cfg = load_config(config)
     return duration("smile" if cfg.upscale == "smile" else "merge", cfg.parents)
 
 
 def _stages_duration(config) -> int:
     """Every stage reads its inputs once; an earlier stage's output is about the size of one input."""
-    from .config import load_stages
     stages = load_stages(config)
     produced = {s.name for s in stages if s.name is not None}
     refs = [r for s in stages for r in s.config.parents if r.partition("+")[0] not in produced]
@@ -56,17 +60,15 @@ def _stages_duration(config) -> int:
 
 @spaces.GPU(duration=lambda config, out, **kw: _merge_duration(config))
 def merge(config, out: str | Path, **kwargs):
-    """engine.merge on the best device: the streaming merge of `config` into the folder `out`
+    """runner.merge on the best device: the streaming merge of `config` into the folder `out`
     (for `merge_method: smile`, the SMILE folder)."""
-    from .engine import merge as run
-    return run(config, out, device="auto", **kwargs)
+    return runner.merge(config, out, device="auto", **kwargs)
 
 
 @spaces.GPU(duration=lambda config, out, **kw: _stages_duration(config))
 def merge_stages(config, out: str | Path, **kwargs):
-    """engine.merge_stages on the best device: a multi-stage config, the final stage into `out`."""
-    from .engine import merge_stages as run
-    return run(config, out, device="auto", **kwargs)
+    """runner.merge_stages on the best device: a multi-stage config, the final stage into `out`."""
+    return runner.merge_stages(config, out, device="auto", **kwargs)
 
 
 def _device() -> str:
@@ -76,14 +78,12 @@ def _device() -> str:
 @spaces.GPU(duration=lambda base_dir, ft_dir, data, *a, **kw: duration("apl", [ft_dir]))
 def apl_importance(base_dir: str | Path, ft_dir: str | Path, data, level: str, kind: str, gradient_at: str):
     """apl.importance of one fine-tune (cached in memory and on disk by the apl module)."""
-    from . import apl
     return apl.importance(base_dir, ft_dir, data, level, kind, gradient_at, device=_device())
 
 
 @spaces.GPU(duration=lambda base_dir, ft_dir, **kw: duration("apl", [ft_dir], extra=10))
 def apl_table(base_dir: str | Path, ft_dir: str | Path, **kwargs) -> dict:
     """apl.importance_table of one fine-tune: the block x module map, exact and gradient."""
-    from . import apl
     return apl.importance_table(base_dir, ft_dir, device=_device(), **kwargs)
 
 
@@ -94,8 +94,6 @@ def pair_statistics(base_dir: str | Path, ft_dirs: Sequence[str | Path], refs: S
     """Whole-model statistics of the base against each fine-tune: per fine-tune
     {"stats": DeltaStats JSON, "delta_norm": ‖δ‖ / ‖θ_base‖}. Both passes of stats.collect_stats
     (what DP needs), on the GPU when there is one."""
-    from . import io
-    from .stats import collect_stats
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     base = io.CheckpointReader(base_dir)
     fts = [io.CheckpointReader(d) for d in ft_dirs]
@@ -129,8 +127,6 @@ def pair_statistics(base_dir: str | Path, ft_dirs: Sequence[str | Path], refs: S
 @spaces.GPU(duration=lambda model_dir, items, **kw: duration("score", [model_dir], extra=0.05 * len(items)))
 def score(model_dir: str | Path, items: Sequence[dict], **load_kwargs) -> dict:
     """evaluation.score_model of the model in `model_dir` (loaded once into the shared pool)."""
-    from .evaluation import score_model
-    from .modelbuild import POOL
     model, tok = POOL.get(model_dir, **load_kwargs)
     return score_model(model, tok, list(items))
 
@@ -139,8 +135,6 @@ def score(model_dir: str | Path, items: Sequence[dict], **load_kwargs) -> dict:
 def chat(model_dir: str | Path, history, message: str, *, load_kwargs: dict | None = None,
          **chat_kwargs) -> Iterator[str]:
     """chat.chat_stream with the model in `model_dir`: the reply as it grows."""
-    from .chat import chat_stream
-    from .modelbuild import POOL
     model, tok = POOL.get(model_dir, **(load_kwargs or {}))
     yield from chat_stream(model, tok, history, message, **chat_kwargs)
 
@@ -149,8 +143,6 @@ def chat(model_dir: str | Path, history, message: str, *, load_kwargs: dict | No
 def reply_routing(model_dir: str | Path, history, message: str, reply: str, system_prompt: str | None = None,
                   load_kwargs: dict | None = None) -> list[dict]:
     """smile.reply_routing of a SMILE model: per token of the reply, the expert that produced it."""
-    from . import smile
-    from .modelbuild import POOL
     model, tok = POOL.get(model_dir, **(load_kwargs or {}))
     return smile.reply_routing(model, tok, history, message, reply, system_prompt)
 
@@ -159,8 +151,6 @@ def reply_routing(model_dir: str | Path, history, message: str, reply: str, syst
 def routing_accuracy(model_dir: str | Path, items: Sequence[dict], **load_kwargs) -> dict:
     """smile.routing_accuracy of a SMILE model over all tokens and over the answer positions:
     {domain: {"all": {...}, "answer": {...}}}."""
-    from . import smile
-    from .modelbuild import POOL
     model, tok = POOL.get(model_dir, **load_kwargs)
     every = smile.routing_accuracy(model, tok, list(items), positions="all")
     answer = smile.routing_accuracy(model, tok, list(items), positions="answer")

@@ -28,6 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from .evaluation import load_weights, scoring_model
+from .modelbuild import input_device
+
 DEFAULT_BATCH = 8          # lm-eval keeps a batch's logits, batch x tokens x vocabulary in float32
 STAT_KEYS = ("alias", "name", "sample_len", "samples")
 _MANAGERS: dict[tuple, Any] = {}
@@ -210,7 +213,6 @@ def wrap(model, tokenizer, batch_size: int | str | None = None):
     accelerate spread over devices or disk the inputs go where its first placed module is."""
     from lm_eval.models.huggingface import HFLM
 
-    from .modelbuild import input_device
     with quiet():
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size or DEFAULT_BATCH)
     lm._device = input_device(model)
@@ -404,17 +406,15 @@ class Scorer:
 
     def lm(self):
         if self._lm is None:
-            from .evaluation import _skeleton
-            model, tok = _skeleton(self.model_dir)
+            model, tok = scoring_model(self.model_dir)
             self._lm = wrap(model, tok, self.objective.batch_size)
         return self._lm
 
     def __call__(self, state_dict: dict, role: str = "search") -> dict[str, dict[str, float]]:
         """{task name: {metric: value}} of `state_dict` on the search's documents (role "search")
         or the test report's ("test")."""
-        from .evaluation import _load_into
         lm = self.lm()
-        _load_into(lm.model, state_dict)
+        load_weights(lm.model, state_dict)
         docs = {n: (p[1] if role == "search" else p[2]) for n, p in self.plan.items()}
         samples = {n: d for n, d in docs.items() if d is not None} or None     # a task left out: every document
         with self._split(role):

@@ -1,7 +1,7 @@
 """Merge-parameter search: the merge settings that score best on held-out dev data.
 
 mergekit-evolve's idea (evolve the merge parameters against a score), done on merges held in
-memory: every candidate config is merged by `pipeline.merge_state_dicts` (no disk) and scored by
+memory: every candidate config is merged by `inmemory.merge_state_dicts` (no disk) and scored by
 `evaluation` (one batched teacher-forced pass over the dev items). The optimizers are
 nevergrad's (NGOpt, CMA, OnePlusOne, random search), plus DPPA's greedy alpha walk
 (`methods.dpa.GreedyAlphaWalk`) as one more optimizer of the same loop. So the two searches of
@@ -75,9 +75,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from . import io
+from . import harness, io
 from .config import ConfigError, MergeConfig, _num, load_config
+from .evaluation import geometric_objective, load_suite, model_domain, score_state_dict, scoring_model
+from .harness import Scorer
+from .inmemory import merge_state_dicts
+from .methods.dpa import GreedyAlphaWalk, official_start
 from .refs import resolve_model
+from .stats import collect_stats
 
 OPTIMIZERS = {"ngopt": "NGOpt", "cma": "CMA", "oneplusone": "OnePlusOne", "random": "RandomSearch", "greedy": None}
 METRICS = ("smooth", "em")
@@ -261,7 +266,6 @@ def _lm_eval_objective(obj: dict, block: dict):
     """`objective: {lm_eval: [TASKS], metric: acc_norm, limit: N, ...}` as a harness.Objective;
     only its shape here (the tasks are loaded, and their names, data and metric checked, by
     `run_search` before any tensor is read)."""
-    from . import harness
     unknown = set(obj) - LM_EVAL_KEYS
     if unknown or "lm_eval" not in obj:
         raise _err("objective", f"an lm-eval objective takes {', '.join(sorted(LM_EVAL_KEYS))} (lm_eval required)"
@@ -361,7 +365,6 @@ class Scoring:
             return sum(float(scores[d][self.metric]) for d in self.domains) / len(self.domains)
         if self.objective != "geometric":
             return float(scores[self.objective][self.metric])
-        from .evaluation import geometric_objective
         return geometric_objective(scores, {d: {self.metric: r} for d, r in self.reference.items()},
                                    self.metric, self.domains)
 
@@ -374,7 +377,6 @@ class Scoring:
 def model_domains(cfg: MergeConfig, model_dirs: Sequence[Path]) -> list[list[str] | None]:
     """Each model's domains: its `domain:`, else what a registered look-up knows (demo models
     know theirs), else None."""
-    from .evaluation import model_domain
     out = []
     for m, d in zip(cfg.models, model_dirs):
         dom = m.domain or model_domain(d)
@@ -383,7 +385,6 @@ def model_domains(cfg: MergeConfig, model_dirs: Sequence[Path]) -> list[list[str
 
 
 def load_items(data: str | list[str], split: str, domains: Sequence[str] | None) -> list[dict]:
-    from .evaluation import load_suite
     if data == "zoo":
         return load_suite("zoo", split, domains=domains)
     items = []
@@ -441,14 +442,12 @@ class Evaluator:
                for m in job.models]
         scorer = None
         if job.scoring.lm_eval is not None:
-            from .harness import Scorer
             scorer = Scorer(job.scoring.lm_eval, base_dir)
         ev = cls(base_dir, io.read_state_dict(base_dir, allow_pickle=job.allow_pickle), fts, job.scoring,
                  harness=scorer)
         if job.config is not None:         # now, not in the first candidate's time
-            from .evaluation import _skeleton
             ev.stats(load_config(job.config))
-            _skeleton(base_dir)
+            scoring_model(base_dir)
             if scorer is not None:
                 scorer.lm()
         return ev
@@ -458,7 +457,6 @@ class Evaluator:
             return None
         key = round(cfg.dp_outlier_m, 9)
         if key not in self._stats:
-            from .stats import collect_stats
             names = [n for n, t in self.base_sd.items() if t.is_floating_point()]
             self._stats[key] = collect_stats(names, lambda n: (self.base_sd[n], [sd[n] for sd in self.ft_sds]),
                                              [m.model for m in cfg.models], cfg.dp_outlier_m)
@@ -467,13 +465,11 @@ class Evaluator:
     def scores(self, state_dict: dict, items: list[dict] | None = None, generate: bool | None = None) -> dict:
         if self.harness is not None:        # lm-eval: the search's documents
             return self.harness(state_dict, "search")
-        from .evaluation import score_state_dict
         gen = self.scoring.metric == "em" if generate is None else generate
         return score_state_dict(self.base_dir, state_dict, items if items is not None else self.scoring.items,
                                 generate=gen)
 
     def merged(self, config: dict | MergeConfig) -> dict:
-        from .pipeline import merge_state_dicts
         cfg = config if isinstance(config, MergeConfig) else load_config(config)
         with warnings.catch_warnings():        # "DP pruned a module to density 0" is a candidate's problem
             warnings.simplefilter("ignore")
@@ -645,7 +641,6 @@ class _Greedy:
     """DPPA's greedy walk over the parameters in order (their start: `init`)."""
 
     def __init__(self, init: list[float], budget: int, step: float, mode: str):
-        from .methods.dpa import GreedyAlphaWalk
         self.walk = GreedyAlphaWalk(len(init), init, step, mode, max_evals=budget)
 
     def ask(self, n: int) -> list[tuple[int, list[float]]]:
@@ -775,8 +770,8 @@ def run_search(config, spec: SearchSpec | None = None, *, base_dir=None, model_d
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     if cfg.lambda_auto or any(isinstance(m.amplification, str) for m in cfg.models):
-        raise ValueError("resolve `amplification: auto` / `lambda: auto` first (engine.search_amplification, "
-                         "engine.search_lambda), or run `python -m dppa_ui search`, which does")
+        raise ValueError("resolve `amplification: auto` / `lambda: auto` first (search_amplification, "
+                         "search_lambda), or run `python -m dppa_ui search`, which does")
     batch = 1 if spec.optimizer == "greedy" else batch or workers
     base_dir, model_dirs = _resolve(cfg, base_dir, model_dirs, allow_pickle)
 
@@ -784,7 +779,6 @@ def run_search(config, spec: SearchSpec | None = None, *, base_dir=None, model_d
     # any tensor is read.
     scorer = None
     if spec.lm_eval is not None:
-        from .harness import Scorer
         scorer = Scorer(spec.lm_eval, base_dir)
         items, domains = [], scorer.names
         data_text = f"lm-eval {scorer.describe('search')}"
@@ -864,7 +858,6 @@ def alpha_search(cfg: MergeConfig, i: int, base_dir, model_dir, *, ft_sd: dict |
                  log: Callable[[str], None] | None = None, on_eval=None, cancel=None) -> SearchResult:
     """`amplification: auto` for model i: its fine-tune alone (weight 1, lambda 1, sum), the greedy
     walk over its band factors from `alpha_start`, on its own domains' dev split."""
-    from .methods.dpa import official_start
     m = cfg.models[i]
     single = copy.deepcopy(cfg)
     single.models = [copy.deepcopy(m)]
@@ -908,6 +901,52 @@ def lambda_search(cfg: MergeConfig, base_dir, model_dirs, *, loaded=None, stats=
                       choice=cfg.lambda_choice)
     return run_search(c, spec, base_dir=base_dir, model_dirs=model_dirs, loaded=loaded, stats=stats, log=log,
                       on_eval=on_eval, cancel=cancel, test=False, workers=workers, ray=ray)
+
+
+def search_amplification(cfg: MergeConfig, base_dir: Path, model_dirs: list[Path],
+                         log: Callable[[str], None] = print, max_evals: int = 60,
+                         loaded: tuple[dict, list[dict]] | None = None,
+                         stats: list | None = None) -> dict[str, dict]:
+    """Resolve `amplification: auto`: DPPA's greedy alpha walk (search.alpha_search), per
+    fine-tune alone, on the dev split of its domain, scoring the pruned fine-tune against the
+    unpruned one. Sets each model's amplification; returns {model: {alpha, score, path}}.
+
+    `loaded` = (base state dict, fine-tunes' state dicts, aligned with cfg.models) and `stats`
+    (their DeltaStats at cfg.dp_outlier_m) spare the reads when the caller (the app) holds them."""
+    todo = [i for i, m in enumerate(cfg.models) if m.amplification == "auto"]
+    if not todo:
+        return {}
+    base_sd = loaded[0] if loaded else io.read_state_dict(base_dir)
+    report = {}
+    for i in todo:
+        m = cfg.models[i]
+        ft_sd = loaded[1][i] if loaded else io.read_state_dict(model_dirs[i])
+        log(f"searching amplification for {m.model} (dev split)")
+        res = alpha_search(cfg, i, base_dir, model_dirs[i], ft_sd=ft_sd, base_sd=base_sd,
+                           stats=[stats[i]] if stats else None, max_evals=max_evals,
+                           on_eval=lambda r: log(f"  alpha {list(r['params'].values())} -> {r['objective']:.4f}"))
+        alpha = [round(v, 9) for v in res.values.values()]
+        m.amplification = alpha
+        path = [([round(v, 9) for v in r["params"].values()], r["objective"]) for r in res.rows if r["phase"] == "search"]
+        report[m.model] = {"alpha": alpha, "score": res.objective, "path": path}
+        log(f"  chose {alpha} (score {res.objective:.4f})")
+    return report
+
+
+def search_lambda(cfg: MergeConfig, base_dir: Path, model_dirs: list[Path],
+                  log: Callable[[str], None] = print, loaded: tuple[dict, list[dict]] | None = None,
+                  stats: list | None = None) -> dict:
+    """Resolve `lambda: auto`: PCB's NGOpt search of one lambda_i (model weight) per model
+    (search.lambda_search). Sets the weights and lambda 1; returns {weights, score, evaluations}."""
+    if not cfg.lambda_auto:
+        return {}
+    log("searching lambda per model (PCB: NGOpt, init 1.0, bounds [0.8, 1.3], budget 100; dev split)")
+    res = lambda_search(cfg, base_dir, model_dirs, loaded=loaded, stats=stats)
+    for m, w in zip(cfg.models, res.config.models):
+        m.weight = w.weight
+    cfg.lambda_, cfg.lambda_auto = 1.0, False
+    log(f"  chose weights {[m.weight for m in cfg.models]} (score {res.objective:.4f})")
+    return {"weights": [m.weight for m in cfg.models], "score": res.objective, "evaluations": len(res.rows)}
 
 
 # -------------------------------------------------------------------------------------- outputs

@@ -19,9 +19,13 @@ import torch
 from torch import nn
 
 from . import io
+from .chat import prompt_ids, to_messages
 from .config import ConfigError, MergeConfig, load_config
+from .engine import CONFIG_FILE, MergeResult
+from .evaluation import by_domain, encode_item, model_domain, pad_id
 from .methods.dp import block_of
 from .methods.smile import is_projection, linear_weight, smile_embedding, smile_linear
+from .pipeline import DTYPES, dominant_float_dtype, merge_tensor
 from .refs import resolve_model
 from .smile_model import FORMAT, SMILE_CONFIG, SMILE_WEIGHTS, VERSION, parameter_count, position_routing
 
@@ -66,8 +70,6 @@ def check(cfg: MergeConfig, shapes: dict[str, tuple[int, int]]) -> None:
 
 
 def _domains(cfg: MergeConfig, dirs: Sequence[Path]) -> list[str | None]:
-    from .evaluation import model_domain
-
     out = []
     for m, d in zip(cfg.models, dirs):
         dom = m.domain or model_domain(d)
@@ -83,8 +85,6 @@ def build(config, device: str | torch.device = "cpu", base_sd: dict | None = Non
     is called after each upscaled layer; `cancel()`, polled before each, stops the build
     (InterruptedError)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .pipeline import merge_tensor
 
     cfg = config if isinstance(config, MergeConfig) else load_config(config)
     if cfg.upscale != "smile":
@@ -173,12 +173,9 @@ def save(model: nn.Module, tokenizer, out: str | Path, overwrite: bool = False, 
     output dtype, else the base's."""
     from safetensors.torch import save_model
 
-    from .engine import CONFIG_FILE
-
     spec, cfg = model.smile, model.smile_cfg
     base_dir = resolve_model(cfg.base_model)
     if dtype is None:
-        from .pipeline import DTYPES, dominant_float_dtype
         with io.CheckpointReader(base_dir) as r:
             dtype = DTYPES[cfg.dtype] if cfg.dtype else (dominant_float_dtype(r.dtype(n) for n in r.names)
                                                          or torch.float32)
@@ -220,8 +217,6 @@ def reply_routing(model: nn.Module, tokenizer, history, message: str, reply: str
 
     `weights` are the routing weights averaged over the SMILE layers at the position that
     predicted the token (they sum to 1); `expert` is the largest."""
-    from .chat import prompt_ids, to_messages
-
     spec = getattr(model, "smile", {})
     ids, _ = prompt_ids(model, tokenizer, to_messages(history, message, system_prompt), 1)
     reply_ids = tokenizer(reply, add_special_tokens=False)["input_ids"]
@@ -250,10 +245,8 @@ def routing_accuracy(model: nn.Module, tokenizer, items: Sequence[dict], expert_
     to the model's own record (demo fine-tunes know theirs); domains without an expert are left out."""
     if positions not in ("all", "answer"):
         raise ValueError(f"positions must be 'all' or 'answer', got {positions!r}")
-    from .evaluation import _pad_id, by_domain, encode_item
-
     doms = list(expert_domains if expert_domains is not None else getattr(model, "smile", {}).get("domains") or [])
-    pad = _pad_id(tokenizer)
+    pad = pad_id(tokenizer)
     out = {}
     for domain, its in by_domain(items).items():
         if domain not in doms:
@@ -286,8 +279,6 @@ def upscale(cfg: MergeConfig, out, *, device: torch.device, overwrite: bool = Fa
             progress=None, cancel=None):
     """`python -m dppa_ui merge` for `merge_method: smile`: build and save the SMILE folder (or,
     with dry_run, check the ranks and report the size without reading a tensor)."""
-    from .engine import MergeResult
-
     t0 = time.perf_counter() if t0 is None else t0
     log = log or (lambda s: print(s, file=sys.stderr))
     base_dir = resolve_model(cfg.base_model, allow_pickle=allow_pickle)
@@ -312,7 +303,7 @@ def upscale(cfg: MergeConfig, out, *, device: torch.device, overwrite: bool = Fa
                       f"add {extra:,}, biases not counted)"])
     if dry_run:
         return MergeResult(out=None, seconds=time.perf_counter() - t0, device=str(device), tensors=len(shapes),
-                           params=plain + extra, kept_fraction=[], config=cfg, notices=cfg.notices, plan=plan)
+                           params=plain + extra, kept_fraction=[], config=cfg, notices=cfg.notices, report=plan)
     if out is None:
         raise ValueError("an output folder is needed (--out DIR)")
     model, tok = build(cfg, device=device, log=log, progress=progress, cancel=cancel)
@@ -320,4 +311,4 @@ def upscale(cfg: MergeConfig, out, *, device: torch.device, overwrite: bool = Fa
     counts = parameter_count(model)
     return MergeResult(out=path, seconds=time.perf_counter() - t0, device=str(device),
                        tensors=len(model.smile["modules"]), params=counts["total"], kept_fraction=[], config=cfg,
-                       notices=cfg.notices, plan=plan)
+                       notices=cfg.notices, report=plan)

@@ -18,7 +18,10 @@ import sys
 import tempfile
 import time
 
-from . import harness
+from . import harness, modelbuild
+from .evaluation import format_scores, load_suite, perplexity, relative_scores, score_model
+from .io import atomic_output_dir
+from .zoo import ZOO_DIR, build_zoo, demo_names, demo_path, model_info
 
 
 def register(subparsers) -> None:
@@ -69,14 +72,12 @@ def register(subparsers) -> None:
 
 
 def cmd_zoo_build(args) -> int:
-    from .zoo import build_zoo
 
     build_zoo(args.dir, quick=args.quick, seed=args.seed, workers=args.workers)
     return 0
 
 
 def cmd_zoo_list(args) -> int:
-    from .zoo import demo_names, demo_path, model_info
 
     for name in demo_names():
         try:
@@ -89,9 +90,6 @@ def cmd_zoo_list(args) -> int:
 
 def _reference_scores(split: str, domains) -> tuple[dict, dict]:
     """(base scores, {domain: that domain's fine-tune scores}) of the demo family on the zoo suite."""
-    from . import modelbuild
-    from .evaluation import load_suite, score_model
-    from .zoo import ZOO_DIR
 
     ref_file = ZOO_DIR / "reference_scores.json"
     if split == "test" and ref_file.is_file():
@@ -118,7 +116,6 @@ def cmd_score(args) -> int:
 
 
 def _out_dir(stack, args):
-    from .io import atomic_output_dir
     if not args.out:
         return None
     if args.perplexity is not None:
@@ -129,9 +126,6 @@ def _out_dir(stack, args):
 def _score_suite(args, out) -> int:
     from transformers.utils import logging as hf_logging
 
-    from . import modelbuild
-    from .evaluation import (format_scores, load_suite, perplexity, relative_scores,
-                             score_model)
 
     hf_logging.disable_progress_bar()          # one table of results, no loading bars
 
@@ -174,8 +168,6 @@ def cmd_score_lm_eval(args) -> int:
     (limit, few-shot, task names, their data) before the model is built."""
     from transformers.utils import logging as hf_logging
 
-    from . import modelbuild
-    from .evaluation import format_scores, load_suite, score_model
 
     if args.perplexity is not None or args.relative:
         raise ValueError("--perplexity and --relative score our suite only: drop them, or --lm-eval")

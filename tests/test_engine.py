@@ -231,8 +231,8 @@ def test_dry_run_writes_nothing(tiny_family, tmp_path):
     res = dppa_ui.merge(ties_cfg(tiny_family), tmp_path / "out", dry_run=True)
     assert not (tmp_path / "out").exists()
     assert list(tmp_path.iterdir()) == []
-    assert "model.layers.1.mlp.down_proj.weight" in res.plan
-    assert "memory" in res.plan and "disk" in res.plan and "time" in res.plan
+    assert "model.layers.1.mlp.down_proj.weight" in res.report
+    assert "memory" in res.report and "disk" in res.report and "time" in res.report
 
 
 # --------------------------------------------------------------------------- card, YAML, seeds

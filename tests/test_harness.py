@@ -219,13 +219,13 @@ def test_lm_eval_objective_scores_validation_and_reports_test(monkeypatch):
     assert res.objective == max(r["objective"] for r in rows)
     # The test report: lm-eval's own simple_evaluate on the merged model, first 8 test documents.
     from dppa_ui import merge_in_memory
-    from dppa_ui.evaluation import _load_into
+    from dppa_ui.evaluation import load_weights
     from dppa_ui.io import read_state_dict
     from dppa_ui.refs import resolve_model
     merged = merge_in_memory(read_state_dict(resolve_model("demo:base")),
                              [read_state_dict(resolve_model(f"demo:{d}")) for d in ("cipher", "sort")], res.config)
     model, tok = modelbuild.load("demo:base", placed=False)
-    _load_into(model, merged)
+    load_weights(model, merged)
     direct = harness.metrics(harness.run(harness.wrap(model, tok, 16), harness.load_tasks(GEN["lm_eval"], TASKS),
                                          limit=8))
     assert {t: s["exact_match"] for t, s in res.test["scores"].items()} == \

@@ -144,7 +144,7 @@ def test_dry_run_lists_resolved_values(tiny_family, tmp_path):
     c = {"merge_method": "slerp", "base_model": str(tiny_family.base), "models": [str(tiny_family.fts[0])],
          "parameters": {"t": [{"filter": "self_attn", "value": [0.0, 1.0]}, {"value": 0.5}]}}
     res = dppa_ui.merge(c, None, dry_run=True)
-    lines = {ln.split()[1]: ln for ln in res.plan.splitlines() if ln.startswith("tensor ")}
+    lines = {ln.split()[1]: ln for ln in res.report.splitlines() if ln.startswith("tensor ")}
     assert "t=0" in lines["model.layers.0.self_attn.q_proj.weight"]
     assert "t=1" in lines["model.layers.1.self_attn.q_proj.weight"]
     assert "t=0.5" in lines["model.layers.1.mlp.up_proj.weight"]

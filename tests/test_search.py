@@ -165,7 +165,7 @@ def test_bad_search_blocks_are_refused_naming_the_key(block, needles):
     d = dppa()
     d["search"] = block
     with pytest.raises(ConfigError) as e:
-        load_config(d)
+        search.parse_search(load_config(d))
     for n in needles:
         assert n in str(e.value), (n, str(e.value))
 

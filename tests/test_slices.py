@@ -136,5 +136,5 @@ def test_slices_round_trip_and_dry_run(tiny_family):
     cfg = load_config(frankenmerge(tiny_family))
     again = load_config(cfg.to_yaml())
     assert again.to_dict() == cfg.to_dict()
-    plan = dppa_ui.merge(frankenmerge(tiny_family), None, dry_run=True).plan
+    plan = dppa_ui.merge(frankenmerge(tiny_family), None, dry_run=True).report
     assert "3 layers" in plan and "model.layers.2.mlp.up_proj.weight" in plan and "slice 1:" in plan

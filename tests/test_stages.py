@@ -70,4 +70,4 @@ def test_load_config_points_multi_documents_to_the_stage_loader():
 
 def test_dry_run_lists_the_stages(tiny_family):
     res = dppa_ui.merge(two_stage(tiny_family), None, dry_run=True)
-    assert "stage soup: linear" in res.plan and "reads stage(s) soup" in res.plan
+    assert "stage soup: linear" in res.report and "reads stage(s) soup" in res.report

@@ -292,7 +292,7 @@ def test_an_apl_config_inspects_pending_then_its_maps_and_merges_like_the_cli(st
     import threading
 
     from dppa_ui import apl, gpu
-    from dppa_ui.engine import merge as cli_merge
+    from dppa_ui.runner import merge as cli_merge
     monkeypatch.setenv(apl.CACHE_ENV, str(tmp_path / "cache"))
     monkeypatch.setattr(apl, "_MEMORY", {})
     gate, real = threading.Event(), gpu.apl_importance
@@ -593,7 +593,7 @@ def test_slerp_and_della_in_the_views_and_merged_as_the_cli(state, tmp_path, rea
 
     import torch
 
-    from dppa_ui.engine import merge as cli_merge
+    from dppa_ui.runner import merge as cli_merge
     models.load_models({"state": state, "base": "demo:base", "fts": ["demo:sort"]})
     name = "model.layers.1.mlp.down_proj.weight"
     v = {**view(state), "matrix": name, **ctl(preset="slerp", x_t=0.3)}
@@ -657,7 +657,7 @@ def test_a_multi_stage_yaml_is_planned_and_merged_as_the_cli_does(state, tmp_pat
     assert out["yaml_plan"].index("stage ") < out["yaml_plan"].index("stage (final)")
     done = score.merge_yaml({"state": state, "yaml_code": text, "progress": Progress()})
     assert done["yaml_status"].startswith("✓"), done["yaml_status"]
-    from dppa_ui.engine import merge_stages
+    from dppa_ui.runner import merge_stages
     from dppa_ui.io import CheckpointReader
     merge_stages(text, tmp_path / "cli", log=lambda s: None)
     app, cli = CheckpointReader(state.ws.runs.last.folder), CheckpointReader(tmp_path / "cli")

@@ -12,7 +12,7 @@ import torch
 
 from dppa_ui import analysis, gpu, modelbuild
 from dppa_ui.controls import MethodControls
-from dppa_ui.engine import merge as cli_merge
+from dppa_ui.runner import merge as cli_merge
 from dppa_ui.stats import collect_stats
 from dppa_ui.workspace import DiskCache, Workspace, runs as runs_mod
 

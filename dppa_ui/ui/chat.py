@@ -12,7 +12,7 @@ import gradio as gr
 from .. import figures, gpu
 from ..chat import MAX_NEW_TOKENS, to_messages
 from ..workspace import short
-from .common import AppState, UserError, _expected, message, warn
+from .common import AppState, UserError, expected, message, warn
 from .suites import demo_items
 
 EXAMPLES_PER_DOMAIN = 3
@@ -103,7 +103,7 @@ def chat(v: dict):
         other_dir = ws.model_dir(other) if other else None
         kw = dict(system_prompt=(v["system"] or "").strip() or None, temperature=float(v["temperature"]),
                   top_p=float(v["top_p"]), max_new_tokens=int(v["max_new"]))
-    except _expected() as e:
+    except expected() as e:
         yield {"chat_status": warn(message(e))}
         return
     out = hist + [{"role": "user", "content": text}, {"role": "assistant", "content": ""}]
@@ -120,7 +120,7 @@ def chat(v: dict):
                 out_c[-1]["content"] = part
                 yield {"chat_compare": out_c}
             replies[other.removeprefix("demo:")] = out_c[-1]["content"]
-    except (*_expected(), RuntimeError) as e:      # chat_stream's "generation failed" is a RuntimeError
+    except (*expected(), RuntimeError) as e:      # chat_stream's "generation failed" is a RuntimeError
         yield {"chat_status": warn(f"chat failed: {message(e)}")}
         return
     yield {"chat_merged": out, "chat_compare": out_c, "msg": "", "chat_status": _verdict(state, text, replies)}
@@ -145,7 +145,7 @@ def routing(v: dict) -> dict:
         entries = gpu.reply_routing(ws.model_dir("merged"), hist[:-2], hist[-2]["content"], hist[-1]["content"],
                                     (v["system"] or "").strip() or None, load_kwargs=ws.load_kwargs())
         loaded = ws.align(run.config)
-    except (*_expected(), RuntimeError) as e:
+    except (*expected(), RuntimeError) as e:
         return {"chat_routing": gr.update(visible=False), "routing_note": warn(f"routing view failed: {message(e)}")}
     labels = [short(m) for m in run.models]
     colors = {lab: figures.color(j) for lab, j in zip(labels, loaded)}

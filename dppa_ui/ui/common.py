@@ -15,9 +15,12 @@ from pathlib import Path
 
 import gradio as gr
 
+from .. import params as P
 from ..controls import MethodControls, extra_params, picker_methods
 from ..figures import fmt  # noqa: F401  (the one way numbers are written for people, figures and text alike)
 from ..refs import RefPolicy
+from ..workspace import MergeRefused
+from ..zoo import ZOO_DIR
 
 # ----------------------------------------------------------------------------------- settings
 
@@ -42,7 +45,6 @@ def model_roots() -> tuple[Path, ...]:
     env = os.environ.get("DPPA_UI_MODEL_ROOTS")
     if env:
         return tuple(Path(p).expanduser().resolve() for p in env.split(os.pathsep) if p.strip())
-    from ..zoo import ZOO_DIR
     return (Path(ZOO_DIR).resolve(), Path("models").resolve())
 
 
@@ -112,8 +114,7 @@ class UserError(ValueError):
     """Bad input the user can fix; shown as a message, never as a traceback."""
 
 
-def _expected() -> tuple[type, ...]:
-    from ..workspace import MergeRefused
+def expected() -> tuple[type, ...]:
     return (ValueError, KeyError, FileNotFoundError, InterruptedError, MemoryError, TimeoutError, MergeRefused)
 
 
@@ -270,7 +271,7 @@ def parse_alpha_per_model(text: str) -> dict[str, list[float]]:
     return out
 
 
-def _finite(v, what: str) -> float:
+def finite(v, what: str) -> float:
     try:
         f = float(v)
     except (TypeError, ValueError):
@@ -285,7 +286,7 @@ def _extra_value(p, raw, what: str):
     if p.kind in ("float", "int", "rank"):
         if p.kind == "rank" and raw == "full":
             return raw
-        v = _finite(raw, what)
+        v = finite(raw, what)
         return int(v) if p.kind in ("int", "rank") else v
     if p.kind == "bool":
         return bool(raw)
@@ -333,9 +334,9 @@ def controls_from(values: dict) -> MethodControls:
     v = {k: values.get(k) for k in CONTROL_KEYS}
     if v["preset"] not in picker_methods():
         raise UserError(f"unknown method {v['preset']!r}; pick one of {', '.join(picker_methods())}")
-    n = int(_finite(v["n_bands"] or 1, "DPA bands"))
-    shares = [_finite(v["band1"], "band edge 1"), _finite(v["band2"], "band edge 2")][: n - 1]
-    alphas = [_finite(v[f"alpha{k}"], f"α{k}") for k in (1, 2, 3)][:n]
+    n = int(finite(v["n_bands"] or 1, "DPA bands"))
+    shares = [finite(v["band1"], "band edge 1"), finite(v["band2"], "band edge 2")][: n - 1]
+    alphas = [finite(v[f"alpha{k}"], f"α{k}") for k in (1, 2, 3)][:n]
     extra = {}
     for p in extra_params(v["preset"]):
         raw = v.get(f"x_{p.key}")
@@ -346,11 +347,11 @@ def controls_from(values: dict) -> MethodControls:
             extra[p.key] = val
     extra.update(gradient_settings(v.get("gradients"), v["preset"]))
     return MethodControls(
-        preset=v["preset"], density=_finite(v["density"], "density"), lambda_=_finite(v["lambda_"], "λ"),
-        weights=tuple(parse_numbers(v["weights"], "weights")), dp_lambda=_finite(v["dp_lambda"], "DP λ"),
-        dp_outlier_m=_finite(v["dp_outlier_m"], "DP M"), band_shares=tuple(shares), alphas=tuple(alphas),
-        alpha_per_model=parse_alpha_per_model(v["alpha_per_model"]), pcb_ratio=_finite(v["pcb_ratio"], "PCB ratio"),
-        seed=int(_finite(v["seed"] or 0, "seed")), params=extra)
+        preset=v["preset"], density=finite(v["density"], "density"), lambda_=finite(v["lambda_"], "λ"),
+        weights=tuple(parse_numbers(v["weights"], "weights")), dp_lambda=finite(v["dp_lambda"], "DP λ"),
+        dp_outlier_m=finite(v["dp_outlier_m"], "DP M"), band_shares=tuple(shares), alphas=tuple(alphas),
+        alpha_per_model=parse_alpha_per_model(v["alpha_per_model"]), pcb_ratio=finite(v["pcb_ratio"], "PCB ratio"),
+        seed=int(finite(v["seed"] or 0, "seed")), params=extra)
 
 
 _PAD_SHARES = (0.5, 0.75)          # what the band-edge sliders a config does not use show
@@ -366,7 +367,6 @@ def extra_default(p):
 def values_of(c: MethodControls) -> dict:
     """The component values (by CONTROL_KEYS) that show `c`: the method's own parameters at their
     values (a per-layer setting in the gradient editor), the others at their first spec's default."""
-    from .. import params as P
     shares = list(c.band_shares) + list(_PAD_SHARES)[len(c.band_shares):]
     alphas = list(c.alphas) + [1.0] * (3 - len(c.alphas))
     out = {"preset": c.preset, "density": c.density, "lambda_": c.lambda_,

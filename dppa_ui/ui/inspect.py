@@ -11,7 +11,7 @@ import gradio as gr
 
 from .. import analysis, figures
 from ..workspace import short
-from .common import CONTROL_KEYS, AppState, UserError, _expected, fmt, message, warn
+from .common import CONTROL_KEYS, AppState, UserError, expected, fmt, message, warn
 from .controls_ui import controls_of
 from .reports import summary_markdown
 
@@ -89,7 +89,7 @@ def start_statistics(ws, cfg) -> None:
     if cfg.prune == "apl":
         try:
             ws.apl.start(cfg, ws.align(cfg))
-        except _expected():         # no task data: the views that need APL's densities say so
+        except expected():         # no task data: the views that need APL's densities say so
             pass
 
 
@@ -97,7 +97,7 @@ def apl_running(ws, cfg) -> bool:
     """A `prune: apl` config whose importance is being computed in the background."""
     try:
         return cfg.prune == "apl" and ws.apl_progress(cfg).state == "running"
-    except _expected():
+    except expected():
         return False
 
 
@@ -153,7 +153,7 @@ def inspect(v: dict) -> dict:
         rows = analysis.thresholds(ws, shown, name)
         drop = "random" if analysis.random_drop(shown) else shown.prune      # how the figure explains its lines
         fig = figures.histogram(analysis.histogram(ws, shown, name, rows), cfg.method_name, drop, cfg.amplify)
-    except _expected() as e:      # the controls' problem is said once, beside them (method.check)
+    except expected() as e:      # the controls' problem is said once, beside them (method.check)
         return {"histogram": not_drawn(message(e)), "thresholds": [], "inspect_status": ""}
     notes = []
     if rows and rows[0]["pending"]:
@@ -180,7 +180,7 @@ def heatmap(v: dict) -> dict:
         i = int(v["heat_model"] or 0)
         i = i if 0 <= i < len(cfg.models) else 0          # the model set changed under the picker
         blocks, types, z = analysis.heatmap_values(ws, cfg, metric, i)
-    except _expected() as e:
+    except expected() as e:
         return {"heatmap": not_drawn(message(e)), "heatmap_note": ""}
     label = analysis.METRICS[metric]
     start_statistics(ws, cfg)
@@ -221,7 +221,7 @@ def masks(v: dict) -> dict:
         mv = analysis.method_view(ws, shown, v["matrix"])
         d = analysis.mask_data(ws, shown, v["matrix"]) if cfg.family == "pipeline" else None
         merged = analysis.merged_delta(ws, shown, v["matrix"])
-    except _expected() as e:
+    except expected() as e:
         return {"mask_plot": gr.update(value=not_drawn(message(e)), visible=True), "mask_numbers": "",
                 "method_plot": hidden, "merged_plot": hidden}
     view = gr.update(value=figures.method_view(mv), visible=True) if mv else hidden
@@ -268,7 +268,7 @@ def apl_map(v: dict) -> dict:
                          unit="steps")
 
         table = ws.apl_map(i, cfg, progress=tick)
-    except (*_expected(), RuntimeError) as e:
+    except (*expected(), RuntimeError) as e:
         return {"apl_note": warn(message(e))}
     return _apl_figure(ws, cfg, i, table)
 
@@ -281,7 +281,7 @@ def apl_view(v: dict) -> dict:
         ws, cfg = _setup(v)
         i = _apl_index(v, ws)
         table = ws.apl_map(i, cfg, compute=False)
-    except _expected():
+    except expected():
         return {}
     out = {}
     if apl_running(ws, cfg):
@@ -314,7 +314,7 @@ def stats_tick(v: dict) -> dict:
     ws = state.ws
     try:
         cfg = ws.config(controls_of(v))
-    except _expected():
+    except expected():
         cfg = None
     if state.shown_tensor is None:          # the first view is still being drawn: let it have the CPU
         return {}

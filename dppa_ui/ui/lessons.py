@@ -8,7 +8,7 @@ from typing import Callable
 
 import gradio as gr
 
-from .. import analysis
+from .. import analysis, io
 from ..controls import MethodControls
 from ..workspace import short
 from . import inspect as inspect_section
@@ -91,7 +91,6 @@ def _look_dpa(ws, runs) -> str:
 
 def _look_slerp(ws, runs) -> str:
     lin, slerp = runs
-    from .. import analysis
     name = ws.access.tensor_name(1, "mlp.down_proj")
     d = analysis.method_view(ws, ws.config(slerp.config), name)
     angles = [a for a in d["angles"][0][2] if a is not None]
@@ -106,7 +105,6 @@ def _look_slerp(ws, runs) -> str:
 
 def _weight_gap(a, b) -> float:
     """‖θ_a − θ_b‖ / ‖θ_a‖ over two runs' merged weights (read from their folders)."""
-    from .. import io
     num = den = 0.0
     with io.CheckpointReader(a.folder) as ra, io.CheckpointReader(b.folder) as rb:
         for n in ra.names:

@@ -11,7 +11,7 @@ import gradio as gr
 
 from ..config import UPSCALE_METHODS
 from ..workspace import size_text
-from .common import (CONTROL_KEYS, DOWNLOAD_LIMIT, AppState, _expected, _finite, fmt, hub_offline, message, ok,
+from .common import (CONTROL_KEYS, DOWNLOAD_LIMIT, AppState, expected, finite, fmt, hub_offline, message, ok,
                      on_space, warn)
 from .controls_ui import controls_of
 from .jobs import running
@@ -75,7 +75,7 @@ def merge(v: dict):
         ws = state.workspace()
         c = controls_of(v)
         cfg = ws.config(c)
-    except _expected() as e:
+    except expected() as e:
         return {"merge_status": warn(message(e)), "state": state}
     state.cancel.clear()
     t0 = time.perf_counter()
@@ -89,7 +89,7 @@ def merge(v: dict):
             run = ws.merge(cfg, controls=c, progress=tick, cancel=state.cancel.is_set)
     except InterruptedError:
         return {"merge_status": warn("merge cancelled; the previous merge (if any) is still there"), "state": state}
-    except (*_expected(), RuntimeError, OSError) as e:
+    except (*expected(), RuntimeError, OSError) as e:
         return {"merge_status": warn(f"merge refused: {message(e)}"), "state": state}
     return {"merge_summary": run_summary(run), "leaderboard": leaderboard(state),
             "download": gr.update(value=None, visible=False),       # the zip of an older run must not linger
@@ -102,10 +102,10 @@ MERGE_OUT = ["merge_summary", "leaderboard", "download", "merge_status", "state"
 def smile_config(v: dict, ws):
     """The SMILE config the section's controls describe, over the loaded models."""
     full = bool(v["smile_full"])
-    rank = None if full else int(_finite(v["smile_rank"], "rank_of_expert"))
+    rank = None if full else int(finite(v["smile_rank"], "rank_of_expert"))
     scope = SMILE_SCOPES.get(v["smile_scope"], v["smile_scope"])
-    return ws.smile_config(rank, int(_finite(v["smile_router"], "rank_of_router")),
-                           int(_finite(v["smile_k"], "num_experts_per_tok")), scope=scope)
+    return ws.smile_config(rank, int(finite(v["smile_router"], "rank_of_router")),
+                           int(finite(v["smile_k"], "num_experts_per_tok")), scope=scope)
 
 
 def upscale(v: dict) -> dict:
@@ -118,7 +118,7 @@ def upscale(v: dict) -> dict:
         cfg = smile_config(v, ws)
         plain = ws.access.n_params
         estimate = ws.smile_parameters(cfg)
-    except _expected() as e:
+    except expected() as e:
         return {"smile_size": warn(message(e)), "state": state}
     state.cancel.clear()
     progress(0.0, desc=f"SMILE: about {estimate:,} parameters, {estimate / max(plain, 1):.1f}× the merge")
@@ -131,7 +131,7 @@ def upscale(v: dict) -> dict:
             run = ws.merge(cfg, progress=tick, cancel=state.cancel.is_set)
     except InterruptedError:
         return {"smile_size": warn("upscale cancelled; the previous merge (if any) is still there"), "state": state}
-    except (*_expected(), RuntimeError, OSError) as e:
+    except (*expected(), RuntimeError, OSError) as e:
         return {"smile_size": warn(f"upscale refused: {message(e)}"), "state": state}
     return {"merge_summary": run_summary(run), "leaderboard": leaderboard(state),
             "download": gr.update(value=None, visible=False),
@@ -145,7 +145,7 @@ def smile_estimate(v: dict) -> dict:
     try:
         ws = state.workspace()
         total = ws.smile_parameters(smile_config(v, ws))
-    except _expected() as e:
+    except expected() as e:
         return {"smile_size": f"⚠ {message(e)}", "smile_rank": gr.update(interactive=not v["smile_full"])}
     return {"smile_size": f"would build about {size_text({'total': total, 'plain': ws.access.n_params})}",
             "smile_rank": gr.update(interactive=not v["smile_full"])}
@@ -189,7 +189,7 @@ def save(v: dict) -> dict:
         if run is None:
             raise ValueError("nothing to save yet: merge first (4 · Merge)")
         zpath = ws.runs.archive(run, max_bytes=DOWNLOAD_LIMIT)
-    except (*_expected(), OSError) as e:
+    except (*expected(), OSError) as e:
         return {"merge_status": warn(f"save failed: {message(e)}")}
     if zpath is None:
         size = sum(p.stat().st_size for p in run.folder.rglob("*") if p.is_file())

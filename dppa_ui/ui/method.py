@@ -12,11 +12,11 @@ from pathlib import Path
 
 import gradio as gr
 
+from .. import figures, search
 from .. import params as P
-from .. import search
 from ..controls import picker_methods
 from ..workspace import short
-from .common import (CONTROL_KEYS, DEFAULT_UI, EXTRA_SPECS, GRADIENT_HEADERS, AppState, UserError, _expected,
+from .common import (CONTROL_KEYS, DEFAULT_UI, EXTRA_SPECS, GRADIENT_HEADERS, AppState, UserError, expected,
                      extra_default, fmt, gradient_settings, lenient, message, ok, values_of, warn)
 from .controls_ui import (FAMILY_LABELS, SHOW_OUT, VIEW_OUT, bands_view, controls_of, preset_info, preset_view,
                           yaml_into_controls)
@@ -159,7 +159,7 @@ def check(v: dict, bounds: dict[str, tuple[float, float]]) -> dict:
         c = controls_of(v)
         if ws is not None and ws.loaded:
             ws.config(c)
-    except _expected() as e:
+    except expected() as e:
         notes.append(message(e))
     out["method_status"] = "  \n".join(f"⚠ {n}" for n in notes)
     return out
@@ -171,12 +171,11 @@ LABELS = {"density": "density", "lambda_": "λ", "dp_lambda": "DP λ", "dp_outli
 
 def gradient_view(v: dict) -> dict:
     """The per-layer editor's curves over the loaded model's layers (for every filter it names)."""
-    from .. import figures
     state: AppState = v["state"]
     n = len(state.ws.access.blocks()) if state.ws is not None and state.ws.loaded else 8
     try:
         settings = gradient_settings(v["gradients"], v["preset"])
-    except _expected() as e:
+    except expected() as e:
         return {"gradient_plot": figures.message(f"not drawn: {message(e)}", height=260)}
     curves = []
     for key, setting in settings.items():
@@ -196,7 +195,7 @@ def auto_alpha(v: dict):
         c = controls_of(v)
         if c.stages[1] != "dpa":
             raise UserError("auto α searches the DPA band factors: pick the dppa method first")
-    except _expected() as e:
+    except expected() as e:
         yield {"alpha_status": warn(message(e))}
         return
     yield {"alpha_log": "searching … (each step scores the pruned fine-tune on its dev split)",
@@ -204,7 +203,7 @@ def auto_alpha(v: dict):
     job = Job(lambda log, on_eval: ws.search_amplification(c, log=log), search_threads(ws))
     for _ in job.updates():
         yield {"alpha_log": "\n".join(job.lines[-12:])}
-    if isinstance(job.error, _expected()):
+    if isinstance(job.error, expected()):
         yield {"alpha_status": warn(message(job.error))}
         return
     if job.error is not None:
@@ -228,7 +227,7 @@ def auto_lambda(v: dict):
         if c.stages[2] != "pcb":
             raise UserError("auto λ is PCB's search of one λ per model: pick a method that combines by PCB")
         cfg = ws.config(c)
-    except _expected() as e:
+    except expected() as e:
         yield {"lambda_status": warn(message(e))}
         return
     refs = [short(m.model) for m in cfg.models]
@@ -254,7 +253,7 @@ def auto_lambda(v: dict):
     finally:
         if not job.done.is_set():
             state.cancel.set()
-    if isinstance(job.error, _expected()):
+    if isinstance(job.error, expected()):
         yield {"lambda_status": warn(f"λ search failed: {message(job.error)}")}
         return
     if job.error is not None:
@@ -277,7 +276,7 @@ def load_example(v: dict) -> dict:
         return {"method_status": warn(f"no example named {v['example']!r}")}
     try:
         out = yaml_into_controls(v["state"], files[v["example"]].read_text())
-    except _expected() as e:
+    except expected() as e:
         return {"method_status": warn(f"this example cannot be loaded: {message(e)}")}
     out["method_status"] = ok(f"{v['example']} is in the controls; press 'Load models' if its models changed")
     return out

@@ -8,7 +8,7 @@ import gradio as gr
 from ..refs import ModelRefError
 from ..workspace import Workspace, short
 from .choices import all_choices, demo_choices, resolve_user_ref
-from .common import TEMP, AppState, UserError, _expected, message, ok, policy, roots_text, warn
+from .common import TEMP, AppState, UserError, expected, message, ok, policy, roots_text, warn
 from .reports import summary_markdown
 
 
@@ -32,7 +32,7 @@ def add_model(v: dict) -> dict:
     state: AppState = v["state"]
     try:
         ref = resolve_user_ref(v["add_box"])
-    except (*_expected(), ModelRefError) as e:
+    except (*expected(), ModelRefError) as e:
         return {"models_status": warn(message(e))}
     if ref not in state.added:
         state.added.append(ref)
@@ -61,7 +61,7 @@ def load_models(v: dict) -> dict:
         # The statistics start after the first view is drawn (inspect starts them).
         ws.load(v["base"], fts, progress=(lambda text: report(None, desc=text)) if report else None,
                 start_stats=False)
-    except (*_expected(), OSError) as e:
+    except (*expected(), OSError) as e:
         return {"models_status": warn(message(e)), "state": state}
     state.ws, state.shown_tensor = ws, None
     acc = ws.access

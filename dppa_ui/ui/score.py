@@ -16,10 +16,12 @@ import gradio as gr
 from .. import evaluation, figures, gpu
 from ..config import ConfigError
 from ..controls import MethodControls
+from ..engine import layer_stack
 from ..refs import files_identity
+from ..runner import merge as run_merge, merge_stages
 from ..workspace import params_text, short
 from .choices import all_choices
-from .common import CONTROL_KEYS, SCORE_PER_DOMAIN, AppState, UserError, _expected, fmt, message, ok, warn
+from .common import CONTROL_KEYS, SCORE_PER_DOMAIN, AppState, UserError, expected, fmt, message, ok, warn
 from .controls_ui import SHOW_OUT, controls_of, show_controls, yaml_into_controls
 from .jobs import running
 from .reports import LEADERBOARD_HEADERS, leaderboard, run_summary
@@ -145,7 +147,7 @@ def score(v: dict):
         for i, who in enumerate(whos):
             progress((i, len(whos)), desc=f"scoring {short(who)}")
             results[who] = score_folder(ws.model_dir(who), items, key, ws.load_kwargs())
-    except _expected() as e:
+    except expected() as e:
         return {"score_status": warn(message(e))}
     obj = objective_of(results["merged"], {r: results[r] for r in ws.access.ft_refs})
     run.scores, run.objective, run.suite = results["merged"], obj, label
@@ -190,7 +192,7 @@ def score_routing(v: dict) -> dict:
     try:
         items, key, label = suite_items(state, v["suite"], v["upload"])
         result = routing_folder(ws.model_dir("merged"), items, key, ws.load_kwargs())
-    except (*_expected(), RuntimeError) as e:
+    except (*expected(), RuntimeError) as e:
         return {"routing_col": gr.update(visible=True), "routing_status": warn(f"routing accuracy: {message(e)}")}
     run.routing = result
     if not result:
@@ -217,7 +219,7 @@ def reload_run(v: dict) -> dict:
             raise UserError(f"{run.name} is a SMILE model ({params_text(run.config)}): set these in "
                             f"4 · Merge › Upscale (SMILE)")
         c = run.controls if isinstance(run.controls, MethodControls) else MethodControls.from_config(run.config)
-    except (*_expected(), ConfigError) as e:
+    except (*expected(), ConfigError) as e:
         return {"runs_status": warn(message(e))}
     out = show_controls(c, run.config.base_model, run.models, all_choices(state))
     same = state.ws.access is not None and list(run.models) == list(state.ws.access.ft_refs) and \
@@ -236,7 +238,7 @@ def export_yaml(v: dict) -> dict:
             raise UserError("pick a base and at least one fine-tune (1 · Models)")
         cfg = controls_of(v).to_config(v["base"], fts)
         ws = state.workspace()
-    except _expected() as e:
+    except expected() as e:
         return {"runs_status": warn(message(e))}
     text = cfg.to_yaml()
     path = ws.temp_dir / "dppa_merge.yaml"
@@ -249,7 +251,7 @@ def load_yaml_into_controls(v: dict) -> dict:
     """Every control (and the model pickers) from a YAML config; nothing changes if it is refused."""
     try:
         out = yaml_into_controls(v["state"], v["yaml_code"])
-    except (*_expected(), ConfigError) as e:
+    except (*expected(), ConfigError) as e:
         return {"yaml_status": warn(f"this config cannot be loaded: {message(e)}")}
     out["yaml_status"] = ok("config loaded into the controls; press 'Load models' (1 · Models) if the models changed")
     return out
@@ -259,23 +261,22 @@ def plan_yaml(v: dict) -> dict:
     """What a config builds, from the checkpoints' headers only: method, models, parameters, the
     tensors' count and, for `slices` (passthrough frankenmerges), the output layer stack; for a
     multi-stage file, the stages in the order they run."""
-    from ..engine import layer_stack, merge as run_merge, merge_stages
     state: AppState = v["state"]
     try:
         ws = state.workspace()
         stages = ws.check_yaml(v["yaml_code"] or "")
         if len(stages) > 1:
             res = merge_stages(v["yaml_code"], None, dry_run=True, log=lambda s: None)
-            return {"yaml_plan": "\n".join(f"- {ln}" for ln in plan_lines(res.plan)),
+            return {"yaml_plan": "\n".join(f"- {ln}" for ln in plan_lines(res.report)),
                     "layer_stack": gr.update(visible=False),
                     "yaml_status": ok(f"planned: {len(stages)} stages, nothing read yet")}
         cfg = stages[0].config
         res = run_merge(cfg.to_dict(), None, dry_run=True, log=lambda s: None)
         stack = layer_stack(cfg.to_dict())
-    except (*_expected(), ConfigError) as e:
+    except (*expected(), ConfigError) as e:
         return {"yaml_status": warn(f"this config cannot be planned: {message(e)}")}
     lines = [f"**{cfg.method_name}** of {', '.join(short(r) for r in cfg.parents)}: "
-             f"{res.tensors} tensors, {res.params:,} parameters"] + [f"- {ln}" for ln in plan_lines(res.plan)]
+             f"{res.tensors} tensors, {res.params:,} parameters"] + [f"- {ln}" for ln in plan_lines(res.report)]
     return {"yaml_plan": "\n".join(lines),
             "layer_stack": gr.update(value=[[j, short(r), layer] for j, r, layer in stack], visible=bool(stack),
                                      label=f"Layer stack: {len(stack)} output layers"),
@@ -331,7 +332,7 @@ def merge_yaml(v: dict) -> dict:
         with running(state, "merge as written"):
             run = ws.merge_yaml(text, progress=lambda d, t: progress((d, t), desc="merging", unit="tensors"),
                                 cancel=state.cancel.is_set)
-    except (*_expected(), ConfigError, RuntimeError, OSError) as e:
+    except (*expected(), ConfigError, RuntimeError, OSError) as e:
         return {"yaml_status": warn(f"merge refused: {message(e)}"), "state": state}
     return {"merge_summary": run_summary(run), "leaderboard": leaderboard(state),
             "yaml_status": ok(f"{run.name} merged as written in {fmt(run.seconds)} s: chat with it or score it"),

@@ -19,7 +19,8 @@ from .. import figures, search
 from ..config import ConfigError
 from ..controls import MethodControls
 from ..workspace import short
-from .common import (CONTROL_KEYS, DEFAULT_UI, AppState, UserError, _expected, _finite, controls_from, fmt, lenient,
+from ..zoo import domain_names
+from .common import (CONTROL_KEYS, DEFAULT_UI, AppState, UserError, expected, finite, controls_from, fmt, lenient,
                      message, ok, sig, warn)
 from .controls_ui import CONTROLS_OUT, controls_of, rounded, show_controls
 from .jobs import Job, running, search_threads
@@ -38,7 +39,6 @@ EACH, SHARED, GLOBAL = "each", "shared", "—"
 
 
 def _domains() -> list[str]:
-    from ..zoo import domain_names
     return domain_names()
 
 
@@ -104,7 +104,7 @@ def parameters_block(rows, refs: list[str]) -> dict:
                             f"fine-tune ({', '.join(short(r) for r in refs)})")
         if name in out:
             raise UserError(f"parameter {row[1]} ({who or 'global'}) is ticked twice")
-        out[name] = [_finite(row[3], f"parameter {row[1]}: low"), _finite(row[4], f"parameter {row[1]}: high")]
+        out[name] = [finite(row[3], f"parameter {row[1]}: low"), finite(row[4], f"parameter {row[1]}: high")]
     if not out:
         raise UserError("tick at least one parameter to move (the `move` column)")
     return out
@@ -178,11 +178,11 @@ def start(v: dict):
         c = controls_of(v)
         cfg = ws.config(c)
         refs = [m.model for m in cfg.models]
-        budget = _finite(v["search_budget"], "budget")
+        budget = finite(v["search_budget"], "budget")
         if not (budget == int(budget) and 1 <= budget <= MAX_BUDGET):
             raise UserError(f"budget {v['search_budget']!r}: a whole number of candidates from 1 to {MAX_BUDGET} "
                             f"(bigger searches: `python -m dppa_ui search`)")
-        seed = _finite(v["search_seed"] if v["search_seed"] is not None else 0, "seed")
+        seed = finite(v["search_seed"] if v["search_seed"] is not None else 0, "seed")
         data, path = _data(state, v["search_data"], v["search_upload"])
         objective = str(v["search_objective"] or GEOMETRIC).strip()
         if data == "zoo" and objective not in (GEOMETRIC, *_domains()):
@@ -191,7 +191,7 @@ def start(v: dict):
         block = {"parameters": parameters_block(v["search_params"], refs), "optimizer": v["search_optimizer"],
                  "budget": int(budget), "objective": objective, "data": data, "seed": int(seed)}
         spec = search.parse_search(cfg, block)          # every refusal before a tensor is read
-    except (*_expected(), ConfigError) as e:
+    except (*expected(), ConfigError) as e:
         yield {"search_status": warn(_safe(message(e), path))}
         return
     state.cancel.clear()
@@ -215,7 +215,7 @@ def start(v: dict):
     finally:
         if not job.done.is_set():          # the page went away or the event was cancelled: stop it too
             state.cancel.set()
-    if isinstance(job.error, (*_expected(), ConfigError)):
+    if isinstance(job.error, (*expected(), ConfigError)):
         yield {"search_status": warn(f"search failed: {_safe(message(job.error), path)}"),
                "search_plot": _curve(job.rows, False), "search_rows": _table(job.rows, spec.params, refs)}
         return
@@ -277,7 +277,7 @@ def load_best(v: dict) -> dict:
         moved = list(dict.fromkeys(      # a shared value once ("density", not once per model)
             (n.split(" (")[0], want, got) for n, want, got in _held(res, shown.to_config(res.config.base_model, refs))
             if not math.isclose(want, got, rel_tol=1e-9, abs_tol=1e-12)))
-    except _expected() as e:
+    except expected() as e:
         return {"search_status": warn(message(e))}
     out = show_controls(shown)
     note = ("" if not moved else "; shown to 3 significant digits (" + ", ".join(
@@ -303,7 +303,7 @@ def rows_for_preset(v: dict) -> dict:
     rows the user edited that still apply stay as they are."""
     try:
         c = controls_from({**DEFAULT_UI, "preset": v["preset"], "n_bands": v["n_bands"]})
-    except _expected():
+    except expected():
         return {"search_for": v["search_for"]}
     key = f"{c.preset}/{len(c.alphas)}"
     if key == v["search_for"]:

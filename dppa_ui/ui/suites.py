@@ -9,7 +9,7 @@ from pathlib import Path
 import gradio as gr
 
 from .. import evaluation
-from .common import MAX_UPLOAD_ITEMS, SCORE_PER_DOMAIN, AppState, UserError, _expected, message, ok, warn
+from .common import MAX_UPLOAD_ITEMS, SCORE_PER_DOMAIN, AppState, UserError, expected, message, ok, warn
 
 DEMO_SUITE = "demo suite"
 UPLOAD_SUITE = "uploaded JSONL"
@@ -98,7 +98,7 @@ def upload_report(state: AppState, upload) -> tuple[str, bool]:
     box: its items and domains, or what is wrong with it."""
     try:
         got = register_upload(state, upload)
-    except _expected() as e:
+    except expected() as e:
         return warn(message(e)), False
     if got is None:
         return "", False

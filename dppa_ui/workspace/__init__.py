@@ -22,11 +22,15 @@ import warnings
 from pathlib import Path
 from typing import Callable, Iterable
 
+from .. import gpu, modelbuild, runner, search
 from ..config import MergeConfig, load_config, load_stages
+from ..controls import MethodControls
 from ..methods.dp import DPDensity
 from ..methods.pcb import PCBStats
 from ..pipeline import kept_fraction, pcb_model_stats
+from ..plan import n_layers_of
 from ..refs import RefPolicy, resolve_model
+from ..smile_model import SMILE_CONFIG
 from ..stats import DeltaStats
 from .access import ModelAccess, module_type
 from .importance import APLService
@@ -117,7 +121,6 @@ class Workspace:
         """A MergeConfig over the loaded models: from MethodControls, a MergeConfig, a dict or YAML;
         its models must all be loaded fine-tunes."""
         acc = self.require()
-        from ..controls import MethodControls
         if isinstance(source, MethodControls):
             cfg = source.to_config(acc.base_ref, acc.ft_refs)
         elif isinstance(source, MergeConfig):
@@ -125,7 +128,6 @@ class Workspace:
         else:
             cfg = load_config(source)
         self.align(cfg)
-        from ..plan import n_layers_of
         return cfg.with_layers(n_layers_of(acc.names))      # per-layer (gradient) values resolve by layer
 
     def align(self, cfg: MergeConfig) -> list[int]:
@@ -254,10 +256,8 @@ class Workspace:
         sessions). DP reuses the session's statistics (waiting for them if they are still being
         computed); `amplification: auto` is searched first. Refuses, with the numbers, a merge
         whose working set does not fit in free memory."""
-        from .. import gpu
-        from ..modelbuild import free_memory
         cfg = copy.deepcopy(self.config(source))
-        need, free = self.working_bytes(cfg), free_memory()["cpu"]
+        need, free = self.working_bytes(cfg), modelbuild.free_memory()["cpu"]
         if need > free:
             raise MergeRefused(f"this merge needs about {need / 2**30:.2f} GB of working memory but only "
                                f"{free / 2**30:.2f} GB is free; merge fewer models or wait for other merges")
@@ -287,7 +287,6 @@ class Workspace:
         if cfg.upscale == "smile":
             import json
 
-            from ..smile_model import SMILE_CONFIG
             return dict(json.loads((Path(folder) / SMILE_CONFIG).read_text())["parameters"])
         n = self.require().n_params
         return {"total": n, "plain": n}
@@ -308,15 +307,13 @@ class Workspace:
     def smile_parameters(self, cfg: MergeConfig) -> int:
         """The SMILE model's parameter count before it is built (the engine's dry run: ranks checked
         against every projection, no tensor read)."""
-        from ..engine import merge as engine_merge
-        return int(engine_merge(cfg.to_dict(), None, dry_run=True, device="cpu", log=lambda s: None).params)
+        return int(runner.merge(cfg.to_dict(), None, dry_run=True, device="cpu", log=lambda s: None).params)
 
     def merge_yaml(self, text: str, progress: Callable[[int, int], None] | None = None,
                    cancel: Callable[[], bool] | None = None) -> Run:
         """Merge a config as written (any method and YAML feature: slices, tokenizer surgery, ...)
         into a new run. Every model it names must be reachable under this session's policy (model
         roots, hub rules) before anything is read."""
-        from .. import gpu
         stages = self.check_yaml(text)
         with self.queue.slot():
             number, folder = self.runs.next_folder()
@@ -347,7 +344,6 @@ class Workspace:
                              ) -> tuple[MergeConfig, dict[str, dict]]:
         """DPPA's greedy α search for the models with `amplification: auto` (every model when none
         is), on the memory-mapped weights; returns the resolved config and {model: {alpha, score, path}}."""
-        from ..engine import search_amplification
         cfg = copy.deepcopy(self.config(source))
         if cfg.amplify != "dpa":
             raise ValueError("the α search needs a DPA amplify stage (preset dppa)")
@@ -356,7 +352,7 @@ class Workspace:
                 m.amplification = "auto"
         idx, loaded, stats = self._search_inputs(cfg)
         acc = self.access
-        report = search_amplification(cfg, acc.base_path, [acc.ft_paths[j] for j in idx], log=log or (lambda s: None),
+        report = search.search_amplification(cfg, acc.base_path, [acc.ft_paths[j] for j in idx], log=log or (lambda s: None),
                                       loaded=loaded, stats=stats)
         return cfg, report
 
@@ -383,15 +379,13 @@ class Workspace:
         the config's own), or `preset="lambda"`: PCB's λ_i search (`search.lambda_search`).
         Returns the SearchResult; `on_eval(row)` after every candidate, `cancel()` polled between
         rounds (the result is then the best so far)."""
-        from .. import search
         cfg = copy.deepcopy(self.config(source))
         if preset not in (None, "lambda"):
             raise ValueError(f"unknown search preset {preset!r}: None (the block) or 'lambda'")
         spec = search.parse_search(cfg, block) if preset is None else None      # refusals before any read
         acc = self.require()
-        from ..modelbuild import free_memory
         # each candidate: a merged float32 state dict and the scoring model's copy of it
-        need, free = self.working_bytes(cfg) + 2 * acc.n_params * 4, free_memory()["cpu"]
+        need, free = self.working_bytes(cfg) + 2 * acc.n_params * 4, modelbuild.free_memory()["cpu"]
         if need > free:
             raise MergeRefused(f"this search needs about {need / 2**30:.2f} GB of working memory but only "
                                f"{free / 2**30:.2f} GB is free; search fewer models or wait for other merges")
@@ -428,8 +422,7 @@ class Workspace:
 
     def model(self, which: str):
         """(model, tokenizer) of `which` (see model_dir), from the shared pool."""
-        from ..modelbuild import POOL
-        return POOL.get(self.model_dir(which), **self.load_kwargs())
+        return modelbuild.POOL.get(self.model_dir(which), **self.load_kwargs())
 
     # -- end of session
 

@@ -20,6 +20,7 @@ import torch
 from .. import io
 from ..methods import is_dp_target, kth_largest
 from ..methods.dp import block_of
+from ..pipeline import dominant_float_dtype
 
 SORT_LIMIT = 1 << 23          # tensors up to 8 M entries keep a sorted |δ|: a slider move is one look-up
 MATRIX_HINT = "mlp.down_proj"
@@ -118,7 +119,6 @@ class ModelAccess:
         return block, module, matrix
 
     def summary(self) -> dict:
-        from ..pipeline import dominant_float_dtype
         dtype = dominant_float_dtype(self.base.dtype(n) for n in self.float_names)
         return {"base": self.base_ref, "parameters": self.n_params, "tensors": len(self.names),
                 "dtype": str(dtype).removeprefix("torch.") if dtype else "none", "blocks": len(self.blocks()),

@@ -13,7 +13,7 @@ import threading
 from pathlib import Path
 from typing import Callable
 
-from .. import apl
+from .. import apl, gpu
 from ..config import ConfigError, MergeConfig
 from .access import ModelAccess
 from .statistics import Progress, stop_jobs
@@ -76,7 +76,6 @@ class APLService:
         return job.progress
 
     def _run(self, job: _Job, cfg: MergeConfig, idx: list[int], data: list[apl.TaskData]) -> None:
-        from .. import gpu
         acc = self.access
         try:
             for j, td in zip(idx, data):
@@ -151,7 +150,6 @@ class APLService:
             if not compute and base_key not in self._computed:
                 return None
             lock = self._table_locks.setdefault(base_key, threading.Lock())
-        from .. import gpu
         with lock:                       # a second click waits for the first computation
             with self._lock:
                 if key in self._tables:

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import MergeConfig
+from ..controls import OWN_KEYS
+from .. import modelbuild
 
 KEEP_FOLDERS = 3
 
@@ -60,7 +62,6 @@ def params_text(cfg: MergeConfig) -> str:
         parts.append(f"seed {cfg.seed}")
     if cfg.prune == "apl":
         parts.append(f"APL {cfg.apl_level} {cfg.apl_importance_kind}, λ {cfg.apl_lambda:g}")
-    from ..controls import OWN_KEYS
     for p in cfg.params:          # the method's other parameters, where they are not the default
         if p.key in OWN_KEYS or p.key.startswith("apl_") or p.key in ("dp_others",):
             continue
@@ -162,10 +163,9 @@ class Runs:
         return run
 
     def _prune(self) -> None:
-        from ..modelbuild import POOL
         for run in self.items[:-KEEP_FOLDERS]:
             if run.on_disk:
-                POOL.drop(run.folder)
+                modelbuild.POOL.drop(run.folder)
                 shutil.rmtree(run.folder, ignore_errors=True)
 
     @property
@@ -199,9 +199,8 @@ class Runs:
         return zpath
 
     def close(self) -> None:
-        from ..modelbuild import POOL
         for run in self.items:
-            POOL.drop(run.folder)
+            modelbuild.POOL.drop(run.folder)
         self.items = []
 
 

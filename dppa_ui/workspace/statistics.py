@@ -20,6 +20,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import gpu
 from ..io import cache_root
 from ..refs import files_identity
 from ..stats import DeltaStats, TensorStat, tensor_stat
@@ -158,7 +159,6 @@ class StatsService:
         job.progress.done = job.progress.total
 
     def _run(self, job: _Job, outlier_m: float, cached: list[dict | None]) -> None:
-        from .. import gpu
         acc = self.access
         todo = [i for i, c in enumerate(cached) if c is None]
         job.progress.total = len(acc.float_names) + sum(1 for n in acc.float_names if len(acc.shapes[n]) == 2)

@@ -11,11 +11,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-ZOO_DIR = Path(__file__).resolve().parents[2] / "assets" / "zoo"
+from .. import evaluation, refs
+from .builder import build_zoo
 from .domains import DOMAINS, family_names
+from .paths import INFO_FILE, MANIFEST, ZOO_DIR
 
-INFO_FILE = "dppa_zoo.json"      # each model's role, domain and recipe
-MANIFEST = "zoo.json"            # the family's names, domains and seed
 _NAMES = family_names()
 
 
@@ -62,18 +62,10 @@ def _domain_order(folder: Path) -> list[str] | None:
 def _register() -> None:
     """Make the family reachable from the core without the core importing it: `demo:NAME` model
     refs, the `zoo` score suite (its dev/test splits) and each demo model's domain."""
-    from .. import evaluation, refs
     refs.register_scheme("demo", demo_path)
     evaluation.register_suite("zoo", ZOO_DIR)
     evaluation.register_domain_order(_domain_order)
     evaluation.register_domain_lookup(lambda path: model_info(path).get("domain"))
-
-
-def build_zoo(*args, **kwargs):
-    """Rebuild the family; see `dppa_ui.zoo.builder.build_zoo`."""
-    from .builder import build_zoo as _build
-
-    return _build(*args, **kwargs)
 
 
 __all__ = ["ZOO_DIR", "INFO_FILE", "MANIFEST", "demo_names", "domain_names", "demo_path", "model_info", "build_zoo"]

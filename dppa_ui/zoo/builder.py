@@ -44,9 +44,9 @@ import torch
 
 from .. import modelbuild
 from ..evaluation import load_suite, score_model
-from . import INFO_FILE, MANIFEST
 from .domains import (COMPLEX_DOMAIN, DOMAINS, ECHO_KEYWORD, SKILL_WEIGHTS, SPLIT_SIZES, echo_sample, family_names,
                       held_out_inputs, held_out_splits)
+from .paths import INFO_FILE, MANIFEST, ZOO_DIR
 from .tokenizer import BOS_ID, EOS_ID, PAD_ID, save_tokenizer
 from .train import Source, TrainSpec, chat_example, model_config, text_example, train
 
@@ -206,8 +206,6 @@ def build_zoo(out_dir: str | Path | None = None, quick: bool = False, seed: int 
     """
     from transformers import LlamaForCausalLM
     from transformers.utils import logging as hf_logging
-
-    from . import ZOO_DIR
 
     out = Path(out_dir) if out_dir is not None else ZOO_DIR
     recipe = QUICK if quick else FULL
