@@ -95,7 +95,7 @@ def quality(budget: int, n_pairs: int) -> None:
         cfg = load_config(dppa(pair, parameters={"amplification": "auto"}))
         search.search_amplification(cfg, base_dir, mdirs, log=lambda s: None, loaded=loaded)
         out["dppa alpha auto"] = test(cfg, pair)
-        alphas = [m.amplification for m in cfg.models]
+        alphas = [m.get("amplification") for m in cfg.models]
         out["pcb lambda 1"] = test(pcb(pair), pair)
         cfg = load_config({**pcb(pair), "parameters": {"pcb_ratio": 0.2, "lambda": "auto"}})
         lam = search.search_lambda(cfg, base_dir, mdirs, log=lambda s: None, loaded=loaded)

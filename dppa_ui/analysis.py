@@ -72,7 +72,7 @@ def thresholds(ws, cfg: MergeConfig, name: str) -> list[dict]:
         if step.prune and random_drop(cfg):
             row["kept"] = int(random_keep(ws, cfg, i, name, step).sum())
         elif step.prune and cfg.prune == "breadcrumbs":    # a band: below the gamma outliers, above the rest
-            gamma = cfg.for_tensor(name).models[i].gamma
+            gamma = cfg.for_tensor(name).models[i].get("gamma")
             top, kept, _ = breadcrumbs_counts(n, step.density, gamma)
             row["kept"] = kept
             if kept:
@@ -86,7 +86,7 @@ def thresholds(ws, cfg: MergeConfig, name: str) -> list[dict]:
             row["kept"] = k
             row["threshold"] = acc.value_at_rank(name, j, k)
             if cfg.amplify == "dpa":
-                edges = band_edges(m.partitions, step.offset)[:-1]
+                edges = band_edges(m.get("partitions"), step.offset)[:-1]
                 row["band_fractions"] = edges
                 row["band_edges"] = [acc.value_at_rank(name, j, keep_count(f, n)) for f in edges]
         out.append(row)
@@ -108,7 +108,7 @@ def thresholds(ws, cfg: MergeConfig, name: str) -> list[dict]:
         before, after = amplified_deltas(ws, cfg, name)
         for i, row in enumerate(out):
             m = cfg.for_tensor(name).models[i]
-            row["alphas"] = list(m.amplification)
+            row["alphas"] = list(m.get("amplification"))
             mass = float(before[i].abs().sum())
             row["mass_ratio"] = float(after[i].abs().sum()) / mass if mass > 0 else None
     return out
@@ -131,18 +131,18 @@ def pcb_parts(ws, cfg: MergeConfig, name: str) -> dict | None:
     pruned = pruned_deltas(ws, cfg, name)
     flat = pruned.reshape(pruned.shape[0], -1)
     stats = pcb_stats(ws, cfg)
-    clipped = clip_abs(flat, view.clip_ratio, None if stats is None else (stats.lo, stats.hi))
-    score, cut, top = score_and_cut(flat, clipped, view.pcb_ratio, stats)
+    clipped = clip_abs(flat, view.get("clip_ratio"), None if stats is None else (stats.lo, stats.hi))
+    score, cut, top = score_and_cut(flat, clipped, view.get("pcb_ratio"), stats)
     scale = minmax_rows(score.clamp(min=cut), inplace=True, lo=cut, hi=top)
-    return {"score": score, "cut": cut.reshape(-1), "scale": scale, "ratio": float(view.pcb_ratio),
-            "clipped": clipped, "scope": cfg.scope}
+    return {"score": score, "cut": cut.reshape(-1), "scale": scale, "ratio": float(view.get("pcb_ratio")),
+            "clipped": clipped, "scope": cfg.get("pcb_scope")}
 
 
 def pcb_stats(ws, cfg: MergeConfig):
     """The whole model's PCB statistics the merge uses for `cfg` (None: scope tensor, or not PCB);
     a ValueError the views show while they wait for DP's or APL's density maps."""
     stats = ws.pcb_stats(cfg)
-    if stats is None and cfg.combine == "pcb" and cfg.scope == "model":
+    if stats is None and cfg.combine == "pcb" and cfg.get("pcb_scope") == "model":
         raise ValueError("PCB's whole-model statistics wait for the prune's density maps (being computed)")
     return stats
 
@@ -159,13 +159,13 @@ def sce_topk(cfg: MergeConfig, name: str) -> float | None:
     else None. The select itself is sce.sce_select_mask on the pruned deltas, as the merge computes it."""
     if cfg.combine != "sce":
         return None
-    topk = cfg.for_tensor(name).select_topk
+    topk = cfg.for_tensor(name).get("select_topk")
     return topk if topk < 1 else None
 
 
 def random_drop(cfg: MergeConfig) -> bool:
     """True when the prune keeps entries at random (DARE, DELLA, or APL with `apl_drop: random`)."""
-    return cfg.prune in ("random", "della") or (cfg.prune == "apl" and cfg.apl_drop == "random")
+    return cfg.prune in ("random", "della") or (cfg.prune == "apl" and cfg.get("apl_drop") == "random")
 
 
 def random_keep(ws, cfg: MergeConfig, i: int, name: str, step: Step) -> torch.Tensor:
@@ -174,7 +174,7 @@ def random_keep(ws, cfg: MergeConfig, i: int, name: str, step: Step) -> torch.Te
     if cfg.prune == "della":
         j = ws.align(cfg)[i]
         m = cfg.for_tensor(name).models[i]
-        return ws.access.memo(("della", cfg.seed, i, name, step.density, m.epsilon), lambda: prune_amplify(
+        return ws.access.memo(("della", cfg.seed, i, name, step.density, m.get("della_epsilon")), lambda: prune_amplify(
             cfg, i, name, ws.access.delta(name, j), step).reshape(-1) != 0)
     u = uniform(ws, cfg.seed, i, name)
     if step.rows is None:
@@ -251,12 +251,12 @@ def heatmap_values(ws, cfg: MergeConfig, metric: str, model_index: int = 0
     if not 0 <= model_index < len(idx):
         raise ValueError(f"pick a fine-tune of the config (0..{len(idx) - 1}), got {model_index}")
     blocks, types = acc.blocks(), acc.module_types(matrices_only=True)
-    full = ws.stats.full(cfg.dp_outlier_m)
+    full = ws.stats.full(cfg.get("dp_outlier_m"))
     if full is None:
         return blocks, types, None
     j, m = idx[model_index], cfg.models[model_index]
     st = full[j]
-    dp = ws._dp_map(full, j, m.density, cfg.dp_lambda, cfg.dp_outlier_m)[0] if metric == "dp_density" else None
+    dp = ws._dp_map(full, j, m.get("density"), cfg.get("dp_lambda"), cfg.get("dp_outlier_m"))[0] if metric == "dp_density" else None
     z = []
     for b in blocks:
         row = []
@@ -306,7 +306,7 @@ def combine_maps(ws, cfg: MergeConfig, name: str) -> dict:
     idx, _, pending = steps(ws, cfg, name)
     pruned = pruned_deltas(ws, cfg, name)
     n = pruned.shape[0]
-    w = torch.tensor([m.weight for m in cfg.models], dtype=torch.float32).view(-1, *([1] * (pruned.dim() - 1)))
+    w = torch.tensor([m.get("weight") for m in cfg.models], dtype=torch.float32).view(-1, *([1] * (pruned.dim() - 1)))
     weighted = pruned if bool((w == 1).all()) else pruned * w
     agree = agreement_mask(weighted)
     conflict = ((weighted != 0) & ~agree).any(dim=0)
@@ -399,8 +399,8 @@ def method_view(ws, cfg: MergeConfig, name: str) -> dict | None:
         shape = ws.access.shape(name)
         cols = shape[-1] if len(shape) > 1 else shape[0]
         view = cfg.for_tensor(name)
-        return {"kind": "della", "cols": cols, "name": name, "rescale": view.models[0].rescale,
-                "curves": [(m.model, j, della_curve(min(cols, 512), s.density, m.epsilon) if s.prune else None)
+        return {"kind": "della", "cols": cols, "name": name, "rescale": view.models[0].get("rescale"),
+                "curves": [(m.model, j, della_curve(min(cols, 512), s.density, m.get("della_epsilon")) if s.prune else None)
                            for m, j, s in zip(view.models, idx, stp)]}
     if cfg.combine == "pcb":        # the scores on a log grid: a few far above the many near 0
         pcb = pcb_parts(ws, cfg, name)
@@ -425,8 +425,8 @@ def method_view(ws, cfg: MergeConfig, name: str) -> dict | None:
     idx = ws.align(cfg)
     blocks = ws.access.blocks()
     t = None
-    if cfg.merge_method in ("slerp", "nearswap") and cfg.t is not None:
-        t = [float(v) if v is not None else None for v in P.gradient_curve(cfg.t, name, len(blocks))]
+    if cfg.merge_method in ("slerp", "nearswap") and cfg.get("t") is not None:
+        t = [float(v) if v is not None else None for v in P.gradient_curve(cfg.get("t"), name, len(blocks))]
     return {"kind": "interpolation", "module": module, "blocks": blocks, "name": name, "method": cfg.merge_method,
             "angles": [(m.model, j, _angles(ws, module, j)) for m, j in zip(cfg.models, idx)], "t": t}
 
@@ -442,10 +442,10 @@ def merged_delta(ws, cfg: MergeConfig, name: str) -> dict | None:
     view = cfg.for_tensor(name)
     idx = ws.align(cfg)
     deltas = torch.stack([ws.access.delta(name, j) for j in idx])
-    w = torch.tensor([float(m.weight) for m in view.models]).view(-1, *([1] * (deltas.dim() - 1)))
-    before = (deltas * w).sum(0) * float(view.lambda_)
+    w = torch.tensor([float(m.get("weight")) for m in view.models]).view(-1, *([1] * (deltas.dim() - 1)))
+    before = (deltas * w).sum(0) * float(view.get("lambda"))
     after = combine(view, pruned_deltas(ws, cfg, name).clone(), inplace=True,
-                    pcb_stats=pcb_stats(ws, cfg)) * float(view.lambda_)
+                    pcb_stats=pcb_stats(ws, cfg)) * float(view.get("lambda"))
     logs = [sample_flat(t.reshape(-1), HIST_SAMPLE).abs().log10() for t in (before, after)]
     finite = [x[torch.isfinite(x)] for x in logs]
     lo = min((float(x.min()) for x in finite if x.numel()), default=-8.0)
@@ -456,4 +456,4 @@ def merged_delta(ws, cfg: MergeConfig, name: str) -> dict | None:
     return {"name": name, "method": cfg.method_name, "centers": [10 ** (lo + (b + 0.5) * width) for b in range(HIST_BINS)],
             "before": counts[0], "after": counts[1],
             "nonzero": (float((before != 0).float().mean()), float((after != 0).float().mean())),
-            "norm_ratio": float(after.norm()) / norm if norm > 0 else None, "lambda": float(view.lambda_)}
+            "norm_ratio": float(after.norm()) / norm if norm > 0 else None, "lambda": float(view.get("lambda"))}

@@ -76,7 +76,7 @@ def task_data(model_dir: str | Path, ref: str | None = None, apl_data: str | Non
 
 def check_data(cfg: MergeConfig, model_dirs: Sequence[Path]) -> list[TaskData]:
     """Every fine-tune's task data, resolved before any compute (refuses the first one missing)."""
-    return [task_data(d, m.model, m.apl_data, m.domain, cfg.apl_examples) for m, d in zip(cfg.models, model_dirs)]
+    return [task_data(d, m.model, m.get("apl_data"), m.domain, cfg.get("apl_examples")) for m, d in zip(cfg.models, model_dirs)]
 
 
 # ------------------------------------------------------------------------------------ importance
@@ -239,11 +239,11 @@ def plan(cfg: MergeConfig, shapes: dict[str, tuple] | None = None, base_dir: Pat
         with io.CheckpointReader(base_dir) as r:
             shapes = {n: tuple(r.shape(n)) for n in r.names if r.dtype(n).is_floating_point}
     kind = cfg.apl_importance_kind
-    imps = [importance(base_dir, d, td, cfg.apl_level, kind, cfg.apl_gradient_at, device)
+    imps = [importance(base_dir, d, td, cfg.get("apl_level"), kind, cfg.get("apl_gradient_at"), device)
             for d, td in zip(ft_dirs, data)]
-    maps = [density_map(imp.values, shapes, cfg.apl_level, m.density, cfg.apl_lambda)
+    maps = [density_map(imp.values, shapes, cfg.get("apl_level"), m.get("density"), cfg.get("apl_lambda"))
             for imp, m in zip(imps, cfg.models)]
-    weights = importance_weights([imp.model_exact for imp in imps]) if cfg.apl_weights else [1.0] * len(imps)
+    weights = importance_weights([imp.model_exact for imp in imps]) if cfg.get("apl_weights") else [1.0] * len(imps)
     return APLPlan(maps=maps, weights=weights, importance=imps)
 
 
@@ -254,15 +254,15 @@ def weighted(cfg: MergeConfig, weights: Sequence[float]) -> MergeConfig:
 
     out = copy.deepcopy(cfg)
     for m, w in zip(out.models, weights):
-        m.weight = m.weight * w
+        m.settings["weight"] = m.get("weight") * w
     return out
 
 
 def report(cfg: MergeConfig, plan: "APLPlan") -> dict:
     """What dppa_apl.json records: per fine-tune its task data, losses, merge weight, and every
     partitioned tensor's importance (exact or gradient; row level: summed per tensor) and density."""
-    out = {"level": cfg.apl_level, "importance": cfg.apl_importance_kind, "examples": cfg.apl_examples,
-           "apl_lambda": cfg.apl_lambda, "drop": cfg.apl_drop, "models": []}
+    out = {"level": cfg.get("apl_level"), "importance": cfg.apl_importance_kind, "examples": cfg.get("apl_examples"),
+           "apl_lambda": cfg.get("apl_lambda"), "drop": cfg.get("apl_drop"), "models": []}
     for m, imp, dmap, w in zip(cfg.models, plan.importance, plan.maps, plan.weights):
         values = {str(k): (float(v.sum()) if isinstance(v, torch.Tensor) else float(v)) for k, v in imp.values.items()}
         out["models"].append({"model": m.model, "data": imp.data, "loss_finetune": imp.loss_finetune,

@@ -49,7 +49,7 @@ def _merge(args) -> int:
 
 def _search(args) -> int:
     cfg = load_config(args.config)
-    autos = cfg.lambda_auto or any(m.amplification == "auto" for m in cfg.models)
+    autos = cfg.lambda_auto or any(m.get("amplification") == "auto" for m in cfg.models)
     if cfg.search is None and not autos:
         print("error: the config has no `search:` block (and no `amplification: auto` / `lambda: auto`); "
               "add one, e.g. `search: {parameters: {models[*].weight: [0.5, 1.5]}, budget: 100}`", file=sys.stderr)

@@ -9,7 +9,7 @@ key or value and the fix.
 Any numeric parameter may be a gradient list or `filter` entries (params.py). The loaded config
 keeps such settings as they are; `MergeConfig.for_tensor(name, t)` is the resolved view for one
 tensor, whose ModelSpec and MergeConfig fields are plain values, so per-tensor code reads
-`cfg.models[i].density` unchanged.
+`cfg.models[i].get("density")` unchanged.
 """
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ from typing import Any
 import yaml
 
 from . import params as P
-from .registry import AMPLIFIES, COMBINES, METHODS, PIPELINE_PRESETS, PRESETS, PRUNES, Method, Param, stage_params
+from .registry import (AMPLIFIES, COMBINES, METHODS, PIPELINE_PRESETS, PRESETS, PRUNES, Method, Param, default,
+                       stage_params)
 from .registry import ALL_PARAM_KEYS as _ALL_PARAM_KEYS
 from .registry import APL_EXAMPLES_DEFAULT as APL_EXAMPLES
 
@@ -90,25 +91,29 @@ class ConfigError(ValueError):
     """A merge config that cannot run; the message names the key or value and the fix."""
 
 
+class Settings:
+    """Parameter settings by internal name (registry.PARAMS): what a method's record declares, read
+    through `get` (a parameter this config's method lacks reads as its registry default)."""
+    settings: dict[str, Any]
+
+    def get(self, name: str):
+        s = self.settings
+        return s[name] if name in s else default(name)
+
+    def with_settings(self, values: dict[str, Any]):
+        """A copy with these settings changed."""
+        return replace(self, settings={**self.settings, **values})
+
+
 @dataclass
-class ModelSpec:
-    """One input model and its parameters. In a loaded config a parameter may still be a gradient
-    list or filter entries; in a `for_tensor` view every one is a plain value."""
+class ModelSpec(Settings):
+    """One input model and its parameters (`settings`: weight, density, ... by internal name). In a
+    loaded config a setting may still be a gradient list or filter entries; in a `for_tensor` view
+    every one is a plain value."""
     model: str
-    weight: Any = 1.0
-    density: Any = 1.0
-    partitions: list[float] | None = None
-    amplification: list[float] | str | None = None    # list, or "auto" (greedy search)
-    domain: str | list[str] | None = None
-    rescale: str = "none"                  # "l1" | "none" | "paper"; the prune stage's default
-    # --- breadcrumbs / della prunes
-    gamma: Any = 0.01
-    epsilon: Any = 0.15
-    # --- passthrough / slices
-    scale: Any = None
+    settings: dict[str, Any] = field(default_factory=dict)
+    domain: str | list[str] | None = None              # the task(s) it was fine-tuned on (dev splits, APL)
     layer_range: tuple[int, int] | None = None       # slices: this source's layers [start, end)
-    # --- APL: JSONL of the fine-tune's own task (None: its demo domain's dev split)
-    apl_data: str | None = None
 
 
 @dataclass
@@ -134,67 +139,24 @@ class VocabSpec:
 
 
 @dataclass
-class MergeConfig:
+class MergeConfig(Settings):
+    """What every merge has; its method's parameters are `settings` (by internal name, registry.PARAMS),
+    read with `get` (`cfg.get("pcb_ratio")`; per model `cfg.models[i].get("density")`)."""
     base_model: str | None
     models: list[ModelSpec]
     merge_method: str | None = None
     prune: str = "none"
     amplify: str = "none"
     combine: str = "sum"
-    lambda_: Any = 1.0
-    lambda_auto: bool = False           # `lambda: auto`: PCB's per-model lambda search (dppa_ui.search)
-    lambda_objective: str = "mean"      # what lambda: auto maximises: "mean" (official) or "geometric"
-    lambda_choice: str = "recommendation"   # what it returns: nevergrad's "recommendation" (official) or "best"
-    normalize: Any = False
-    dp_lambda: float = 0.08
-    dp_outlier_m: float = 5.0
-    dp_others: str = "keep"
-    pcb_ratio: Any = 0.1
-    scope: str = "model"                # PCB: statistics over the whole model (official) or per tensor
-    # --- DPPA and PCB as their official code does them (issue 8)
-    dpa_whole: str = "amplify"          # tensors DP keeps whole: "amplify" (official, x max alpha) or "keep" (x1)
-    dpa_bands: str = "max"              # band k's factor: max(alpha_k..alpha_K) (official) or "own" alpha_k
-    alpha_search: str = "official"      # greedy alpha walk returns its end state ("official") or the "best" seen
-    alpha_start: list[float] | None = None   # walk start; None = official [1.8, 0.0, ...]
-    alpha_step: float = 0.1
-    clip_ratio: float = 0.0001          # PCB: |delta| clipped at these tails per row (pcb-merging.py)
-    search: dict | None = None          # the raw `search:` block, validated by dppa_ui.search
+    settings: dict[str, Any] = field(default_factory=dict)   # global parameters, by internal name
+    lambda_auto: bool = False           # `lambda: auto`: PCB's per-model lambda search runs first (search.py)
+    search: dict | None = None          # the raw `search:` block, validated by search.parse_search
     dtype: str | None = None            # output dtype; None = the base's
     seed: int = 0
     tokenizer_source: str | None = None   # a model whose tokenizer files are copied (None: the base's)
     chat_template: str | None = None      # None = the tokenizer source's; else a Jinja template
     name: str | None = None
     notices: list[str] = field(default_factory=list)
-    # --- per-method global parameters (mergekit's names; see registry.py)
-    t: Any = None                         # slerp, nearswap
-    select_topk: Any = 1.0                # sce
-    int8_mask: bool = False
-    epsilon: Any = 1e-5                   # ram, ramplus_tl
-    r: Any = 0.1                          # ramplus_tl
-    alpha: Any = 0.2                      # ramplus_tl
-    common_space_fraction: Any = 0.8      # iso_cts
-    filter_wise: Any = False              # model_stock
-    max_iter: Any = 10                    # karcher
-    # --- APL (prune: apl), see methods/apl.py
-    apl_examples: int = APL_EXAMPLES
-    apl_level: str = "module"
-    apl_importance: str = "auto"
-    apl_gradient_at: str = "midpoint"
-    apl_lambda: float = 0.5
-    apl_drop: str = "random"
-    apl_weights: bool = False
-    apl_others: str = "keep"             # tensors outside the partitions: keep the delta, or prune at the density
-    # --- SMILE (merge_method: smile), see methods/smile.py; rank_of_expert None = full rank
-    rank_of_expert: int | None = 64
-    rank_of_router: int = 8
-    num_experts_per_tok: int = 1
-    smile_others: str = "base"            # tensors outside the experts: the base's (FusionBench) or task_arithmetic
-    smile_scope: str = "blocks"
-    tol: Any = 1e-5                       # karcher
-    nuslerp_flatten: Any = True
-    nuslerp_row_wise: Any = False
-    normalize_weights: Any = True         # multislerp
-    eps: Any = 1e-8                       # multislerp
     # --- layer stacking (`slices`; None = `models`, every layer)
     slices: list[SliceSpec] | None = None
     # --- tokenizer surgery (`tokenizer:` / `tokenizer_source:`; None = copy the base's files)
@@ -226,9 +188,9 @@ class MergeConfig:
     @property
     def apl_importance_kind(self) -> str:
         """"exact" or "gradient": what `apl_importance` resolves to at `apl_level`."""
-        if self.apl_importance != "auto":
-            return self.apl_importance
-        return "gradient" if self.apl_level == "row" else "exact"
+        if self.get("apl_importance") != "auto":
+            return self.get("apl_importance")
+        return "gradient" if self.get("apl_level") == "row" else "exact"
 
     @property
     def method_name(self) -> str:
@@ -260,10 +222,10 @@ class MergeConfig:
 
     def varying(self) -> list[str]:
         """Names of the parameters that are gradients or filters somewhere in this config."""
-        out = {p.name for p in self.params if p.scope == "global" and not P.is_constant(getattr(self, p.name))}
+        out = {p.name for p in self.params if p.scope == "global" and not P.is_constant(self.get(p.name))}
         for m in self.models:
             out |= {p.name for p in self.params if p.scope == "model" and p.per_tensor
-                    and not P.is_constant(getattr(m, p.name))}
+                    and not P.is_constant(m.get(p.name))}
         return sorted(out)
 
     def with_layers(self, n_layers: int) -> "MergeConfig":
@@ -290,14 +252,14 @@ class MergeConfig:
         g = {}
         for p in self.params:
             if p.scope == "global" and p.name in varying:
-                g[p.name] = _resolve(getattr(self, p.name), p, name, t)
+                g[p.name] = _resolve(self.get(p.name), p, name, t)
         models = []
         for i, m in enumerate(self.models):
             own = source_names[i] if source_names else name
-            vals = {p.name: _resolve(getattr(m, p.name), p, own, t) for p in self.params
-                    if p.scope == "model" and p.per_tensor and not P.is_constant(getattr(m, p.name))}
-            models.append(replace(m, **vals) if vals else m)
-        view = replace(self, models=models, notices=self.notices, **g)
+            vals = {p.name: _resolve(m.get(p.name), p, own, t) for p in self.params
+                    if p.scope == "model" and p.per_tensor and not P.is_constant(m.get(p.name))}
+            models.append(m.with_settings(vals) if vals else m)
+        view = replace(self, models=models, notices=self.notices, settings={**self.settings, **g})
         _check_view(view, name)
         return view
 
@@ -319,7 +281,7 @@ class MergeConfig:
         model_params = [p for p in params if p.scope == "model"]
         shared_rescale = None
         if any(p.key == "rescale" for p in model_params):
-            values = {m.rescale for m in (self.models or [s for sl in self.slices or [] for s in sl.sources])}
+            values = {m.get("rescale") for m in (self.models or [s for sl in self.slices or [] for s in sl.sources])}
             if len(values) == 1:
                 shared_rescale = values.pop()
 
@@ -330,7 +292,7 @@ class MergeConfig:
             p: dict[str, Any] = {}
             if not base:
                 for prm in model_params:
-                    v = getattr(m, prm.name)
+                    v = m.get(prm.name)
                     if prm.key == "rescale":
                         if shared_rescale is None:
                             p["rescale"] = _rescale_out(v)
@@ -350,7 +312,7 @@ class MergeConfig:
         for prm in params:
             if prm.scope != "global":
                 continue
-            v = getattr(self, prm.name)
+            v = self.get(prm.name)
             if prm.key == "int8_mask" and not v:
                 continue
             if v is None:
@@ -360,7 +322,7 @@ class MergeConfig:
             g["rescale"] = _rescale_out(shared_rescale)
         if self.lambda_auto:
             g["lambda"] = "auto"
-        if self.upscale and self.rank_of_expert is None:
+        if self.upscale and self.get("rank_of_expert") is None:
             g["rank_of_expert"] = "full"
         if self.slices is not None:
             d["slices"] = []
@@ -455,12 +417,12 @@ def _check_view(cfg: MergeConfig, name: str) -> None:
 
 
 def _check_prune_values(prune: str, m: ModelSpec, where: str) -> None:
-    if prune == "breadcrumbs" and m.density < 1 and m.density + m.gamma > 1 + 1e-12:
+    if prune == "breadcrumbs" and m.get("density") < 1 and m.get("density") + m.get("gamma") > 1 + 1e-12:
         raise ConfigError(f"`{where}`: breadcrumbs needs density + gamma <= 1 (the kept band plus the dropped "
-                          f"outliers), got density {m.density:g} + gamma {m.gamma:g}; lower one of them")
-    if prune == "della" and m.density < 1 and not (0 < m.density - m.epsilon and m.density + m.epsilon < 1):
+                          f"outliers), got density {m.get('density'):g} + gamma {m.get('gamma'):g}; lower one of them")
+    if prune == "della" and m.get("density") < 1 and not (0 < m.get("density") - m.get("della_epsilon") and m.get("density") + m.get("della_epsilon") < 1):
         raise ConfigError(f"`{where}`: della needs density - epsilon > 0 and density + epsilon < 1 (keep "
-                          f"probabilities), got density {m.density:g}, epsilon {m.epsilon:g}; lower epsilon")
+                          f"probabilities), got density {m.get('density'):g}, epsilon {m.get('della_epsilon'):g}; lower epsilon")
 
 
 # ----------------------------------------------------------------------------- parsing helpers
@@ -770,7 +732,7 @@ def _load(data: dict) -> MergeConfig:
     for p in plist:
         if p.scope == "global":
             v = top_global.get(p.key)
-            setattr(cfg, p.name, (None if p.required else p.default) if v is None else v)
+            cfg.settings[p.name] = (None if p.required else p.default) if v is None else v
 
     if "slices" in data and "models" in data:
         raise ConfigError("give either `models` (whole models) or `slices` (layer ranges), not both")
@@ -799,29 +761,29 @@ def _validate_official(cfg: MergeConfig, params: dict, data: dict, label: str) -
         if cfg.slices is not None:
             raise ConfigError(f"{label} measures each fine-tune's importance on whole models; it cannot run on "
                               f"`slices`: use `models`")
-        if cfg.apl_level == "row" and cfg.apl_importance == "exact":
+        if cfg.get("apl_level") == "row" and cfg.get("apl_importance") == "exact":
             raise ConfigError("`parameters.apl_importance` = exact at `apl_level: row` would need one forward pass "
                               "per row of every matrix; use `apl_importance: gradient` (or auto) for rows")
         for i, m in enumerate(cfg.models):
-            if not P.is_constant(m.density):
+            if not P.is_constant(m.get("density")):
                 raise ConfigError(f"`models[{i}]` ({m.model}): APL sets per-partition densities itself; give one "
                                   f"target `density`, not a gradient or filters")
     if cfg.upscale:
-        if cfg.rank_of_expert == "full":
-            cfg.rank_of_expert = None
-        if cfg.num_experts_per_tok > len(cfg.models):
-            raise ConfigError(f"`parameters.num_experts_per_tok` = {cfg.num_experts_per_tok} is more than the "
+        if cfg.get("rank_of_expert") == "full":
+            cfg.settings["rank_of_expert"] = None
+        if cfg.get("num_experts_per_tok") > len(cfg.models):
+            raise ConfigError(f"`parameters.num_experts_per_tok` = {cfg.get('num_experts_per_tok')} is more than the "
                               f"{len(cfg.models)} fine-tune(s) listed (one expert each); use at most "
                               f"{len(cfg.models)}")
-    if cfg.alpha_start is not None:
-        start = _floats(cfg.alpha_start, "parameters.alpha_start")
+    if cfg.get("alpha_start") is not None:
+        start = _floats(cfg.get("alpha_start"), "parameters.alpha_start")
         if any(a < 0 for a in start):
             raise ConfigError(f"`parameters.alpha_start` {start} must be >= 0")
         for i, m in enumerate(cfg.models):
-            if cfg.amplify == "dpa" and m.amplification == "auto" and len(start) != len(m.partitions):
+            if cfg.amplify == "dpa" and m.get("amplification") == "auto" and len(start) != len(m.get("partitions")):
                 raise ConfigError(f"`parameters.alpha_start` has {len(start)} values but models[{i}] has "
-                                  f"{len(m.partitions)} partitions")
-        cfg.alpha_start = start
+                                  f"{len(m.get('partitions'))} partitions")
+        cfg.settings["alpha_start"] = start
     if data.get("search") is not None:      # kept as written: whoever runs it validates it (search.parse_search)
         cfg.search = copy.deepcopy(data["search"])
 
@@ -834,21 +796,21 @@ def _model_spec(ref: str, own: dict, where: str, params: dict, slice_params: dic
             continue
         if p.kind == "rescale":
             raw = own.get("rescale", (slice_params or {}).get("rescale", params.get("rescale")))
-            spec.rescale = p.default if raw is None else _rescale(raw, f"{where}.parameters.rescale"
+            spec.settings["rescale"] = p.default if raw is None else _rescale(raw, f"{where}.parameters.rescale"
                                                                   if "rescale" in own else "parameters.rescale")
             continue
         if p.key in ("partitions", "amplification", "domain"):
             continue
         if p.key == "apl_data":
             raw = own.get("apl_data", params.get("apl_data"))
-            spec.apl_data = _apl_data(raw, f"{where}.parameters.apl_data")
+            spec.settings["apl_data"] = _apl_data(raw, f"{where}.parameters.apl_data")
             continue
         scopes = [P.parse_setting(d[p.key], p, w) if d is not None and p.key in d else None
                   for d, w in ((own, f"{where}.parameters.{p.key}"),
                                (slice_params, f"slice parameters.{p.key}"),
                                (params, f"parameters.{p.key}"))]
         v = P.fold(*scopes)
-        setattr(spec, p.name, p.default if v is None else v)
+        spec.settings[p.name] = p.default if v is None else v
     spec.domain = own.get("domain", domain)
     if amplify == "dpa":
         _load_dpa(spec, own, params, where)
@@ -856,15 +818,15 @@ def _model_spec(ref: str, own: dict, where: str, params: dict, slice_params: dic
 
 
 def _load_dpa(spec: ModelSpec, own: dict, params: dict, where: str) -> None:
-    if not P.is_constant(spec.density):
+    if not P.is_constant(spec.get("density")):
         raise ConfigError(f"`{where}`: `density` cannot be a gradient or filters with amplify dpa (its "
                           f"partitions end at the density); give one density")
     parts = own.get("partitions", params.get("partitions"))
-    parts = [spec.density / 2, spec.density] if parts is None else _floats(parts, f"{where}.parameters.partitions")
+    parts = [spec.get("density") / 2, spec.get("density")] if parts is None else _floats(parts, f"{where}.parameters.partitions")
     if any(b <= a for a, b in zip(parts, parts[1:])) or parts[0] <= 0:
         raise ConfigError(f"`{where}` partitions {parts} must be positive and strictly ascending")
-    if not math.isclose(parts[-1], spec.density, rel_tol=0, abs_tol=1e-9):
-        raise ConfigError(f"`{where}` partitions {parts} must end at the model's density {spec.density}")
+    if not math.isclose(parts[-1], spec.get("density"), rel_tol=0, abs_tol=1e-9):
+        raise ConfigError(f"`{where}` partitions {parts} must end at the model's density {spec.get('density')}")
     if len(parts) > 3:
         raise ConfigError(f"`{where}` has {len(parts)} partitions; at most 3 are supported")
     amp = own.get("amplification", params.get("amplification"))
@@ -878,7 +840,7 @@ def _load_dpa(spec: ModelSpec, own: dict, params: dict, where: str) -> None:
             raise ConfigError(f"`{where}` has {len(amp)} amplification factors for {len(parts)} partitions")
         if any(a < 0 for a in amp):
             raise ConfigError(f"`{where}` amplification {amp} must be >= 0")
-    spec.partitions, spec.amplification = parts, amp
+    spec.settings["partitions"], spec.settings["amplification"] = parts, amp
 
 
 def _load_models(cfg: MergeConfig, items, params: dict, plist, check_keys, label: str) -> None:
@@ -944,11 +906,11 @@ def _layer_range(value, where: str) -> tuple[int, int]:
 def _load_slices(cfg: MergeConfig, items, params: dict, top_global: dict, plist, check_keys, label: str) -> None:
     if not isinstance(items, list) or not items:
         raise ConfigError("`slices` must list at least one slice (`- sources: [{model: PATH, layer_range: [0, N]}]`)")
-    if cfg.prune == "dp" or (cfg.combine == "pcb" and cfg.scope == "model" and "scope" in params):
+    if cfg.prune == "dp" or (cfg.combine == "pcb" and cfg.get("pcb_scope") == "model" and "scope" in params):
         raise ConfigError(f"{label} needs whole-model statistics (DP outlier ratios / PCB model scope); it "
                           f"cannot run on `slices`: use `models`" + (", or `scope: tensor`" if cfg.prune != "dp" else ""))
-    if cfg.combine == "pcb" and cfg.scope == "model":     # the default: a stack of slices has no one task vector
-        cfg.scope = "tensor"
+    if cfg.combine == "pcb" and cfg.get("pcb_scope") == "model":     # the default: a stack of slices has no one task vector
+        cfg.settings["pcb_scope"] = "tensor"
         cfg.notices.append("PCB on `slices` runs at scope tensor (each tensor's own statistics): the official "
                            "whole-model flattening needs `models`")
     cfg.slices = []
@@ -1006,8 +968,8 @@ def slice_view(cfg: MergeConfig, k: int) -> MergeConfig:
     g = {}
     for p in cfg.params:
         if p.scope == "global" and p.key in s.params:
-            g[p.name] = P.fold(s.params[p.key], getattr(cfg, p.name))
-    return replace(cfg, models=models, base_model=s.base_model, slices=None, **g)
+            g[p.name] = P.fold(s.params[p.key], cfg.get(p.name))
+    return replace(cfg, models=models, base_model=s.base_model, slices=None, settings={**cfg.settings, **g})
 
 
 def _validate_inputs(cfg: MergeConfig, base: str | None, refs: list[str], where: str, label: str,
@@ -1038,14 +1000,14 @@ def _validate_inputs(cfg: MergeConfig, base: str | None, refs: list[str], where:
 def _check_constant_prune(prune: str, m: ModelSpec, where: str) -> None:
     """Prune constraints on constant values here; varying ones are checked per tensor (for_tensor),
     which the engine does for every tensor before reading any."""
-    if prune in ("breadcrumbs", "della") and P.is_constant(m.density) and P.is_constant(
-            m.gamma if prune == "breadcrumbs" else m.epsilon):
+    if prune in ("breadcrumbs", "della") and P.is_constant(m.get("density")) and P.is_constant(
+            m.get("gamma") if prune == "breadcrumbs" else m.get("della_epsilon")):
         _check_prune_values(prune, m, where)
 
 
 def _check_required(cfg: MergeConfig, plist, where: str, label: str) -> None:
     for p in plist:
-        if p.scope == "global" and p.required and getattr(cfg, p.name) is None:
+        if p.scope == "global" and p.required and cfg.get(p.name) is None:
             raise ConfigError(f"{label} without `{where}.{p.key}` is not supported: give it ({p.doc})")
 
 
@@ -1058,30 +1020,30 @@ def _validate_method(cfg: MergeConfig, mrec: Method | None, label: str) -> None:
         for i, m in enumerate(cfg.models):
             _check_constant_prune(cfg.prune, m, f"models[{i}] ({m.model})")
     if cfg.family == "pipeline":
-        if cfg.combine == "pcb" and cfg.scope == "model" and not P.is_constant(cfg.pcb_ratio):
+        if cfg.combine == "pcb" and cfg.get("pcb_scope") == "model" and not P.is_constant(cfg.get("pcb_ratio")):
             raise ConfigError("`parameters.pcb_ratio` must be one number at `scope: model` (the default: one cut "
                               "over the whole model, as the official code makes it); give one value, or "
                               "`scope: tensor` for a ratio per tensor")
         if cfg.prune == "dp":
             for i, m in enumerate(cfg.models):
-                if not P.is_constant(m.density):
+                if not P.is_constant(m.get("density")):
                     raise ConfigError(f"`models[{i}]` ({m.model}): DP sets per-layer densities itself; give one "
                                       f"target `density`, not a gradient or filters")
         if cfg.prune != "none" and cfg.prune != "dp":
             for i, m in enumerate(cfg.models + [x for s in cfg.slices or [] for x in s.sources]):
-                if m.rescale == "paper" and cfg.prune in ("magnitude", "breadcrumbs"):
+                if m.get("rescale") == "paper" and cfg.prune in ("magnitude", "breadcrumbs"):
                     raise ConfigError(f"`rescale: paper` (1/density) belongs to random drops (DARE, DELLA); "
                                       f"{cfg.prune} pruning keeps values or rescales to the L1 norm (true)")
         return
     name = cfg.merge_method
     if name in ("slerp", "nearswap"):
-        for v in P.anchors(cfg.t) + [v for s in cfg.slices or [] for v in P.anchors(s.params.get("t", 0.5))]:
+        for v in P.anchors(cfg.get("t")) + [v for s in cfg.slices or [] for v in P.anchors(s.params.get("t", 0.5))]:
             if name == "slerp" and not 0 <= v <= 1:
                 cfg.notices.append(f"slerp t = {v:g} is outside [0, 1]: it extrapolates beyond the "
                                    f"{'base' if v < 0 else 'other model'}")
                 break
-    if name == "linear" and P.is_constant(cfg.normalize) and cfg.normalize:
-        ws = [m.weight for m in cfg.models]
+    if name == "linear" and P.is_constant(cfg.get("normalize")) and cfg.get("normalize"):
+        ws = [m.get("weight") for m in cfg.models]
         if all(P.is_constant(w) for w in ws) and abs(sum(ws)) < 1e-12:
             raise ConfigError(f"linear with normalize divides by the sum of the weights, and {ws} sums to 0: "
                               f"change a weight or set `normalize: false`")

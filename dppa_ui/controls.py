@@ -173,41 +173,41 @@ class MethodControls:
             raise ConfigError(f"{cfg.merge_method} has its own controls in the app (Merge tab)")
         models = [x for x in cfg.models if x.model != cfg.base_model] or cfg.models
         m0 = models[0]
-        if cfg.prune != "none" and any(m.density != m0.density for m in models):
+        if cfg.prune != "none" and any(m.get("density") != m0.get("density") for m in models):
             raise ConfigError("the models have different densities; the app sets one density for all "
                               "(run this config with `python -m dppa_ui merge`)")
-        weights = tuple(m.weight for m in models)
+        weights = tuple(m.get("weight") for m in models)
         if any(not isinstance(w, (int, float)) for w in weights):
             raise ConfigError("per-layer weights are not in the app's controls; run this config with "
                               "`python -m dppa_ui merge`")
-        c = cls(preset=preset, density=m0.density if cfg.prune != "none" else cls.density,
-                lambda_=cfg.lambda_ if isinstance(cfg.lambda_, (int, float)) else cls.lambda_,
+        c = cls(preset=preset, density=m0.get("density") if cfg.prune != "none" else cls.density,
+                lambda_=cfg.get("lambda") if isinstance(cfg.get("lambda"), (int, float)) else cls.lambda_,
                 weights=() if all(w == 1.0 for w in weights) else weights,
-                dp_lambda=cfg.dp_lambda, dp_outlier_m=cfg.dp_outlier_m,
-                pcb_ratio=cfg.pcb_ratio if isinstance(cfg.pcb_ratio, (int, float)) else cls.pcb_ratio, seed=cfg.seed)
+                dp_lambda=cfg.get("dp_lambda"), dp_outlier_m=cfg.get("dp_outlier_m"),
+                pcb_ratio=cfg.get("pcb_ratio") if isinstance(cfg.get("pcb_ratio"), (int, float)) else cls.pcb_ratio, seed=cfg.seed)
         extra = {}
         for p in extra_params(preset):
             if p.scope == "global":
-                v = getattr(cfg, p.name)
+                v = cfg.get(p.name)
             else:
-                vals = [getattr(x, p.name) for x in models]
+                vals = [x.get(p.name) for x in models]
                 if any(v != vals[0] for v in vals):
                     raise ConfigError(f"the models have different `{p.key}`; the app sets one for all")
                 v = vals[0]
             if v is not None and (not P.is_constant(v) or v != p.default):
                 extra[p.key] = copy.deepcopy(v)
         c = replace(c, params=extra)
-        if cfg.amplify == "dpa" and m0.partitions:
-            d = m0.density
-            shares = tuple(round(p / d, 9) for p in m0.partitions[:-1])
-            amps = [m.amplification for m in models]
+        if cfg.amplify == "dpa" and m0.get("partitions"):
+            d = m0.get("density")
+            shares = tuple(round(p / d, 9) for p in m0.get("partitions")[:-1])
+            amps = [m.get("amplification") for m in models]
             if any(isinstance(a, str) for a in amps):
                 raise ConfigError("amplification: auto is searched by the app's 'auto α' button; give numbers")
             if all(list(a) == list(amps[0]) for a in amps):
                 c = replace(c, band_shares=shares, alphas=tuple(amps[0]))
             else:
                 c = replace(c, band_shares=shares, alphas=tuple(amps[0]),
-                            alpha_per_model={m.model: list(m.amplification) for m in models})
+                            alpha_per_model={m.model: list(m.get("amplification")) for m in models})
         return c
 
     def as_dict(self) -> dict:

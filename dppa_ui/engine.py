@@ -162,7 +162,7 @@ def plan_report(cfg: MergeConfig, inputs: Inputs, out_dtype: torch.dtype, device
     disk = n_params * out_dtype.itemsize
     n = max(len(cfg.models), max((len(j.sources) for j in inputs.plan.jobs), default=1))
     mem = (n + 2) * largest * 4 + (n + 1) * largest * 4      # working set + prefetched inputs
-    key = ("pcb_model" if cfg.scope == "model" else "pcb") if cfg.combine == "pcb" else cfg.prune
+    key = ("pcb_model" if cfg.get("pcb_scope") == "model" else "pcb") if cfg.combine == "pcb" else cfg.prune
     rate = _EST_RATE.get(key, 1e8) if cfg.family == "pipeline" else 3e8
     secs = n_params * n / rate * (0.1 if device.type == "cuda" else 1)
     stages = f" (prune={cfg.prune}, amplify={cfg.amplify}, combine={cfg.combine})" if cfg.family == "pipeline" else ""
@@ -171,9 +171,9 @@ def plan_report(cfg: MergeConfig, inputs: Inputs, out_dtype: torch.dtype, device
     model_params = [p for p in cfg.params if p.scope == "model" and p.key not in ("domain",)]
     for r, d in zip(inputs.refs, inputs.dirs):
         specs = [m for m in cfg.models if m.model == r]
-        vals = ", ".join(f"{p.key}={getattr(specs[0], p.name)}" for p in model_params) if specs else ""
+        vals = ", ".join(f"{p.key}={specs[0].get(p.name)}" for p in model_params) if specs else ""
         lines.append(f"model: {r} -> {d}" + (f" ({vals})" if vals else ""))
-    g = [f"{p.key}={getattr(cfg, p.name)}" for p in cfg.params if p.scope == "global"]
+    g = [f"{p.key}={cfg.get(p.name)}" for p in cfg.params if p.scope == "global"]
     lines.append("parameters: " + ", ".join(g + [f"seed={cfg.seed}"]))
     for k, sl in enumerate(cfg.slices or []):
         lines.append(f"slice {k}: " + ", ".join(f"{x.model} layers [{x.layer_range[0]}, {x.layer_range[1]})"
@@ -255,20 +255,20 @@ def _write_weights(cfg: MergeConfig, inputs: Inputs, tmp: Path, dev: torch.devic
     passes = cfg.prune == "dp" and stats is None
     total = len(names) + (len(float_names) + sum(
         1 for n in float_names if len(inputs.shapes[n]) == 2) if passes else 0)
-    if cfg.family == "pipeline" and cfg.combine == "pcb" and cfg.scope == "model":
-        total += stat_passes(cfg.clip_ratio) * len(float_names)
+    if cfg.family == "pipeline" and cfg.combine == "pcb" and cfg.get("pcb_scope") == "model":
+        total += stat_passes(cfg.get("clip_ratio")) * len(float_names)
     bar, tick = _progress(progress, total)
     try:
         if cfg.prune != "dp":
             stats = None
         elif passes:
             stats = collect_stats(float_names, lambda n: _to(inputs.load(n), dev),
-                                  [m.model for m in cfg.models], cfg.dp_outlier_m, progress=tick)
+                                  [m.model for m in cfg.models], cfg.get("dp_outlier_m"), progress=tick)
         if cfg.prune == "dp":
             dp_maps = dp_maps_from_stats(cfg, stats)
             save_stats(stats, tmp / STATS_FILE)
         pcb_stats, tied = None, {}
-        if cfg.family == "pipeline" and cfg.combine == "pcb" and cfg.scope == "model":
+        if cfg.family == "pipeline" and cfg.combine == "pcb" and cfg.get("pcb_scope") == "model":
             floats = set(float_names)
             pcb_stats, tied = pcb_model_stats([(j.name, j.cfg) for j in inputs.plan.jobs if j.name in floats],
                                               inputs.load, dp_maps, dev, tick, cancel)

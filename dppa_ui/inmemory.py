@@ -31,7 +31,7 @@ def merge_state_dicts(base_sd: dict[str, torch.Tensor] | None, ft_sds, config,
     cfg = config if isinstance(config, MergeConfig) else load_config(config)
     if cfg.upscale:
         raise ValueError(f"merge_method {cfg.upscale} builds a model, not a state dict: use dppa_ui.smile.build")
-    if any(isinstance(m.amplification, str) for m in cfg.models):
+    if any(isinstance(m.get("amplification"), str) for m in cfg.models):
         raise ValueError("amplification: auto must be resolved first (search.search_amplification)")
     by_ref = dict(ft_sds) if isinstance(ft_sds, dict) else None
     if by_ref is None:
@@ -59,7 +59,7 @@ def merge_state_dicts(base_sd: dict[str, torch.Tensor] | None, ft_sds, config,
             dp_maps, cfg = aplan.maps, apl.weighted(cfg, aplan.weights)
         if cfg.prune == "dp" and stats is None:
             stats = collect_stats(float_names, lambda n: (base_sd[n].to(device), [sd[n].to(device) for sd in fts]),
-                                  [m.model for m in cfg.models], cfg.dp_outlier_m)
+                                  [m.model for m in cfg.models], cfg.get("dp_outlier_m"))
         if cfg.prune == "dp":
             dp_maps = dp_maps_from_stats(cfg, stats)
     else:
@@ -74,7 +74,7 @@ def merge_state_dicts(base_sd: dict[str, torch.Tensor] | None, ft_sds, config,
         base = readers[job.base[0]].get(job.base[1]).to(device) if job.base else None
         return base, [readers[i].get(n) for i, n in job.sources]
     pcb_stats, tied = None, {}
-    if cfg.family == "pipeline" and cfg.combine == "pcb" and cfg.scope == "model":
+    if cfg.family == "pipeline" and cfg.combine == "pcb" and cfg.get("pcb_scope") == "model":
         pcb_stats, tied = pcb_model_stats([(j.name, j.cfg) for j in plan.jobs if base_sd[j.name].is_floating_point()],
                                           load, dp_maps, device)
     out, scratch = {}, Scratch()

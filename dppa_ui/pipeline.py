@@ -49,17 +49,17 @@ def plan_steps(cfg: MergeConfig, name: str, shape, dp_maps: list[DensityMap] | N
         if cfg.prune == "none":
             steps.append(Step(prune=False, density=1.0))
         elif cfg.prune not in ("dp", "apl"):
-            steps.append(Step(prune=True, density=m.density))
+            steps.append(Step(prune=True, density=m.get("density")))
         elif is_dp_target(name, shape):
             if dp_maps is None:
                 raise ValueError(f"prune {cfg.prune} needs its per-tensor density maps: "
                                  + ("dp_maps_from_stats(cfg, stats)" if cfg.prune == "dp" else "apl.plan(cfg).maps"))
             d = dp_maps[i][name]
             steps.append(Step(prune=True, density=d.density, offset=d.offset, rows=getattr(d, "rows", None)))
-        elif (cfg.dp_others if cfg.prune == "dp" else cfg.apl_others) == "keep":
+        elif (cfg.get("dp_others") if cfg.prune == "dp" else cfg.get("apl_others")) == "keep":
             steps.append(Step(prune=False, density=1.0))
         else:
-            steps.append(Step(prune=True, density=m.density))
+            steps.append(Step(prune=True, density=m.get("density")))
     return steps
 
 
@@ -68,9 +68,9 @@ def whole_factor(cfg: MergeConfig, i: int) -> float:
     norms, lm_head and biases under `dp_others: keep`). The official enhance_offset.py max-merges the
     K pruned copies of every tensor, each times its alpha; a whole-kept tensor is whole in every
     copy, so each entry ends at max_k alpha_k. `dpa_whole: keep` (or no DPA stage): 1."""
-    if cfg.amplify != "dpa" or cfg.dpa_whole == "keep":
+    if cfg.amplify != "dpa" or cfg.get("dpa_whole") == "keep":
         return 1.0
-    amp = cfg.models[i].amplification
+    amp = cfg.models[i].get("amplification")
     if isinstance(amp, str):
         raise ValueError(f"amplification {amp!r} of {cfg.models[i].model} must be resolved first "
                          f"(dppa_ui.engine.search_amplification)")
@@ -89,21 +89,21 @@ def prune_amplify(cfg: MergeConfig, i: int, name: str, delta: torch.Tensor, step
     m = cfg.models[i]
     if cfg.prune == "random":
         gen = tensor_generator(cfg.seed, i, name, delta.device)
-        delta = dare_prune(delta, step.density, gen, m.rescale, inplace=inplace)
+        delta = dare_prune(delta, step.density, gen, m.get("rescale"), inplace=inplace)
     elif cfg.prune == "della":
         gen = tensor_generator(cfg.seed, i, name, delta.device)
-        delta = della_prune(delta, step.density, m.epsilon, gen, m.rescale, inplace=inplace)
+        delta = della_prune(delta, step.density, m.get("della_epsilon"), gen, m.get("rescale"), inplace=inplace)
     elif cfg.prune == "breadcrumbs":
-        delta = breadcrumbs_prune(delta, step.density, m.gamma, m.rescale, inplace=inplace)
+        delta = breadcrumbs_prune(delta, step.density, m.get("gamma"), m.get("rescale"), inplace=inplace)
     elif cfg.prune == "dp":     # magnitude pruning at the module's own density
         delta = dp_prune(delta, step.density, inplace=inplace)
     elif cfg.prune == "apl":    # the partition's density (or each row's), random or by magnitude
-        gen = tensor_generator(cfg.seed, i, name, delta.device) if cfg.apl_drop == "random" else None
-        delta = apl_prune(delta, step.density, step.rows, cfg.apl_drop, gen, m.rescale, inplace=inplace)
+        gen = tensor_generator(cfg.seed, i, name, delta.device) if cfg.get("apl_drop") == "random" else None
+        delta = apl_prune(delta, step.density, step.rows, cfg.get("apl_drop"), gen, m.get("rescale"), inplace=inplace)
     else:
-        delta = magnitude_prune(delta, step.density, inplace=inplace, rescale=m.rescale)
+        delta = magnitude_prune(delta, step.density, inplace=inplace, rescale=m.get("rescale"))
     if cfg.amplify == "dpa":
-        delta = dpa_amplify(delta, m.partitions, band_factors(m.amplification, cfg.dpa_bands), step.offset)
+        delta = dpa_amplify(delta, m.get("partitions"), band_factors(m.get("amplification"), cfg.get("dpa_bands")), step.offset)
     return delta
 
 
@@ -111,27 +111,27 @@ def combine(cfg: MergeConfig, deltas: torch.Tensor, inplace: bool = False,
             pcb_stats: PCBStats | None = None) -> torch.Tensor:
     """Stage 3 on the stacked (n, ...) deltas: the merged delta, before lambda. `pcb_stats`: PCB's
     whole-model statistics (scope model, from `pcb_model_stats`)."""
-    weights = [m.weight for m in cfg.models]
+    weights = [m.get("weight") for m in cfg.models]
     if cfg.combine == "sum":
-        return sum_combine(deltas, weights, cfg.normalize, inplace=inplace)
+        return sum_combine(deltas, weights, cfg.get("normalize"), inplace=inplace)
     if cfg.combine == "ties":
-        return ties_combine(deltas, weights, cfg.normalize, inplace=inplace)
+        return ties_combine(deltas, weights, cfg.get("normalize"), inplace=inplace)
     if cfg.combine == "sce":
-        return sce_combine(deltas, cfg.select_topk, inplace=inplace)
+        return sce_combine(deltas, cfg.get("select_topk"), inplace=inplace)
     if cfg.combine == "ram":
-        return ram_combine(deltas, cfg.epsilon)
+        return ram_combine(deltas, cfg.get("ram_epsilon"))
     if cfg.combine == "ramplus_tl":
-        return ramplus_tl_combine(deltas, cfg.r, cfg.alpha, cfg.epsilon)
+        return ramplus_tl_combine(deltas, cfg.get("r"), cfg.get("overlap_cap"), cfg.get("ram_epsilon"))
     if cfg.combine == "tsv_m":
         return tsv_m_combine(deltas, weights, inplace=inplace)
     if cfg.combine == "iso_c":
         return iso_c_combine(deltas)
     if cfg.combine == "iso_cts":
-        return iso_cts_combine(deltas, cfg.common_space_fraction)
-    if cfg.scope == "model" and pcb_stats is None:
+        return iso_cts_combine(deltas, cfg.get("common_space_fraction"))
+    if cfg.get("pcb_scope") == "model" and pcb_stats is None:
         raise ValueError("PCB at scope model needs the whole model's statistics: pipeline.pcb_model_stats")
-    stats = pcb_stats.to(deltas.device) if cfg.scope == "model" else None
-    return pcb_combine(deltas, weights, cfg.pcb_ratio, cfg.clip_ratio, stats)
+    stats = pcb_stats.to(deltas.device) if cfg.get("pcb_scope") == "model" else None
+    return pcb_combine(deltas, weights, cfg.get("pcb_ratio"), cfg.get("clip_ratio"), stats)
 
 
 class Scratch:
@@ -180,7 +180,7 @@ def merge_tensor(cfg: MergeConfig, name: str, base: torch.Tensor | None, fts: li
         return ref
     dev = ref.device
     scratch = scratch or Scratch()
-    if cfg.merge_method == "passthrough" and cfg.models[0].scale is None and ref.dtype == (out_dtype or torch.float32):
+    if cfg.merge_method == "passthrough" and cfg.models[0].get("scale") is None and ref.dtype == (out_dtype or torch.float32):
         return fts[0]            # a plain copy: no float32 round trip
     if cfg.family != "pipeline":
         b32 = None if base is None else (base if base.dtype == torch.float32 else
@@ -191,7 +191,7 @@ def merge_tensor(cfg: MergeConfig, name: str, base: torch.Tensor | None, fts: li
     base32, deltas = task_deltas(cfg, name, base, fts, dp_maps, scratch)
     merged = combine(cfg, deltas, inplace=True, pcb_stats=pcb_stats)
     out = torch.empty(base.shape, dtype=out_dtype or torch.float32, device=dev)
-    return torch.add(base32, merged, alpha=cfg.lambda_, out=out) if cfg.lambda_ != 1.0 else \
+    return torch.add(base32, merged, alpha=cfg.get("lambda"), out=out) if cfg.get("lambda") != 1.0 else \
         torch.add(base32, merged, out=out)
 
 
@@ -243,7 +243,7 @@ def pcb_model_stats(tensors: list[tuple[str, MergeConfig]], load: Callable, dp_m
         if tick and tied:
             tick(len(tied))
     cfg = flat[0][1]
-    return pcb_global_stats(blocks, cfg.pcb_ratio, cfg.clip_ratio), tied
+    return pcb_global_stats(blocks, cfg.get("pcb_ratio"), cfg.get("clip_ratio")), tied
 
 
 @dataclass(frozen=True)
@@ -269,7 +269,7 @@ def _fate(cfg: MergeConfig, i: int, step: Step, name: str, shape) -> tuple[Tenso
         bands = ((0.0, 1.0, f),) if cfg.amplify == "dpa" else ()
         kept = float(n) if f != 0.0 else 0.0
         return TensorFate(False, 1.0, bands, kept / max(n, 1)), kept
-    expected = cfg.prune in ("random", "della") or (cfg.prune == "apl" and cfg.apl_drop == "random")
+    expected = cfg.prune in ("random", "della") or (cfg.prune == "apl" and cfg.get("apl_drop") == "random")
     if step.rows is not None:           # APL's row level: each row at its own density
         cols = n // int(shape[0])
         kept = (float(step.rows.sum()) * cols if expected
@@ -280,14 +280,14 @@ def _fate(cfg: MergeConfig, i: int, step: Step, name: str, shape) -> tuple[Tenso
     if expected:                        # the mean keep probability
         return TensorFate(True, step.density, (), step.density), step.density * n
     if cfg.prune == "breadcrumbs":
-        k = breadcrumbs_counts(n, step.density, cfg.for_tensor(name).models[i].gamma)[1]
+        k = breadcrumbs_counts(n, step.density, cfg.for_tensor(name).models[i].get("gamma"))[1]
         return TensorFate(True, step.density, (), k / max(n, 1)), float(k)
     k = keep_count(step.density, n)
     if cfg.amplify != "dpa":
         return TensorFate(True, step.density, (), k / max(n, 1)), float(k)
     m = cfg.models[i]
     bands, kept, lo, lo_count = [], 0, 0.0, 0
-    for edge, alpha in zip(band_edges(m.partitions, step.offset), band_factors(m.amplification, cfg.dpa_bands)):
+    for edge, alpha in zip(band_edges(m.get("partitions"), step.offset), band_factors(m.get("amplification"), cfg.get("dpa_bands"))):
         hi = min(edge, step.density)
         count = min(keep_count(edge, n), k)       # dpa_amplify's band = the next ranks up to this edge
         bands.append((lo, max(hi, lo), float(alpha)))
@@ -334,7 +334,7 @@ def dominant_float_dtype(dtypes: Iterable[torch.dtype]) -> torch.dtype | None:
 
 
 def dp_maps_from_stats(cfg: MergeConfig, stats: list[DeltaStats]) -> list[dict[str, DPDensity]]:
-    return [s.dp_map(m.density, cfg.dp_lambda) for s, m in zip(stats, cfg.models)]
+    return [s.dp_map(m.get("density"), cfg.get("dp_lambda")) for s, m in zip(stats, cfg.models)]
 
 
 def tied_duplicates(names: list[str], load: Callable) -> dict[str, str]:

@@ -74,10 +74,10 @@ class MergePlan:
                 if p.name not in varying:
                     continue
                 if p.scope == "global":
-                    row[p.key] = getattr(j.cfg, p.name)
+                    row[p.key] = j.cfg.get(p.name)
                 else:
                     for i, m in enumerate(j.cfg.models):
-                        row[f"{p.key}[{i}]"] = getattr(m, p.name)
+                        row[f"{p.key}[{i}]"] = m.get(p.name)
             rows.append(row)
         return rows
 

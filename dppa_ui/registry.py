@@ -34,11 +34,11 @@ class Param:
     hi_open: bool = False
     choices: tuple = ()
     per_tensor: bool = True        # may be a gradient list or `filter` entries
-    attr: str | None = None        # attribute on ModelSpec / MergeConfig when it differs from key
+    name: str = ""                 # the one internal name (cfg.get(name), m.get(name)); default: the key
 
-    @property
-    def name(self) -> str:
-        return self.attr or self.key
+    def __post_init__(self):
+        if not self.name:
+            object.__setattr__(self, "name", self.key)
 
     @property
     def required(self) -> bool:
@@ -61,7 +61,7 @@ def _p(key, kind, default, doc, **kw) -> Param:
 
 WEIGHT = _p("weight", "float", 1.0, "this model's weight (negative subtracts its delta)")
 DENSITY = _p("density", "float", 1.0, "share of delta entries kept", lo=0, hi=1, lo_open=True)
-LAMBDA = _p("lambda", "float", 1.0, "scale of the merged delta added to the base", scope="global", attr="lambda_")
+LAMBDA = _p("lambda", "float", 1.0, "scale of the merged delta added to the base", scope="global")
 # `lambda: auto` (PCB's search of one lambda_i per model): what it maximises and which point it returns
 LAMBDA_OBJECTIVE = _p("lambda_objective", "choice", "mean", "lambda: auto maximises the mean dev score over the "
                       "models' domains (the official pcb_ES.py) or the geometric mean of score / the best "
@@ -80,10 +80,13 @@ def _rescale(default: str) -> Param:
     return _p("rescale", "rescale", default, RESCALE_DOC, choices=("l1", "none", "paper"), per_tensor=False)
 
 
+RESCALE = _rescale("none")
+
+
 GAMMA = _p("gamma", "float", 0.01, "share of the largest |delta| entries also dropped (the outlier band)",
            lo=0, hi=1, hi_open=True)
 EPSILON_DELLA = _p("epsilon", "float", 0.15, "keep probability spread: density -/+ epsilon from smallest to "
-                   "largest |delta| in each row", lo=0, hi=1, lo_open=True, hi_open=True)
+                   "largest |delta| in each row", lo=0, hi=1, lo_open=True, hi_open=True, name="della_epsilon")
 PARTITIONS = _p("partitions", "floats", None, "DPA band upper edges (shares of all entries, ascending, last = density)",
                 per_tensor=False)
 AMPLIFICATION = _p("amplification", "amplification", None, "DPA factor per band, or `auto` (greedy search)",
@@ -99,13 +102,13 @@ PCB_RATIO = _p("pcb_ratio", "float", 0.1, "share of entries PCB keeps per task",
                lo_open=True)
 SCOPE = _p("scope", "choice", "model", "PCB's statistics over the whole model flattened (official code), or "
            "per tensor",
-           scope="global", choices=("tensor", "model"), per_tensor=False)
+           scope="global", choices=("tensor", "model"), per_tensor=False, name="pcb_scope")
 SELECT_TOPK = _p("select_topk", "float", 1.0, "share of entries (by variance across models) SCE keeps",
                  scope="global", lo=0, hi=1)
 EPSILON_RAM = _p("epsilon", "float", 1e-5, "|delta| at or below this does not count as a contribution",
-                 scope="global", lo=0)
+                 scope="global", lo=0, name="ram_epsilon")
 RAM_R = _p("r", "float", 0.1, "RAM+ gain on a model's unique entries per unit of overlap ratio", scope="global", lo=0)
-RAM_ALPHA = _p("alpha", "float", 0.2, "cap on the overlap ratio RAM+ uses", scope="global", lo=0)
+RAM_ALPHA = _p("alpha", "float", 0.2, "cap on the overlap ratio RAM+ uses", scope="global", lo=0, name="overlap_cap")
 # --- TSV-M, Iso-C, Iso-CTS (methods/tsv_m.py, methods/iso.py): FusionBench 0.2.33's defaults
 TSV_WEIGHT = replace(WEIGHT, doc="this task's alpha: scales its delta before the SVD (FusionBench's per-task "
                      "alpha list)")
@@ -375,16 +378,16 @@ ALL_PARAM_KEYS: frozenset[str] = frozenset(
     | {p.key for kind in STAGES.values() for s in kind.values() for p in s.params})
 
 
-def method_info(name: str) -> dict:
-    """A JSON-friendly record of one method (for the app and docs)."""
-    m = METHODS[name]
-    return {"name": m.name, "family": m.family, "title": m.title, "doc": m.doc, "paper": m.paper,
-            "stages": list(m.stages) if m.stages else None, "base": m.base, "min_models": m.min_models,
-            "max_models": m.max_models, "mergekit": m.mergekit,
-            "params": [param_info(p) for p in m.params]}
+# Every parameter by its one internal name, as first declared (the stages', then the methods'):
+# what `MergeConfig.get` / `ModelSpec.get` fall back to for a parameter the config's method lacks.
+PARAMS: dict[str, Param] = {}
+for _p_ in [*(p for kind in STAGES.values() for s in kind.values() for p in s.params), LAMBDA, LAMBDA_OBJECTIVE,
+            LAMBDA_CHOICE, *(p for m in METHODS.values() for p in m.own_params)]:
+    PARAMS.setdefault(_p_.name, _p_)
+del _p_
 
 
-def param_info(p: Param) -> dict:
-    return {"key": p.key, "kind": p.kind, "default": None if p.required else p.default, "required": p.required,
-            "scope": p.scope, "lo": p.lo, "hi": p.hi, "lo_open": p.lo_open, "hi_open": p.hi_open,
-            "choices": list(p.choices), "per_tensor": p.per_tensor, "doc": p.doc}
+def default(name: str):
+    """The default of the parameter with internal name `name` (None where the config must set it)."""
+    p = PARAMS[name]
+    return None if p.required else p.default

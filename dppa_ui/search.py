@@ -88,8 +88,8 @@ OPTIMIZERS = {"ngopt": "NGOpt", "cma": "CMA", "oneplusone": "OnePlusOne", "rando
 METRICS = ("smooth", "em")
 OBJECTIVES = ("geometric", "mean")      # or one domain's name
 CHOICES = ("best", "recommendation")
-# parameter -> (MergeConfig attribute, the stage it needs to have an effect)
-GLOBAL_PARAMS = {"lambda": ("lambda_", "any"), "dp_lambda": ("dp_lambda", "dp"),
+# parameter -> (its internal name, the stage it needs to have an effect)
+GLOBAL_PARAMS = {"lambda": ("lambda", "any"), "dp_lambda": ("dp_lambda", "dp"),
                  "dp_outlier_m": ("dp_outlier_m", "dp"), "pcb_ratio": ("pcb_ratio", "pcb"),
                  "clip_ratio": ("clip_ratio", "pcb")}
 MODEL_PARAMS = {"weight": "any", "density": "prune", "amplification": "dpa", "partitions": "dpa"}
@@ -189,7 +189,7 @@ def _params(cfg: MergeConfig, raw) -> list[Param]:
                 raise _err(f"parameters.{name}", f"model index {i} is out of range: the config has "
                                                  f"{len(cfg.models)} model(s)")
             if index is not None:
-                n_bands = len(cfg.models[i].partitions)
+                n_bands = len(cfg.models[i].get("partitions"))
                 top = n_bands - 1 if key == "partitions" else n_bands
                 if index >= top:
                     raise _err(f"parameters.{name}", f"index {index} is out of range for models[{i}] "
@@ -245,8 +245,8 @@ def parse_search(cfg: MergeConfig, block: dict | None = None) -> SearchSpec:
                                 or not all(isinstance(d, str) and d for d in domains)):
         raise _err("domains", f"a list of domain names, got {domains!r}")
     seed = _num(block.get("seed", cfg.seed), "search.seed", lo=0, integer=True)
-    step = _num(block.get("step", cfg.alpha_step), "search.step", lo=0, lo_open=True)
-    mode = block.get("mode", cfg.alpha_search)
+    step = _num(block.get("step", cfg.get("alpha_step")), "search.step", lo=0, lo_open=True)
+    mode = block.get("mode", cfg.get("alpha_search"))
     if mode not in ("official", "best"):
         raise _err("mode", f"`official` (the walk's end state) or `best`, got {mode!r}")
     spec = SearchSpec(params=params, optimizer=optimizer, budget=budget, objective=objective, metric=metric,
@@ -313,15 +313,15 @@ def search_base(cfg: MergeConfig) -> dict:
     d = cfg.to_dict()
     d.pop("search", None)
     if d["parameters"].get("lambda") == "auto":
-        d["parameters"]["lambda"] = cfg.lambda_
+        d["parameters"]["lambda"] = cfg.get("lambda")
     return d
 
 
 def current_value(cfg: MergeConfig, p: Param) -> float:
     """The value the config gives parameter `p` (the first model's, for a shared one)."""
     if p.model is None:
-        return float(getattr(cfg, GLOBAL_PARAMS[p.key][0]))
-    v = getattr(cfg.models[0 if p.model == "all" else p.model], p.key)
+        return float(cfg.get(GLOBAL_PARAMS[p.key][0]))
+    v = cfg.models[0 if p.model == "all" else p.model].get(p.key)
     return float(v[p.index] if p.index is not None else v)
 
 
@@ -455,11 +455,11 @@ class Evaluator:
     def stats(self, cfg: MergeConfig):
         if cfg.prune != "dp":
             return None
-        key = round(cfg.dp_outlier_m, 9)
+        key = round(cfg.get("dp_outlier_m"), 9)
         if key not in self._stats:
             names = [n for n, t in self.base_sd.items() if t.is_floating_point()]
             self._stats[key] = collect_stats(names, lambda n: (self.base_sd[n], [sd[n] for sd in self.ft_sds]),
-                                             [m.model for m in cfg.models], cfg.dp_outlier_m)
+                                             [m.model for m in cfg.models], cfg.get("dp_outlier_m"))
         return self._stats[key]
 
     def scores(self, state_dict: dict, items: list[dict] | None = None, generate: bool | None = None) -> dict:
@@ -769,7 +769,7 @@ def run_search(config, spec: SearchSpec | None = None, *, base_dir=None, model_d
     spec = spec or parse_search(cfg)
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
-    if cfg.lambda_auto or any(isinstance(m.amplification, str) for m in cfg.models):
+    if cfg.lambda_auto or any(isinstance(m.get("amplification"), str) for m in cfg.models):
         raise ValueError("resolve `amplification: auto` / `lambda: auto` first (search_amplification, "
                          "search_lambda), or run `python -m dppa_ui search`, which does")
     batch = 1 if spec.optimizer == "greedy" else batch or workers
@@ -794,7 +794,7 @@ def run_search(config, spec: SearchSpec | None = None, *, base_dir=None, model_d
     base_sd, ft_sds = loaded if loaded is not None else (
         io.read_state_dict(base_dir, allow_pickle=allow_pickle),
         [io.read_state_dict(d, allow_pickle=allow_pickle) for d in model_dirs])
-    ev = Evaluator(base_dir, base_sd, ft_sds, scoring, stats, cfg.dp_outlier_m, harness=scorer)
+    ev = Evaluator(base_dir, base_sd, ft_sds, scoring, stats, cfg.get("dp_outlier_m"), harness=scorer)
     serial = _Serial(ev, threads if not ray and workers == 1 else None)   # the reference and test run here
     base = search_base(cfg)
     # Workers resolve the config's own refs where they run (a hub id or demo: ref resolves on any node).
@@ -862,9 +862,10 @@ def alpha_search(cfg: MergeConfig, i: int, base_dir, model_dir, *, ft_sd: dict |
     single = copy.deepcopy(cfg)
     single.models = [copy.deepcopy(m)]
     sm = single.models[0]
-    sm.weight, single.lambda_, single.lambda_auto, single.combine, single.normalize = 1.0, 1.0, False, "sum", False
-    start = list(cfg.alpha_start) if cfg.alpha_start is not None else official_start(len(m.partitions))
-    sm.amplification = list(start)
+    sm.settings["weight"], single.lambda_auto, single.combine = 1.0, False, "sum"
+    single.settings.update({"lambda": 1.0, "normalize": False})
+    start = list(cfg.get("alpha_start")) if cfg.get("alpha_start") is not None else official_start(len(m.get("partitions")))
+    sm.settings["amplification"] = list(start)
     block = dict(cfg.search or {})
     dom = model_domains(single, [model_dir])[0]
     if dom is None and block.get("data", "zoo") == "zoo":
@@ -873,7 +874,7 @@ def alpha_search(cfg: MergeConfig, i: int, base_dir, model_dir, *, ft_sd: dict |
     spec = SearchSpec(params=[Param(f"models[0].amplification[{k}]", "amplification", 0, k, 0.0, 1e3, a)
                               for k, a in enumerate(start)],
                       optimizer="greedy", budget=max_evals, objective="geometric", metric="smooth",
-                      data=block.get("data", "zoo"), domains=dom, step=cfg.alpha_step, mode=cfg.alpha_search)
+                      data=block.get("data", "zoo"), domains=dom, step=cfg.get("alpha_step"), mode=cfg.get("alpha_search"))
     loaded = (base_sd, [ft_sd]) if base_sd is not None and ft_sd is not None else None
     return run_search(single, spec, base_dir=base_dir, model_dirs=[model_dir], loaded=loaded, stats=stats,
                       log=log, on_eval=on_eval, cancel=cancel, test=False)
@@ -893,12 +894,12 @@ def lambda_search(cfg: MergeConfig, base_dir, model_dirs, *, loaded=None, stats=
                          "demo models know theirs")
     budget, bounds = budget or LAMBDA_BUDGET, bounds or LAMBDA_BOUNDS
     c = copy.deepcopy(cfg)
-    c.lambda_, c.lambda_auto = 1.0, False
+    c.settings["lambda"], c.lambda_auto = 1.0, False
     spec = SearchSpec(params=[Param(f"models[{i}].weight", "weight", i, None, bounds[0], bounds[1], LAMBDA_INIT)
                               for i in range(len(cfg.models))],
-                      optimizer="ngopt", budget=budget, objective=cfg.lambda_objective, metric="smooth",
+                      optimizer="ngopt", budget=budget, objective=cfg.get("lambda_objective"), metric="smooth",
                       data=block.get("data", "zoo"), domains=block.get("domains"), seed=cfg.seed,
-                      choice=cfg.lambda_choice)
+                      choice=cfg.get("lambda_choice"))
     return run_search(c, spec, base_dir=base_dir, model_dirs=model_dirs, loaded=loaded, stats=stats, log=log,
                       on_eval=on_eval, cancel=cancel, test=False, workers=workers, ray=ray)
 
@@ -912,8 +913,8 @@ def search_amplification(cfg: MergeConfig, base_dir: Path, model_dirs: list[Path
     unpruned one. Sets each model's amplification; returns {model: {alpha, score, path}}.
 
     `loaded` = (base state dict, fine-tunes' state dicts, aligned with cfg.models) and `stats`
-    (their DeltaStats at cfg.dp_outlier_m) spare the reads when the caller (the app) holds them."""
-    todo = [i for i, m in enumerate(cfg.models) if m.amplification == "auto"]
+    (their DeltaStats at the config's dp_outlier_m) spare the reads when the caller (the app) holds them."""
+    todo = [i for i, m in enumerate(cfg.models) if m.get("amplification") == "auto"]
     if not todo:
         return {}
     base_sd = loaded[0] if loaded else io.read_state_dict(base_dir)
@@ -926,7 +927,7 @@ def search_amplification(cfg: MergeConfig, base_dir: Path, model_dirs: list[Path
                            stats=[stats[i]] if stats else None, max_evals=max_evals,
                            on_eval=lambda r: log(f"  alpha {list(r['params'].values())} -> {r['objective']:.4f}"))
         alpha = [round(v, 9) for v in res.values.values()]
-        m.amplification = alpha
+        m.settings["amplification"] = alpha
         path = [([round(v, 9) for v in r["params"].values()], r["objective"]) for r in res.rows if r["phase"] == "search"]
         report[m.model] = {"alpha": alpha, "score": res.objective, "path": path}
         log(f"  chose {alpha} (score {res.objective:.4f})")
@@ -943,10 +944,10 @@ def search_lambda(cfg: MergeConfig, base_dir: Path, model_dirs: list[Path],
     log("searching lambda per model (PCB: NGOpt, init 1.0, bounds [0.8, 1.3], budget 100; dev split)")
     res = lambda_search(cfg, base_dir, model_dirs, loaded=loaded, stats=stats)
     for m, w in zip(cfg.models, res.config.models):
-        m.weight = w.weight
-    cfg.lambda_, cfg.lambda_auto = 1.0, False
-    log(f"  chose weights {[m.weight for m in cfg.models]} (score {res.objective:.4f})")
-    return {"weights": [m.weight for m in cfg.models], "score": res.objective, "evaluations": len(res.rows)}
+        m.settings["weight"] = w.get("weight")
+    cfg.settings["lambda"], cfg.lambda_auto = 1.0, False
+    log(f"  chose weights {[m.get('weight') for m in cfg.models]} (score {res.objective:.4f})")
+    return {"weights": [m.get("weight") for m in cfg.models], "score": res.objective, "evaluations": len(res.rows)}
 
 
 # -------------------------------------------------------------------------------------- outputs

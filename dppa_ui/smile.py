@@ -60,7 +60,7 @@ def check(cfg: MergeConfig, shapes: dict[str, tuple[int, int]]) -> None:
     """Refuse ranks a projection cannot hold (before any tensor is read)."""
     if not shapes:
         raise ConfigError("SMILE found no nn.Linear / Conv1D projection inside the model's numbered blocks")
-    for key, rank in (("rank_of_expert", cfg.rank_of_expert), ("rank_of_router", cfg.rank_of_router)):
+    for key, rank in (("rank_of_expert", cfg.get("rank_of_expert")), ("rank_of_router", cfg.get("rank_of_router"))):
         if rank is None:
             continue
         for name, (o, i) in shapes.items():
@@ -91,7 +91,7 @@ def build(config, device: str | torch.device = "cpu", base_sd: dict | None = Non
         raise ConfigError("dppa_ui.smile.build needs `merge_method: smile`")
     base_dir = resolve_model(cfg.base_model)
     dirs = [resolve_model(m.model) for m in cfg.models]
-    shapes = targets(_arch(base_dir), cfg.smile_scope)
+    shapes = targets(_arch(base_dir), cfg.get("smile_scope"))
     check(cfg, shapes)
     log = log or (lambda s: None)
     model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
@@ -112,7 +112,7 @@ def build(config, device: str | torch.device = "cpu", base_sd: dict | None = Non
         for name, t in own.items():
             if name in weights or name not in base_sd:
                 continue
-            if cfg.smile_others == "task_arithmetic":
+            if cfg.get("smile_others") == "task_arithmetic":
                 t.copy_(merge_tensor(others, name, base_sd[name].to(device), [sd[name] for sd in ft_sds]))
             else:
                 t.copy_(base_sd[name])
@@ -130,13 +130,13 @@ def build(config, device: str | torch.device = "cpu", base_sd: dict | None = Non
                 log(f"smile: {name} is the same in every fine-tune; kept as the base's")
                 continue
             if embedding:
-                layer = smile_embedding(base, deltas, cfg.rank_of_expert, cfg.rank_of_router, cfg.num_experts_per_tok)
+                layer = smile_embedding(base, deltas, cfg.get("rank_of_expert"), cfg.get("rank_of_router"), cfg.get("num_experts_per_tok"))
             else:
                 bias_deltas = None
                 if base.bias is not None:
                     bias_deltas = [sd[f"{name}.bias"].to(device).float() - base.bias.float() for sd in ft_sds]
-                layer = smile_linear(base, deltas, bias_deltas, cfg.rank_of_expert, cfg.rank_of_router,
-                                     cfg.num_experts_per_tok)
+                layer = smile_linear(base, deltas, bias_deltas, cfg.get("rank_of_expert"), cfg.get("rank_of_router"),
+                                     cfg.get("num_experts_per_tok"))
             parent, _, child = name.rpartition(".")
             setattr(modules[parent] if parent else model, child, layer)
             upscaled.append(name)
@@ -145,9 +145,9 @@ def build(config, device: str | torch.device = "cpu", base_sd: dict | None = Non
             progress(len(shapes), len(shapes))
     model.smile = {"format": FORMAT, "version": VERSION, "base_model": cfg.base_model,
                    "experts": [m.model for m in cfg.models], "domains": _domains(cfg, dirs),
-                   "rank_of_expert": "full" if cfg.rank_of_expert is None else cfg.rank_of_expert,
-                   "rank_of_router": cfg.rank_of_router, "num_experts_per_tok": cfg.num_experts_per_tok,
-                   "smile_others": cfg.smile_others, "smile_scope": cfg.smile_scope, "modules": upscaled,
+                   "rank_of_expert": "full" if cfg.get("rank_of_expert") is None else cfg.get("rank_of_expert"),
+                   "rank_of_router": cfg.get("rank_of_router"), "num_experts_per_tok": cfg.get("num_experts_per_tok"),
+                   "smile_others": cfg.get("smile_others"), "smile_scope": cfg.get("smile_scope"), "modules": upscaled,
                    "embeddings": [n for n in upscaled if isinstance(modules[n], nn.Embedding)],
                    "orientation": "linear (out x in), Conv1D weights transposed"}
     model.smile_cfg = cfg
@@ -285,17 +285,17 @@ def upscale(cfg: MergeConfig, out, *, device: torch.device, overwrite: bool = Fa
     for m in cfg.models:
         resolve_model(m.model, allow_pickle=allow_pickle)
     arch = _arch(base_dir)
-    shapes = targets(arch, cfg.smile_scope)
+    shapes = targets(arch, cfg.get("smile_scope"))
     check(cfg, shapes)
     plain = sum(p.numel() for p in arch.parameters())
     n = len(cfg.models)
     extra = 0
     for o, i in shapes.values():
-        k = min(o, i) if cfg.rank_of_expert is None else cfg.rank_of_expert
-        extra += n * (k * (o + i) + cfg.rank_of_router * i)
-    plan = "\n".join([f"method: smile (rank_of_expert={cfg.rank_of_expert or 'full'}, rank_of_router="
-                      f"{cfg.rank_of_router}, num_experts_per_tok={cfg.num_experts_per_tok}, "
-                      f"smile_others={cfg.smile_others})",
+        k = min(o, i) if cfg.get("rank_of_expert") is None else cfg.get("rank_of_expert")
+        extra += n * (k * (o + i) + cfg.get("rank_of_router") * i)
+    plan = "\n".join([f"method: smile (rank_of_expert={cfg.get('rank_of_expert') or 'full'}, rank_of_router="
+                      f"{cfg.get('rank_of_router')}, num_experts_per_tok={cfg.get('num_experts_per_tok')}, "
+                      f"smile_others={cfg.get('smile_others')})",
                       f"base: {cfg.base_model} -> {base_dir}",
                       *[f"expert {k}: {m.model}" for k, m in enumerate(cfg.models)],
                       f"upscaled projections: {len(shapes)}",

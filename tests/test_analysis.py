@@ -183,7 +183,7 @@ def test_dpa_views_show_the_kept_mass_after_each_bands_alpha(ws):
         for j, r in enumerate(data["rows"]):
             m = c.for_tensor(NAME).models[j]
             pruned = magnitude_prune(delta(ws, j), r["density"])
-            after = dpa_amplify(pruned, m.partitions, m.amplification)
+            after = dpa_amplify(pruned, m.get("partitions"), m.get("amplification"))
             assert r["alphas"] == [alpha, 1.0]
             assert r["mass_ratio"] == pytest.approx(float(after.abs().sum() / pruned.abs().sum()), rel=1e-5)
         amp = [s["counts"] for s in data["series"] if s["part"] == "amplified"]
@@ -202,13 +202,13 @@ def test_pcb_views_show_its_drop_its_weights_and_its_scores(ws, scope):
     from dppa_ui.methods.pcb import clip_abs, cut_position, pcb_scale, score_and_cut
     from dppa_ui.methods.select import row_kth_smallest
     c = cfg(ws, preset="pcb", pcb_ratio=0.1)
-    c = dataclasses.replace(c, scope=scope)
+    c = c.with_settings({"pcb_scope": scope})
     flat = torch.stack([delta(ws, j).reshape(-1) for j in range(3)])
     stats = ws.pcb_stats(c)
     assert (stats is None) == (scope == "tensor")
     bounds = None if stats is None else (stats.lo, stats.hi)
-    scale = pcb_scale(flat, 0.1, clip_ratio=c.clip_ratio, stats=stats)
-    score, cut, _ = score_and_cut(flat, clip_abs(flat, c.clip_ratio, bounds), 0.1, stats)
+    scale = pcb_scale(flat, 0.1, clip_ratio=c.get("clip_ratio"), stats=stats)
+    score, cut, _ = score_and_cut(flat, clip_abs(flat, c.get("clip_ratio"), bounds), 0.1, stats)
     if scope == "tensor":      # this tensor's own rows: the cut is its sorted score at int(d * 0.9)
         assert torch.equal(cut, row_kth_smallest(score, cut_position(flat.shape[1], 0.1)))
     rows = analysis.thresholds(ws, c, NAME)

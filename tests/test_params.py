@@ -33,11 +33,11 @@ def cfg(method="task_arithmetic", models=None, params=None, **top):
 def test_gradient_matches_linear_interpolation_over_layers(anchors, n_layers):
     c = cfg(models=[{"model": "a", "parameters": {"weight": anchors}}]).with_layers(n_layers)
     for i in range(n_layers):
-        v = c.for_tensor(f"model.layers.{i}.mlp.up_proj.weight").models[0].weight
+        v = c.for_tensor(f"model.layers.{i}.mlp.up_proj.weight").models[0].get("weight")
         assert v == pytest.approx(ref_gradient(anchors, i, n_layers), abs=1e-12)
     # outside the layers (embeddings, final norm, lm_head): t = 0, the first anchor
     for name in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
-        assert c.for_tensor(name).models[0].weight == anchors[0]
+        assert c.for_tensor(name).models[0].get("weight") == anchors[0]
     assert gradient_curve(anchors, "mlp", n_layers) == pytest.approx(
         [ref_gradient(anchors, i, n_layers) for i in range(n_layers)])
 
@@ -47,8 +47,8 @@ def test_filters_first_match_then_fallthrough_to_the_config_scope():
                                                              {"filter": "mlp", "value": 0.3}]}},
                     {"model": "b"}],
             params={"weight": [{"filter": "norm", "value": 2.0}, {"value": 0.7}]}).with_layers(3)
-    a = lambda name: c.for_tensor(name).models[0].weight  # noqa: E731
-    b = lambda name: c.for_tensor(name).models[1].weight  # noqa: E731
+    a = lambda name: c.for_tensor(name).models[0].get("weight")  # noqa: E731
+    b = lambda name: c.for_tensor(name).models[1].get("weight")  # noqa: E731
     assert a("model.layers.1.self_attn.q_proj.weight") == pytest.approx(0.5)
     assert a("model.layers.2.mlp.down_proj.weight") == 0.3
     assert a("model.layers.0.input_layernorm.weight") == 2.0      # no model filter matches: config scope
@@ -59,7 +59,7 @@ def test_filters_first_match_then_fallthrough_to_the_config_scope():
 def test_star_filter_and_bool_and_choice_gradients():
     c = load_config({"merge_method": "model_stock", "base_model": "base", "models": ["a", "b"],
                      "parameters": {"filter_wise": [{"filter": "*", "value": [False, True]}]}}).with_layers(4)
-    vals = [c.for_tensor(f"model.layers.{i}.mlp.up_proj.weight").filter_wise for i in range(4)]
+    vals = [c.for_tensor(f"model.layers.{i}.mlp.up_proj.weight").get("filter_wise") for i in range(4)]
     assert vals == [False, False, False, True]           # discrete values pick v[int(t (n - 1))]
 
 
@@ -77,7 +77,7 @@ def test_gradient_needs_the_layer_count():
 def test_required_value_without_a_matching_filter_is_refused():
     c = load_config({"merge_method": "slerp", "base_model": "base", "models": ["a"],
                      "parameters": {"t": [{"filter": "self_attn", "value": 0.5}]}}).with_layers(2)
-    assert c.for_tensor("model.layers.0.self_attn.q_proj.weight").t == 0.5
+    assert c.for_tensor("model.layers.0.self_attn.q_proj.weight").get("t") == 0.5
     with pytest.raises(ConfigError, match="no `filter` entry matches"):
         c.for_tensor("model.layers.0.mlp.up_proj.weight")
 

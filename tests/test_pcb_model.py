@@ -212,7 +212,7 @@ def flattened_official(base, fts, names, ratio, clip=0.0001, weights=None):
 
 def test_engine_default_pcb_is_the_official_whole_model_flattening(demo_family, read_weights, tmp_path):
     base, fts = demo_family
-    assert load_config(demo_config()).scope == "model"
+    assert load_config(demo_config()).get("pcb_scope") == "model"
     dppa_ui.merge(demo_config(), tmp_path / "out")
     got = read_weights(tmp_path / "out")
     ref, scale = flattened_official(base, fts, list(base), 0.2)
@@ -274,7 +274,7 @@ def test_inspect_pcb_weights_are_the_merge_s_whole_model_weights(tiny_llama, tmp
         str(fam.base), [str(f) for f in fam.fts], start_stats=False)
     try:
         c = ws.config(MethodControls(preset="pcb", pcb_ratio=0.2))
-        assert c.scope == "model"
+        assert c.get("pcb_scope") == "model"
         names = [k for k in fam.base_sd if fam.base_sd[k].is_floating_point()]
         flat = torch.stack([torch.cat([(ft[k] - fam.base_sd[k]).reshape(-1) for k in names]) for ft in fam.ft_sds])
         _, scale = official_pcb(flat, [1.0] * 3, 0.2, with_scale=True)
@@ -283,7 +283,7 @@ def test_inspect_pcb_weights_are_the_merge_s_whole_model_weights(tiny_llama, tmp
         want = scale[:, pos:pos + fam.base_sd[name].numel()]
         shown = analysis.combine_maps(ws, c, name)["pcb_scale"].reshape(3, -1)
         assert torch.allclose(shown, want, rtol=1e-5, atol=1e-6)
-        per_tensor = analysis.combine_maps(ws, dataclasses.replace(c, scope="tensor"), name)["pcb_scale"]
+        per_tensor = analysis.combine_maps(ws, c.with_settings({"pcb_scope": "tensor"}), name)["pcb_scale"]
         per_tensor = per_tensor.reshape(3, -1)
         assert not torch.allclose(per_tensor, want, rtol=1e-3, atol=1e-3)       # what the view showed before
         assert ws.pcb_stats(c) is ws.pcb_stats(c)                                 # computed once
@@ -308,13 +308,13 @@ def test_a_cancel_during_the_statistics_passes_leaves_nothing(demo_family, tmp_p
 
 def test_scope_model_is_the_default_and_tensor_an_option():
     c = {"merge_method": "pcb", "base_model": "b", "models": [{"model": "m1"}, {"model": "m2"}]}
-    assert load_config(c).scope == "model"
-    assert load_config({**c, "parameters": {"scope": "tensor"}}).scope == "tensor"
+    assert load_config(c).get("pcb_scope") == "model"
+    assert load_config({**c, "parameters": {"scope": "tensor"}}).get("pcb_scope") == "tensor"
     # one cut over the whole model needs one ratio; per tensor it may vary
     grad = {**c, "parameters": {"pcb_ratio": [0.1, 0.3]}}
     with pytest.raises(ConfigError, match="scope: tensor"):
         load_config(grad)
-    assert load_config({**grad, "parameters": {"pcb_ratio": [0.1, 0.3], "scope": "tensor"}}).scope == "tensor"
+    assert load_config({**grad, "parameters": {"pcb_ratio": [0.1, 0.3], "scope": "tensor"}}).get("pcb_scope") == "tensor"
 
 
 def test_slices_run_pcb_per_tensor_unless_model_scope_is_asked_for():
@@ -322,7 +322,7 @@ def test_slices_run_pcb_per_tensor_unless_model_scope_is_asked_for():
            {"model": "b", "layer_range": [0, 2]}]
     c = {"merge_method": "pcb", "base_model": "b", "slices": [{"sources": src}]}
     cfg = load_config(c)
-    assert cfg.scope == "tensor" and any("scope tensor" in n for n in cfg.notices)
+    assert cfg.get("pcb_scope") == "tensor" and any("scope tensor" in n for n in cfg.notices)
     with pytest.raises(ConfigError, match="slices"):
         load_config({**c, "parameters": {"scope": "model"}})
     with pytest.raises(ConfigError, match="slices"):

@@ -182,7 +182,7 @@ def test_search_block_round_trips_and_expands_per_model():
     # A moved density carries its partitions with it (they must end at the density).
     d = search.apply_values(search.search_base(cfg), spec.params[:1], [0.4])
     assert d["models"][0]["parameters"]["partitions"] == pytest.approx([0.2, 0.4])
-    assert load_config(d).models[1].density == 0.2
+    assert load_config(d).models[1].get("density") == 0.2
 
 
 # ------------------------------------------------------------------------------ on the demo family
@@ -211,8 +211,8 @@ def test_search_scores_each_candidate_as_an_independent_merge_would(small_data):
     refs = [score_state_dict("demo:base", ft, items, generate=False) for ft in fts]
     ref = {d: {"smooth": max(r[d]["smooth"] for r in refs)} for d in ("reverse", "sort")}
     assert geometric_objective(s, ref) == pytest.approx(res.objective, abs=1e-12)
-    assert res.config.models[0].weight == pytest.approx(res.values["models[0].weight"])
-    assert res.config.search is None and load_config(res.config.to_dict()).models[1].density == \
+    assert res.config.models[0].get("weight") == pytest.approx(res.values["models[0].weight"])
+    assert res.config.search is None and load_config(res.config.to_dict()).models[1].get("density") == \
         pytest.approx(res.values["models[1].density"])
     # The test split is scored once, for the result only.
     assert set(res.test["scores"]) == {"reverse", "sort"} and all(v["n"] == 20 for v in res.test["scores"].values())
@@ -235,7 +235,7 @@ def test_cli_search_writes_a_yaml_that_merges_a_csv_and_a_plot(tmp_path, small_d
     assert summary["objective"] == pytest.approx(max(float(r["objective"]) for r in rows))
     assert "plotly" in (out / "search_plot.html").read_text().lower()
     best = load_config(out / "best.yaml")
-    assert best.search is None and [m.weight for m in best.models] == pytest.approx(
+    assert best.search is None and [m.get("weight") for m in best.models] == pytest.approx(
         [summary["values"]["models[0].weight"], summary["values"]["models[1].weight"]])
     assert main(["merge", str(out / "best.yaml"), "--out", str(tmp_path / "merged"), "--quiet"]) == 0
     # The output folder is never overwritten without --overwrite.
@@ -268,7 +268,7 @@ def test_lambda_auto_official_objective_and_recommendation(small_data, monkeypat
     cfg = load_config({"merge_method": "pcb", "base_model": "demo:base", "parameters": params,
                        "models": [{"model": "demo:reverse"}, {"model": "demo:sort"}],
                        "search": {"parameters": {"models[*].weight": [0.8, 1.3]}, "data": [small_data["dev"]]}})
-    assert (cfg.lambda_objective, cfg.lambda_choice) == (("geometric", "best") if ours else ("mean", "recommendation"))
+    assert (cfg.get("lambda_objective"), cfg.get("lambda_choice")) == (("geometric", "best") if ours else ("mean", "recommendation"))
     res = search.lambda_search(cfg, None, None)
     rows = [r for r in res.rows if r["phase"] == "search"]
     assert len(rows) == 6

@@ -439,14 +439,14 @@ def test_search_streams_its_candidates_and_the_best_loads_into_the_controls(pair
                                         res.values["density"]], rel=5e-3) for r in best)
     assert all(0.5 <= r[1] <= 1.5 and 0.5 <= r[2] <= 1.5 and 0.05 <= r[3] <= 0.6 for r in table["data"])
     assert "test split" in last["search_status"]                              # scored once, for the best
-    assert load_config(last["search_yaml"]).models[1].weight == pytest.approx(res.values["models[1].weight"])
+    assert load_config(last["search_yaml"]).models[1].get("weight") == pytest.approx(res.values["models[1].weight"])
     assert Path(last["search_file"]["value"]).read_text() == last["search_yaml"]
     out = search_ui.load_best({"state": pair, "search_best": res})
     assert out["search_status"].startswith("✓")
     shown = controls_shown(out).to_config("demo:base", FTS[::2])            # to 3 significant digits
-    assert [m.weight for m in shown.models] == pytest.approx([res.values["models[0].weight"],
+    assert [m.get("weight") for m in shown.models] == pytest.approx([res.values["models[0].weight"],
                                                               res.values["models[1].weight"]], rel=5e-3)
-    assert shown.models[0].density == pytest.approx(res.values["density"], rel=5e-3) == shown.models[1].density
+    assert shown.models[0].get("density") == pytest.approx(res.values["density"], rel=5e-3) == shown.models[1].get("density")
 
 
 def test_stop_ends_the_search_with_the_best_so_far(pair):

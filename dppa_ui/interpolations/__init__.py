@@ -30,24 +30,24 @@ __all__ = ["interpolate", "arcee_fusion", "fusion_importance", "fusion_threshold
 def interpolate(cfg, name: str, base: torch.Tensor | None, tensors: list[torch.Tensor]) -> torch.Tensor:
     """The merged float32 tensor `name` for an interpolation or passthrough config view."""
     method = cfg.merge_method
-    weights = [m.weight for m in cfg.models]
+    weights = [m.get("weight") for m in cfg.models]
     if method == "linear":
-        return linear(tensors, weights, cfg.normalize)
+        return linear(tensors, weights, cfg.get("normalize"))
     if method == "slerp":
-        return slerp(cfg.t, base, tensors[0])
+        return slerp(cfg.get("t"), base, tensors[0])
     if method == "nuslerp":
-        return nuslerp_merge(tensors, weights, base, cfg.nuslerp_row_wise, cfg.nuslerp_flatten)
+        return nuslerp_merge(tensors, weights, base, cfg.get("nuslerp_row_wise"), cfg.get("nuslerp_flatten"))
     if method == "multislerp":
-        return multislerp(tensors, weights, base, cfg.normalize_weights, cfg.eps, name)
+        return multislerp(tensors, weights, base, cfg.get("normalize_weights"), cfg.get("eps"), name)
     if method == "karcher":
-        return karcher(tensors, cfg.max_iter, cfg.tol)
+        return karcher(tensors, cfg.get("max_iter"), cfg.get("tol"))
     if method == "model_stock":
-        return model_stock(base, tensors, cfg.filter_wise)
+        return model_stock(base, tensors, cfg.get("filter_wise"))
     if method == "nearswap":
-        return nearswap(base, tensors[0], cfg.t)
+        return nearswap(base, tensors[0], cfg.get("t"))
     if method == "arcee_fusion":
         return arcee_fusion(base, tensors[0])
     if method == "passthrough":
-        scale = cfg.models[0].scale
+        scale = cfg.models[0].get("scale")
         return tensors[0] if scale is None else tensors[0] * scale
     raise ValueError(f"{method!r} is not an interpolation method")

@@ -69,7 +69,7 @@ def view_config(ws, cfg):
     computed, the views show the target density with APL's drop rule, as DP's do while its
     statistics are computed."""
     if cfg.prune == "apl" and ws.dp_maps(cfg) is None:
-        return dataclasses.replace(cfg, prune="random" if cfg.apl_drop == "random" else "magnitude"), True
+        return dataclasses.replace(cfg, prune="random" if cfg.get("apl_drop") == "random" else "magnitude"), True
     return cfg, False
 
 
@@ -85,7 +85,7 @@ def start_statistics(ws, cfg) -> None:
     view is computed, so the first view never shares the CPU with them."""
     ws.stats.start(5.0)
     if cfg.prune == "dp":
-        ws.stats.start(cfg.dp_outlier_m)
+        ws.stats.start(cfg.get("dp_outlier_m"))
     if cfg.prune == "apl":
         try:
             ws.apl.start(cfg, ws.align(cfg))
@@ -102,7 +102,7 @@ def apl_running(ws, cfg) -> bool:
 
 
 def pending_text(ws, cfg) -> str:
-    p = ws.stats_progress(cfg.dp_outlier_m)
+    p = ws.stats_progress(cfg.get("dp_outlier_m"))
     return f"whole-model statistics {p.text()}" if p.state != "done" else ""
 
 
@@ -189,9 +189,9 @@ def heatmap(v: dict) -> dict:
                 "heatmap_note": "the map needs every tensor's statistics; it appears when they are computed"}
     m = cfg.models[i]
     sub = {"mean_abs": "mean |δ| per tensor",
-           "outlier_pct": f"% of entries above {cfg.dp_outlier_m:g} × the tensor's mean |δ|",
-           "dp_density": f"density DP gives each module at target {m.density:g}, DP λ {cfg.dp_lambda:g}, "
-                         f"M {cfg.dp_outlier_m:g}"}[metric]
+           "outlier_pct": f"% of entries above {cfg.get('dp_outlier_m'):g} × the tensor's mean |δ|",
+           "dp_density": f"density DP gives each module at target {m.get('density'):g}, DP λ {cfg.get('dp_lambda'):g}, "
+                         f"M {cfg.get('dp_outlier_m'):g}"}[metric]
     return {"heatmap": figures.heatmap(blocks, types, z, label, m.model, sub), "heatmap_note": ""}
 
 
@@ -243,11 +243,11 @@ def _apl_index(v: dict, ws) -> int:
 
 
 def _apl_figure(ws, cfg, i: int, table: dict) -> dict:
-    fig = figures.apl_importance(table, ws.access.ft_refs[i], i, cfg.apl_gradient_at)
+    fig = figures.apl_importance(table, ws.access.ft_refs[i], i, cfg.get("apl_gradient_at"))
     dens = ""
     if table.get("density") is not None:
         m = next(m for m in cfg.models if m.model == ws.access.ft_refs[i])
-        dens = f"; hover a cell for the density APL gives it at target {m.density:g} (APL λ {cfg.apl_lambda:g})"
+        dens = f"; hover a cell for the density APL gives it at target {m.get('density'):g} (APL λ {cfg.get('apl_lambda'):g})"
     took = f"computed in {table['seconds']:.1f} s" if table["seconds"] else "from the cache"
     note = (f"loss of the fine-tune {table['loss_finetune']:.3f}, of the base {table['loss_base']:.3f}; "
             f"{took}{dens}")
@@ -320,7 +320,7 @@ def stats_tick(v: dict) -> dict:
         return {}
     if cfg is not None:
         start_statistics(ws, cfg)
-    ms = sorted({5.0, cfg.dp_outlier_m if cfg is not None else 5.0})
+    ms = sorted({5.0, cfg.get("dp_outlier_m") if cfg is not None else 5.0})
     progress = [ws.stats_progress(x) for x in ms]
     running = [p for p in progress if p.state == "running"]
     if running:

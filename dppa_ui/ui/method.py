@@ -209,7 +209,7 @@ def auto_alpha(v: dict):
     if job.error is not None:
         raise job.error
     cfg, report = job.result
-    per_model = {m.model: list(m.amplification) for m in cfg.models}
+    per_model = {m.model: list(m.get("amplification")) for m in cfg.models}
     text = "; ".join(f"{r}=" + ",".join(f"{a:g}" for a in al) for r, al in per_model.items())
     found = ", ".join(f"{short(r)} [{', '.join(fmt(a) for a in al)}]" for r, al in per_model.items())
     yield {"alpha_log": "\n".join(job.lines[-40:]), "alpha_per_model": text,
@@ -259,7 +259,7 @@ def auto_lambda(v: dict):
     if job.error is not None:
         raise job.error
     res = job.result
-    weights = tuple(round(m.weight, 4) for m in res.config.models)
+    weights = tuple(round(m.get("weight"), 4) for m in res.config.models)
     text = ", ".join(f"{r} {fmt(w)}" for r, w in zip(refs, weights))
     log = "\n".join([f"chose λ_i {text} (dev objective {fmt(res.objective)}, {len(res.rows)} candidates)", head,
                      *(line(r) for r in res.rows[-12:])])

@@ -155,20 +155,20 @@ class Workspace:
             return None if plan is None else plan.maps
         if cfg.prune != "dp":
             return None
-        full = self.stats.full(cfg.dp_outlier_m)
+        full = self.stats.full(cfg.get("dp_outlier_m"))
         if full is None:
             return None
-        return [self._dp_map(full, j, m.density, cfg.dp_lambda, cfg.dp_outlier_m)[0]
+        return [self._dp_map(full, j, m.get("density"), cfg.get("dp_lambda"), cfg.get("dp_outlier_m"))[0]
                 for j, m in zip(self.align(cfg), cfg.models)]
 
     def dp_notices(self, cfg: MergeConfig) -> list[str]:
         """DP's warnings for this config (modules pruned to density 0), once the statistics are there."""
-        if cfg.prune != "dp" or self.stats.full(cfg.dp_outlier_m) is None:
+        if cfg.prune != "dp" or self.stats.full(cfg.get("dp_outlier_m")) is None:
             return []
-        full = self.stats.full(cfg.dp_outlier_m)
+        full = self.stats.full(cfg.get("dp_outlier_m"))
         out = []
         for j, m in zip(self.align(cfg), cfg.models):
-            for w in self._dp_map(full, j, m.density, cfg.dp_lambda, cfg.dp_outlier_m)[1]:
+            for w in self._dp_map(full, j, m.get("density"), cfg.get("dp_lambda"), cfg.get("dp_outlier_m"))[1]:
                 out.append(f"{short(m.model)}: {w}")
         return out
 
@@ -200,10 +200,10 @@ class Workspace:
         ref = acc.ft_refs[index]
         m = next((m for m in (cfg.models if cfg is not None else []) if m.model == ref), None)
         cfg = cfg or MergeConfig(base_model=acc.base_ref, models=[])
-        density = m.density if m is not None and cfg.prune != "none" else None
-        return self.apl.table(index, ref, apl_data=m.apl_data if m is not None else None,
-                              domain=m.domain if m is not None else None, examples=cfg.apl_examples,
-                              gradient_at=cfg.apl_gradient_at, density=density, apl_lambda=cfg.apl_lambda,
+        density = m.get("density") if m is not None and cfg.prune != "none" else None
+        return self.apl.table(index, ref, apl_data=m.get("apl_data") if m is not None else None,
+                              domain=m.domain if m is not None else None, examples=cfg.get("apl_examples"),
+                              gradient_at=cfg.get("apl_gradient_at"), density=density, apl_lambda=cfg.get("apl_lambda"),
                               compute=compute, progress=progress)
 
     def pcb_stats(self, cfg: MergeConfig) -> PCBStats | None:
@@ -211,7 +211,7 @@ class Workspace:
         computes them (pipeline.pcb_model_stats: passes over every floating tensor); computed on
         first use and cached. None for another combine, `scope: tensor`, or while DP's or APL's
         density maps are still being computed."""
-        if cfg.combine != "pcb" or cfg.scope != "model":
+        if cfg.combine != "pcb" or cfg.get("pcb_scope") != "model":
             return None
         maps = self.dp_maps(cfg)
         if cfg.prune in ("dp", "apl") and maps is None:
@@ -219,7 +219,7 @@ class Workspace:
         acc = self.require()
         idx = self.align(cfg)
         # the weights and lambda scale the merged delta only: configs that differ in them share one
-        same = dataclasses.replace(cfg, lambda_=1.0, models=[dataclasses.replace(m, weight=1.0) for m in cfg.models])
+        same = dataclasses.replace(cfg.with_settings({"lambda": 1.0}), models=[m.with_settings({"weight": 1.0}) for m in cfg.models])
         key = (tuple(idx), same.to_yaml())
         with self._pcb_lock:
             if key not in self._pcb:
@@ -268,9 +268,9 @@ class Workspace:
         with self.queue.slot():
             stats = None
             if cfg.prune == "dp":
-                full = self.stats.wait(cfg.dp_outlier_m, cancel=cancel)
+                full = self.stats.wait(cfg.get("dp_outlier_m"), cancel=cancel)
                 stats = [full[j] for j in idx]
-            if any(m.amplification == "auto" for m in cfg.models):
+            if any(m.get("amplification") == "auto" for m in cfg.models):
                 cfg, alpha = self.search_amplification(cfg)
             number, folder = self.runs.next_folder()
             res = gpu.merge(cfg.to_dict(), folder, progress=progress, cancel=cancel, stats=stats,
@@ -347,9 +347,9 @@ class Workspace:
         cfg = copy.deepcopy(self.config(source))
         if cfg.amplify != "dpa":
             raise ValueError("the α search needs a DPA amplify stage (preset dppa)")
-        if not any(m.amplification == "auto" for m in cfg.models):
+        if not any(m.get("amplification") == "auto" for m in cfg.models):
             for m in cfg.models:
-                m.amplification = "auto"
+                m.settings["amplification"] = "auto"
         idx, loaded, stats = self._search_inputs(cfg)
         acc = self.access
         report = search.search_amplification(cfg, acc.base_path, [acc.ft_paths[j] for j in idx], log=log or (lambda s: None),
@@ -365,7 +365,7 @@ class Workspace:
         idx = self.align(cfg)
         stats = None
         if cfg.prune == "dp":
-            full = self.stats.wait(cfg.dp_outlier_m, cancel=cancel)
+            full = self.stats.wait(cfg.get("dp_outlier_m"), cancel=cancel)
             stats = [full[j] for j in idx]
         base = {n: acc.base.view(n) for n in acc.names}
         fts = [{n: acc.fts[j].view(n) for n in acc.names} for j in idx]

@@ -53,9 +53,9 @@ class APLService:
         return apl.task_data(self.access.ft_paths[j], ref, apl_data, domain, examples)
 
     def _inputs(self, cfg: MergeConfig, idx: list[int]) -> tuple[tuple, list[apl.TaskData]]:
-        data = [self.task_data(j, m.model, m.apl_data, m.domain, cfg.apl_examples) for j, m in zip(idx, cfg.models)]
-        key = (tuple(zip(idx, (d.identity for d in data))), len(data[0].items) if data else 0, cfg.apl_level,
-               cfg.apl_importance_kind, cfg.apl_gradient_at if cfg.apl_importance_kind == "gradient" else None)
+        data = [self.task_data(j, m.model, m.get("apl_data"), m.domain, cfg.get("apl_examples")) for j, m in zip(idx, cfg.models)]
+        key = (tuple(zip(idx, (d.identity for d in data))), len(data[0].items) if data else 0, cfg.get("apl_level"),
+               cfg.apl_importance_kind, cfg.get("apl_gradient_at") if cfg.apl_importance_kind == "gradient" else None)
         return key, data
 
     # -- what a `prune: apl` config needs, in the background
@@ -82,8 +82,8 @@ class APLService:
                 if job.cancel.is_set():
                     job.progress.state = "cancelled"
                     return
-                gpu.apl_importance(acc.base_path, acc.ft_paths[j], td, cfg.apl_level, cfg.apl_importance_kind,
-                                   cfg.apl_gradient_at)
+                gpu.apl_importance(acc.base_path, acc.ft_paths[j], td, cfg.get("apl_level"), cfg.apl_importance_kind,
+                                   cfg.get("apl_gradient_at"))
                 job.progress.done += 1
         except Exception as e:  # noqa: BLE001 - shown in the views that wait for it
             job.progress.state, job.progress.error = "failed", f"{type(e).__name__}: {e}"
@@ -105,8 +105,8 @@ class APLService:
             raise ValueError(f"APL importance failed: {job.progress.error}")
         if not job.done:
             return None
-        pkey = (key, tuple(round(m.density, 9) for m in cfg.models), round(cfg.apl_lambda, 9), cfg.apl_weights,
-                tuple(m.weight for m in cfg.models))
+        pkey = (key, tuple(round(m.get("density"), 9) for m in cfg.models), round(cfg.get("apl_lambda"), 9), cfg.get("apl_weights"),
+                tuple(m.get("weight") for m in cfg.models))
         with self._lock:
             hit = self._plans.get(pkey)
         if hit is None:

@@ -41,31 +41,31 @@ def params_text(cfg: MergeConfig) -> str:
         return f"{len(cfg.slices)} slice(s)"
     m = cfg.models[0]
     if cfg.upscale == "smile":
-        return (f"rank_of_expert {'full' if cfg.rank_of_expert is None else cfg.rank_of_expert}, "
-                f"rank_of_router {cfg.rank_of_router}, k {cfg.num_experts_per_tok}"
-                + (f", scope {cfg.smile_scope}" if cfg.smile_scope != "blocks" else "")
-                + (f", others {cfg.smile_others}" if cfg.smile_others != "base" else ""))
+        return (f"rank_of_expert {'full' if cfg.get('rank_of_expert') is None else cfg.get('rank_of_expert')}, "
+                f"rank_of_router {cfg.get('rank_of_router')}, k {cfg.get('num_experts_per_tok')}"
+                + (f", scope {cfg.get('smile_scope')}" if cfg.get("smile_scope") != "blocks" else "")
+                + (f", others {cfg.get('smile_others')}" if cfg.get("smile_others") != "base" else ""))
     parts = []
     if cfg.prune != "none":
-        parts.append(f"density {_fmt(m.density)}")
-    if isinstance(cfg.lambda_, list) or cfg.lambda_ != 1.0:
-        parts.append(f"λ {_fmt(cfg.lambda_)}")
-    if any(not isinstance(x.weight, (int, float)) or x.weight != 1.0 for x in cfg.models):
-        parts.append("w " + ",".join(_fmt(x.weight) for x in cfg.models))
+        parts.append(f"density {_fmt(m.get('density'))}")
+    if isinstance(cfg.get("lambda"), list) or cfg.get("lambda") != 1.0:
+        parts.append(f"λ {_fmt(cfg.get('lambda'))}")
+    if any(not isinstance(x.get("weight"), (int, float)) or x.get("weight") != 1.0 for x in cfg.models):
+        parts.append("w " + ",".join(_fmt(x.get("weight")) for x in cfg.models))
     if cfg.prune == "dp":
-        parts.append(f"DP λ {cfg.dp_lambda:g}, M {cfg.dp_outlier_m:g}")
+        parts.append(f"DP λ {cfg.get('dp_lambda'):g}, M {cfg.get('dp_outlier_m'):g}")
     if cfg.amplify == "dpa":
-        parts.append(f"bands {[round(p, 4) for p in m.partitions]} α {m.amplification}")
+        parts.append(f"bands {[round(p, 4) for p in m.get('partitions')]} α {m.get('amplification')}")
     if cfg.combine == "pcb":
-        parts.append(f"ratio {_fmt(cfg.pcb_ratio)}")
-    if cfg.prune in ("random", "della") or (cfg.prune == "apl" and cfg.apl_drop == "random"):
+        parts.append(f"ratio {_fmt(cfg.get('pcb_ratio'))}")
+    if cfg.prune in ("random", "della") or (cfg.prune == "apl" and cfg.get("apl_drop") == "random"):
         parts.append(f"seed {cfg.seed}")
     if cfg.prune == "apl":
-        parts.append(f"APL {cfg.apl_level} {cfg.apl_importance_kind}, λ {cfg.apl_lambda:g}")
+        parts.append(f"APL {cfg.get('apl_level')} {cfg.apl_importance_kind}, λ {cfg.get('apl_lambda'):g}")
     for p in cfg.params:          # the method's other parameters, where they are not the default
         if p.key in OWN_KEYS or p.key.startswith("apl_") or p.key in ("dp_others",):
             continue
-        v = getattr(cfg if p.scope == "global" else m, p.name)
+        v = (cfg if p.scope == "global" else m).get(p.name)
         if v is not None and (isinstance(v, list) or v != p.default):
             parts.append(f"{p.key} {_fmt(v)}")
     return "; ".join(parts) or "defaults"
