@@ -18,10 +18,9 @@ import torch.nn.functional as F
 from . import params as P
 from .config import MergeConfig
 from .methods import band_edges, breadcrumbs_counts, della_curve, keep_count, tensor_generator
-from .methods.pcb import clip_abs, minmax_rows, score_and_cut
-from .methods.sce import sce_select_mask, sce_weights
-from .methods.ties import agreement_mask
-from .pipeline import Step, combine, plan_steps, prune_amplify
+from .methods.pcb import balancing
+from .methods.sce import sce_select_mask
+from .pipeline import Step, combine, contributions, plan_steps, prune_amplify
 from .stats import HIST_SAMPLE, sample_flat
 from .interpolations.slerp import slerp_dot
 from .workspace.access import module_type
@@ -127,15 +126,9 @@ def pcb_parts(ws, cfg: MergeConfig, name: str) -> dict | None:
     the cut), "clipped", "ratio", "scope"}; None unless the combine is pcb."""
     if cfg.combine != "pcb":
         return None
-    view = fine_tunes(cfg).for_tensor(name)
     pruned = pruned_deltas(ws, cfg, name)
-    flat = pruned.reshape(pruned.shape[0], -1)
-    stats = pcb_stats(ws, cfg)
-    clipped = clip_abs(flat, view.get("clip_ratio"), None if stats is None else (stats.lo, stats.hi))
-    score, cut, top = score_and_cut(flat, clipped, view.get("pcb_ratio"), stats)
-    scale = minmax_rows(score.clamp(min=cut), inplace=True, lo=cut, hi=top)
-    return {"score": score, "cut": cut.reshape(-1), "scale": scale, "ratio": float(view.get("pcb_ratio")),
-            "clipped": clipped, "scope": cfg.get("pcb_scope")}
+    parts = balancing(pruned.reshape(pruned.shape[0], -1), fine_tunes(cfg).for_tensor(name), pcb_stats(ws, cfg))
+    return {**parts, "scope": cfg.get("pcb_scope")}
 
 
 def pcb_stats(ws, cfg: MergeConfig):
@@ -305,29 +298,8 @@ def combine_maps(ws, cfg: MergeConfig, name: str) -> dict:
     cfg = fine_tunes(cfg)
     idx, _, pending = steps(ws, cfg, name)
     pruned = pruned_deltas(ws, cfg, name)
-    n = pruned.shape[0]
-    w = torch.tensor([m.get("weight") for m in cfg.models], dtype=torch.float32).view(-1, *([1] * (pruned.dim() - 1)))
-    weighted = pruned if bool((w == 1).all()) else pruned * w
-    agree = agreement_mask(weighted)
-    conflict = ((weighted != 0) & ~agree).any(dim=0)
-    scale = None
-    if cfg.combine == "ties":
-        contrib = weighted * agree
-    elif cfg.combine == "pcb":
-        pcb = pcb_parts(ws, cfg, name)
-        flat = pruned.reshape(n, -1)
-        contrib = (w.reshape(n, 1) * torch.sign(flat) * pcb["clipped"] * pcb["scale"]).view_as(pruned)
-        scale = pcb["scale"].view_as(pruned)
-        conflict = ((contrib != 0) & ~agreement_mask(contrib)).any(dim=0)     # among what PCB keeps
-    elif cfg.combine == "sce":     # select (a shared mask), calculate (a weight per model), erase (signs)
-        topk = sce_topk(cfg, name)
-        if topk is not None:
-            pruned = pruned * sce_select_mask(pruned, topk)
-        agree = agreement_mask(pruned)
-        conflict = ((pruned != 0) & ~agree).any(dim=0)
-        contrib = pruned * agree * sce_weights(pruned).view(-1, *([1] * (pruned.dim() - 1)))
-    else:
-        contrib = weighted
+    contrib, conflict, pruned, scale = contributions(cfg.for_tensor(name), pruned,
+                                                     pcb_stats(ws, cfg) if cfg.combine == "pcb" else None)
     return {"idx": idx, "pruned": pruned, "winner": winners(contrib), "conflict": conflict,
             "pcb_scale": scale, "pending": pending}
 

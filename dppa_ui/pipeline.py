@@ -15,14 +15,13 @@ import torch
 
 from .config import MergeConfig
 from .interpolations import interpolate
-from .methods import (band_edges, band_factors, breadcrumbs_counts, breadcrumbs_prune, dare_prune, della_prune,
-                      dp_prune, dpa_amplify, is_dp_target, keep_count, magnitude_prune, pcb_combine, ram_combine,
-                      ramplus_tl_combine, sce_combine, sum_combine, tensor_generator, ties_combine)
-from .methods.iso import iso_c_combine, iso_cts_combine
-from .methods.tsv_m import tsv_m_combine
-from .methods.apl import APLDensity, apl_prune
+from .methods import band_edges, band_factors, breadcrumbs_counts, is_dp_target, keep_count
+from .methods.apl import APLDensity
+from .methods.sum import weight_column
+from .methods.ties import conflicts
 from .methods.dp import DPDensity
 from .methods.pcb import PCBStats, pcb_global_stats
+from .registry import STAGES
 from .stats import DeltaStats
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -73,65 +72,44 @@ def whole_factor(cfg: MergeConfig, i: int) -> float:
     amp = cfg.models[i].get("amplification")
     if isinstance(amp, str):
         raise ValueError(f"amplification {amp!r} of {cfg.models[i].model} must be resolved first "
-                         f"(dppa_ui.engine.search_amplification)")
+                         f"(search.search_amplification)")
     return float(max(amp))
 
 
 def prune_amplify(cfg: MergeConfig, i: int, name: str, delta: torch.Tensor, step: Step,
                   inplace: bool = False) -> torch.Tensor:
-    """Stages 1 and 2 for fine-tune i's delta of tensor `name` (`inplace`: may overwrite delta)."""
+    """Stages 1 and 2 for fine-tune i's delta of tensor `name`, through the stages' records
+    (`inplace`: may overwrite delta)."""
     if not step.prune:
         f = whole_factor(cfg, i)
         if f == 1.0:
             return delta
         return delta.mul_(f) if inplace else delta * f
     cfg = cfg.for_tensor(name)
-    m = cfg.models[i]
-    if cfg.prune == "random":
-        gen = tensor_generator(cfg.seed, i, name, delta.device)
-        delta = dare_prune(delta, step.density, gen, m.get("rescale"), inplace=inplace)
-    elif cfg.prune == "della":
-        gen = tensor_generator(cfg.seed, i, name, delta.device)
-        delta = della_prune(delta, step.density, m.get("della_epsilon"), gen, m.get("rescale"), inplace=inplace)
-    elif cfg.prune == "breadcrumbs":
-        delta = breadcrumbs_prune(delta, step.density, m.get("gamma"), m.get("rescale"), inplace=inplace)
-    elif cfg.prune == "dp":     # magnitude pruning at the module's own density
-        delta = dp_prune(delta, step.density, inplace=inplace)
-    elif cfg.prune == "apl":    # the partition's density (or each row's), random or by magnitude
-        gen = tensor_generator(cfg.seed, i, name, delta.device) if cfg.get("apl_drop") == "random" else None
-        delta = apl_prune(delta, step.density, step.rows, cfg.get("apl_drop"), gen, m.get("rescale"), inplace=inplace)
-    else:
-        delta = magnitude_prune(delta, step.density, inplace=inplace, rescale=m.get("rescale"))
-    if cfg.amplify == "dpa":
-        delta = dpa_amplify(delta, m.get("partitions"), band_factors(m.get("amplification"), cfg.get("dpa_bands")), step.offset)
+    delta = STAGES["prune"][cfg.prune].run(delta, step, cfg, i, name, inplace=inplace)
+    amplify = STAGES["amplify"][cfg.amplify].run
+    if amplify is not None:
+        delta = amplify(delta, step, cfg, i)
     return delta
 
 
 def combine(cfg: MergeConfig, deltas: torch.Tensor, inplace: bool = False,
             pcb_stats: PCBStats | None = None) -> torch.Tensor:
-    """Stage 3 on the stacked (n, ...) deltas: the merged delta, before lambda. `pcb_stats`: PCB's
-    whole-model statistics (scope model, from `pcb_model_stats`)."""
-    weights = [m.get("weight") for m in cfg.models]
-    if cfg.combine == "sum":
-        return sum_combine(deltas, weights, cfg.get("normalize"), inplace=inplace)
-    if cfg.combine == "ties":
-        return ties_combine(deltas, weights, cfg.get("normalize"), inplace=inplace)
-    if cfg.combine == "sce":
-        return sce_combine(deltas, cfg.get("select_topk"), inplace=inplace)
-    if cfg.combine == "ram":
-        return ram_combine(deltas, cfg.get("ram_epsilon"))
-    if cfg.combine == "ramplus_tl":
-        return ramplus_tl_combine(deltas, cfg.get("r"), cfg.get("overlap_cap"), cfg.get("ram_epsilon"))
-    if cfg.combine == "tsv_m":
-        return tsv_m_combine(deltas, weights, inplace=inplace)
-    if cfg.combine == "iso_c":
-        return iso_c_combine(deltas)
-    if cfg.combine == "iso_cts":
-        return iso_cts_combine(deltas, cfg.get("common_space_fraction"))
-    if cfg.get("pcb_scope") == "model" and pcb_stats is None:
-        raise ValueError("PCB at scope model needs the whole model's statistics: pipeline.pcb_model_stats")
-    stats = pcb_stats.to(deltas.device) if cfg.get("pcb_scope") == "model" else None
-    return pcb_combine(deltas, weights, cfg.get("pcb_ratio"), cfg.get("clip_ratio"), stats)
+    """Stage 3 on the stacked (n, ...) deltas, through the stage's record: the merged delta, before
+    lambda. `pcb_stats`: PCB's whole-model statistics (scope model, from `pcb_model_stats`)."""
+    return STAGES["combine"][cfg.combine].run(deltas, cfg, inplace=inplace, stats=pcb_stats)
+
+
+def contributions(cfg: MergeConfig, pruned: torch.Tensor, pcb_stats: PCBStats | None = None):
+    """What the combine does to each entry, for the inspect views, through the stage's record:
+    (each model's contribution to the merged entry, the sign conflicts, the deltas it keeps, its
+    weights or None); a stage without its own view: the weighted deltas. `cfg` resolved for the
+    tensor."""
+    stage = STAGES["combine"][cfg.combine]
+    if stage.contributions is not None:
+        return stage.contributions(pruned, cfg, pcb_stats)
+    weighted = pruned * weight_column(pruned, [m.get("weight") for m in cfg.models])
+    return weighted, conflicts(weighted), pruned, None
 
 
 class Scratch:

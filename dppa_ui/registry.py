@@ -1,6 +1,8 @@
-"""Every merge method and pipeline stage as data: names, families, parameters (key, default, bounds,
-one-line description), paper links. Pure data, no torch: config.py validates against it and the app
-builds its method picker and controls from it.
+"""Every merge method and pipeline stage as a record: names, families, parameters (key, internal
+name, default, bounds, one-line description), paper links, and for a stage the function that runs
+it (in its method's file, methods/). config.py validates against the records, the merge (pipeline)
+and the inspect views (analysis) run a stage through its record, and the app builds its method
+picker and controls from them. A new method is its file plus its record here.
 
 Four families:
   pipeline       theta_base + lambda * combine(amplify(prune(delta_i))), delta_i = theta_i - theta_base.
@@ -15,7 +17,10 @@ requires a key we give a default instead (weight: 1.0), except slerp's and nears
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Callable
+
+from .methods import apl, breadcrumbs, dare, della, dp, dpa, iso, magnitude, pcb, ram, sce, ties, tsv_m
+from .methods import sum as task_sum
 
 REQUIRED = "required"     # a Param.default that means "no default: the config must set it"
 
@@ -199,51 +204,65 @@ class Stage:
     paper: str
     params: tuple[Param, ...] = ()
     randomized: bool = False       # uses the seed
+    # The stage's function, on a config resolved for one tensor (None: the stage does nothing):
+    #   prune(delta, step, cfg, i, name, inplace) | amplify(delta, step, cfg, i)
+    #   | combine(deltas, cfg, inplace, stats) -> the merged delta before lambda
+    run: Callable | None = None
+    # combine only: what the inspect views draw (contributions(pruned, cfg, stats) -> (per-model
+    # contribution, sign conflicts, kept deltas, weights or None)); None: the weighted deltas
+    contributions: Callable | None = None
 
 
 STAGES: dict[str, dict[str, Stage]] = {
     "prune": {s.name: s for s in (
         Stage("prune", "none", "keep every delta entry", ""),
         Stage("prune", "magnitude", "keep the int(density*n) largest |delta| (TIES trim)",
-              "https://arxiv.org/abs/2306.01708", (DENSITY, _rescale("none"))),
+              "https://arxiv.org/abs/2306.01708", (DENSITY, _rescale("none")), run=magnitude.prune),
         Stage("prune", "random", "keep each entry with probability density (DARE), then rescale",
-              "https://arxiv.org/abs/2311.03099", (DENSITY, _rescale("l1")), randomized=True),
+              "https://arxiv.org/abs/2311.03099", (DENSITY, _rescale("l1")), randomized=True, run=dare.prune),
         Stage("prune", "dp", "per-block and per-module densities from outlier ratios (DPPA)",
-              "https://arxiv.org/abs/2403.02799", (DENSITY, DP_LAMBDA, DP_OUTLIER_M, DP_OTHERS)),
+              "https://arxiv.org/abs/2403.02799", (DENSITY, DP_LAMBDA, DP_OUTLIER_M, DP_OTHERS), run=dp.prune),
         Stage("prune", "breadcrumbs", "drop the gamma share of largest |delta| and the smallest, keep density",
-              "https://arxiv.org/abs/2312.06795", (DENSITY, GAMMA, _rescale("none"))),
+              "https://arxiv.org/abs/2312.06795", (DENSITY, GAMMA, _rescale("none")), run=breadcrumbs.prune),
         Stage("prune", "della", "keep with probability rising with |delta| rank in its row (MagPrune), rescale",
-              "https://arxiv.org/abs/2406.11617", (DENSITY, EPSILON_DELLA, _rescale("l1")), randomized=True),
+              "https://arxiv.org/abs/2406.11617", (DENSITY, EPSILON_DELLA, _rescale("l1")), randomized=True,
+                    run=della.prune),
         Stage("prune", "apl", "each block / module / row keeps more of its delta the more the fine-tune's loss on "
               "its own task rises without it (causal intervention, APL)", "https://arxiv.org/abs/2408.09485",
-              (DENSITY, APL_DATA, *APL_PARAMS, _rescale("paper")), randomized=True),
+              (DENSITY, APL_DATA, *APL_PARAMS, _rescale("paper")), randomized=True, run=apl.prune),
     )},
     "amplify": {s.name: s for s in (
         Stage("amplify", "none", "no amplification", ""),
         Stage("amplify", "dpa", "magnitude bands of the kept entries, each scaled by its factor (DPPA)",
               "https://arxiv.org/abs/2403.02799",
-              (PARTITIONS, AMPLIFICATION, DOMAIN, DPA_WHOLE, DPA_BANDS, ALPHA_SEARCH, ALPHA_START, ALPHA_STEP)),
+              (PARTITIONS, AMPLIFICATION, DOMAIN, DPA_WHOLE, DPA_BANDS, ALPHA_SEARCH, ALPHA_START, ALPHA_STEP),
+                    run=dpa.amplify),
     )},
     "combine": {s.name: s for s in (
         Stage("combine", "sum", "sum of the weighted deltas (task arithmetic)", "https://arxiv.org/abs/2212.04089",
-              (WEIGHT, NORMALIZE)),
+              (WEIGHT, NORMALIZE), run=task_sum.combine),
         Stage("combine", "ties", "elect a sign per entry, mean of the agreeing weighted deltas",
-              "https://arxiv.org/abs/2306.01708", (WEIGHT, replace(NORMALIZE, default=True), INT8_MASK)),
+              "https://arxiv.org/abs/2306.01708", (WEIGHT, replace(NORMALIZE, default=True), INT8_MASK),
+                    run=ties.combine, contributions=ties.contributions),
         Stage("combine", "pcb", "intra- and inter-task balancing scores, drop, rescale (PCB-Merging)",
-              "https://arxiv.org/abs/2410.02396", (WEIGHT, PCB_RATIO, CLIP_RATIO, SCOPE)),
+              "https://arxiv.org/abs/2410.02396", (WEIGHT, PCB_RATIO, CLIP_RATIO, SCOPE),
+                    run=pcb.combine, contributions=pcb.contributions),
         Stage("combine", "sce", "select entries by variance across models, weight models by mean square, "
-              "erase minority signs", "https://arxiv.org/abs/2408.07990", (SELECT_TOPK, INT8_MASK)),
+              "erase minority signs", "https://arxiv.org/abs/2408.07990", (SELECT_TOPK, INT8_MASK),
+                    run=sce.combine, contributions=sce.contributions),
         Stage("combine", "ram", "entries only one model changed are kept, shared ones averaged over their "
-              "contributors", "https://arxiv.org/abs/2601.13572", (EPSILON_RAM,)),
+              "contributors", "https://arxiv.org/abs/2601.13572", (EPSILON_RAM,), run=ram.combine),
         Stage("combine", "ramplus_tl", "RAM with each model's unique entries boosted by its overlap ratio "
-              "(tensor-local RAM+)", "https://arxiv.org/abs/2601.13572", (RAM_R, RAM_ALPHA, EPSILON_RAM)),
+              "(tensor-local RAM+)", "https://arxiv.org/abs/2601.13572", (RAM_R, RAM_ALPHA, EPSILON_RAM),
+                    run=ram.combine_plus),
         Stage("combine", "tsv_m", "each task's delta cut to its top 1/T singular directions, the tasks' singular "
               "vectors decorrelated (orthogonal Procrustes); non-matrices averaged", "https://arxiv.org/abs/2412.00081",
-              (TSV_WEIGHT,)),
+              (TSV_WEIGHT,), run=tsv_m.combine),
         Stage("combine", "iso_c", "the summed deltas with every singular value set to their mean (a flat "
-              "spectrum); non-matrices averaged", "https://arxiv.org/abs/2502.04959"),
+              "spectrum); non-matrices averaged", "https://arxiv.org/abs/2502.04959", run=iso.combine_c),
         Stage("combine", "iso_cts", "the summed deltas' top directions plus each task's own, orthogonalized, with a "
-              "flat spectrum; non-matrices averaged", "https://arxiv.org/abs/2502.04959", (COMMON_SPACE_FRACTION,)),
+              "flat spectrum; non-matrices averaged", "https://arxiv.org/abs/2502.04959", (COMMON_SPACE_FRACTION,),
+                    run=iso.combine_cts),
     )},
 }
 PRUNES = tuple(STAGES["prune"])

@@ -55,7 +55,7 @@ from typing import Callable, Hashable, Mapping, Sequence
 import torch
 from torch import nn
 
-from .dare import RESCALE_MODES, dare_prune
+from .dare import RESCALE_MODES, dare_prune, tensor_generator
 from .dp import block_of, is_dp_target
 from .magnitude import magnitude_prune
 
@@ -268,3 +268,13 @@ def apl_prune(delta: torch.Tensor, density: float, rows: torch.Tensor | None = N
         if before >= 1e-8 and after >= 1e-8:
             out.mul_(before / after)
     return out.view(delta.shape)
+
+
+# ------------------------------------------------------------------ the stage (registry.STAGES)
+
+def prune(delta: torch.Tensor, step, cfg, i: int, name: str, inplace: bool = False) -> torch.Tensor:
+    """The `apl` prune: the partition's density (or each row's, `step.rows`), random or by
+    magnitude (`step`: its density (pipeline.Step); `cfg` resolved for the tensor; `i` the fine-tune)."""
+    drop = cfg.get("apl_drop")
+    gen = tensor_generator(cfg.seed, i, name, delta.device) if drop == "random" else None
+    return apl_prune(delta, step.density, step.rows, drop, gen, cfg.models[i].get("rescale"), inplace=inplace)

@@ -51,3 +51,11 @@ def breadcrumbs_prune(delta: torch.Tensor, density: float, gamma: float, rescale
     keep = breadcrumbs_mask(delta.abs(), density, gamma)
     out = delta.mul_(keep) if inplace else delta * keep
     return rescale_to_l1(out, before) if rescale == "l1" else out
+
+
+# ------------------------------------------------------------------ the stage (registry.STAGES)
+
+def prune(delta: torch.Tensor, step, cfg, i: int, name: str, inplace: bool = False) -> torch.Tensor:
+    """The `breadcrumbs` prune of fine-tune i's delta of tensor `name` (`step`: its density (pipeline.Step); `cfg` resolved for the tensor; `i` the fine-tune)."""
+    m = cfg.models[i]
+    return breadcrumbs_prune(delta, step.density, m.get("gamma"), m.get("rescale"), inplace=inplace)

@@ -56,3 +56,11 @@ def dare_prune(delta: torch.Tensor, density: float, generator: torch.Generator,
     elif rescale == "l1":
         rescale_to_l1(out, before)
     return out
+
+
+# ------------------------------------------------------------------ the stage (registry.STAGES)
+
+def prune(delta: torch.Tensor, step, cfg, i: int, name: str, inplace: bool = False) -> torch.Tensor:
+    """The `random` prune (DARE) of fine-tune i's delta of tensor `name` (`step`: its density (pipeline.Step); `cfg` resolved for the tensor; `i` the fine-tune)."""
+    gen = tensor_generator(cfg.seed, i, name, delta.device)
+    return dare_prune(delta, step.density, gen, cfg.models[i].get("rescale"), inplace=inplace)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from .dare import tensor_generator
 from .rescale import rescale_to_l1
 
 
@@ -59,3 +60,12 @@ def della_prune(delta: torch.Tensor, density: float, epsilon: float, generator: 
         keep.div_(p)             # kept entries x 1/p, dropped ones stay 0
     out = delta.mul_(keep) if inplace else delta * keep
     return rescale_to_l1(out, before) if rescale == "l1" else out
+
+
+# ------------------------------------------------------------------ the stage (registry.STAGES)
+
+def prune(delta: torch.Tensor, step, cfg, i: int, name: str, inplace: bool = False) -> torch.Tensor:
+    """The `della` prune of fine-tune i's delta of tensor `name` (`step`: its density (pipeline.Step); `cfg` resolved for the tensor; `i` the fine-tune)."""
+    m = cfg.models[i]
+    gen = tensor_generator(cfg.seed, i, name, delta.device)
+    return della_prune(delta, step.density, m.get("della_epsilon"), gen, m.get("rescale"), inplace=inplace)

@@ -169,3 +169,10 @@ def dp_densities_from_deltas(deltas: dict[str, torch.Tensor], density: float, dp
 def dp_prune(delta: torch.Tensor, module_density: float, inplace: bool = False) -> torch.Tensor:
     """Prune one module at its DP density: magnitude pruning at d_m."""
     return magnitude_prune(delta, module_density, inplace=inplace)
+
+
+# ------------------------------------------------------------------ the stage (registry.STAGES)
+
+def prune(delta: torch.Tensor, step, cfg, i: int, name: str, inplace: bool = False) -> torch.Tensor:
+    """The `dp` prune: magnitude pruning at the module's own density (`step`: its density (pipeline.Step); `cfg` resolved for the tensor; `i` the fine-tune)."""
+    return dp_prune(delta, step.density, inplace=inplace)

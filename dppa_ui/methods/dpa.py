@@ -166,3 +166,12 @@ def greedy_alpha_search(score: Callable[[list[float]], float], n_bands: int = 2,
     while (alpha := walk.ask()) is not None:
         walk.tell(score(alpha))
     return walk.result()
+
+
+# ------------------------------------------------------------------ the stage (registry.STAGES)
+
+def amplify(delta: torch.Tensor, step, cfg, i: int) -> torch.Tensor:
+    """The `dpa` amplify of fine-tune i's pruned delta (`step.offset`: DP's band shift)."""
+    m = cfg.models[i]
+    return dpa_amplify(delta, m.get("partitions"), band_factors(m.get("amplification"), cfg.get("dpa_bands")),
+                       step.offset)

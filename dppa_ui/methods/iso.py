@@ -101,3 +101,15 @@ def iso_cts_combine(deltas: torch.Tensor, common_space_fraction: float = 0.8) ->
         return deltas.mean(dim=0)
     u, s, vh = iso_cts_factors(deltas, common_space_fraction)
     return (orthogonalize(u) * s.mean()) @ orthogonalize(vh)
+
+
+# ------------------------------------------------------------------ the stage (registry.STAGES)
+
+def combine_c(deltas: torch.Tensor, cfg, inplace: bool = False, stats=None) -> torch.Tensor:
+    """The `iso_c` combine of a config resolved for one tensor."""
+    return iso_c_combine(deltas)
+
+
+def combine_cts(deltas: torch.Tensor, cfg, inplace: bool = False, stats=None) -> torch.Tensor:
+    """The `iso_cts` combine of a config resolved for one tensor."""
+    return iso_cts_combine(deltas, cfg.get("common_space_fraction"))

@@ -30,3 +30,10 @@ def magnitude_prune(delta: torch.Tensor, density: float, inplace: bool = False, 
     topk_mask(keep, keep_count(density, delta.numel()), out=keep)
     out = delta.mul_(keep) if inplace else delta * keep
     return rescale_to_l1(out, before) if rescale == "l1" else out
+
+
+# ------------------------------------------------------------------ the stage (registry.STAGES)
+
+def prune(delta: torch.Tensor, step, cfg, i: int, name: str, inplace: bool = False) -> torch.Tensor:
+    """The `magnitude` prune of fine-tune i's delta of tensor `name` (`step`: its density (pipeline.Step); `cfg` resolved for the tensor; `i` the fine-tune)."""
+    return magnitude_prune(delta, step.density, inplace=inplace, rescale=cfg.models[i].get("rescale"))

@@ -28,7 +28,8 @@ from typing import Callable, Iterable
 import torch
 
 from .select import StreamedSelect, row_kth_smallest
-from .sum import _weights
+from .sum import weight_column
+from .ties import conflicts
 
 CLIP_RATIO = 0.0001
 
@@ -121,7 +122,7 @@ def pcb_combine(deltas: torch.Tensor, weights, ratio: float = 0.1, clip_ratio: f
     scale = pcb_scale(flat, ratio, clipped_abs=a, stats=stats)
     num = a.mul_(torch.sign(flat)).mul_(scale)                # sign(delta) |delta|_clipped scale
     if any(float(w) != 1.0 for w in weights):
-        num.mul_(_weights(flat, weights))
+        num.mul_(weight_column(flat, weights))
     den = scale.sum(dim=0).clamp_(min=1e-12)
     del scale
     return num.sum(dim=0).div_(den).view(shape)
@@ -186,3 +187,38 @@ def pcb_global_stats(blocks: Callable[[], Iterable[torch.Tensor]], ratio: float 
     for s in scores():
         sel.refine(s)
     return PCBStats(lo, hi, sel.values(), top.unsqueeze(1))
+
+
+# ------------------------------------------------------------------ the stage (registry.STAGES)
+
+def balancing(flat: torch.Tensor, cfg, stats: PCBStats | None = None) -> dict:
+    """PCB's combine on (n, d) flat pruned deltas, for a config resolved for one tensor, as the
+    merge computes it: {"score" the balancing scores, "cut" each row's score at the cut, "scale"
+    the weights (0 below the cut), "clipped" the clipped |delta|, "ratio"}; `stats`: the whole
+    model's (scope model)."""
+    clipped = clip_abs(flat, cfg.get("clip_ratio"), None if stats is None else (stats.lo, stats.hi))
+    score, cut, top = score_and_cut(flat, clipped, cfg.get("pcb_ratio"), stats)
+    scale = minmax_rows(score.clamp(min=cut), inplace=True, lo=cut, hi=top)
+    return {"score": score, "cut": cut.reshape(-1), "scale": scale, "ratio": float(cfg.get("pcb_ratio")),
+            "clipped": clipped}
+
+
+def combine(deltas: torch.Tensor, cfg, inplace: bool = False, stats: PCBStats | None = None) -> torch.Tensor:
+    """The `pcb` combine of a config resolved for one tensor; `stats`: the whole model's
+    statistics, needed at scope model (pipeline.pcb_model_stats)."""
+    if cfg.get("pcb_scope") == "model" and stats is None:
+        raise ValueError("PCB at scope model needs the whole model's statistics: pipeline.pcb_model_stats")
+    stats = stats.to(deltas.device) if cfg.get("pcb_scope") == "model" else None
+    return pcb_combine(deltas, [m.get("weight") for m in cfg.models], cfg.get("pcb_ratio"), cfg.get("clip_ratio"),
+                       stats)
+
+
+def contributions(pruned: torch.Tensor, cfg, stats: PCBStats | None = None):
+    """(each model's contribution sign(delta) |delta|_clipped x weight x lambda_i, the sign conflicts
+    among what PCB keeps, the pruned deltas, the balancing weights)."""
+    n = pruned.shape[0]
+    flat = pruned.reshape(n, -1)
+    parts = balancing(flat, cfg, stats)
+    w = weight_column(flat, [m.get("weight") for m in cfg.models])
+    contrib = (w * torch.sign(flat) * parts["clipped"] * parts["scale"]).view_as(pruned)
+    return contrib, conflicts(contrib), pruned, parts["scale"].view_as(pruned)

@@ -58,3 +58,15 @@ def ramplus_tl_combine(deltas: torch.Tensor, r: float = 0.1, alpha: float = 0.2,
     for d, c, g in zip(deltas, contrib, gains):
         out.add_(c.mul_(d).mul_(unique_f * g + shared_scale))
     return out
+
+
+# ------------------------------------------------------------------ the stage (registry.STAGES)
+
+def combine(deltas: torch.Tensor, cfg, inplace: bool = False, stats=None) -> torch.Tensor:
+    """The `ram` combine of a config resolved for one tensor."""
+    return ram_combine(deltas, cfg.get("ram_epsilon"))
+
+
+def combine_plus(deltas: torch.Tensor, cfg, inplace: bool = False, stats=None) -> torch.Tensor:
+    """The `ramplus_tl` combine of a config resolved for one tensor."""
+    return ramplus_tl_combine(deltas, cfg.get("r"), cfg.get("overlap_cap"), cfg.get("ram_epsilon"))

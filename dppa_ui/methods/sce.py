@@ -58,3 +58,21 @@ def sce_combine(deltas: torch.Tensor, select_topk: float = 1.0, inplace: bool = 
     agree = (d * sign).gt_(0).to(d.dtype).mul_(w)          # w_i where model i agrees, else 0
     den = agree.sum(dim=0).clamp_(min=1e-6)
     return d.mul_(agree).sum(dim=0).div_(den)
+
+
+# ------------------------------------------------------------------ the stage (registry.STAGES)
+
+def combine(deltas: torch.Tensor, cfg, inplace: bool = False, stats=None) -> torch.Tensor:
+    """The `sce` combine of a config resolved for one tensor."""
+    return sce_combine(deltas, cfg.get("select_topk"), inplace=inplace)
+
+
+def contributions(pruned: torch.Tensor, cfg, stats=None):
+    """Select (a shared mask), calculate (a weight per model), erase (minority signs): (each
+    model's contribution to each merged entry, the sign conflicts, the selected deltas, None)."""
+    topk = cfg.get("select_topk")
+    if topk < 1:
+        pruned = pruned * sce_select_mask(pruned, topk)
+    agree = pruned.sign() == elect_sign(pruned)
+    conflict = ((pruned != 0) & ~agree).any(dim=0)
+    return pruned * agree * sce_weights(pruned).view(-1, *([1] * (pruned.dim() - 1))), conflict, pruned, None

@@ -9,14 +9,15 @@ from __future__ import annotations
 import torch
 
 
-def _weights(deltas: torch.Tensor, weights) -> torch.Tensor:
+def weight_column(deltas: torch.Tensor, weights) -> torch.Tensor:
+    """The n weights shaped to broadcast over (n, ...) stacked deltas."""
     w = torch.as_tensor(weights, dtype=deltas.dtype, device=deltas.device)
     return w.view(-1, *([1] * (deltas.dim() - 1)))
 
 
 def sum_combine(deltas: torch.Tensor, weights, normalize: bool = False, inplace: bool = False) -> torch.Tensor:
     """deltas: (n, ...) stacked task vectors; weights: n numbers. `inplace` may overwrite deltas."""
-    w = _weights(deltas, weights)
+    w = weight_column(deltas, weights)
     if bool((w == 1).all()):
         merged = deltas.sum(dim=0)
     else:
@@ -26,3 +27,10 @@ def sum_combine(deltas: torch.Tensor, weights, normalize: bool = False, inplace:
         if abs(total) >= 1e-8:
             merged /= total
     return merged
+
+
+# ------------------------------------------------------------------ the stage (registry.STAGES)
+
+def combine(deltas: torch.Tensor, cfg, inplace: bool = False, stats=None) -> torch.Tensor:
+    """The `sum` combine of a config resolved for one tensor."""
+    return sum_combine(deltas, [m.get("weight") for m in cfg.models], cfg.get("normalize"), inplace=inplace)

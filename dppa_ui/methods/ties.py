@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .sum import _weights
+from .sum import weight_column
 
 
 def elect_sign(weighted: torch.Tensor) -> torch.Tensor:
@@ -32,7 +32,7 @@ def ties_combine(deltas: torch.Tensor, weights, normalize: bool = True, inplace:
     is the same float sum as summing the agreeing signed entries (negation is exact).
     """
     w = [float(x) for x in weights]
-    wt = _weights(deltas, w) if any(x != 1.0 for x in w) else None    # None: all ones, skip the products
+    wt = weight_column(deltas, w) if any(x != 1.0 for x in w) else None    # None: all ones, skip the products
     weighted = deltas if inplace else deltas.clone()
     if wt is not None:
         weighted.mul_(wt)
@@ -52,3 +52,23 @@ def ties_combine(deltas: torch.Tensor, weights, normalize: bool = True, inplace:
             divisor[divisor == 0] = 1.0
         merged /= divisor
     return merged
+
+
+# ------------------------------------------------------------------ the stage (registry.STAGES)
+
+def combine(deltas: torch.Tensor, cfg, inplace: bool = False, stats=None) -> torch.Tensor:
+    """The `ties` combine of a config resolved for one tensor."""
+    return ties_combine(deltas, [m.get("weight") for m in cfg.models], cfg.get("normalize"), inplace=inplace)
+
+
+def conflicts(x: torch.Tensor) -> torch.Tensor:
+    """Entries where some model's non-zero value disagrees with the elected sign."""
+    return ((x != 0) & ~agreement_mask(x)).any(dim=0)
+
+
+def contributions(pruned: torch.Tensor, cfg, stats=None):
+    """What the inspect views draw of this combine, for a config resolved for one tensor:
+    (each model's contribution to each merged entry, the sign conflicts, the deltas it keeps,
+    None): the weighted deltas that agree with the elected sign."""
+    weighted = pruned * weight_column(pruned, [m.get("weight") for m in cfg.models])
+    return weighted * agreement_mask(weighted), conflicts(weighted), pruned, None

@@ -70,3 +70,10 @@ def tsv_m_combine(deltas: torch.Tensor, weights, inplace: bool = False) -> torch
         return deltas.mean(dim=0)
     u, s, vh = tsv_factors(deltas)
     return (orthogonalize(u) * s) @ orthogonalize(vh)
+
+
+# ------------------------------------------------------------------ the stage (registry.STAGES)
+
+def combine(deltas: torch.Tensor, cfg, inplace: bool = False, stats=None) -> torch.Tensor:
+    """The `tsv_m` combine of a config resolved for one tensor (`weight`: each task's alpha)."""
+    return tsv_m_combine(deltas, [m.get("weight") for m in cfg.models], inplace=inplace)
