@@ -101,7 +101,7 @@ def main() -> None:
         ours = score_model(model, tok, items, batch_size=args.batch_size or 256)[args.domain]
         ours_s = time.perf_counter() - t
         rows.append((label, build, times, ours_s, ours))
-        print(f"{label}: built in {build:.1f} s ({model.load_plan.describe()}); "
+        print(f"{label}: built in {build:.1f} s ({model.placement.describe()}); "
               + "; ".join(f"{n} {s:.1f} s {m}" for n, (s, m) in times.items())
               + f"; ours (EM + smooth) {ours_s:.1f} s {ours}", flush=True)
         del lm, model

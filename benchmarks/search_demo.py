@@ -102,7 +102,7 @@ def quality(budget: int, n_pairs: int) -> None:
         out["pcb lambda auto"] = test(cfg, pair)
         full = dppa(pair, search={"parameters": {"models[*].weight": [0.5, 1.5], "models[*].density": [0.05, 0.6]},
                                   "budget": budget, "seed": 0})
-        res = search.run_search(full, base_dir=base_dir, model_dirs=mdirs, loaded=loaded, test=False)
+        res = search.run_search(full, base_dir=base_dir, ft_dirs=mdirs, loaded=loaded, test=False)
         out["dppa full search"] = test(res.config, pair)
         rows.append((pair, out, alphas, lam["weights"], res.values))
         print(f"  {' + '.join(pair)}: " + "; ".join(f"{k} {v[0]:.3f}" for k, v in out.items())

@@ -249,7 +249,7 @@ def heatmap_values(ws, cfg: MergeConfig, metric: str, model_index: int = 0
         return blocks, types, None
     j, m = idx[model_index], cfg.models[model_index]
     st = full[j]
-    dp = ws._dp_map(full, j, m.get("density"), cfg.get("dp_lambda"), cfg.get("dp_outlier_m"))[0] if metric == "dp_density" else None
+    dp = ws.dp_map(full, j, m.get("density"), cfg.get("dp_lambda"), cfg.get("dp_outlier_m"))[0] if metric == "dp_density" else None
     z = []
     for b in blocks:
         row = []

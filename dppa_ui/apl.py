@@ -26,11 +26,12 @@ from typing import Callable, Sequence
 import torch
 
 from . import evaluation, io, modelbuild
-from .config import APL_EXAMPLES, ConfigError, MergeConfig
+from .config import ConfigError, MergeConfig
 from .methods.apl import (APLDensity, density_map, gradient_importance, importance_weights, intervention_importance,
                           partition_groups)
 from .methods.dp import block_of, module_of
 from .refs import files_identity, resolve_model
+from .registry import APL_EXAMPLES_DEFAULT as APL_EXAMPLES
 
 APL_FILE = "dppa_apl.json"     # what a merge with `prune: apl` writes beside its weights (`report`)
 CACHE_ENV = io.CACHE_ENV      # the folder is io.cache_root(); tests point it elsewhere
@@ -74,9 +75,9 @@ def task_data(model_dir: str | Path, ref: str | None = None, apl_data: str | Non
     return TaskData(items[:examples], f"demo dev split: {', '.join(domains)}")
 
 
-def check_data(cfg: MergeConfig, model_dirs: Sequence[Path]) -> list[TaskData]:
+def check_data(cfg: MergeConfig, ft_dirs: Sequence[Path]) -> list[TaskData]:
     """Every fine-tune's task data, resolved before any compute (refuses the first one missing)."""
-    return [task_data(d, m.model, m.get("apl_data"), m.domain, cfg.get("apl_examples")) for m, d in zip(cfg.models, model_dirs)]
+    return [task_data(d, m.model, m.get("apl_data"), m.domain, cfg.get("apl_examples")) for m, d in zip(cfg.models, ft_dirs)]
 
 
 # ------------------------------------------------------------------------------------ importance
@@ -215,25 +216,25 @@ def importance(base_dir: str | Path, ft_dir: str | Path, data: TaskData, level: 
 # --------------------------------------------------------------------------------- merge inputs
 
 @dataclass
-class APLPlan:
+class APLInputs:
     """What a merge with `prune: apl` needs, aligned with cfg.models."""
     maps: list[dict[str, APLDensity]]       # per fine-tune: tensor name -> its density (and row densities)
     weights: list[float]                    # the merge weights APL gives (1.0 each without apl_weights)
     importance: list[Importance]
 
 
-def model_dirs(cfg: MergeConfig) -> tuple[Path, list[Path]]:
+def folders(cfg: MergeConfig) -> tuple[Path, list[Path]]:
     """The local folders of the config's base and fine-tunes."""
     return resolve_model(cfg.base_model), [resolve_model(m.model) for m in cfg.models]
 
 
-def plan(cfg: MergeConfig, shapes: dict[str, tuple] | None = None, base_dir: Path | None = None,
-         ft_dirs: Sequence[Path] | None = None, device: str | torch.device = "cpu") -> APLPlan:
+def merge_inputs(cfg: MergeConfig, shapes: dict[str, tuple] | None = None, base_dir: Path | None = None,
+         ft_dirs: Sequence[Path] | None = None, device: str | torch.device = "cpu") -> APLInputs:
     """Importance of each fine-tune (cached), turned into density maps around each model's density
     and, with `apl_weights`, into merge weights. Folders default to the config's refs; `shapes`
     (tensor name -> shape) to the base checkpoint's."""
     if base_dir is None or ft_dirs is None:
-        base_dir, ft_dirs = model_dirs(cfg)
+        base_dir, ft_dirs = folders(cfg)
     data = check_data(cfg, ft_dirs)
     if shapes is None:
         with io.CheckpointReader(base_dir) as r:
@@ -244,7 +245,7 @@ def plan(cfg: MergeConfig, shapes: dict[str, tuple] | None = None, base_dir: Pat
     maps = [density_map(imp.values, shapes, cfg.get("apl_level"), m.get("density"), cfg.get("apl_lambda"))
             for imp, m in zip(imps, cfg.models)]
     weights = importance_weights([imp.model_exact for imp in imps]) if cfg.get("apl_weights") else [1.0] * len(imps)
-    return APLPlan(maps=maps, weights=weights, importance=imps)
+    return APLInputs(maps=maps, weights=weights, importance=imps)
 
 
 def weighted(cfg: MergeConfig, weights: Sequence[float]) -> MergeConfig:
@@ -258,7 +259,7 @@ def weighted(cfg: MergeConfig, weights: Sequence[float]) -> MergeConfig:
     return out
 
 
-def report(cfg: MergeConfig, plan: "APLPlan") -> dict:
+def report(cfg: MergeConfig, plan: "APLInputs") -> dict:
     """What dppa_apl.json records: per fine-tune its task data, losses, merge weight, and every
     partitioned tensor's importance (exact or gradient; row level: summed per tensor) and density."""
     out = {"level": cfg.get("apl_level"), "importance": cfg.apl_importance_kind, "examples": cfg.get("apl_examples"),

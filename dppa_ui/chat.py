@@ -23,7 +23,7 @@ FALLBACK_TEMPLATE = (
 )
 
 
-def _text(content) -> str:
+def message_text(content) -> str:
     """Message content as text: gradio may send a string, a {"text": ...} dict or a list of parts."""
     if content is None:
         return ""
@@ -32,7 +32,7 @@ def _text(content) -> str:
     if isinstance(content, dict):
         return str(content.get("text") or content.get("content") or "")
     if isinstance(content, (list, tuple)):
-        return "".join(_text(c) for c in content if not (isinstance(c, dict) and c.get("type") not in (None, "text")))
+        return "".join(message_text(c) for c in content if not (isinstance(c, dict) and c.get("type") not in (None, "text")))
     return str(content)
 
 
@@ -46,15 +46,15 @@ def to_messages(history, message: str | None = None, system_prompt: str | None =
         if isinstance(item, dict):
             role = item.get("role")
             if role in ("user", "assistant", "system"):
-                msgs.append({"role": role, "content": _text(item.get("content"))})
+                msgs.append({"role": role, "content": message_text(item.get("content"))})
         elif isinstance(item, (list, tuple)) and len(item) == 2:
             user, bot = item
             if user is not None:
-                msgs.append({"role": "user", "content": _text(user)})
+                msgs.append({"role": "user", "content": message_text(user)})
             if bot is not None:
-                msgs.append({"role": "assistant", "content": _text(bot)})
+                msgs.append({"role": "assistant", "content": message_text(bot)})
     if message is not None:
-        msgs.append({"role": "user", "content": _text(message)})
+        msgs.append({"role": "user", "content": message_text(message)})
     return msgs
 
 

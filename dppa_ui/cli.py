@@ -62,15 +62,15 @@ def _search(args) -> int:
     with contextlib.ExitStack() as stack:   # a non-empty --out is refused before any work
         tmp = stack.enter_context(io.atomic_output_dir(args.out, overwrite=args.overwrite)) if args.out else None
         base_dir = resolve_model(cfg.base_model)
-        model_dirs = [resolve_model(m.model) for m in cfg.models]
-        search.search_amplification(cfg, base_dir, model_dirs, log)
-        search.search_lambda(cfg, base_dir, model_dirs, log)
+        ft_dirs = [resolve_model(m.model) for m in cfg.models]
+        search.search_amplification(cfg, base_dir, ft_dirs, log)
+        search.search_lambda(cfg, base_dir, ft_dirs, log)
         if spec is not None:
             def progress(row):
                 if not args.quiet:
                     print(f"  eval {row['eval']}/{spec.budget}: objective {row['objective']:.4f} "
                           f"(best {row['best']:.4f})", file=sys.stderr)
-            res = search.run_search(cfg, spec, base_dir=base_dir, model_dirs=model_dirs, workers=args.workers,
+            res = search.run_search(cfg, spec, base_dir=base_dir, ft_dirs=ft_dirs, workers=args.workers,
                                     ray=args.ray, batch=args.batch, threads=args.threads, on_eval=progress,
                                     log=log, test=not args.no_test)
         else:                         # only the presets: their result is the config

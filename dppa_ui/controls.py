@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from dataclasses import dataclass, field, replace
 
 from . import params as P
 from .config import ConfigError, MergeConfig, load_config
@@ -68,10 +67,6 @@ class MethodControls:
     @property
     def keys(self) -> set[str]:
         return {p.key for p in self.method.params}
-
-    @property
-    def prune_rate(self) -> float:
-        return 1.0 - self.density
 
     def value(self, key: str):
         """A parameter's value in these controls: `params`, else the method's default."""
@@ -209,11 +204,3 @@ class MethodControls:
                 c = replace(c, band_shares=shares, alphas=tuple(amps[0]),
                             alpha_per_model={m.model: list(m.get("amplification")) for m in models})
         return c
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-
-def defaults_of(method: str) -> dict[str, Any]:
-    """{key: default} of a method's extra parameters (None where the method requires a value)."""
-    return {p.key: (None if p.required else p.default) for p in extra_params(method)}

@@ -101,7 +101,7 @@ class Inputs:
             self.vocab.apply_to_plan(self.plan)
         # the donor of config.json and tokenizer files: the base, else the first model (as mergekit)
         self.base_dir, self.base = self.dirs[0], self.readers[0]
-        self.model_dirs = [self.dirs[index[m.model]] for m in cfg.models]
+        self.ft_dirs = [self.dirs[index[m.model]] for m in cfg.models]
         self.fts = [self.readers[index[m.model]] for m in cfg.models]
         self.jobs = {j.name: j for j in self.plan.jobs}
         self.shapes = self.plan.shapes

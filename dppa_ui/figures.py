@@ -343,10 +343,6 @@ def objective_curve(values: list[float], best: list[float], title: str) -> go.Fi
                   margin=dict(t=50, l=60, r=10, b=bottom))
 
 
-def nan_to_none(x: float | None) -> float | None:
-    return None if x is None or (isinstance(x, float) and math.isnan(x)) else x
-
-
 _DELLA_RESCALE = {"l1": "kept entries rescaled so each delta keeps its L1 norm",
                   "paper": "each kept entry divided by its p", "none": "kept entries keep their values"}
 

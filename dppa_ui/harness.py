@@ -334,7 +334,7 @@ class Objective:
     apply_chat_template: bool = False
 
 
-def split_plan(tasks: Tasks, limit: int | None) -> dict[str, tuple[str | None, list[int] | None, list[int] | None]]:
+def split_documents(tasks: Tasks, limit: int | None) -> dict[str, tuple[str | None, list[int] | None, list[int] | None]]:
     """Per leaf task: (the split the search scores, its documents, the test report's documents);
     the test report never sees a document the search saw. A task with a validation and a test split
     is searched on the first `limit` validation documents (all without a limit) and reported on the
@@ -367,7 +367,7 @@ class Scorer:
         self.objective = objective
         self.tasks = load_tasks(list(objective.tasks), objective.include_path)
         check_metric(self.tasks, objective.metric, "`search.objective.metric`")
-        self.plan = split_plan(self.tasks, objective.limit)
+        self.documents = split_documents(self.tasks, objective.limit)
         self.model_dir = model_dir
         self._lm = None
 
@@ -378,7 +378,7 @@ class Scorer:
     def describe(self, role: str = "search") -> str:
         """Which documents `role` ("search" or "test") scores, e.g. "validation split, first 50"."""
         out = set()
-        for split, search_docs, test_docs in self.plan.values():
+        for split, search_docs, test_docs in self.documents.values():
             docs = search_docs if role == "search" else test_docs
             if split:
                 out.add(("validation" if role == "search" else "test") + " split"
@@ -393,7 +393,7 @@ class Scorer:
         when a task has one, so it is hidden for the call."""
         hidden = []
         if role == "search":
-            for name, (split, _, _) in self.plan.items():
+            for name, (split, _, _) in self.documents.items():
                 if split == "validation":
                     task = self.tasks.leaves[name]
                     hidden.append((task, task.config.test_split))
@@ -415,7 +415,7 @@ class Scorer:
         or the test report's ("test")."""
         lm = self.lm()
         load_weights(lm.model, state_dict)
-        docs = {n: (p[1] if role == "search" else p[2]) for n, p in self.plan.items()}
+        docs = {n: (p[1] if role == "search" else p[2]) for n, p in self.documents.items()}
         samples = {n: d for n, d in docs.items() if d is not None} or None     # a task left out: every document
         with self._split(role):
             results = score(lm, self.tasks, samples=samples, num_fewshot=self.objective.num_fewshot,

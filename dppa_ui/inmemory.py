@@ -23,7 +23,7 @@ def merge_state_dicts(base_sd: dict[str, torch.Tensor] | None, ft_sds, config,
     """Merge state dicts held in memory, with no disk round-trip. Returns tensors on CPU in the
     output dtype (the base's unless the config sets one). `stats` (from `collect_stats`) can be
     passed to skip the DP statistics passes. APL's importance is measured on the models the
-    config's refs name (cached; `apl_plan` from `apl.plan` skips even the cache look-up).
+    config's refs name (cached; `apl_plan` from `apl.merge_inputs` skips even the cache look-up).
 
     `ft_sds`: a list aligned with cfg.models (a base listed among them, as linear and karcher
     keep it, may be left out: `base_sd` fills its place), or a dict {model ref: state dict} (needed
@@ -55,7 +55,7 @@ def merge_state_dicts(base_sd: dict[str, torch.Tensor] | None, ft_sds, config,
         float_names = [n for n in names if base_sd[n].is_floating_point()]
         dp_maps = None
         if cfg.prune == "apl":
-            aplan = apl_plan or apl.plan(cfg, {n: tuple(base_sd[n].shape) for n in float_names}, device=device)
+            aplan = apl_plan or apl.merge_inputs(cfg, {n: tuple(base_sd[n].shape) for n in float_names}, device=device)
             dp_maps, cfg = aplan.maps, apl.weighted(cfg, aplan.weights)
         if cfg.prune == "dp" and stats is None:
             stats = collect_stats(float_names, lambda n: (base_sd[n].to(device), [sd[n].to(device) for sd in fts]),

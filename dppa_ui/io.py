@@ -64,6 +64,8 @@ _ST_TO_TORCH: dict[str, torch.dtype] = {
     "F8_E5M2": torch.float8_e5m2,
 }
 _TORCH_TO_ST: dict[torch.dtype, str] = {v: k for k, v in _ST_TO_TORCH.items()}
+# The output dtypes a merge writes, by the name config.json and the YAML use.
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -566,12 +568,12 @@ def copy_model_files(src_dir: str | os.PathLike, out_dir: str | os.PathLike, *, 
 _LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 
 
-def layer_overrides(model_dirs: Sequence[str | os.PathLike], origin: Sequence[tuple[int, int]],
+def layer_overrides(dirs: Sequence[str | os.PathLike], origin: Sequence[tuple[int, int]],
                     donor_dir: str | os.PathLike) -> dict:
     """config.json changes for a model stacked from layers of others: the layer count (whichever of
     num_hidden_layers / n_layer / num_layers / n_layers the donor's config has) and per-layer
     lists (`layer_types`) taken from each output layer's source. `origin`: per output layer,
-    (index into model_dirs, that model's layer)."""
+    (index into dirs, that model's layer)."""
     cfg = json.loads((Path(donor_dir) / "config.json").read_text())
     out: dict = {}
     keys = [k for k in _LAYER_KEYS if k in cfg] or ["num_hidden_layers"]
@@ -582,7 +584,7 @@ def layer_overrides(model_dirs: Sequence[str | os.PathLike], origin: Sequence[tu
         if isinstance(cfg.get(key), list):
             vals = []
             for i, layer in origin:
-                c = src_cfgs.setdefault(i, json.loads((Path(model_dirs[i]) / "config.json").read_text()))
+                c = src_cfgs.setdefault(i, json.loads((Path(dirs[i]) / "config.json").read_text()))
                 vals.append(c[key][layer])
             out[key] = vals
     return out

@@ -3,8 +3,8 @@ any size, with accelerate's big-model loading.
 
   skeleton(dir)        the model built on the meta device (thread-local): no memory
   model_bytes(dir, dt) its weights' bytes in dtype dt, from that skeleton (what estimates show)
-  plan(dir, ...)       where it would go: dtype, device map and whether layers go to disk
-  load(dir, ...)       the model on that plan (`device_map="auto"`, `max_memory` from the free GPU
+  placement(dir, ...) where it would go: dtype, device map and whether layers go to disk
+  load(dir, ...)       the model so placed (`device_map="auto"`, `max_memory` from the free GPU
                        and CPU memory, disk offload to `offload_dir` when needed) + its tokenizer;
                        `placed=False`: float32, whole on the CPU (the private copies that scoring,
                        searches and APL copy weights into); a SMILE folder through smile_model
@@ -24,10 +24,8 @@ from pathlib import Path
 import torch
 
 from . import smile_model
+from .io import DTYPES
 from .refs import files_identity, resolve_model
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
 
 def _env_gb(name: str) -> float | None:
     v = os.environ.get(name)
@@ -81,7 +79,7 @@ def free_memory() -> dict:
 
 
 @dataclass
-class LoadPlan:
+class Placement:
     dtype: torch.dtype
     bytes: int                                  # the weights in that dtype
     max_memory: dict                            # what device_map="auto" may use per device
@@ -94,8 +92,8 @@ class LoadPlan:
                 + (" (layers offloaded to disk: slow)" if self.offload else ""))
 
 
-def plan(model_dir: str | Path, *, max_memory: dict | None = None, dtype: torch.dtype | None = None,
-         headroom: float = 0.8) -> LoadPlan:
+def placement(model_dir: str | Path, *, max_memory: dict | None = None, dtype: torch.dtype | None = None,
+         headroom: float = 0.8) -> Placement:
     """Where the model of `model_dir` would go: accelerate's auto device map over `max_memory`
     (default: `headroom` x what is free now), in float32 when it fits on the CPU, else stored."""
     from accelerate import infer_auto_device_map
@@ -113,14 +111,14 @@ def plan(model_dir: str | Path, *, max_memory: dict | None = None, dtype: torch.
     no_split = getattr(sk, "_no_split_modules", None) or []
     dmap = infer_auto_device_map(sk, max_memory={**budget, "disk": 1 << 60}, dtype=dtype,
                                  no_split_module_classes=list(no_split))
-    return LoadPlan(dtype=dtype, bytes=size, max_memory=budget, offload="disk" in dmap.values(),
+    return Placement(dtype=dtype, bytes=size, max_memory=budget, offload="disk" in dmap.values(),
                     device_map=dict(dmap))
 
 
 def load(model_ref: str | Path, *, max_memory: dict | None = None, dtype: torch.dtype | None = None,
          offload_dir: str | Path | None = None, tokenizer_dir: str | Path | None = None,
          chat_template: str | None = None, placed: bool = True):
-    """(model, tokenizer) of a checkpoint folder or ref, eval mode, placed by `plan`. Layers that
+    """(model, tokenizer) of a checkpoint folder or ref, eval mode, placed by `placement`. Layers that
     fit nowhere are offloaded to `offload_dir` (required then). A SMILE folder is built by
     `smile_model.load`, whole on one device (see `load_smile`). `placed=False`: float32, whole on
     the CPU, no planning (what scoring a state dict copies weights into)."""
@@ -134,7 +132,7 @@ def load(model_ref: str | Path, *, max_memory: dict | None = None, dtype: torch.
         return model, AutoTokenizer.from_pretrained(str(model_dir))
     if smile_model.is_smile_folder(model_dir):
         return load_smile(model_dir, max_memory=max_memory, tokenizer_dir=tokenizer_dir, chat_template=chat_template)
-    p = plan(model_dir, max_memory=max_memory, dtype=dtype)
+    p = placement(model_dir, max_memory=max_memory, dtype=dtype)
     kwargs: dict = {"dtype": p.dtype}
     if p.offload or any(v != "cpu" for v in p.device_map.values()):
         if p.offload and offload_dir is None:
@@ -157,7 +155,7 @@ def load(model_ref: str | Path, *, max_memory: dict | None = None, dtype: torch.
     model.eval()
     if chat_template:
         tok.chat_template = chat_template
-    model.load_plan = p
+    model.placement = p
     return model, tok
 
 
@@ -182,7 +180,7 @@ def load_smile(model_dir: Path, *, max_memory: dict | None = None, tokenizer_dir
         tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     if chat_template:
         tok.chat_template = chat_template
-    model.load_plan = LoadPlan(dtype=torch.float32, bytes=size, max_memory=budget, offload=False,
+    model.placement = Placement(dtype=torch.float32, bytes=size, max_memory=budget, offload=False,
                                device_map={"": device})
     return model, tok
 
@@ -250,6 +248,6 @@ def warm_up(model_dir: str | Path | None = None) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
     if model_dir is not None:
         try:
-            plan(model_dir)
+            placement(model_dir)
         except (OSError, ValueError):
             pass

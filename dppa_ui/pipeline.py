@@ -15,6 +15,7 @@ import torch
 
 from .config import MergeConfig
 from .interpolations import interpolate
+from .io import DTYPES
 from .methods import band_edges, band_factors, breadcrumbs_counts, is_dp_target, keep_count
 from .methods.apl import APLDensity
 from .methods.sum import weight_column
@@ -23,9 +24,6 @@ from .methods.dp import DPDensity
 from .methods.pcb import PCBStats, pcb_global_stats
 from .registry import STAGES
 from .stats import DeltaStats
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
 
 @dataclass(frozen=True)
 class Step:
@@ -41,7 +39,7 @@ DensityMap = dict[str, DPDensity | APLDensity]
 
 def plan_steps(cfg: MergeConfig, name: str, shape, dp_maps: list[DensityMap] | None) -> list[Step]:
     """The per-model Step for tensor `name`. `dp_maps`: per fine-tune, the per-tensor densities of
-    a DP or APL prune (from `dp_maps_from_stats` or `apl.plan`)."""
+    a DP or APL prune (from `dp_maps_from_stats` or `apl.merge_inputs`)."""
     cfg = cfg.for_tensor(name)
     steps = []
     for i, m in enumerate(cfg.models):
@@ -52,7 +50,7 @@ def plan_steps(cfg: MergeConfig, name: str, shape, dp_maps: list[DensityMap] | N
         elif is_dp_target(name, shape):
             if dp_maps is None:
                 raise ValueError(f"prune {cfg.prune} needs its per-tensor density maps: "
-                                 + ("dp_maps_from_stats(cfg, stats)" if cfg.prune == "dp" else "apl.plan(cfg).maps"))
+                                 + ("dp_maps_from_stats(cfg, stats)" if cfg.prune == "dp" else "apl.merge_inputs(cfg).maps"))
             d = dp_maps[i][name]
             steps.append(Step(prune=True, density=d.density, offset=d.offset, rows=getattr(d, "rows", None)))
         elif (cfg.get("dp_others") if cfg.prune == "dp" else cfg.get("apl_others")) == "keep":

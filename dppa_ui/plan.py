@@ -27,7 +27,7 @@ _PRE = re.compile(r"(embed|wte|wpe|word_embeddings|tok_embeddings|embed_in|rotar
 
 
 @dataclass
-class Job:
+class TensorJob:
     """One output tensor."""
     name: str
     cfg: MergeConfig                           # resolved for this tensor (plain values)
@@ -46,7 +46,7 @@ class Job:
 @dataclass
 class MergePlan:
     refs: list[str]                            # input models; reader i reads refs[i]
-    jobs: list[Job]
+    jobs: list[TensorJob]
     n_layers: int                              # layers of the output model
     layer_origin: list[tuple[int, int]] = field(default_factory=list)   # per output layer: (input, its layer)
     notices: list[str] = field(default_factory=list)
@@ -130,7 +130,7 @@ def _plan_models(cfg, readers, refs, index, shapes) -> MergePlan:
         # read only the common rows when any input has more (a trimmed vocabulary); the base may
         # be the one with the fewest, so every input is checked, not only the donor
         rows = shape[0] if any(name in r and tuple(r.shape(name)) != tuple(shape) for r in readers) else None
-        jobs.append(Job(name, _view(cfg, name, t), (0, name) if base is not None else None,
+        jobs.append(TensorJob(name, _view(cfg, name, t), (0, name) if base is not None else None,
                         [(index[m.model], name) for m in cfg.models], tuple(shape), t, rows=rows))
     return MergePlan(refs, jobs, n_layers, [(0, i) for i in range(n_layers)])
 
@@ -146,7 +146,7 @@ def _plan_slices(cfg, readers, refs, index) -> MergePlan:
                 raise ConfigError(f"`slices[{k}].sources[{j}].layer_range` = [{a}, {b}] is outside {src.model}, "
                                   f"which has {have} layers (0 .. {have - 1}); end is excluded, so use at most {have}")
     views = [slice_view(cfg, k) for k in range(len(cfg.slices))]
-    jobs: list[Job] = []
+    jobs: list[TensorJob] = []
     first, last = views[0], views[-1]
 
     def base_of(v: MergeConfig) -> int | None:
@@ -158,7 +158,7 @@ def _plan_slices(cfg, readers, refs, index) -> MergePlan:
         b = base_of(v)
         for name in names:
             src_reader = readers[index[v.models[0].model]] if v.models else readers[b]
-            jobs.append(Job(name, v.for_tensor(name, 0.0), (b, name) if b is not None else None,
+            jobs.append(TensorJob(name, v.for_tensor(name, 0.0), (b, name) if b is not None else None,
                             [(index[m.model], name) for m in v.models], tuple(src_reader.shape(name)), 0.0, k))
 
     donor = readers[index[cfg.slices[0].sources[0].model]]
@@ -194,7 +194,7 @@ def _plan_slices(cfg, readers, refs, index) -> MergePlan:
                         raise ConfigError(f"`slices[{k}]`: {refs[ri]} has no tensor {sn} (needed for output "
                                           f"{out_name}); its layers differ from {lead.model}'s")
                 view = v.for_tensor(out_name, t, [sn for _, sn in srcs])
-                jobs.append(Job(out_name, view, base_src, srcs, tuple(lead_reader.shape(nm)), t, k))
+                jobs.append(TensorJob(out_name, view, base_src, srcs, tuple(lead_reader.shape(nm)), t, k))
             out_layer += 1
     outside(last, post, len(cfg.slices) - 1)
     cfg.with_layers(out_layer)

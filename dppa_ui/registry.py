@@ -211,6 +211,8 @@ class Stage:
     # combine only: what the inspect views draw (contributions(pruned, cfg, stats) -> (per-model
     # contribution, sign conflicts, kept deltas, weights or None)); None: the weighted deltas
     contributions: Callable | None = None
+    # check(m, where): refuse one model's resolved settings the stage cannot run (ValueError)
+    check: Callable | None = None
 
 
 STAGES: dict[str, dict[str, Stage]] = {
@@ -223,10 +225,10 @@ STAGES: dict[str, dict[str, Stage]] = {
         Stage("prune", "dp", "per-block and per-module densities from outlier ratios (DPPA)",
               "https://arxiv.org/abs/2403.02799", (DENSITY, DP_LAMBDA, DP_OUTLIER_M, DP_OTHERS), run=dp.prune),
         Stage("prune", "breadcrumbs", "drop the gamma share of largest |delta| and the smallest, keep density",
-              "https://arxiv.org/abs/2312.06795", (DENSITY, GAMMA, _rescale("none")), run=breadcrumbs.prune),
+              "https://arxiv.org/abs/2312.06795", (DENSITY, GAMMA, _rescale("none")), run=breadcrumbs.prune, check=breadcrumbs.check),
         Stage("prune", "della", "keep with probability rising with |delta| rank in its row (MagPrune), rescale",
               "https://arxiv.org/abs/2406.11617", (DENSITY, EPSILON_DELLA, _rescale("l1")), randomized=True,
-                    run=della.prune),
+                    run=della.prune, check=della.check),
         Stage("prune", "apl", "each block / module / row keeps more of its delta the more the fine-tune's loss on "
               "its own task rises without it (causal intervention, APL)", "https://arxiv.org/abs/2408.09485",
               (DENSITY, APL_DATA, *APL_PARAMS, _rescale("paper")), randomized=True, run=apl.prune),

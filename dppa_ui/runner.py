@@ -76,7 +76,7 @@ def _merge(cfg, out, dev, t0, overwrite, dry_run, progress, cancel, allow_pickle
     inputs = engine.Inputs(cfg, allow_pickle, allow_vocab_trim, lora_cache, log)
     try:
         if cfg.prune == "apl":      # every fine-tune's task data, before anything is computed
-            apl.check_data(cfg, inputs.model_dirs)
+            apl.check_data(cfg, inputs.ft_dirs)
         out_dtype = inputs.output_dtype(cfg)
         report, disk = engine.plan_report(cfg, inputs, out_dtype, dev)
         if dry_run:
@@ -87,8 +87,8 @@ def _merge(cfg, out, dev, t0, overwrite, dry_run, progress, cancel, allow_pickle
             raise ValueError("an output folder is needed (--out DIR)")
         out = Path(out)
         io.check_free_disk(out.parent if not out.exists() else out, int(disk * 1.02) + (1 << 20))
-        alpha_report = search.search_amplification(cfg, inputs.base_dir, inputs.model_dirs, log)
-        lambda_report = search.search_lambda(cfg, inputs.base_dir, inputs.model_dirs, log)
+        alpha_report = search.search_amplification(cfg, inputs.base_dir, inputs.ft_dirs, log)
+        lambda_report = search.search_lambda(cfg, inputs.base_dir, inputs.ft_dirs, log)
         with io.atomic_output_dir(out, overwrite=overwrite) as tmp:
             maps = merge_cfg = None
             if cfg.prune == "apl":
@@ -159,7 +159,7 @@ def merge_stages(config, out: str | Path | None, *, intermediate_dir: str | Path
 def _apl_maps(cfg: MergeConfig, inputs: engine.Inputs, tmp: Path, dev: torch.device, log) -> tuple[list, MergeConfig]:
     """APL's density maps and the config with its merge weights (the importance is cached), its
     report written beside the weights."""
-    aplan = apl.plan(cfg, {n: inputs.shapes[n] for n in inputs.float_names}, inputs.base_dir, inputs.model_dirs,
+    aplan = apl.merge_inputs(cfg, {n: inputs.shapes[n] for n in inputs.float_names}, inputs.base_dir, inputs.ft_dirs,
                      device=dev)
     (tmp / apl.APL_FILE).write_text(json.dumps(apl.report(cfg, aplan), indent=1))
     for m, w in zip(cfg.models, aplan.weights):

@@ -41,7 +41,7 @@ A `search:` block in the YAML names what moves and how:
 
 An lm-eval objective (mergekit-evolve's fitness) scores each candidate with lm-evaluation-harness
 instead: the mean over the tasks of `metric`, on each task's validation split (or its first
-`limit` documents: `harness.split_plan`); optional keys num_fewshot, include_path (a folder of task
+`limit` documents: `harness.split_documents`); optional keys num_fewshot, include_path (a folder of task
 YAML files), batch_size, apply_chat_template. `data`, `test_data`, `domains` and the top-level
 `metric` do not apply to it. Each worker loads the tasks and wraps its model for lm-eval once.
 
@@ -76,7 +76,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from . import harness, io
-from .config import ConfigError, MergeConfig, _num, load_config
+from .config import ConfigError, MergeConfig, load_config, number
 from .evaluation import geometric_objective, load_suite, model_domain, score_state_dict, scoring_model
 from .harness import Scorer
 from .inmemory import merge_state_dicts
@@ -107,7 +107,7 @@ _NEEDS_TEXT = {"prune": "a prune stage", "dp": "prune: dp", "pcb": "combine: pcb
 # ------------------------------------------------------------------------------------ the spec
 
 @dataclass(frozen=True)
-class Param:
+class SearchParam:
     """One searched number: `key` of model `model` (an index, "all" = one value shared by every
     model, None = a global parameter), list position `index` for amplification / partitions."""
     name: str
@@ -121,7 +121,7 @@ class Param:
 
 @dataclass
 class SearchSpec:
-    params: list[Param]
+    params: list[SearchParam]
     optimizer: str = "ngopt"
     budget: int = 100
     objective: str = "geometric"
@@ -150,8 +150,8 @@ def _bounds(value, name: str) -> tuple[float, float, float | None]:
         (lo, hi), init = value, None
     else:
         raise _err(f"parameters.{name}", f"give bounds as [lower, upper] or {{lower, upper, init}}, got {value!r}")
-    lo, hi = (_num(v, f"search.parameters.{name}.{what}") for what, v in (("lower", lo), ("upper", hi)))
-    init = None if init is None else _num(init, f"search.parameters.{name}.init")
+    lo, hi = (number(v, f"search.parameters.{name}.{what}") for what, v in (("lower", lo), ("upper", hi)))
+    init = None if init is None else number(init, f"search.parameters.{name}.init")
     if not lo < hi:
         raise _err(f"parameters.{name}", f"empty bounds [{lo}, {hi}]: lower must be below upper")
     if init is not None and not lo <= init <= hi:
@@ -159,12 +159,12 @@ def _bounds(value, name: str) -> tuple[float, float, float | None]:
     return float(lo), float(hi), None if init is None else float(init)
 
 
-def _params(cfg: MergeConfig, raw) -> list[Param]:
+def _params(cfg: MergeConfig, raw) -> list[SearchParam]:
     if not isinstance(raw, dict) or not raw:
         raise _err("parameters", "name at least one parameter to move, e.g. `models[*].weight: [0.5, 1.5]`")
     known = sorted(GLOBAL_PARAMS) + sorted(f"models[i|*].{k}" for k in MODEL_PARAMS) + \
         ["weight", "density", "amplification[k]", "partitions[k]"]
-    out: list[Param] = []
+    out: list[SearchParam] = []
     for name, value in raw.items():
         m = _NAME.match(str(name))
         key = m.group(2) if m else None
@@ -181,7 +181,7 @@ def _params(cfg: MergeConfig, raw) -> list[Param]:
                        else f"{key} is a number, not a list")
         lo, hi, init = _bounds(value, name)
         if not is_model:
-            out.append(Param(name, key, None, None, lo, hi, init))
+            out.append(SearchParam(name, key, None, None, lo, hi, init))
             continue
         models = range(len(cfg.models)) if m.group(1) in (None, "*") else [int(m.group(1))]
         for i in models:
@@ -196,9 +196,9 @@ def _params(cfg: MergeConfig, raw) -> list[Param]:
                                f"({n_bands} bands" + ("; the last partition is the density" if key == "partitions"
                                                        else "") + ")")
         if m.group(1) is None:       # `weight`: one value shared by every model
-            out.append(Param(name, key, "all", index, lo, hi, init))
+            out.append(SearchParam(name, key, "all", index, lo, hi, init))
         else:
-            out += [Param(f"models[{i}].{key}" + (f"[{index}]" if index is not None else ""), key, i, index,
+            out += [SearchParam(f"models[{i}].{key}" + (f"[{index}]" if index is not None else ""), key, i, index,
                           lo, hi, init) for i in models]
     names = [p.name for p in out]
     dup = {n for n in names if names.count(n) > 1}
@@ -220,7 +220,7 @@ def parse_search(cfg: MergeConfig, block: dict | None = None) -> SearchSpec:
     optimizer = str(block.get("optimizer", "ngopt")).lower()
     if optimizer not in OPTIMIZERS:
         raise _err("optimizer", f"{block.get('optimizer')!r} is not one of {', '.join(OPTIMIZERS)}")
-    budget = _num(block.get("budget", 100), "search.budget", lo=1, integer=True)
+    budget = number(block.get("budget", 100), "search.budget", lo=1, integer=True)
     objective = block.get("objective", "geometric")
     choice = block.get("choice", "best")
     if choice not in CHOICES:
@@ -244,8 +244,8 @@ def parse_search(cfg: MergeConfig, block: dict | None = None) -> SearchSpec:
     if domains is not None and (not isinstance(domains, list) or not domains
                                 or not all(isinstance(d, str) and d for d in domains)):
         raise _err("domains", f"a list of domain names, got {domains!r}")
-    seed = _num(block.get("seed", cfg.seed), "search.seed", lo=0, integer=True)
-    step = _num(block.get("step", cfg.get("alpha_step")), "search.step", lo=0, lo_open=True)
+    seed = number(block.get("seed", cfg.seed), "search.seed", lo=0, integer=True)
+    step = number(block.get("step", cfg.get("alpha_step")), "search.step", lo=0, lo_open=True)
     mode = block.get("mode", cfg.get("alpha_search"))
     if mode not in ("official", "best"):
         raise _err("mode", f"`official` (the walk's end state) or `best`, got {mode!r}")
@@ -285,7 +285,7 @@ def _lm_eval_objective(obj: dict, block: dict):
         raise _err("objective.metric", f"a metric name lm-eval reports (acc, acc_norm, exact_match...), got {metric!r}")
     batch = obj.get("batch_size")
     if batch is not None:
-        batch = _num(batch, "search.objective.batch_size", lo=1, integer=True)
+        batch = number(batch, "search.objective.batch_size", lo=1, integer=True)
     inc = obj.get("include_path")
     if inc is not None and (not isinstance(inc, str) or not Path(inc).is_dir()):
         raise _err("objective.include_path", f"a folder of lm-eval task YAML files, got {inc!r} (no such folder)")
@@ -317,7 +317,7 @@ def search_base(cfg: MergeConfig) -> dict:
     return d
 
 
-def current_value(cfg: MergeConfig, p: Param) -> float:
+def current_value(cfg: MergeConfig, p: SearchParam) -> float:
     """The value the config gives parameter `p` (the first model's, for a shared one)."""
     if p.model is None:
         return float(cfg.get(GLOBAL_PARAMS[p.key][0]))
@@ -325,7 +325,7 @@ def current_value(cfg: MergeConfig, p: Param) -> float:
     return float(v[p.index] if p.index is not None else v)
 
 
-def apply_values(base: dict, params: Sequence[Param], values: Sequence[float]) -> dict:
+def apply_values(base: dict, params: Sequence[SearchParam], values: Sequence[float]) -> dict:
     """A config dict: `base` with each parameter set to its value. A moved density scales that
     model's partitions with it, so they still end at the density."""
     d = copy.deepcopy(base)
@@ -374,11 +374,11 @@ class Scoring:
         return {**res, "objective": self.value({d: {self.metric: v} for d, v in res["scores"].items()}) if ok else 0.0}
 
 
-def model_domains(cfg: MergeConfig, model_dirs: Sequence[Path]) -> list[list[str] | None]:
+def model_domains(cfg: MergeConfig, ft_dirs: Sequence[Path]) -> list[list[str] | None]:
     """Each model's domains: its `domain:`, else what a registered look-up knows (demo models
     know theirs), else None."""
     out = []
-    for m, d in zip(cfg.models, model_dirs):
+    for m, d in zip(cfg.models, ft_dirs):
         dom = m.domain or model_domain(d)
         out.append(None if not dom else [dom] if isinstance(dom, str) else list(dom))
     return out
@@ -416,7 +416,7 @@ def objective_domains(spec: SearchSpec, per_model: list[list[str] | None], what:
 # --------------------------------------------------------------------------------- evaluation
 
 @dataclass
-class EvalJob:
+class EvalTask:
     """What a worker process or Ray actor needs to score candidates (small and picklable): model
     refs are loaded where the job runs, once."""
     base: str
@@ -436,7 +436,7 @@ class Evaluator:
         self.harness = harness          # harness.Scorer of an lm-eval objective (its tasks loaded)
 
     @classmethod
-    def from_job(cls, job: EvalJob) -> "Evaluator":
+    def from_job(cls, job: EvalTask) -> "Evaluator":
         base_dir = resolve_model(job.base, allow_pickle=job.allow_pickle)
         fts = [io.read_state_dict(resolve_model(m, allow_pickle=job.allow_pickle), allow_pickle=job.allow_pickle)
                for m in job.models]
@@ -507,7 +507,7 @@ class _Serial:
 _WORKER: Evaluator | None = None
 
 
-def _pool_init(job: EvalJob, threads: int) -> None:
+def _pool_init(job: EvalTask, threads: int) -> None:
     import torch
     global _WORKER
     torch.set_num_threads(threads)
@@ -523,7 +523,7 @@ class _Pool:
     imported torch and transformers but run nothing yet: a process forked after torch's OpenMP
     threads have run hangs in its first parallel op, and a spawned one re-imports everything."""
 
-    def __init__(self, job: EvalJob, n: int, threads: int):
+    def __init__(self, job: EvalTask, n: int, threads: int):
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor
         if "forkserver" in mp.get_all_start_methods():
@@ -547,7 +547,7 @@ class _Ray:
     runs (so the paths or hub ids must resolve on every node); a round's candidates go to idle
     actors as they free up, and come back in the order asked."""
 
-    def __init__(self, job: EvalJob, n: int, address: str, threads: int = 1):
+    def __init__(self, job: EvalTask, n: int, address: str, threads: int = 1):
         try:
             import ray
             from ray.util import ActorPool
@@ -605,7 +605,7 @@ def _quiet_nevergrad():
 
 
 class _Nevergrad:
-    def __init__(self, name: str, params: list[Param], init: list[float], budget: int, batch: int, seed: int,
+    def __init__(self, name: str, params: list[SearchParam], init: list[float], budget: int, batch: int, seed: int,
                  choice: str = "best"):
         import numpy as np
         self.choice_rule = choice
@@ -667,16 +667,12 @@ class SearchResult:
     seconds: float = 0.0
     spec: SearchSpec | None = None
 
-    @property
-    def best_so_far(self) -> list[float]:
-        return [r["best"] for r in self.rows]
 
-
-def _resolve(cfg: MergeConfig, base_dir, model_dirs, allow_pickle: bool):
+def _resolve(cfg: MergeConfig, base_dir, ft_dirs, allow_pickle: bool):
     base_dir = Path(base_dir) if base_dir is not None else resolve_model(cfg.base_model, allow_pickle=allow_pickle)
-    model_dirs = [Path(d) for d in model_dirs] if model_dirs is not None else \
+    ft_dirs = [Path(d) for d in ft_dirs] if ft_dirs is not None else \
         [resolve_model(m.model, allow_pickle=allow_pickle) for m in cfg.models]
-    return base_dir, model_dirs
+    return base_dir, ft_dirs
 
 
 @dataclass
@@ -741,7 +737,7 @@ def optimize(spec: SearchSpec, evaluate: Callable[[list[list[float]]], list[dict
     return Optimized(list(chosen), objective, rows, cancelled)
 
 
-def run_search(config, spec: SearchSpec | None = None, *, base_dir=None, model_dirs=None,
+def run_search(config, spec: SearchSpec | None = None, *, base_dir=None, ft_dirs=None,
                loaded: tuple[dict, list[dict]] | None = None, stats: list | None = None,
                workers: int = 1, ray: str | None = None, batch: int | None = None,
                on_eval: Callable[[dict], None] | None = None, cancel: Callable[[], bool] | None = None,
@@ -773,7 +769,7 @@ def run_search(config, spec: SearchSpec | None = None, *, base_dir=None, model_d
         raise ValueError("resolve `amplification: auto` / `lambda: auto` first (search_amplification, "
                          "search_lambda), or run `python -m dppa_ui search`, which does")
     batch = 1 if spec.optimizer == "greedy" else batch or workers
-    base_dir, model_dirs = _resolve(cfg, base_dir, model_dirs, allow_pickle)
+    base_dir, ft_dirs = _resolve(cfg, base_dir, ft_dirs, allow_pickle)
 
     # Data and the objective's domains (lm-eval: its tasks, their data and splits): checked before
     # any tensor is read.
@@ -783,7 +779,7 @@ def run_search(config, spec: SearchSpec | None = None, *, base_dir=None, model_d
         items, domains = [], scorer.names
         data_text = f"lm-eval {scorer.describe('search')}"
     else:
-        domains = objective_domains(spec, model_domains(cfg, model_dirs), "the search")
+        domains = objective_domains(spec, model_domains(cfg, ft_dirs), "the search")
         items = load_items(spec.data, "dev", domains)
         domains = domains or list(dict.fromkeys(it["domain"] for it in items))
         if spec.objective not in OBJECTIVES and spec.objective not in domains:
@@ -793,12 +789,12 @@ def run_search(config, spec: SearchSpec | None = None, *, base_dir=None, model_d
 
     base_sd, ft_sds = loaded if loaded is not None else (
         io.read_state_dict(base_dir, allow_pickle=allow_pickle),
-        [io.read_state_dict(d, allow_pickle=allow_pickle) for d in model_dirs])
+        [io.read_state_dict(d, allow_pickle=allow_pickle) for d in ft_dirs])
     ev = Evaluator(base_dir, base_sd, ft_sds, scoring, stats, cfg.get("dp_outlier_m"), harness=scorer)
     serial = _Serial(ev, threads if not ray and workers == 1 else None)   # the reference and test run here
     base = search_base(cfg)
     # Workers resolve the config's own refs where they run (a hub id or demo: ref resolves on any node).
-    job = EvalJob(cfg.base_model, [m.model for m in cfg.models], scoring, allow_pickle, base)
+    job = EvalTask(cfg.base_model, [m.model for m in cfg.models], scoring, allow_pickle, base)
     pool = None
     try:       # workers start loading the models while the reference is scored here
         pool = _Ray(job, workers, ray, threads or 1) if ray else \
@@ -871,16 +867,16 @@ def alpha_search(cfg: MergeConfig, i: int, base_dir, model_dir, *, ft_sd: dict |
     if dom is None and block.get("data", "zoo") == "zoo":
         raise ValueError(f"amplification: auto for {m.model} needs `domain:` (the dev split its alpha is "
                          f"scored on); demo models know theirs")
-    spec = SearchSpec(params=[Param(f"models[0].amplification[{k}]", "amplification", 0, k, 0.0, 1e3, a)
+    spec = SearchSpec(params=[SearchParam(f"models[0].amplification[{k}]", "amplification", 0, k, 0.0, 1e3, a)
                               for k, a in enumerate(start)],
                       optimizer="greedy", budget=max_evals, objective="geometric", metric="smooth",
                       data=block.get("data", "zoo"), domains=dom, step=cfg.get("alpha_step"), mode=cfg.get("alpha_search"))
     loaded = (base_sd, [ft_sd]) if base_sd is not None and ft_sd is not None else None
-    return run_search(single, spec, base_dir=base_dir, model_dirs=[model_dir], loaded=loaded, stats=stats,
+    return run_search(single, spec, base_dir=base_dir, ft_dirs=[model_dir], loaded=loaded, stats=stats,
                       log=log, on_eval=on_eval, cancel=cancel, test=False)
 
 
-def lambda_search(cfg: MergeConfig, base_dir, model_dirs, *, loaded=None, stats=None,
+def lambda_search(cfg: MergeConfig, base_dir, ft_dirs, *, loaded=None, stats=None,
                   budget: int | None = None, bounds: tuple[float, float] | None = None,
                   log=None, on_eval=None, cancel=None, workers: int = 1, ray: str | None = None) -> SearchResult:
     """`lambda: auto`: PCB's search of one lambda_i (model weight) per model, NGOpt from 1.0 within
@@ -889,22 +885,22 @@ def lambda_search(cfg: MergeConfig, base_dir, model_dirs, *, loaded=None, stats=
     `lambda_choice` (official: nevergrad's recommendation, as pcb_ES.py's `minimize`)."""
     block = dict(cfg.search or {})
     if block.get("data", "zoo") == "zoo" and not block.get("domains") and \
-            any(d is None for d in model_domains(cfg, model_dirs)):
+            any(d is None for d in model_domains(cfg, ft_dirs)):
         raise ValueError("lambda: auto needs `domain:` for each model (the dev split it is scored on); "
                          "demo models know theirs")
     budget, bounds = budget or LAMBDA_BUDGET, bounds or LAMBDA_BOUNDS
     c = copy.deepcopy(cfg)
     c.settings["lambda"], c.lambda_auto = 1.0, False
-    spec = SearchSpec(params=[Param(f"models[{i}].weight", "weight", i, None, bounds[0], bounds[1], LAMBDA_INIT)
+    spec = SearchSpec(params=[SearchParam(f"models[{i}].weight", "weight", i, None, bounds[0], bounds[1], LAMBDA_INIT)
                               for i in range(len(cfg.models))],
                       optimizer="ngopt", budget=budget, objective=cfg.get("lambda_objective"), metric="smooth",
                       data=block.get("data", "zoo"), domains=block.get("domains"), seed=cfg.seed,
                       choice=cfg.get("lambda_choice"))
-    return run_search(c, spec, base_dir=base_dir, model_dirs=model_dirs, loaded=loaded, stats=stats, log=log,
+    return run_search(c, spec, base_dir=base_dir, ft_dirs=ft_dirs, loaded=loaded, stats=stats, log=log,
                       on_eval=on_eval, cancel=cancel, test=False, workers=workers, ray=ray)
 
 
-def search_amplification(cfg: MergeConfig, base_dir: Path, model_dirs: list[Path],
+def search_amplification(cfg: MergeConfig, base_dir: Path, ft_dirs: list[Path],
                          log: Callable[[str], None] = print, max_evals: int = 60,
                          loaded: tuple[dict, list[dict]] | None = None,
                          stats: list | None = None) -> dict[str, dict]:
@@ -921,9 +917,9 @@ def search_amplification(cfg: MergeConfig, base_dir: Path, model_dirs: list[Path
     report = {}
     for i in todo:
         m = cfg.models[i]
-        ft_sd = loaded[1][i] if loaded else io.read_state_dict(model_dirs[i])
+        ft_sd = loaded[1][i] if loaded else io.read_state_dict(ft_dirs[i])
         log(f"searching amplification for {m.model} (dev split)")
-        res = alpha_search(cfg, i, base_dir, model_dirs[i], ft_sd=ft_sd, base_sd=base_sd,
+        res = alpha_search(cfg, i, base_dir, ft_dirs[i], ft_sd=ft_sd, base_sd=base_sd,
                            stats=[stats[i]] if stats else None, max_evals=max_evals,
                            on_eval=lambda r: log(f"  alpha {list(r['params'].values())} -> {r['objective']:.4f}"))
         alpha = [round(v, 9) for v in res.values.values()]
@@ -934,7 +930,7 @@ def search_amplification(cfg: MergeConfig, base_dir: Path, model_dirs: list[Path
     return report
 
 
-def search_lambda(cfg: MergeConfig, base_dir: Path, model_dirs: list[Path],
+def search_lambda(cfg: MergeConfig, base_dir: Path, ft_dirs: list[Path],
                   log: Callable[[str], None] = print, loaded: tuple[dict, list[dict]] | None = None,
                   stats: list | None = None) -> dict:
     """Resolve `lambda: auto`: PCB's NGOpt search of one lambda_i (model weight) per model
@@ -942,7 +938,7 @@ def search_lambda(cfg: MergeConfig, base_dir: Path, model_dirs: list[Path],
     if not cfg.lambda_auto:
         return {}
     log("searching lambda per model (PCB: NGOpt, init 1.0, bounds [0.8, 1.3], budget 100; dev split)")
-    res = lambda_search(cfg, base_dir, model_dirs, loaded=loaded, stats=stats)
+    res = lambda_search(cfg, base_dir, ft_dirs, loaded=loaded, stats=stats)
     for m, w in zip(cfg.models, res.config.models):
         m.settings["weight"] = w.get("weight")
     cfg.settings["lambda"], cfg.lambda_auto = 1.0, False

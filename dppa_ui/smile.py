@@ -19,13 +19,14 @@ import torch
 from torch import nn
 
 from . import io
+from .io import DTYPES
 from .chat import prompt_ids, to_messages
 from .config import ConfigError, MergeConfig, load_config
 from .engine import CONFIG_FILE, MergeResult
 from .evaluation import by_domain, encode_item, model_domain, pad_id
 from .methods.dp import block_of
 from .methods.smile import is_projection, linear_weight, smile_embedding, smile_linear
-from .pipeline import DTYPES, dominant_float_dtype, merge_tensor
+from .pipeline import dominant_float_dtype, merge_tensor
 from .refs import resolve_model
 from .smile_model import FORMAT, SMILE_CONFIG, SMILE_WEIGHTS, VERSION, parameter_count, position_routing
 

@@ -143,6 +143,3 @@ def collect_stats(names: Iterable[str], load: Loader, models: list[str], outlier
 def save_stats(stats: list[DeltaStats], path: Path) -> None:
     path.write_text(json.dumps([s.to_json() for s in stats]))
 
-
-def load_stats(path: Path) -> list[DeltaStats]:
-    return [DeltaStats.from_json(d) for d in json.loads(Path(path).read_text())]

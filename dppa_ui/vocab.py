@@ -104,7 +104,7 @@ def _union(base_tok, toks: dict[str, object], sizes: dict[str, int | None]):
     return out
 
 
-class VocabPlan:
+class VocabRebuild:
     """The output vocabulary and, per input model, where each output row comes from."""
 
     def __init__(self, cfg: MergeConfig, tokenizer, vocab: dict[str, int], rows: int, perms: dict[str, list[int]],
@@ -189,7 +189,7 @@ class VocabPlan:
 
 
 def build_vocab(cfg: MergeConfig, refs: list[str], dirs: list[Path], readers, log: Callable[[str], None] | None = None):
-    """The VocabPlan for a config with `tokenizer:` / `tokenizer_source:` (None when the rows are
+    """The VocabRebuild for a config with `tokenizer:` / `tokenizer_source:` (None when the rows are
     left as they are; see the module doc)."""
     spec = cfg.vocab
     by_ref = dict(zip(refs, dirs))
@@ -249,4 +249,4 @@ def build_vocab(cfg: MergeConfig, refs: list[str], dirs: list[Path], readers, lo
                 p[new] = old
         perms[r] = p
         original[r] = mv
-    return VocabPlan(cfg, out, vocab, rows, perms, original, cfg.base_model)
+    return VocabRebuild(cfg, out, vocab, rows, perms, original, cfg.base_model)

@@ -186,11 +186,11 @@ def _demo_cfg(names, density=0.2, **params):
 
 def test_importance_is_cached_in_memory_and_on_disk(tmp_path):
     cfg = load_config(_demo_cfg(["sort"]))
-    first = apl.plan(cfg)
+    first = apl.merge_inputs(cfg)
     assert first.importance[0].cached == "" and first.importance[0].examples == 4
-    assert apl.plan(cfg).importance[0].cached == "memory"
+    assert apl.merge_inputs(cfg).importance[0].cached == "memory"
     apl._MEMORY.clear()
-    again = apl.plan(cfg).importance[0]
+    again = apl.merge_inputs(cfg).importance[0]
     assert again.cached == "disk" and again.values == first.importance[0].values
     assert list((tmp_path / "cache" / "apl").glob("*.safetensors"))
 

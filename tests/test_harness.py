@@ -128,7 +128,7 @@ def test_cli_scores_a_disk_offloaded_model_as_the_plain_one(tmp_path, capsys, mo
 
     def squeezed(ref, **kw):        # a CPU budget that fits no layer: accelerate offloads them to disk
         model, tok = real(ref, **{**kw, "max_memory": {"cpu": 20_000}})
-        assert model.load_plan.offload
+        assert model.placement.offload
         return model, tok
     args = ["--lm-eval", "zoo_sort_gen", "--include-path", TASKS, "--limit", "12", "--json"]
     assert main(["score", "demo:sort", *args]) == 0
@@ -235,16 +235,16 @@ def test_lm_eval_objective_scores_validation_and_reports_test(monkeypatch):
 
 def test_split_rule_validation_or_disjoint_slices(tmp_path):
     tasks = harness.load_tasks("zoo_sort_mc", TASKS)
-    assert harness.split_plan(tasks, 5) == {"zoo_sort_mc": ("validation", [0, 1, 2, 3, 4], [0, 1, 2, 3, 4])}
-    assert harness.split_plan(tasks, None) == {"zoo_sort_mc": ("validation", None, None)}
+    assert harness.split_documents(tasks, 5) == {"zoo_sort_mc": ("validation", [0, 1, 2, 3, 4], [0, 1, 2, 3, 4])}
+    assert harness.split_documents(tasks, None) == {"zoo_sort_mc": ("validation", None, None)}
     (tmp_path / "one.yaml").write_text(f"include: {TASKS}/_zoo_mc.yaml\ntask: one_split\nvalidation_split: null\n"
                                        "dataset_kwargs: {domain: sort}\n")
     one = harness.load_tasks("one_split", tmp_path)
-    assert harness.split_plan(one, 3) == {"one_split": (None, [0, 1, 2], [3, 4, 5])}
+    assert harness.split_documents(one, 3) == {"one_split": (None, [0, 1, 2], [3, 4, 5])}
     with pytest.raises(ValueError, match="one split only.*limit"):
-        harness.split_plan(one, None)
+        harness.split_documents(one, None)
     with pytest.raises(ValueError, match="200 documents"):
-        harness.split_plan(one, 200)
+        harness.split_documents(one, 200)
 
 
 def test_worker_processes_give_the_in_process_rows():

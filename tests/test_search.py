@@ -14,7 +14,7 @@ import yaml
 
 from dppa_ui import ConfigError, load_config, zoo
 from dppa_ui import search
-from dppa_ui.search import Param, SearchSpec
+from dppa_ui.search import SearchParam, SearchSpec
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 needs_zoo = pytest.mark.skipif(not (zoo.ZOO_DIR / "reverse" / "config.json").is_file(),
@@ -47,7 +47,7 @@ def small_data(tmp_path_factory):
 # ------------------------------------------------------------------------------ the optimizer loop
 
 def _spec(optimizer, budget, seed=3):
-    return SearchSpec(params=[Param("x", "lambda", None, None, 0.0, 2.0), Param("y", "lambda", None, None, -1.0, 1.0)],
+    return SearchSpec(params=[SearchParam("x", "lambda", None, None, 0.0, 2.0), SearchParam("y", "lambda", None, None, -1.0, 1.0)],
                       optimizer=optimizer, budget=budget, seed=seed)
 
 
@@ -80,7 +80,7 @@ def test_same_seed_and_batch_same_search():
 
 def test_greedy_walk_is_an_optimizer_of_the_same_loop():
     # DPPA's walk, through `optimize`: the end state [2.0, 1.0] (scored), not the best [2.0, 0.0].
-    spec = SearchSpec(params=[Param(f"a{k}", "amplification", 0, k, 0.0, 10.0) for k in range(2)],
+    spec = SearchSpec(params=[SearchParam(f"a{k}", "amplification", 0, k, 0.0, 10.0) for k in range(2)],
                       optimizer="greedy", budget=60)
 
     def f(a):

@@ -62,7 +62,7 @@ def value(x):
 
 def last_reply(history) -> str:
     assert history and history[-1]["role"] == "assistant"
-    return chat._text(history[-1]["content"])
+    return chat.message_text(history[-1]["content"])
 
 
 def test_full_flow_over_the_api(client, tmp_path, read_weights):

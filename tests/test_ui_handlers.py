@@ -309,7 +309,7 @@ def test_an_apl_config_inspects_pending_then_its_maps_and_merges_like_the_cli(st
     name = "model.layers.1.mlp.down_proj.weight"
     out = inspect.inspect(view(state))
     assert "APL" not in out["inspect_status"]
-    want = apl.plan(cfg)                                                    # the core's plan, from the refs
+    want = apl.merge_inputs(cfg)                                                    # the core's plan, from the refs
     assert [float(r[1]) for r in out["thresholds"]] == pytest.approx([m[name].density for m in want.maps], abs=1e-3)
     assert {float(r[1]) for r in out["thresholds"]} != {0.2}
     assert all(plan.maps[i][n].density == want.maps[i][n].density for i in range(2) for n in want.maps[i])

@@ -174,7 +174,7 @@ def test_merge_refused_when_the_working_set_does_not_fit(fam, cache, tmp_path, m
 
 def test_offloaded_model_answers_as_the_plain_one(fam, tmp_path):
     from dppa_ui.chat import generate_reply
-    plan = modelbuild.plan(fam.base, max_memory={"cpu": 20_000})
+    plan = modelbuild.placement(fam.base, max_memory={"cpu": 20_000})
     assert plan.offload
     plain, tok = modelbuild.load(fam.base)
     off, _ = modelbuild.load(fam.base, max_memory={"cpu": 20_000}, offload_dir=tmp_path / "off")
@@ -238,7 +238,7 @@ def test_apl_config_reads_only_registered_data_and_merges_like_the_cli(fam, cach
     ws.allow_data(data)
     plan = ws.apl.wait(cfg, ws.align(cfg), timeout=120)
     assert ws.apl_progress(cfg).state == "done" and ws.dp_maps(cfg) is plan.maps     # computed once, cached
-    want = apl.plan(load_config(raw))
+    want = apl.merge_inputs(load_config(raw))
     assert all(plan.maps[i][n].density == want.maps[i][n].density for i in range(2) for n in want.maps[i])
     n = "model.layers.1.self_attn.q_proj.weight"
     assert {round(plan.maps[i][n].density, 6) for i in range(2)} != {0.3}  # importance moved the densities
@@ -266,7 +266,7 @@ def test_smile_run_counts_its_parameters_and_loads_in_the_pool(fam, cache, tmp_p
     assert ws.smile_parameters(cfg) == plain + extra
     assert runs_mod.size_text(run.parameters).endswith(f"a plain merge's {plain:,})")
     model, tok = ws.model("merged")
-    assert smile_model.smile_layers(model) and model.load_plan.device_map == {"": "cpu"}
+    assert smile_model.smile_layers(model) and model.placement.device_map == {"": "cpu"}
     ref, _ = smile_model.load(run.folder)
     ids = torch.tensor([[1, 7, 8, 9, 10, 11]])
     with torch.no_grad():

@@ -59,3 +59,11 @@ def prune(delta: torch.Tensor, step, cfg, i: int, name: str, inplace: bool = Fal
     """The `breadcrumbs` prune of fine-tune i's delta of tensor `name` (`step`: its density (pipeline.Step); `cfg` resolved for the tensor; `i` the fine-tune)."""
     m = cfg.models[i]
     return breadcrumbs_prune(delta, step.density, m.get("gamma"), m.get("rescale"), inplace=inplace)
+
+
+def check(m, where: str) -> None:
+    """Refuse one model's resolved settings the prune cannot run (ValueError naming `where`)."""
+    density, gamma = m.get("density"), m.get("gamma")
+    if density < 1 and density + gamma > 1 + 1e-12:
+        raise ValueError(f"`{where}`: breadcrumbs needs density + gamma <= 1 (the kept band plus the dropped "
+                         f"outliers), got density {density:g} + gamma {gamma:g}; lower one of them")

@@ -69,3 +69,11 @@ def prune(delta: torch.Tensor, step, cfg, i: int, name: str, inplace: bool = Fal
     m = cfg.models[i]
     gen = tensor_generator(cfg.seed, i, name, delta.device)
     return della_prune(delta, step.density, m.get("della_epsilon"), gen, m.get("rescale"), inplace=inplace)
+
+
+def check(m, where: str) -> None:
+    """Refuse one model's resolved settings the prune cannot run (ValueError naming `where`)."""
+    density, epsilon = m.get("density"), m.get("della_epsilon")
+    if density < 1 and not (0 < density - epsilon and density + epsilon < 1):
+        raise ValueError(f"`{where}`: della needs density - epsilon > 0 and density + epsilon < 1 (keep "
+                         f"probabilities), got density {density:g}, epsilon {epsilon:g}; lower epsilon")

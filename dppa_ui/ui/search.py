@@ -121,7 +121,7 @@ def _rows(value) -> list[list]:
     return [list(r) for r in value]
 
 
-def _label(p: search.Param, refs: list[str]) -> str:
+def _label(p: search.SearchParam, refs: list[str]) -> str:
     name = LABELS.get(p.key, p.key)
     if p.index is not None:
         name = f"α{p.index + 1}" if p.key == "amplification" else f"partition {p.index + 1}"
@@ -141,7 +141,7 @@ def _curve(rows: list[dict], running: bool):
     return figures.objective_curve([r["objective"] for r in scored], [r["best"] for r in scored], title)
 
 
-def _table(rows: list[dict], params: list[search.Param], refs: list[str]) -> dict:
+def _table(rows: list[dict], params: list[search.SearchParam], refs: list[str]) -> dict:
     """Every candidate, newest first: its values, objective, best so far, per-domain scores."""
     domains = list(dict.fromkeys(d for r in rows for d in r["scores"]))
     headers = ["#", *(_label(p, refs) for p in params), "objective", "best so far", *domains, "s"]

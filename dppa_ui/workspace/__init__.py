@@ -81,9 +81,9 @@ class Workspace:
         if base_ref in ft_refs:
             raise ValueError(f"{base_ref} is both the base and a fine-tune; its delta would be zero: remove it "
                              f"from the fine-tunes")
-        base_path = resolve_model(base_ref, policy=self.policy, progress=progress)
-        ft_paths = [resolve_model(r, policy=self.policy, progress=progress) for r in ft_refs]
-        access = ModelAccess(base_ref, base_path, ft_refs, ft_paths)
+        base_dir = resolve_model(base_ref, policy=self.policy, progress=progress)
+        ft_dirs = [resolve_model(r, policy=self.policy, progress=progress) for r in ft_refs]
+        access = ModelAccess(base_ref, base_dir, ft_refs, ft_dirs)
         self._drop_models()
         self.access, self.stats = access, StatsService(access, self.stats_cache)
         self.apl = APLService(access, self.data_files)
@@ -146,19 +146,19 @@ class Workspace:
 
     def dp_maps(self, cfg: MergeConfig) -> list[dict] | None:
         """The per-tensor density maps of a DP or APL prune, aligned with the config's models: DP's
-        from the whole-model statistics, APL's `apl.plan(cfg).maps` from each fine-tune's
+        from the whole-model statistics, APL's `apl.merge_inputs(cfg).maps` from each fine-tune's
         importance (both computed once in the background and cached); None while they are being
         computed, or when the config prunes otherwise. APL refuses (ConfigError) a fine-tune
         without task data, before anything is computed."""
         if cfg.prune == "apl":
-            plan = self.apl.plan(cfg, self.align(cfg))
+            plan = self.apl.merge_inputs(cfg, self.align(cfg))
             return None if plan is None else plan.maps
         if cfg.prune != "dp":
             return None
         full = self.stats.full(cfg.get("dp_outlier_m"))
         if full is None:
             return None
-        return [self._dp_map(full, j, m.get("density"), cfg.get("dp_lambda"), cfg.get("dp_outlier_m"))[0]
+        return [self.dp_map(full, j, m.get("density"), cfg.get("dp_lambda"), cfg.get("dp_outlier_m"))[0]
                 for j, m in zip(self.align(cfg), cfg.models)]
 
     def dp_notices(self, cfg: MergeConfig) -> list[str]:
@@ -168,11 +168,11 @@ class Workspace:
         full = self.stats.full(cfg.get("dp_outlier_m"))
         out = []
         for j, m in zip(self.align(cfg), cfg.models):
-            for w in self._dp_map(full, j, m.get("density"), cfg.get("dp_lambda"), cfg.get("dp_outlier_m"))[1]:
+            for w in self.dp_map(full, j, m.get("density"), cfg.get("dp_lambda"), cfg.get("dp_outlier_m"))[1]:
                 out.append(f"{short(m.model)}: {w}")
         return out
 
-    def _dp_map(self, full: list[DeltaStats], j: int, density: float, dp_lambda: float, m: float):
+    def dp_map(self, full: list[DeltaStats], j: int, density: float, dp_lambda: float, m: float):
         key = (j, round(density, 9), round(dp_lambda, 9), round(m, 9))
         if key not in self._dp:
             with warnings.catch_warnings(record=True) as caught:
@@ -352,7 +352,7 @@ class Workspace:
                 m.settings["amplification"] = "auto"
         idx, loaded, stats = self._search_inputs(cfg)
         acc = self.access
-        report = search.search_amplification(cfg, acc.base_path, [acc.ft_paths[j] for j in idx], log=log or (lambda s: None),
+        report = search.search_amplification(cfg, acc.base_dir, [acc.ft_dirs[j] for j in idx], log=log or (lambda s: None),
                                       loaded=loaded, stats=stats)
         return cfg, report
 
@@ -391,11 +391,11 @@ class Workspace:
                                f"{free / 2**30:.2f} GB is free; search fewer models or wait for other merges")
         with self.queue.slot():
             idx, loaded, stats = self._search_inputs(cfg, cancel)
-            base_dir, dirs = acc.base_path, [acc.ft_paths[j] for j in idx]
+            base_dir, dirs = acc.base_dir, [acc.ft_dirs[j] for j in idx]
             if preset == "lambda":
                 return search.lambda_search(cfg, base_dir, dirs, loaded=loaded, stats=stats, log=log,
                                             on_eval=on_eval, cancel=cancel)
-            return search.run_search(cfg, spec, base_dir=base_dir, model_dirs=dirs, loaded=loaded, stats=stats,
+            return search.run_search(cfg, spec, base_dir=base_dir, ft_dirs=dirs, loaded=loaded, stats=stats,
                                      on_eval=on_eval, cancel=cancel, log=log, test=test, threads=threads)
 
     # -- models for chat and score
@@ -411,9 +411,9 @@ class Workspace:
                 raise ValueError(f"{run.name}'s files were removed to save disk; merge it again")
             return run.folder
         if which == "base":
-            return acc.base_path
+            return acc.base_dir
         if which in acc.ft_refs:
-            return acc.ft_paths[acc.ft_refs.index(which)]
+            return acc.ft_dirs[acc.ft_refs.index(which)]
         raise ValueError(f"unknown model {which!r}: choose merged, base or one of {', '.join(acc.ft_refs)}")
 
     def load_kwargs(self) -> dict:

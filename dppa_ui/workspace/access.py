@@ -39,14 +39,14 @@ class ModelAccess:
     """A base and its fine-tunes, opened lazily. `refs` are what the user picked, `paths` their
     resolved folders. Raises ValueError (naming the tensors) when the models do not fit together."""
 
-    def __init__(self, base_ref: str, base_path: Path, ft_refs: list[str], ft_paths: list[Path],
+    def __init__(self, base_ref: str, base_dir: Path, ft_refs: list[str], ft_dirs: list[Path],
                  max_cache_bytes: int = 256 << 20):
-        self.base_ref, self.base_path = base_ref, Path(base_path)
-        self.ft_refs, self.ft_paths = list(ft_refs), [Path(p) for p in ft_paths]
+        self.base_ref, self.base_dir = base_ref, Path(base_dir)
+        self.ft_refs, self.ft_dirs = list(ft_refs), [Path(p) for p in ft_dirs]
         self.max_cache_bytes = max_cache_bytes
         try:
-            self.base = io.CheckpointReader(self.base_path)
-            self.fts = [io.CheckpointReader(p) for p in self.ft_paths]
+            self.base = io.CheckpointReader(self.base_dir)
+            self.fts = [io.CheckpointReader(p) for p in self.ft_dirs]
             self.shapes = io.check_compatible(self.base, dict(zip(self.ft_refs, self.fts)))
         except (FileNotFoundError, ValueError) as e:
             self.close()

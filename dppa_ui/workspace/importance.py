@@ -35,7 +35,7 @@ class APLService:
         self.access = access
         self.data_files = data_files
         self._jobs: dict[tuple, _Job] = {}
-        self._plans: dict[tuple, apl.APLPlan] = {}
+        self._plans: dict[tuple, apl.APLInputs] = {}
         self._tables: dict[tuple, dict] = {}
         self._computed: set[tuple] = set()          # (fine-tune, data, examples, gradient_at) with a map
         self._lock = threading.Lock()
@@ -50,7 +50,7 @@ class APLService:
             if str(Path(apl_data).expanduser().resolve()) not in self.data_files:
                 raise ConfigError(f"`apl_data` of {ref}: {Path(apl_data).name!r} was not uploaded in this session; "
                                   f"the app reads only files uploaded through the page")
-        return apl.task_data(self.access.ft_paths[j], ref, apl_data, domain, examples)
+        return apl.task_data(self.access.ft_dirs[j], ref, apl_data, domain, examples)
 
     def _inputs(self, cfg: MergeConfig, idx: list[int]) -> tuple[tuple, list[apl.TaskData]]:
         data = [self.task_data(j, m.model, m.get("apl_data"), m.domain, cfg.get("apl_examples")) for j, m in zip(idx, cfg.models)]
@@ -82,7 +82,7 @@ class APLService:
                 if job.cancel.is_set():
                     job.progress.state = "cancelled"
                     return
-                gpu.apl_importance(acc.base_path, acc.ft_paths[j], td, cfg.get("apl_level"), cfg.apl_importance_kind,
+                gpu.apl_importance(acc.base_dir, acc.ft_dirs[j], td, cfg.get("apl_level"), cfg.apl_importance_kind,
                                    cfg.get("apl_gradient_at"))
                 job.progress.done += 1
         except Exception as e:  # noqa: BLE001 - shown in the views that wait for it
@@ -95,8 +95,8 @@ class APLService:
         job = self._jobs.get(self._inputs(cfg, idx)[0])
         return job.progress if job is not None else Progress()
 
-    def plan(self, cfg: MergeConfig, idx: list[int]) -> apl.APLPlan | None:
-        """APL's density maps and merge weights for the config (apl.plan, cached per densities and
+    def merge_inputs(self, cfg: MergeConfig, idx: list[int]) -> apl.APLInputs | None:
+        """APL's density maps and merge weights for the config (apl.merge_inputs, cached per densities and
         λ), None while its importance is being computed (started here if it was not)."""
         key, _ = self._inputs(cfg, idx)
         self.start(cfg, idx)
@@ -112,17 +112,17 @@ class APLService:
         if hit is None:
             acc = self.access
             shapes = {n: tuple(acc.shapes[n]) for n in acc.float_names}
-            hit = apl.plan(cfg, shapes, acc.base_path, [acc.ft_paths[j] for j in idx])   # importance: cached
+            hit = apl.merge_inputs(cfg, shapes, acc.base_dir, [acc.ft_dirs[j] for j in idx])   # importance: cached
             with self._lock:
                 self._plans[pkey] = hit
         return hit
 
     def wait(self, cfg: MergeConfig, idx: list[int], timeout: float | None = None,
-             cancel: Callable[[], bool] | None = None) -> apl.APLPlan:
+             cancel: Callable[[], bool] | None = None) -> apl.APLInputs:
         """Start if needed, then block until the plan is there (`cancel()` polled)."""
         waited = 0.0
         while True:
-            plan = self.plan(cfg, idx)
+            plan = self.merge_inputs(cfg, idx)
             if plan is not None:
                 return plan
             job = self._jobs[self._inputs(cfg, idx)[0]]
@@ -155,7 +155,7 @@ class APLService:
                 if key in self._tables:
                     return self._tables[key]
             acc = self.access
-            table = gpu.apl_table(acc.base_path, acc.ft_paths[j], data=apl_data, examples=examples,
+            table = gpu.apl_table(acc.base_dir, acc.ft_dirs[j], data=apl_data, examples=examples,
                                   gradient_at=gradient_at, density=density, apl_lambda=apl_lambda, domain=domain,
                                   progress=progress)
             with self._lock:

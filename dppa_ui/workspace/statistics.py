@@ -124,7 +124,7 @@ class StatsService:
     # -- the whole model, in the background
 
     def _key(self, i: int, outlier_m: float) -> str:
-        return self.cache.key(self.access.base_path, self.access.ft_paths[i], outlier_m)
+        return self.cache.key(self.access.base_dir, self.access.ft_dirs[i], outlier_m)
 
     def _job(self, outlier_m: float) -> _Job:
         m = round(float(outlier_m), 9)
@@ -167,7 +167,7 @@ class StatsService:
             job.progress.done += n
 
         try:
-            computed = gpu.pair_statistics(acc.base_path, [acc.ft_paths[i] for i in todo],
+            computed = gpu.pair_statistics(acc.base_dir, [acc.ft_dirs[i] for i in todo],
                                            [acc.ft_refs[i] for i in todo], outlier_m,
                                            progress=tick, cancel=job.cancel.is_set)
         except InterruptedError:
