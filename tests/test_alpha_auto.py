@@ -1,13 +1,15 @@
 """`amplification: auto`: DPPA's greedy alpha search wired to the demo scorer, through the engine."""
+import pytest
 import yaml
 
 import dppa_ui
 from dppa_ui import zoo
 
+pytestmark = pytest.mark.slow
+
 
 def test_auto_amplification_searches_and_saves_the_chosen_alpha(tmp_path):
     if not (zoo.ZOO_DIR / "reverse" / "config.json").is_file():
-        import pytest
         pytest.skip("demo family not built")
     cfg = {"merge_method": "dppa", "base_model": "demo:base",
            "models": [{"model": "demo:reverse", "parameters": {"density": 0.2, "amplification": "auto"}}]}

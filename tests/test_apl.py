@@ -17,7 +17,7 @@ from dppa_ui.refs import resolve_model
 from dppa_ui.methods.apl import (apl_prune, calibrated_densities, density_map, gradient_importance,
                                  importance_weights, intervention_importance, partition_groups)
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
 @pytest.fixture(autouse=True)

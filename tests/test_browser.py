@@ -19,6 +19,8 @@ if not Path(CHROMIUM).is_file():
 
 from dppa_ui import zoo  # noqa: E402
 
+pytestmark = pytest.mark.browser
+
 try:
     zoo.demo_path("base")
 except ValueError:

@@ -87,6 +87,7 @@ def test_cli_merge_every_preset(tiny_family, read_weights, tmp_path, capsys, met
     assert (out / "dppa_merge.yaml").is_file() and (out / "README.md").is_file()
 
 
+@pytest.mark.slow
 def test_cli_subprocess_end_to_end(tiny_family, read_weights, tmp_path):
     cfg = write_cfg(tmp_path, tiny_family, "dppa")
     out = tmp_path / "out"

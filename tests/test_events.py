@@ -24,7 +24,7 @@ from gradio.state_holder import SessionState  # noqa: E402
 from dppa_ui.ui import models  # noqa: E402
 from dppa_ui.ui.common import AppState, ui_values  # noqa: E402
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 FTS = ["demo:reverse", "demo:cipher", "demo:sort", "demo:brackets"]
 
 

@@ -9,7 +9,7 @@ import pytest
 import dppa_ui
 
 EXAMPLES = sorted((Path(__file__).parents[1] / "assets" / "examples" / "mergekit").glob("*.yaml"))
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)

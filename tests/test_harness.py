@@ -18,7 +18,7 @@ from dppa_ui import harness, modelbuild, search, zoo
 from dppa_ui.cli import main
 from dppa_ui.evaluation import greedy_answers, load_suite, score_model
 
-pytestmark = [pytest.mark.usefixtures("one_thread"),
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread"),
               pytest.mark.skipif(not (zoo.ZOO_DIR / "reverse" / "config.json").is_file(), reason="assets/zoo is not built")]
 TASKS = str(zoo.ZOO_DIR.parent / "lm_eval")
 DOMAINS = ("reverse", "cipher", "sort", "brackets")

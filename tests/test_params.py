@@ -105,6 +105,7 @@ def test_breadcrumbs_constraint_checked_per_tensor():
 
 # --------------------------------------------------------------------------- merges use the resolved values
 
+@pytest.mark.slow
 def test_in_memory_merge_uses_per_tensor_weights(tiny_family):
     """task_arithmetic with a weight gradient on one model and filters on the other:
     merged = base + sum_i w_i(tensor) delta_i, with w_i from the reference resolution."""

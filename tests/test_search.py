@@ -16,7 +16,7 @@ from dppa_ui import ConfigError, load_config, zoo
 from dppa_ui import search
 from dppa_ui.search import SearchParam, SearchSpec
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 needs_zoo = pytest.mark.skipif(not (zoo.ZOO_DIR / "reverse" / "config.json").is_file(),
                                reason="assets/zoo is not built")
 

@@ -16,7 +16,7 @@ from dppa_ui.evaluation import load_suite
 from dppa_ui.methods.smile import SmileLinear, smile_linear
 from dppa_ui.refs import resolve_model
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
 # ------------------------------------------------------------------------------- the layer itself

@@ -26,6 +26,8 @@ except ValueError:
 from dppa_ui.ui.common import api_controls  # noqa: E402
 from dppa_ui.ui.score import DEMO_SUITE, UPLOAD_SUITE, demo_items  # noqa: E402
 
+pytestmark = pytest.mark.browser
+
 ROOT = Path(__file__).resolve().parents[1]
 FTS = ["demo:reverse", "demo:cipher", "demo:sort", "demo:brackets"]
 

@@ -20,7 +20,7 @@ from dppa_ui.controls import MethodControls  # noqa: E402
 from dppa_ui.ui import chat, inspect, lessons, merge, method, models, score  # noqa: E402
 from dppa_ui.ui.common import DEFAULT_UI, AppState, controls_from, ui_values, values_of  # noqa: E402
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 FTS = ["demo:reverse", "demo:cipher", "demo:sort", "demo:brackets"]
 
 

@@ -23,7 +23,7 @@ from dppa_ui.ui import inspect, merge, method, models, score  # noqa: E402
 from dppa_ui.ui.common import AppState, controls_from, model_roots, ui_values  # noqa: E402
 from dppa_ui.ui.controls_ui import preset_view  # noqa: E402
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 FTS = ["demo:reverse", "demo:cipher", "demo:sort", "demo:brackets"]
 BOUNDS = {"density": (0.01, 1.0), "lambda_": (0.0, 3.0), "pcb_ratio": (0.01, 1.0)}
 

@@ -16,6 +16,8 @@ from dppa_ui.runner import merge as cli_merge
 from dppa_ui.stats import collect_stats
 from dppa_ui.workspace import DiskCache, Workspace, runs as runs_mod
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture()
 def cache(tmp_path):

@@ -49,7 +49,7 @@ def _merge(config, names):
 
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 # ------------------------------------------------------------------------------------ the family
 

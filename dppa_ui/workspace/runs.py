@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import shutil
 import threading
-import time
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -204,7 +203,3 @@ class Runs:
         self.items = []
 
 
-def timed(fn, *args, **kwargs):
-    t0 = time.perf_counter()
-    out = fn(*args, **kwargs)
-    return out, time.perf_counter() - t0
