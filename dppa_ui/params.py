@@ -31,7 +31,7 @@ _LAYER = re.compile(r"\.(\d+)\.")
 
 
 class SettingError(ValueError):
-    """A setting that does not fit its parameter (config.py re-raises it as a ConfigError)."""
+    """A setting that does not fit its parameter (the config re-raises it as a ConfigError)."""
 
 
 def layer_of(name: str) -> int | None:

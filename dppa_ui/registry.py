@@ -1,6 +1,6 @@
 """Every merge method and pipeline stage as a record: names, families, parameters (key, internal
 name, default, bounds, one-line description), paper links, and for a stage the function that runs
-it (in its method's file, methods/). config.py validates against the records, the merge (pipeline)
+it (in its method's file, methods/). config/ validates against the records, the merge (pipeline)
 and the inspect views (analysis) run a stage through its record, and the app builds its method
 picker and controls from them. A new method is its file plus its record here.
 

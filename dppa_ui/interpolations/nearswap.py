@@ -2,7 +2,7 @@
 
 Per entry, with the base a and the other model b: w = clamp(t / max(|a - b|, 1e-6), 0, 1),
 merged = w b + (1 - w) a. Entries where the models are within t of each other take b's value;
-farther apart, the merge stays closer to the base (w = t / |a - b|). t > 0 (config.py).
+farther apart, the merge stays closer to the base (w = t / |a - b|). t > 0 (config/validate.py).
 """
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ Each tensor is flattened to one vector. With unit directions a = v0/|v0| and b =
 
 applied to the unnormalized tensors, so the norms interpolate along with the directions.
 Fallback: where |dot| > 0.9995 (nearly colinear or antipodal) it is plain linear interpolation
-(1 - t) v0 + t v1. t outside [0, 1] extrapolates (config.py notes it). Float32 throughout.
+(1 - t) v0 + t v1. t outside [0, 1] extrapolates (config/validate.py notes it). Float32 throughout.
 """
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ with mergekit 0.1.5's counts (sparsify.magnitude_outliers).
 Rank the n entries of |delta| (largest first). Drop the top n_top = int(gamma * n) (outliers) and
 keep the next target = int(density * n): the band of ranks [n_top, n_top + target). When
 n_top + target > n the top drop shrinks so that exactly `target` entries stay (mergekit's rule;
-our config refuses density + gamma > 1 anyway). density >= 1 keeps everything. Ties at either cut
+`check` below refuses density + gamma > 1 anyway). density >= 1 keeps everything. Ties at either cut
 follow `select.topk_mask` (lowest flat index ranks first). `rescale: true` restores the L1 norm
 (mergekit's default for breadcrumbs is false).
 """

@@ -7,7 +7,7 @@ ascending, r = 0 .. c - 1 (ties: lower index first), and kept with probability
     p = (density - epsilon) + 2 epsilon r / (c - 1)            (p = density - epsilon when c = 1)
 
 so small entries are dropped more often and the expected density is `density`. Needs
-density -/+ epsilon inside (0, 1) (config.py refuses otherwise); density >= 1 keeps everything.
+density -/+ epsilon inside (0, 1) (`check` below refuses otherwise); density >= 1 keeps everything.
 Rescale: "l1" (mergekit's default, `rescale: true`) restores the L1 norm of the delta; "paper"
 divides each kept entry by its own p (the paper's Eq. 3); "none" keeps the values.
 Draws come from the per-(seed, model, tensor) generator, as for DARE.
