@@ -249,7 +249,8 @@ def heatmap_values(ws, cfg: MergeConfig, metric: str, model_index: int = 0
         return blocks, types, None
     j, m = idx[model_index], cfg.models[model_index]
     st = full[j]
-    dp = ws.dp_map(full, j, m.get("density"), cfg.get("dp_lambda"), cfg.get("dp_outlier_m"))[0] if metric == "dp_density" else None
+    dp = (ws.dp_map(full, j, m.get("density"), cfg.get("dp_lambda"), cfg.get("dp_outlier_m"))[0]
+          if metric == "dp_density" else None)
     z = []
     for b in blocks:
         row = []
@@ -372,7 +373,8 @@ def method_view(ws, cfg: MergeConfig, name: str) -> dict | None:
         cols = shape[-1] if len(shape) > 1 else shape[0]
         view = cfg.for_tensor(name)
         return {"kind": "della", "cols": cols, "name": name, "rescale": view.models[0].get("rescale"),
-                "curves": [(m.model, j, della_curve(min(cols, 512), s.density, m.get("della_epsilon")) if s.prune else None)
+                "curves": [(m.model, j, della_curve(min(cols, 512), s.density, m.get("della_epsilon"))
+                            if s.prune else None)
                            for m, j, s in zip(view.models, idx, stp)]}
     if cfg.combine == "pcb":        # the scores on a log grid: a few far above the many near 0
         pcb = pcb_parts(ws, cfg, name)

@@ -77,7 +77,8 @@ def task_data(model_dir: str | Path, ref: str | None = None, apl_data: str | Non
 
 def check_data(cfg: MergeConfig, ft_dirs: Sequence[Path]) -> list[TaskData]:
     """Every fine-tune's task data, resolved before any compute (refuses the first one missing)."""
-    return [task_data(d, m.model, m.get("apl_data"), m.domain, cfg.get("apl_examples")) for m, d in zip(cfg.models, ft_dirs)]
+    return [task_data(d, m.model, m.get("apl_data"), m.domain, cfg.get("apl_examples"))
+            for m, d in zip(cfg.models, ft_dirs)]
 
 
 # ------------------------------------------------------------------------------------ importance

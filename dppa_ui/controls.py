@@ -179,7 +179,8 @@ class MethodControls:
                 lambda_=cfg.get("lambda") if isinstance(cfg.get("lambda"), (int, float)) else cls.lambda_,
                 weights=() if all(w == 1.0 for w in weights) else weights,
                 dp_lambda=cfg.get("dp_lambda"), dp_outlier_m=cfg.get("dp_outlier_m"),
-                pcb_ratio=cfg.get("pcb_ratio") if isinstance(cfg.get("pcb_ratio"), (int, float)) else cls.pcb_ratio, seed=cfg.seed)
+                pcb_ratio=cfg.get("pcb_ratio") if isinstance(cfg.get("pcb_ratio"), (int, float)) else cls.pcb_ratio,
+                seed=cfg.seed)
         extra = {}
         for p in extra_params(preset):
             if p.scope == "global":

@@ -318,7 +318,8 @@ def _load_dpa(spec: ModelSpec, own: dict, params: dict, where: str) -> None:
         raise ConfigError(f"`{where}`: `density` cannot be a gradient or filters with amplify dpa (its "
                           f"partitions end at the density); give one density")
     parts = own.get("partitions", params.get("partitions"))
-    parts = [spec.get("density") / 2, spec.get("density")] if parts is None else floats(parts, f"{where}.parameters.partitions")
+    density = spec.get("density")
+    parts = [density / 2, density] if parts is None else floats(parts, f"{where}.parameters.partitions")
     if any(b <= a for a, b in zip(parts, parts[1:])) or parts[0] <= 0:
         raise ConfigError(f"`{where}` partitions {parts} must be positive and strictly ascending")
     if not math.isclose(parts[-1], spec.get("density"), rel_tol=0, abs_tol=1e-9):
@@ -395,7 +396,7 @@ def _load_slices(cfg: MergeConfig, items, params: dict, top_global: dict, plist,
     if cfg.prune == "dp" or (cfg.combine == "pcb" and cfg.get("pcb_scope") == "model" and "scope" in params):
         raise ConfigError(f"{label} needs whole-model statistics (DP outlier ratios / PCB model scope); it "
                           f"cannot run on `slices`: use `models`" + (", or `scope: tensor`" if cfg.prune != "dp" else ""))
-    if cfg.combine == "pcb" and cfg.get("pcb_scope") == "model":     # the default: a stack of slices has no one task vector
+    if cfg.combine == "pcb" and cfg.get("pcb_scope") == "model":    # the default: slices have no one task vector
         cfg.settings["pcb_scope"] = "tensor"
         cfg.notices.append("PCB on `slices` runs at scope tensor (each tensor's own statistics): the official "
                            "whole-model flattening needs `models`")

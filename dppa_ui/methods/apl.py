@@ -271,10 +271,11 @@ def apl_prune(delta: torch.Tensor, density: float, rows: torch.Tensor | None = N
 
 
 # ------------------------------------------------------------------ the stage (registry.STAGES)
+# Called with the config resolved for one tensor (MergeConfig.for_tensor); `step` is pipeline.Step.
 
 def prune(delta: torch.Tensor, step, cfg, i: int, name: str, inplace: bool = False) -> torch.Tensor:
     """The `apl` prune: the partition's density (or each row's, `step.rows`), random or by
-    magnitude (`step`: its density (pipeline.Step); `cfg` resolved for the tensor; `i` the fine-tune)."""
+    magnitude."""
     drop = cfg.get("apl_drop")
     gen = tensor_generator(cfg.seed, i, name, delta.device) if drop == "random" else None
     return apl_prune(delta, step.density, step.rows, drop, gen, cfg.models[i].get("rescale"), inplace=inplace)

@@ -54,9 +54,10 @@ def breadcrumbs_prune(delta: torch.Tensor, density: float, gamma: float, rescale
 
 
 # ------------------------------------------------------------------ the stage (registry.STAGES)
+# Called with the config resolved for one tensor (MergeConfig.for_tensor); `step` is pipeline.Step.
 
 def prune(delta: torch.Tensor, step, cfg, i: int, name: str, inplace: bool = False) -> torch.Tensor:
-    """The `breadcrumbs` prune of fine-tune i's delta of tensor `name` (`step`: its density (pipeline.Step); `cfg` resolved for the tensor; `i` the fine-tune)."""
+    """The `breadcrumbs` prune of fine-tune i's delta of tensor `name`."""
     m = cfg.models[i]
     return breadcrumbs_prune(delta, step.density, m.get("gamma"), m.get("rescale"), inplace=inplace)
 

@@ -59,8 +59,9 @@ def dare_prune(delta: torch.Tensor, density: float, generator: torch.Generator,
 
 
 # ------------------------------------------------------------------ the stage (registry.STAGES)
+# Called with the config resolved for one tensor (MergeConfig.for_tensor); `step` is pipeline.Step.
 
 def prune(delta: torch.Tensor, step, cfg, i: int, name: str, inplace: bool = False) -> torch.Tensor:
-    """The `random` prune (DARE) of fine-tune i's delta of tensor `name` (`step`: its density (pipeline.Step); `cfg` resolved for the tensor; `i` the fine-tune)."""
+    """The `random` prune (DARE) of fine-tune i's delta of tensor `name`."""
     gen = tensor_generator(cfg.seed, i, name, delta.device)
     return dare_prune(delta, step.density, gen, cfg.models[i].get("rescale"), inplace=inplace)

@@ -63,9 +63,10 @@ def della_prune(delta: torch.Tensor, density: float, epsilon: float, generator: 
 
 
 # ------------------------------------------------------------------ the stage (registry.STAGES)
+# Called with the config resolved for one tensor (MergeConfig.for_tensor); `step` is pipeline.Step.
 
 def prune(delta: torch.Tensor, step, cfg, i: int, name: str, inplace: bool = False) -> torch.Tensor:
-    """The `della` prune of fine-tune i's delta of tensor `name` (`step`: its density (pipeline.Step); `cfg` resolved for the tensor; `i` the fine-tune)."""
+    """The `della` prune of fine-tune i's delta of tensor `name`."""
     m = cfg.models[i]
     gen = tensor_generator(cfg.seed, i, name, delta.device)
     return della_prune(delta, step.density, m.get("della_epsilon"), gen, m.get("rescale"), inplace=inplace)

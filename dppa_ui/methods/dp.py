@@ -172,7 +172,8 @@ def dp_prune(delta: torch.Tensor, module_density: float, inplace: bool = False) 
 
 
 # ------------------------------------------------------------------ the stage (registry.STAGES)
+# Called with the config resolved for one tensor (MergeConfig.for_tensor); `step` is pipeline.Step.
 
 def prune(delta: torch.Tensor, step, cfg, i: int, name: str, inplace: bool = False) -> torch.Tensor:
-    """The `dp` prune: magnitude pruning at the module's own density (`step`: its density (pipeline.Step); `cfg` resolved for the tensor; `i` the fine-tune)."""
+    """The `dp` prune: magnitude pruning at the module's own density."""
     return dp_prune(delta, step.density, inplace=inplace)

@@ -169,6 +169,7 @@ def greedy_alpha_search(score: Callable[[list[float]], float], n_bands: int = 2,
 
 
 # ------------------------------------------------------------------ the stage (registry.STAGES)
+# Called with the config resolved for one tensor (MergeConfig.for_tensor); `step` is pipeline.Step.
 
 def amplify(delta: torch.Tensor, step, cfg, i: int) -> torch.Tensor:
     """The `dpa` amplify of fine-tune i's pruned delta (`step.offset`: DP's band shift)."""

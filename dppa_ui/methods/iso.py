@@ -104,6 +104,7 @@ def iso_cts_combine(deltas: torch.Tensor, common_space_fraction: float = 0.8) ->
 
 
 # ------------------------------------------------------------------ the stage (registry.STAGES)
+# Called with the config resolved for one tensor (MergeConfig.for_tensor); `step` is pipeline.Step.
 
 def combine_c(deltas: torch.Tensor, cfg, inplace: bool = False, stats=None) -> torch.Tensor:
     """The `iso_c` combine of a config resolved for one tensor."""

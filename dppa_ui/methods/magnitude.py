@@ -33,7 +33,8 @@ def magnitude_prune(delta: torch.Tensor, density: float, inplace: bool = False, 
 
 
 # ------------------------------------------------------------------ the stage (registry.STAGES)
+# Called with the config resolved for one tensor (MergeConfig.for_tensor); `step` is pipeline.Step.
 
 def prune(delta: torch.Tensor, step, cfg, i: int, name: str, inplace: bool = False) -> torch.Tensor:
-    """The `magnitude` prune of fine-tune i's delta of tensor `name` (`step`: its density (pipeline.Step); `cfg` resolved for the tensor; `i` the fine-tune)."""
+    """The `magnitude` prune of fine-tune i's delta of tensor `name`."""
     return magnitude_prune(delta, step.density, inplace=inplace, rescale=cfg.models[i].get("rescale"))

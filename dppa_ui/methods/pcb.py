@@ -190,6 +190,7 @@ def pcb_global_stats(blocks: Callable[[], Iterable[torch.Tensor]], ratio: float 
 
 
 # ------------------------------------------------------------------ the stage (registry.STAGES)
+# Called with the config resolved for one tensor (MergeConfig.for_tensor); `step` is pipeline.Step.
 
 def balancing(flat: torch.Tensor, cfg, stats: PCBStats | None = None) -> dict:
     """PCB's combine on (n, d) flat pruned deltas, for a config resolved for one tensor, as the

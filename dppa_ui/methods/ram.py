@@ -61,6 +61,7 @@ def ramplus_tl_combine(deltas: torch.Tensor, r: float = 0.1, alpha: float = 0.2,
 
 
 # ------------------------------------------------------------------ the stage (registry.STAGES)
+# Called with the config resolved for one tensor (MergeConfig.for_tensor); `step` is pipeline.Step.
 
 def combine(deltas: torch.Tensor, cfg, inplace: bool = False, stats=None) -> torch.Tensor:
     """The `ram` combine of a config resolved for one tensor."""

@@ -61,6 +61,7 @@ def sce_combine(deltas: torch.Tensor, select_topk: float = 1.0, inplace: bool = 
 
 
 # ------------------------------------------------------------------ the stage (registry.STAGES)
+# Called with the config resolved for one tensor (MergeConfig.for_tensor); `step` is pipeline.Step.
 
 def combine(deltas: torch.Tensor, cfg, inplace: bool = False, stats=None) -> torch.Tensor:
     """The `sce` combine of a config resolved for one tensor."""

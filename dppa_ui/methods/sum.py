@@ -30,6 +30,7 @@ def sum_combine(deltas: torch.Tensor, weights, normalize: bool = False, inplace:
 
 
 # ------------------------------------------------------------------ the stage (registry.STAGES)
+# Called with the config resolved for one tensor (MergeConfig.for_tensor); `step` is pipeline.Step.
 
 def combine(deltas: torch.Tensor, cfg, inplace: bool = False, stats=None) -> torch.Tensor:
     """The `sum` combine of a config resolved for one tensor."""

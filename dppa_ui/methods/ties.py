@@ -55,6 +55,7 @@ def ties_combine(deltas: torch.Tensor, weights, normalize: bool = True, inplace:
 
 
 # ------------------------------------------------------------------ the stage (registry.STAGES)
+# Called with the config resolved for one tensor (MergeConfig.for_tensor); `step` is pipeline.Step.
 
 def combine(deltas: torch.Tensor, cfg, inplace: bool = False, stats=None) -> torch.Tensor:
     """The `ties` combine of a config resolved for one tensor."""

@@ -73,6 +73,7 @@ def tsv_m_combine(deltas: torch.Tensor, weights, inplace: bool = False) -> torch
 
 
 # ------------------------------------------------------------------ the stage (registry.STAGES)
+# Called with the config resolved for one tensor (MergeConfig.for_tensor); `step` is pipeline.Step.
 
 def combine(deltas: torch.Tensor, cfg, inplace: bool = False, stats=None) -> torch.Tensor:
     """The `tsv_m` combine of a config resolved for one tensor (`weight`: each task's alpha)."""
