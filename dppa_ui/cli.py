@@ -58,6 +58,9 @@ def _search(args) -> int:
         spec.budget = args.budget or spec.budget
         spec.seed = spec.seed if args.seed is None else args.seed
     log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr))
+    if args.out:
+        from .engine import sweep_beside
+        sweep_beside(args.out, log=lambda s: print(s, file=sys.stderr))
     with contextlib.ExitStack() as stack:   # a non-empty --out is refused before any work
         tmp = stack.enter_context(io.atomic_output_dir(args.out, overwrite=args.overwrite)) if args.out else None
         base_dir = io.resolve_model(cfg.base_model)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import shutil
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -22,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from . import io
+from . import io, lifecycle
 from .config import MergeConfig, load_config, load_stages, rename_refs
 from .pipeline import (Scratch, dominant_float_dtype, dp_maps_from_stats, kept_fraction, merge_state_dicts, merge_tensor,
                        output_dtype)
@@ -267,6 +266,9 @@ def merge(config, out: str | Path | None, *, device: str = "auto", seed: int | N
     (default: temporary).
     """
     from .config import _read_docs
+    log = log or (lambda s: print(s, file=sys.stderr))
+    if out is not None and not dry_run:
+        sweep_beside(out, log)
     if not isinstance(config, MergeConfig) and len(_read_docs(config)) > 1:
         if stats is not None:
             raise ValueError("statistics can be passed for a single merge, not for a multi-stage config")
@@ -274,7 +276,6 @@ def merge(config, out: str | Path | None, *, device: str = "auto", seed: int | N
                             progress=progress, cancel=cancel, allow_pickle=allow_pickle,
                             allow_vocab_trim=allow_vocab_trim, shard_bytes=shard_bytes, log=log,
                             lora_cache=lora_cache, intermediate_dir=intermediate_dir)
-    log = log or (lambda s: print(s, file=sys.stderr))
     t0 = time.perf_counter()
     tune_allocator()
     cfg = load_config(config)
@@ -290,6 +291,13 @@ def merge(config, out: str | Path | None, *, device: str = "auto", seed: int | N
                              progress=progress if callable(progress) else None, cancel=cancel)
     return _merge(cfg, out, dev, t0, overwrite, dry_run, progress, cancel, allow_pickle, allow_vocab_trim,
                   shard_bytes, log, lora_cache, stats)
+
+
+
+def sweep_beside(out: str | Path, log: Callable[[str], None]) -> None:
+    """Remove the temp folders that merges killed outright left beside `out` (lifecycle.sweep: only
+    folders whose owner process is gone), before the free-space check counts the disk."""
+    lifecycle.sweep(Path(out).expanduser().absolute().parent, lifecycle.is_output_temp, log)
 
 
 def _merge(cfg, out, dev, t0, overwrite, dry_run, progress, cancel, allow_pickle, allow_vocab_trim, shard_bytes,
@@ -312,7 +320,7 @@ def _merge(cfg, out, dev, t0, overwrite, dry_run, progress, cancel, allow_pickle
         io.check_free_disk(out.parent if not out.exists() else out, int(disk * 1.02) + (1 << 20))
         alpha_report = search_amplification(cfg, inputs.base_dir, inputs.model_dirs, log)
         lambda_report = search_lambda(cfg, inputs.base_dir, inputs.model_dirs, log)
-        with io.atomic_output_dir(out, overwrite=overwrite) as tmp:
+        with io.naming_full_disk(out.absolute().parent, disk), io.atomic_output_dir(out, overwrite=overwrite) as tmp:
             result = _merge_to(cfg, inputs, tmp, dev, out_dtype, progress, cancel, shard_bytes, log, stats)
             if inputs.vocab is not None:
                 tok_dir = inputs.vocab.save(tmp / ".tokenizer")
@@ -371,9 +379,12 @@ def merge_stages(config, out: str | Path | None, *, intermediate_dir: str | Path
     if out is None:
         raise ValueError("an output folder is needed for the final stage (--out DIR)")
     out = Path(out)
-    work = Path(intermediate_dir) if keep else Path(tempfile.mkdtemp(prefix=f".{out.name}.stages-",
-                                                                       dir=out.absolute().parent))
-    work.mkdir(parents=True, exist_ok=True)
+    if keep:
+        work = Path(intermediate_dir)
+        work.mkdir(parents=True, exist_ok=True)
+    else:
+        out.absolute().parent.mkdir(parents=True, exist_ok=True)
+        work = lifecycle.make_dir(out.absolute().parent, f".{out.name}.stages-")
     paths = {s.name: work / s.name for s in stages if s.name is not None and s is not final}
     notes = []
     try:

@@ -15,18 +15,19 @@ The engine touches one tensor at a time, so nothing here holds a whole model:
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
 import shutil
 import struct
-import tempfile
 import threading
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping, Sequence
 
 import torch
 
+from . import lifecycle
 # The one model-ref resolver lives in refs.py; the engine and the CLI reach it as io.resolve_model.
 from .refs import ModelRefError, resolve_model  # noqa: F401
 
@@ -652,7 +653,10 @@ def atomic_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterat
     """Yield a fresh temp dir beside `out`; rename it to `out` only if the block completes.
 
     Refuses (at entry, before any work) an existing non-empty `out` unless `overwrite`. On an
-    exception or Ctrl-C the temp dir is removed and the error re-raised; `out` is untouched.
+    exception, Ctrl-C or SIGTERM the temp dir is removed and the error re-raised; `out` is
+    untouched. The temp dir records this process as its owner (lifecycle.make_dir), so when the
+    process is killed outright the next run beside `out` removes it; `out` gets the mode `mkdir`
+    gives under the user's umask.
     """
     out = Path(out).expanduser().absolute()
     if out.exists() and not out.is_dir():
@@ -660,31 +664,36 @@ def atomic_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterat
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"output folder {str(out)!r} exists and is not empty; pass "
                               "--overwrite to replace it, or choose another folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    try:
-        if out.is_dir() and not any(out.iterdir()):
-            out.rmdir()
-        if out.exists():
-            # Keep the old output until the new one is in place, then delete it.
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / out.name)
-            try:
+    with lifecycle.busy():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = lifecycle.make_dir(out.parent, f".{out.name}.tmp-")
+        try:
+            yield tmp
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        try:
+            if out.is_dir() and not any(out.iterdir()):
+                out.rmdir()
+            if out.exists():
+                # Keep the old output until the new one is in place, then delete it. The holder has no
+                # owner while it holds the only copy of the old output, so no sweep can take it.
+                old = lifecycle.make_dir(out.parent, f".{out.name}.old-")
+                lifecycle.release(old)
+                os.replace(out, old / out.name)
+                try:
+                    os.replace(tmp, out)
+                except BaseException:
+                    os.replace(old / out.name, out)
+                    raise
+                lifecycle.claim(old)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
                 os.replace(tmp, out)
-            except BaseException:
-                os.replace(old / out.name, out)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        lifecycle.release(out)
 
 
 class NotEnoughDiskSpace(OSError):
@@ -693,6 +702,24 @@ class NotEnoughDiskSpace(OSError):
 
 def _gb(n: int) -> str:
     return f"{n / 1e9:.2f} GB"
+
+
+@contextlib.contextmanager
+def naming_full_disk(folder: str | os.PathLike, needed_bytes: int) -> Iterator[None]:
+    """Turn a full disk (ENOSPC, or a quota: EDQUOT) inside the block into `NotEnoughDiskSpace`
+    naming `folder` and the space the output needs (the bare OSError names neither)."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT) or isinstance(e, NotEnoughDiskSpace):
+            raise
+        try:
+            free = f", {_gb(shutil.disk_usage(folder).free)} is free now"
+        except OSError:
+            free = ""
+        raise NotEnoughDiskSpace(f"the disk filled up while writing the output in {str(folder)!r}: it needs "
+                                 f"about {_gb(needed_bytes)}{free}; free some space or choose an output "
+                                 "folder on another disk") from None
 
 
 def check_free_disk(path: str | os.PathLike, needed_bytes: int) -> int:
