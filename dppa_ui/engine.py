@@ -85,7 +85,7 @@ class _Inputs:
                  lora_cache: str | Path | None = None, log: Callable[[str], None] | None = None):
         self.refs = input_refs(cfg)
         self.dirs = [io.resolve_model(r, allow_pickle=allow_pickle, lora_cache=lora_cache, log=log) for r in self.refs]
-        self.readers = [io.CheckpointReader(d, allow_pickle=allow_pickle) for d in self.dirs]
+        self.readers = [io.CheckpointReader(d, allow_pickle=allow_pickle, ref=r) for r, d in zip(self.refs, self.dirs)]
         index = {r: i for i, r in enumerate(self.refs)}
         self.vocab = None
         if cfg.vocab is not None:

@@ -95,16 +95,39 @@ def _natural_key(name: str) -> list:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
+class DamagedCheckpoint(ValueError):
+    """A weights or index file of an input that cannot be read (truncated, corrupted): the message
+    names the model ref and the file."""
+
+    def __init__(self, file: str | os.PathLike, detail: str, ref: str | None = None):
+        self.file, self.detail, self.ref = Path(file), detail, ref
+        super().__init__(self.describe())
+
+    def describe(self, full_path: bool = True) -> str:
+        """The message; `full_path=False` names the file only by its folder's ref and its own name
+        (the app shows no server paths)."""
+        who = f"model {self.ref}: " if self.ref else ""
+        where = str(self.file) if full_path or not self.ref else self.file.name
+        return (f"{who}{where} is damaged or incomplete ({self.detail}); an interrupted download or copy "
+                "leaves such a file: download or copy the model again")
+
+
+def _detail(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
 class CheckpointReader:
     """Lazy, tensor-by-tensor access to a checkpoint folder (safetensors; pickles only if allowed).
 
     Shapes and dtypes come from the file headers; `get(name)` reads one tensor (CPU, stored dtype).
     `names` follows the checkpoint: shard files in order, names within a shard in natural order
-    (layer 2 before layer 10).
+    (layer 2 before layer 10). `ref`: the model ref the folder was resolved from, named in the
+    errors about its files.
     """
 
-    def __init__(self, path: str | os.PathLike, *, allow_pickle: bool = False):
+    def __init__(self, path: str | os.PathLike, *, allow_pickle: bool = False, ref: str | None = None):
         self.path = Path(path)
+        self.ref = str(ref) if ref is not None and str(ref) != str(path) else None
         if not self.path.is_dir():
             raise FileNotFoundError(f"checkpoint folder {str(self.path)!r} does not exist")
         self._handles: dict[Path, object] = {}       # file -> safe_open handle or state dict
@@ -125,7 +148,10 @@ class CheckpointReader:
     def _safetensors_files(self) -> list[Path]:
         index = self.path / "model.safetensors.index.json"
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError, TypeError) as e:
+                raise DamagedCheckpoint(index, f"not a safetensors index: {_detail(e)}", self.ref) from None
             files = sorted({self.path / f for f in weight_map.values()})
             missing = [f.name for f in files if not f.is_file()]
             if missing:
@@ -154,30 +180,37 @@ class CheckpointReader:
         return bins
 
     def _index_file(self, f: Path) -> None:
+        try:
+            items = self._read_header(f)
+        except Exception as e:       # safetensors' SafetensorError, OSError, pickle errors: a damaged file
+            raise DamagedCheckpoint(f, _detail(e), self.ref) from None
+        for k, shape, dtype in sorted(items, key=lambda t: _natural_key(t[0])):
+            if isinstance(dtype, str):
+                raise ValueError(f"{f.name}: tensor {k!r} has dtype {dtype}, which torch cannot hold")
+            if k in self._where:
+                raise ValueError(f"tensor {k!r} appears in both {self._where[k].name} and {f.name} "
+                                 f"in {self.path}; remove the stray file")
+            self._where[k], self._shape[k], self._dtype[k] = f, shape, dtype
+            self.names.append(k)
+
+    def _read_header(self, f: Path) -> list[tuple[str, tuple[int, ...], torch.dtype | str]]:
+        """(name, shape, dtype) of every tensor of one file (a safetensors dtype torch lacks: its name)."""
         if f.suffix == ".bin":
             try:
                 sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
             except RuntimeError:  # legacy (non-zip) format cannot be memory-mapped
                 sd = torch.load(f, map_location="cpu", weights_only=True)
             self._handles[f] = sd
-            items = [(k, tuple(v.shape), v.dtype) for k, v in sd.items() if isinstance(v, torch.Tensor)]
-        else:
-            from safetensors import safe_open
-            h = safe_open(str(f), framework="pt", device="cpu")
-            self._handles[f] = h
-            items = []
-            for k in h.keys():
-                s = h.get_slice(k)
-                st = s.get_dtype()
-                if st not in _ST_TO_TORCH:
-                    raise ValueError(f"{f.name}: tensor {k!r} has dtype {st}, which torch cannot hold")
-                items.append((k, tuple(s.get_shape()), _ST_TO_TORCH[st]))
-        for k, shape, dtype in sorted(items, key=lambda t: _natural_key(t[0])):
-            if k in self._where:
-                raise ValueError(f"tensor {k!r} appears in both {self._where[k].name} and {f.name} "
-                                 f"in {self.path}; remove the stray file")
-            self._where[k], self._shape[k], self._dtype[k] = f, shape, dtype
-            self.names.append(k)
+            return [(k, tuple(v.shape), v.dtype) for k, v in sd.items() if isinstance(v, torch.Tensor)]
+        from safetensors import safe_open
+        h = safe_open(str(f), framework="pt", device="cpu")
+        self._handles[f] = h
+        items = []
+        for k in h.keys():
+            s = h.get_slice(k)
+            st = s.get_dtype()
+            items.append((k, tuple(s.get_shape()), _ST_TO_TORCH.get(st, st)))
+        return items
 
     # -- access
 

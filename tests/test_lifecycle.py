@@ -136,6 +136,36 @@ def test_the_sweep_never_touches_a_live_process_folder_or_anything_it_did_not_ma
     assert err.count("removed ") == 1
 
 
+def test_a_truncated_safetensors_is_named_with_its_path(tiny_family, tmp_path, capsys):
+    damaged = tmp_path / "ft-damaged"
+    shutil.copytree(tiny_family.fts[1], damaged)
+    f = damaged / "model.safetensors"
+    with open(f, "r+b") as fh:
+        fh.truncate(f.stat().st_size // 2)
+    models = [{"model": str(tiny_family.fts[0]), "parameters": {"density": 0.5}},
+              {"model": str(damaged), "parameters": {"density": 0.5}}]
+    cfg = write_cfg(tmp_path, tiny_family, "ties", {}, [{"density": 0.5}] * 2)
+    import yaml
+    d = yaml.safe_load(cfg.read_text())
+    d["models"] = models
+    cfg.write_text(yaml.safe_dump(d))
+    rc, _, err = run_main(capsys, cfg, "--out", tmp_path / "out")
+    assert_one_line_error(rc, err, str(f), "damaged or incomplete")
+    assert not (tmp_path / "out").exists() and hidden(tmp_path) == []
+
+
+def test_a_damaged_input_in_the_app_is_named_by_its_ref_and_file_without_server_paths(tiny_family, tmp_path):
+    from dppa_ui.workspace import ModelAccess
+    damaged = tmp_path / "ft-damaged"
+    shutil.copytree(tiny_family.fts[0], damaged)
+    f = damaged / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:100])
+    with pytest.raises(ValueError) as e:
+        ModelAccess("models/base", tiny_family.base, ["models/ft-damaged"], [damaged])
+    assert "model models/ft-damaged: model.safetensors is damaged or incomplete" in str(e.value)
+    assert str(tmp_path) not in str(e.value)
+
+
 def test_a_full_disk_names_the_folder_and_the_space_needed(tiny_family, tmp_path, monkeypatch):
     def full(self, name, tensor):
         raise OSError(errno.ENOSPC, "No space left on device")

@@ -44,12 +44,13 @@ class ModelAccess:
         self.ft_refs, self.ft_paths = list(ft_refs), [Path(p) for p in ft_paths]
         self.max_cache_bytes = max_cache_bytes
         try:
-            self.base = io.CheckpointReader(self.base_path)
-            self.fts = [io.CheckpointReader(p) for p in self.ft_paths]
+            self.base = io.CheckpointReader(self.base_path, ref=base_ref)
+            self.fts = [io.CheckpointReader(p, ref=r) for r, p in zip(self.ft_refs, self.ft_paths)]
             self.shapes = io.check_compatible(self.base, dict(zip(self.ft_refs, self.fts)))
         except (FileNotFoundError, ValueError) as e:
             self.close()
-            raise ValueError(str(e)) from None
+            # a damaged file: named by its model ref and its name (no server path on the page)
+            raise ValueError(e.describe(full_path=False) if isinstance(e, io.DamagedCheckpoint) else str(e)) from None
         self.names = list(self.shapes)
         self.float_names = [n for n in self.names if self.base.dtype(n).is_floating_point]
         self.numel = {n: self.base.numel(n) for n in self.names}
