@@ -429,7 +429,7 @@ def _merge_to(cfg: MergeConfig, inputs: _Inputs, tmp: Path, dev: torch.device, o
         if cfg.prune != "dp":
             stats = None
         elif passes:
-            stats = collect_stats(float_names, lambda n: _to(inputs.load(n), dev),
+            stats = collect_stats(float_names, lambda n: (lifecycle.check_stop(), _to(inputs.load(n), dev))[1],
                                   [m.model for m in cfg.models], cfg.dp_outlier_m, progress=tick)
         if cfg.prune == "dp":
             dp_maps = dp_maps_from_stats(cfg, stats)
@@ -457,6 +457,7 @@ def _merge_to(cfg: MergeConfig, inputs: _Inputs, tmp: Path, dev: torch.device, o
                 pending_write = None
                 for k, job in enumerate(jobs):
                     name = job.name
+                    lifecycle.check_stop()
                     if cancel and cancel():
                         raise InterruptedError("merge cancelled")
                     base, fts = pending_read.result()

@@ -136,6 +136,24 @@ def test_the_sweep_never_touches_a_live_process_folder_or_anything_it_did_not_ma
     assert err.count("removed ") == 1
 
 
+def test_cli_sigterm_stops_the_merge_removes_its_temp_folder_and_says_so(tiny_family, tmp_path):
+    cfg = write_cfg(tmp_path, tiny_family, "ties")
+    work = tmp_path / "work"
+    work.mkdir()
+    proc = slow_cli(tmp_path, cfg, work / "out")
+    try:
+        wait_for(lambda: writing(work, ".out.tmp-"), what="the merge to write", proc=proc)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert lines[-1].startswith("error: stopped by SIGTERM") and "temp files were removed" in lines[-1]
+    assert "Traceback" not in err
+    assert hidden(work) == [] and not (work / "out").exists()
+
+
 def test_a_truncated_safetensors_is_named_with_its_path(tiny_family, tmp_path, capsys):
     damaged = tmp_path / "ft-damaged"
     shutil.copytree(tiny_family.fts[1], damaged)
@@ -232,3 +250,39 @@ def merge_mid_write(url: str, temp: Path, proc):
     return job
 
 
+def test_the_app_stopped_with_sigterm_mid_merge_leaves_no_temp_folder(tmp_path):
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    proc, url = start_app(tmp_path, temp)
+    try:
+        merge_mid_write(url, temp, proc)
+        assert len(app_roots(temp)) == 1
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "dppa-ui: stopped by SIGTERM: 1 running merge(s) cancelled, server files removed" in err
+    assert app_roots(temp) == []
+
+
+def test_the_app_killed_mid_merge_is_swept_by_the_next_start(tmp_path):
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    proc, url = start_app(tmp_path, temp)
+    try:
+        merge_mid_write(url, temp, proc)
+        proc.kill()
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    (root,) = app_roots(temp)                    # what a kill -9 leaves
+    proc2, _ = start_app(tmp_path, temp)
+    try:
+        assert app_roots(temp) == []             # swept before the server listened
+        proc2.send_signal(signal.SIGTERM)
+        _, err = proc2.communicate(timeout=60)
+    finally:
+        proc2.kill()
+    assert f"dppa-ui: removed {root.name} (" in err and f"process {proc.pid}, which no longer runs" in err
+    assert app_roots(temp) == []

@@ -14,7 +14,7 @@ import gradio as gr
 from ..modelbuild import warm_up
 from ..refs import resolve_model
 from . import chat, inspect, lessons, merge, method, models, score, search
-from .common import CONCURRENCY, SESSION_TTL, AppState, close_state
+from .common import CONCURRENCY, SESSION_TTL, AppState, close_state, stop_on_signals, sweep_temp
 from .page import Page
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
@@ -42,6 +42,10 @@ def launch_options() -> dict:
 
 
 def build_app() -> gr.Blocks:
+    """The page. Also, for the server process: sweep the temp folders of app processes killed
+    outright, and end on SIGTERM as on Ctrl-C, with the server's files (see common.stop_on_signals)."""
+    sweep_temp()
+    stop_on_signals()
     page = Page()
     with gr.Blocks(title="dppa-ui: merge fine-tuned LLMs", analytics_enabled=False) as demo:
         # A state is tracked (its delete_callback runs when the tab closes or it expires) once an
