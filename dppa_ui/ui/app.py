@@ -88,6 +88,9 @@ def build_app() -> gr.Blocks:
         inspect.wire(page, method.commit_triggers(page), [*page.loaded_events, autoload, *control_setters])
     demo.run_history = False
     demo.page = page
+    # plotly loads each trace type on first use (~0.3 s): here, not in the first view.
+    import plotly.graph_objects as go
+    go.Figure([go.Scatter(), go.Bar(), go.Heatmap()])
     # The first chat would otherwise wait seconds for transformers' model classes to import.
     base = models.demo_choices()[1]
     threading.Thread(target=warm_up, args=(resolve_model(base) if base else None,), daemon=True,

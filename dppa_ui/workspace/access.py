@@ -25,6 +25,16 @@ SORT_LIMIT = 1 << 23          # tensors up to 8 M entries keep a sorted |δ|: a 
 MATRIX_HINT = "mlp.down_proj"
 
 
+def _background() -> None:
+    """A worker thread's start: the lowest CPU priority (Linux sets it per thread), so the work it
+    does for later never slows what a user waits for."""
+    import os
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (AttributeError, OSError):
+        pass
+
+
 def module_type(name: str) -> str | None:
     """`model.layers.3.self_attn.q_proj.weight` -> `self_attn.q_proj` (None outside blocks)."""
     m = re.search(r"\.(\d+)\.", name)
@@ -58,6 +68,8 @@ class ModelAccess:
         self.reads: Counter = Counter()           # tensor name -> times its data was read
         self._cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
         self._lock = threading.RLock()
+        self._sorter = None                       # the background sorts (value_at_rank)
+        self._sorting: set[tuple] = set()
         self._index()
 
     # -- what is there (headers only)
@@ -148,16 +160,49 @@ class ModelAccess:
 
     def value_at_rank(self, name: str, index: int, k: int) -> float | None:
         """The k-th largest |δ| (k = 1: the largest) of fine-tune `index` in `name`; None for k < 1.
-        Tensors up to SORT_LIMIT entries keep their sorted |δ|, so a slider move is one look-up."""
+        Tensors up to SORT_LIMIT entries keep their sorted |δ|, so a slider move is one look-up. The
+        sort (4x a selection's CPU) is made in a background thread at low priority after the first
+        look-up, which, like every look-up before it is done, is a selection: the first view of a
+        tensor does not wait for it, on a busy machine least of all."""
         n = self.numel[name]
         if k < 1:
             return None
         k = min(k, n)
-        if n <= SORT_LIMIT:   # numpy's sort is several times faster than torch's on the CPU
-            s = self.memo(("sorted", name, index),
-                          lambda: torch.from_numpy(np.sort(self.delta(name, index).abs().reshape(-1).numpy())))
-            return float(s[n - k])
+        if n <= SORT_LIMIT:
+            s = self.cached(("sorted", name, index))
+            if s is not None:
+                return float(s[n - k])
+            self._sort_later(name, index)
         return float(kth_largest(self.delta(name, index).abs(), k))
+
+    def _sort_later(self, name: str, index: int) -> None:
+        key = ("sorted", name, index)
+        with self._lock:
+            if key in self._sorting:
+                return
+            self._sorting.add(key)
+            if self._sorter is None:
+                from concurrent.futures import ThreadPoolExecutor
+                self._sorter = ThreadPoolExecutor(1, thread_name_prefix="dppa-ui-sort", initializer=_background)
+
+        def sort():       # numpy's sort is several times faster than torch's on the CPU, and frees the GIL
+            try:
+                self.memo(key, lambda: torch.from_numpy(np.sort(self.delta(name, index).abs().reshape(-1).numpy())))
+            finally:
+                with self._lock:
+                    self._sorting.discard(key)
+        try:
+            self._sorter.submit(sort)
+        except RuntimeError:          # closed meanwhile
+            pass
+
+    def cached(self, key) -> torch.Tensor | None:
+        """A derived tensor if the cache holds it (see memo), else None."""
+        with self._lock:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
+        return None
 
     def memo(self, key, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
         """Derived tensors, LRU-bounded by `max_cache_bytes` (a single larger one is not kept)."""
@@ -177,6 +222,9 @@ class ModelAccess:
         return value
 
     def close(self) -> None:
+        sorter = getattr(self, "_sorter", None)
+        if sorter is not None:
+            sorter.shutdown(wait=False, cancel_futures=True)
         for r in [getattr(self, "base", None), *getattr(self, "fts", [])]:
             if r is not None:
                 r.close()
