@@ -68,6 +68,18 @@ def tune_allocator() -> None:
         pass
 
 
+def release_memory() -> None:
+    """Hand the free memory of every heap arena back to the OS (glibc's malloc_trim). tune_allocator
+    keeps freed buffers for the next tensor; once a merge or a statistics pass is over, a process
+    that lives on (the app) would otherwise keep that peak as its idle memory, and the next merge's
+    working set would come on top of it."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def pick_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -340,6 +352,7 @@ def _merge(cfg, out, dev, t0, overwrite, dry_run, progress, cancel, allow_pickle
         return result
     finally:
         inputs.close()
+        release_memory()
 
 
 def layer_stack(config, allow_pickle: bool = False) -> list[tuple[int, str, int]]:
