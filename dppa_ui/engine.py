@@ -69,10 +69,11 @@ def tune_allocator() -> None:
 
 
 def release_memory() -> None:
-    """Hand the free memory of every heap arena back to the OS (glibc's malloc_trim). tune_allocator
-    keeps freed buffers for the next tensor; once a merge or a statistics pass is over, a process
-    that lives on (the app) would otherwise keep that peak as its idle memory, and the next merge's
-    working set would come on top of it."""
+    """Hand the free memory of every heap arena back to the OS (glibc's malloc_trim). In a process
+    that lives on (the app), what views, a statistics pass or the last merge freed stays in the
+    arenas (tune_allocator keeps freed buffers on purpose, for the next tensor) and a merge's working
+    set would come on top of it: a merge trims when it starts and when it ends, the statistics pass
+    when it ends."""
     try:
         import ctypes
         ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -289,6 +290,7 @@ def merge(config, out: str | Path | None, *, device: str = "auto", seed: int | N
                             allow_vocab_trim=allow_vocab_trim, shard_bytes=shard_bytes, log=log,
                             lora_cache=lora_cache, intermediate_dir=intermediate_dir)
     t0 = time.perf_counter()
+    release_memory()        # what earlier work in this process freed: the merge adds only its working set
     tune_allocator()
     cfg = load_config(config)
     if seed is not None:
