@@ -9,6 +9,10 @@ import signal
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+# torch's OpenMP workers sleep between parallel regions instead of spinning (read when torch loads).
+# In a server, a merge's thread waits for the GIL whenever the event loop runs; a spinning worker
+# burned a core meanwhile: at 0.5 B the app's merge took 1.2-1.5x the CLI's CPU, 1.0x with this.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import spaces  # noqa: E402,F401  on a ZeroGPU Space it must be imported before torch touches CUDA
 

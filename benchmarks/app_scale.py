@@ -108,21 +108,22 @@ class PeakAnon:
         self.peak_mb = self.peak / 1024
 
 
+# app.py as it serves (its environment and handlers), on a given port, without opening a browser.
 SERVE = """
 import sys
-from dppa_ui.ui import build_app, launch_options
-from dppa_ui.ui.common import CONCURRENCY
-demo = build_app()
-demo.queue(default_concurrency_limit=CONCURRENCY)
+import app
+from dppa_ui.ui import launch_options
+from dppa_ui.ui.common import stop_on_signals
 opts = {k: v for k, v in launch_options().items() if k in ("run_history", "head", "css_paths")}
-demo.launch(server_name="127.0.0.1", server_port=int(sys.argv[1]), prevent_thread_lock=True, quiet=True, **opts)
+app.demo.launch(server_name="127.0.0.1", server_port=int(sys.argv[1]), prevent_thread_lock=True, quiet=True, **opts)
+stop_on_signals()
 print("ready", flush=True)
-demo.block_thread()
+app.demo.block_thread()
 """
 
 
 class Server:
-    """The app in a process of its own, as app.py serves it (same queue, same handlers)."""
+    """The app in a process of its own, as app.py serves it (same settings, queue and handlers)."""
 
     def __init__(self, log: Path):
         import subprocess
@@ -219,8 +220,10 @@ def merge_pair(client, server: Server, base: str, fts: list[str], work: Path, k:
     cfg = MethodControls(preset="ties", density=0.2).to_config(base, fts)
     (work / "m.yaml").write_text(cfg.to_yaml())
     out = work / f"out-{k}"
+    c0 = cpu_seconds(server.pid)
     cli = measure([sys.executable, "-c", CLI, "merge", str(work / "m.yaml"), "--out", str(out), "--quiet"],
                   work / "cli.log")
+    r["server_cpu_during_cli"] = cpu_seconds(server.pid) - c0      # the server should be idle meanwhile
     log = (work / "cli.log").read_text()
     r["cli"] = float(log.split(" in ")[-1].split(" s")[0]) if " s;" in log else float("nan")
     r["cli_cpu"] = float(log.split("cpu ")[-1].split()[0])
@@ -389,7 +392,7 @@ def print_family(f: dict, args) -> None:
               f"{m['app_cpu'] / m['cli_cpu']:.2f}x; server peak RssAnon {m['app_peak_mb']:.0f} MB (before the merge "
               f"{m['app_idle_mb']:.0f}) vs CLI peak {m['cli_peak_mb']:.0f} + merged model {m['merged_mb']:.0f} = "
               f"{bound:.0f} MB ({'within' if m['app_peak_mb'] <= bound else 'OVER'}); load {m['load_before']} -> "
-              f"{m['load_after']}")
+              f"{m['load_after']}; server CPU while the CLI ran {m['server_cpu_during_cli']:.1f} s")
     ratios = sorted(m["app"] / m["cli"] for m in f["merges"])
     cpu = sorted(m["app_cpu"] / m["cli_cpu"] for m in f["merges"])
     peaks = [m["app_peak_mb"] for m in f["merges"]]
