@@ -1,6 +1,9 @@
 """`python -m dppa_ui merge|search|zoo|score`: the headless entry points.
 
-Every failure exits non-zero with a one-line reason (no traceback unless DPPA_UI_DEBUG=1).
+Every failure exits non-zero with a one-line reason (no traceback unless DPPA_UI_DEBUG=1). Ctrl-C
+and SIGTERM (docker stop, systemd, a job scheduler) stop a merge at once: its temp folder is
+removed and the exit line says so (exit 130 and 143). A run killed outright (-9, the OOM killer)
+leaves its temp folder; the next merge or search beside the same output removes it and says so.
 """
 from __future__ import annotations
 
@@ -58,6 +61,9 @@ def _search(args) -> int:
         spec.budget = args.budget or spec.budget
         spec.seed = spec.seed if args.seed is None else args.seed
     log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr))
+    if args.out:
+        from .engine import sweep_beside
+        sweep_beside(args.out, log=lambda s: print(s, file=sys.stderr))
     with contextlib.ExitStack() as stack:   # a non-empty --out is refused before any work
         tmp = stack.enter_context(io.atomic_output_dir(args.out, overwrite=args.overwrite)) if args.out else None
         base_dir = io.resolve_model(cfg.base_model)
@@ -139,12 +145,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .lifecycle import Stopped, sigterm_as_interrupt
     args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        print("error: interrupted; nothing was written", file=sys.stderr)
-        return 130
+        with sigterm_as_interrupt():
+            return int(args.func(args) or 0)
+    except KeyboardInterrupt as e:
+        how, code = ("stopped by SIGTERM", 143) if isinstance(e, Stopped) else ("interrupted (Ctrl-C)", 130)
+        print(f"error: {how}; the run stopped where it was and its temp files were removed: nothing was "
+              "written", file=sys.stderr)
+        return code
     except Exception as e:  # one line for users; DPPA_UI_DEBUG=1 for the traceback
         if os.environ.get("DPPA_UI_DEBUG"):
             raise

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import shutil
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from . import io
+from . import io, lifecycle
 from .config import MergeConfig, load_config, load_stages, rename_refs
 from .methods.pcb import stat_passes
 from .pipeline import (Scratch, dominant_float_dtype, dp_maps_from_stats, kept_fraction, merge_tensor, output_dtype,
@@ -72,6 +71,19 @@ def tune_allocator() -> None:
         pass
 
 
+def release_memory() -> None:
+    """Hand the free memory of every heap arena back to the OS (glibc's malloc_trim). In a process
+    that lives on (the app), what views, a statistics pass or the last merge freed stays in the
+    arenas (tune_allocator keeps freed buffers on purpose, for the next tensor) and a merge's working
+    set would come on top of it: a merge trims when it starts and when it ends, the statistics pass
+    when it ends."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def pick_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -89,7 +101,7 @@ class _Inputs:
                  lora_cache: str | Path | None = None, log: Callable[[str], None] | None = None):
         self.refs = input_refs(cfg)
         self.dirs = [io.resolve_model(r, allow_pickle=allow_pickle, lora_cache=lora_cache, log=log) for r in self.refs]
-        self.readers = [io.CheckpointReader(d, allow_pickle=allow_pickle) for d in self.dirs]
+        self.readers = [io.CheckpointReader(d, allow_pickle=allow_pickle, ref=r) for r, d in zip(self.refs, self.dirs)]
         index = {r: i for i, r in enumerate(self.refs)}
         self.vocab = None
         if cfg.vocab is not None:
@@ -271,6 +283,9 @@ def merge(config, out: str | Path | None, *, device: str = "auto", seed: int | N
     (default: temporary).
     """
     from .config import _read_docs
+    log = log or (lambda s: print(s, file=sys.stderr))
+    if out is not None and not dry_run:
+        sweep_beside(out, log)
     if not isinstance(config, MergeConfig) and len(_read_docs(config)) > 1:
         if stats is not None:
             raise ValueError("statistics can be passed for a single merge, not for a multi-stage config")
@@ -278,8 +293,8 @@ def merge(config, out: str | Path | None, *, device: str = "auto", seed: int | N
                             progress=progress, cancel=cancel, allow_pickle=allow_pickle,
                             allow_vocab_trim=allow_vocab_trim, shard_bytes=shard_bytes, log=log,
                             lora_cache=lora_cache, intermediate_dir=intermediate_dir)
-    log = log or (lambda s: print(s, file=sys.stderr))
     t0 = time.perf_counter()
+    release_memory()        # what earlier work in this process freed: the merge adds only its working set
     tune_allocator()
     cfg = load_config(config)
     if seed is not None:
@@ -294,6 +309,13 @@ def merge(config, out: str | Path | None, *, device: str = "auto", seed: int | N
                              progress=progress if callable(progress) else None, cancel=cancel)
     return _merge(cfg, out, dev, t0, overwrite, dry_run, progress, cancel, allow_pickle, allow_vocab_trim,
                   shard_bytes, log, lora_cache, stats)
+
+
+
+def sweep_beside(out: str | Path, log: Callable[[str], None]) -> None:
+    """Remove the temp folders that merges killed outright left beside `out` (lifecycle.sweep: only
+    folders whose owner process is gone), before the free-space check counts the disk."""
+    lifecycle.sweep(Path(out).expanduser().absolute().parent, lifecycle.is_output_temp, log)
 
 
 def _merge(cfg, out, dev, t0, overwrite, dry_run, progress, cancel, allow_pickle, allow_vocab_trim, shard_bytes,
@@ -316,7 +338,7 @@ def _merge(cfg, out, dev, t0, overwrite, dry_run, progress, cancel, allow_pickle
         io.check_free_disk(out.parent if not out.exists() else out, int(disk * 1.02) + (1 << 20))
         alpha_report = search_amplification(cfg, inputs.base_dir, inputs.model_dirs, log)
         lambda_report = search_lambda(cfg, inputs.base_dir, inputs.model_dirs, log)
-        with io.atomic_output_dir(out, overwrite=overwrite) as tmp:
+        with io.naming_full_disk(out.absolute().parent, disk), io.atomic_output_dir(out, overwrite=overwrite) as tmp:
             result = _merge_to(cfg, inputs, tmp, dev, out_dtype, progress, cancel, shard_bytes, log, stats)
             if inputs.vocab is not None:
                 tok_dir = inputs.vocab.save(tmp / ".tokenizer")
@@ -336,6 +358,7 @@ def _merge(cfg, out, dev, t0, overwrite, dry_run, progress, cancel, allow_pickle
         return result
     finally:
         inputs.close()
+        release_memory()
 
 
 def layer_stack(config, allow_pickle: bool = False) -> list[tuple[int, str, int]]:
@@ -375,9 +398,12 @@ def merge_stages(config, out: str | Path | None, *, intermediate_dir: str | Path
     if out is None:
         raise ValueError("an output folder is needed for the final stage (--out DIR)")
     out = Path(out)
-    work = Path(intermediate_dir) if keep else Path(tempfile.mkdtemp(prefix=f".{out.name}.stages-",
-                                                                       dir=out.absolute().parent))
-    work.mkdir(parents=True, exist_ok=True)
+    if keep:
+        work = Path(intermediate_dir)
+        work.mkdir(parents=True, exist_ok=True)
+    else:
+        out.absolute().parent.mkdir(parents=True, exist_ok=True)
+        work = lifecycle.make_dir(out.absolute().parent, f".{out.name}.stages-")
     paths = {s.name: work / s.name for s in stages if s.name is not None and s is not final}
     notes = []
     try:
@@ -424,16 +450,19 @@ def _merge_to(cfg: MergeConfig, inputs: _Inputs, tmp: Path, dev: torch.device, o
         if cfg.prune != "dp":
             stats = None
         elif passes:
-            stats = collect_stats(float_names, lambda n: _to(inputs.load(n), dev),
+            stats = collect_stats(float_names, lambda n: (lifecycle.check_stop(), _to(inputs.load(n), dev))[1],
                                   [m.model for m in cfg.models], cfg.dp_outlier_m, progress=tick)
         if cfg.prune == "dp":
             dp_maps = dp_maps_from_stats(cfg, stats)
             save_stats(stats, tmp / STATS_FILE)
         pcb_stats, tied = None, {}
+        def stopped() -> bool:          # SIGTERM raises here, like Ctrl-C; the app's cancel returns True
+            lifecycle.check_stop()
+            return bool(cancel and cancel())
         if cfg.family == "pipeline" and cfg.combine == "pcb" and cfg.scope == "model":
             floats = set(float_names)
             pcb_stats, tied = pcb_model_stats([(j.name, j.cfg) for j in inputs.plan.jobs if j.name in floats],
-                                              inputs.load, dp_maps, dev, tick, cancel)
+                                              inputs.load, dp_maps, dev, tick, stopped)
         specs = [(n, inputs.shapes[n], out_dtype if inputs.dtype(n).is_floating_point
                   else inputs.dtype(n)) for n in names]
         jobs = inputs.plan.jobs
@@ -444,6 +473,7 @@ def _merge_to(cfg: MergeConfig, inputs: _Inputs, tmp: Path, dev: torch.device, o
             pending_write = None
             for k, job in enumerate(jobs):
                 name = job.name
+                lifecycle.check_stop()
                 if cancel and cancel():
                     raise InterruptedError("merge cancelled")
                 base, fts = pending_read.result()

@@ -166,6 +166,7 @@ class StatsService:
         def tick(n):
             job.progress.done += n
 
+        from ..engine import release_memory
         try:
             computed = gpu.pair_statistics(acc.base_path, [acc.ft_paths[i] for i in todo],
                                            [acc.ft_refs[i] for i in todo], outlier_m,
@@ -176,6 +177,8 @@ class StatsService:
         except Exception as e:  # noqa: BLE001 - shown in the views that wait for it
             job.progress.state, job.progress.error = "failed", f"{type(e).__name__}: {e}"
             return
+        finally:
+            release_memory()        # the pass's float32 copies: not the server's idle memory
         data = list(cached)
         for i, d in zip(todo, computed):
             self.cache.put(self._key(i, outlier_m), d)
