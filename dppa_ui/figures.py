@@ -289,18 +289,20 @@ def masks(d: dict, method: str, combine: str) -> go.Figure:
 
 # ------------------------------------------------------------------------------------ scores
 
-def scores(rows: list[dict], metric: str = "smooth") -> go.Figure:
-    """Grouped bars per domain, one bar per model in its colour. rows: [{"label", "color",
-    "scores": {domain: {...}}, "objective": x | None}]. Only the merged model's bars carry numbers
-    (hover shows every bar's), so labels never overlap."""
+def scores(rows: list[dict], metric: str = "smooth", *, axis: str = "domain", title: str | None = None,
+           y_title: str | None = None) -> go.Figure:
+    """Grouped bars per domain (or lm-eval task: `axis`), one bar per model in its colour. rows:
+    [{"label", "color", "scores": {domain: {...}}, "objective": x | None}]. Only the merged model's
+    bars carry numbers (hover shows every bar's), so labels never overlap."""
     domains = []
     for r in rows:
         for d in r["scores"]:
             if d not in domains:
                 domains.append(d)
-    bars = []
+    bars, values = [], []
     for r in rows:
         y = [r["scores"].get(d, {}).get(metric) for d in domains]
+        values += [v for v in y if v is not None]
         obj = r.get("objective")
         name = r["label"] + (f" (objective {obj:.3f})" if isinstance(obj, (int, float)) else "")
         merged = r.get("merged", False)
@@ -308,13 +310,13 @@ def scores(rows: list[dict], metric: str = "smooth") -> go.Figure:
                            text=[("" if v is None else f"{v:.2f}") for v in y] if merged else None,
                            textposition="outside", cliponaxis=False,
                            hovertemplate=f"{r['label']}, %{{x}}: %{{y:.3f}}<extra></extra>"))
-    yaxis = {"title": dict(text=metric)}
-    if metric in ("em", "smooth"):
+    yaxis = {"title": dict(text=y_title or metric)}
+    if metric in ("em", "smooth") or (values and all(0 <= v <= 1 for v in values)):
         yaxis["range"] = [0, 1.15]
     legend, bottom = legend_below([b.name for b in bars])
-    return figure(bars, title=dict(text=f"{metric} per domain<br><sup>merged model's value on its bar; hover for "
-                                        f"the others</sup>"), barmode="group",
-                  xaxis=dict(title=dict(text="domain", standoff=6)), yaxis=yaxis, legend=legend, height=340 + bottom,
+    return figure(bars, title=dict(text=f"{title or f'{metric} per {axis}'}<br><sup>merged model's value on its bar; "
+                                        f"hover for the others</sup>"), barmode="group",
+                  xaxis=dict(title=dict(text=axis, standoff=6)), yaxis=yaxis, legend=legend, height=340 + bottom,
                   margin=dict(t=70, l=60, r=10, b=bottom))
 
 
