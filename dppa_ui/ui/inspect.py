@@ -49,6 +49,7 @@ def build(page) -> None:
         page.add("mask_numbers", gr.Markdown("", elem_id="mask-numbers"))
         # What the method does beyond masks: DELLA's keep probabilities, an interpolation's angles
         page.add("method_plot", gr.Plot(label="Method view", elem_id="method-view", visible=False))
+        page.add("method_note", gr.Markdown("", elem_id="method-note"))
         page.add("merged_plot", gr.Plot(label="Merged delta: before / after", elem_id="merged-view", visible=False))
     page.add("stats_timer", gr.Timer(1.0, active=False))
 
@@ -208,6 +209,37 @@ def numbers_markdown(d: dict) -> str:
     return "\n".join(lines)
 
 
+def svd_note(d: dict) -> str:
+    """What the singular-value view measures, stated with its numbers (TSV-M, Iso-C, Iso-CTS)."""
+    k, r, n = d["k_merged"], d["rank"], len(d["models"])
+    lines = [f"**Share kept** of fine-tune i = ‖U_k U_kᵀ δᵢ‖²_F / ‖δᵢ‖²_F: the energy of its delta in the span of "
+             f"the top k left singular vectors of the merged delta M, k the fewest that hold 95 % of ‖M‖_F "
+             f"(‖M_k‖_F ≥ 0.95 ‖M‖_F; Marczak et al.'s rank rule, whose subspace alignment ratio is this share's "
+             f"square root). Here k = {k} of r = {r}; for task arithmetic's Σ wᵢδᵢ, k = {d['k_sum']} (grey bars)."]
+    head, cells = ["fine-tune", f"kept by {d['method']}", "kept by task arithmetic"], []
+    if d["combine"] == "tsv_m":
+        lines.append(f"**TSV-M** keeps each task's top k = ⌊r / T⌋ = ⌊{r} / {n}⌋ = {d['k_task']} singular triplets "
+                     f"of wᵢδᵢ, then decorrelates them; *own top {d['k_task']}* = the share of wᵢδᵢ's energy in "
+                     f"them (Σ_{{j≤k}} σ_j² / Σ σ_j²).")
+        head.append(f"own top {d['k_task']}")
+        cells = [[f"{fmt(100 * x)}%"] for x in d["own"]]
+    elif d["combine"] == "iso_c":
+        lines.append(f"**Iso-C** keeps the singular vectors of Σ δᵢ and sets each of its {r} singular values to "
+                     f"their mean σ̄ = {fmt(d['flat'])}: M's spectrum is flat.")
+    else:
+        lines.append(f"**Iso-CTS** splits r = {r} into a common subspace, the top c = {d['common']} left singular "
+                     f"vectors U_c of Σ δᵢ, and {d['specific']} directions per task, the top ones of "
+                     f"(I − U_c U_cᵀ) δᵢ; *common* = ‖U_cᵀ δᵢ‖² / ‖δᵢ‖², *own* = the energy of δᵢ's top "
+                     f"{d['specific']} directions outside U_c over ‖δᵢ‖².")
+        head += ["common", f"own {d['specific']}"]
+        cells = [[f"{fmt(100 * c)}%", f"{fmt(100 * o)}%"] for c, o in zip(d["common_share"], d["specific_share"])]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for i, ref in enumerate(d["models"]):
+        rows.append("| " + " | ".join([f"`{short(ref)}`", f"{fmt(100 * d['kept'][i])}%",
+                                       f"{fmt(100 * d['kept_sum'][i])}%", *(cells[i] if cells else [])]) + " |")
+    return "\n\n".join(lines) + "\n\n" + "\n".join(rows)
+
+
 def masks(v: dict) -> dict:
     """Kept masks per fine-tune, the winner of each entry after the combine, sign conflicts and
     PCB's weights, for one weight matrix; what the method does beyond masks (PCB's scores, DELLA's
@@ -223,18 +255,19 @@ def masks(v: dict) -> dict:
         merged = analysis.merged_delta(ws, shown, v["matrix"])
     except _expected() as e:
         return {"mask_plot": gr.update(value=not_drawn(message(e)), visible=True), "mask_numbers": "",
-                "method_plot": hidden, "merged_plot": hidden}
+                "method_plot": hidden, "method_note": "", "merged_plot": hidden}
     view = gr.update(value=figures.method_view(mv), visible=True) if mv else hidden
+    note = svd_note(mv) if mv and mv["kind"] == "svd" else ""
     after = gr.update(value=figures.merged_delta(merged), visible=True) if merged else hidden
     if d is None:
         why = (f"{cfg.method_name} interpolates the weights themselves: it keeps every entry, none is pruned or "
                f"combined (the method view below shows what it does)")
-        return {"mask_plot": hidden, "mask_numbers": why, "method_plot": view, "merged_plot": after}
+        return {"mask_plot": hidden, "mask_numbers": why, "method_plot": view, "method_note": note, "merged_plot": after}
     numbers = numbers_markdown(d)
     if apl_pending:
         numbers += f"\n\n_{apl_pending_text(ws, cfg)}: target density shown until then_"
     return {"mask_plot": gr.update(value=figures.masks(d, cfg.method_name, cfg.combine), visible=True),
-            "mask_numbers": numbers, "method_plot": view, "merged_plot": after}
+            "mask_numbers": numbers, "method_plot": view, "method_note": note, "merged_plot": after}
 
 
 def _apl_index(v: dict, ws) -> int:
@@ -299,7 +332,7 @@ MASKS_IN = ["state", "matrix", *CONTROL_KEYS]
 VIEW_IN = ["state", "block", "module", "matrix", "heat_metric", "heat_model", *CONTROL_KEYS]
 INSPECT_OUT = ["histogram", "thresholds", "tensor_name", "matrix", "inspect_status"]
 HEATMAP_OUT = ["heatmap", "heatmap_note"]
-MASKS_OUT = ["mask_plot", "mask_numbers", "method_plot", "merged_plot"]
+MASKS_OUT = ["mask_plot", "mask_numbers", "method_plot", "method_note", "merged_plot"]
 APL_IN = ["state", "heat_model", *CONTROL_KEYS]
 APL_OUT = ["apl_plot", "apl_note"]
 APL_VIEW_OUT = [*APL_OUT, "stats_timer"]
