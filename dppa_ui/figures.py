@@ -433,7 +433,7 @@ def _svd_spectra(d: dict) -> go.Figure:
     legend, bottom = legend_below([t.name for t in traces if t.showlegend is not False])
     return figure(traces, title=dict(text=f"{d['method']}: singular values in {d['name']} {d['shape']}<br><sup>left: "
                                           f"each spectrum (log scale); right: how much of each fine-tune's delta the "
-                                          f"merged subspace holds (definition below)</sup>"),
+                                          f"merged subspace holds (defined above)</sup>"),
                   xaxis=dict(title=dict(text="singular value index", standoff=6), domain=[0, 0.6]),
                   yaxis=dict(title=dict(text="singular value"), type="log"),
                   xaxis2=dict(domain=[0.7, 1], anchor="y2"),

@@ -147,12 +147,14 @@ def test_the_view_follows_the_picker_and_never_keeps_a_previous_methods_figure()
             out = masks(preset)
             fig = out["method_plot"]["value"]
             assert out["method_plot"]["visible"] and fig.layout.title.text.startswith(f"{preset}: singular values")
-            assert said in out["method_note"] and "**Share kept**" in out["method_note"]
-            assert out["method_note"].count("\n| `") == 5                     # a row per fine-tune
+            assert said in out["mask_numbers"] and "**Share kept**" in out["mask_numbers"]
+            assert out["mask_numbers"].count("\n| `") == 5                     # a row per fine-tune
+            assert out["mask_plot"]["visible"] is False                       # no entry is masked
         out = masks("ties")
-        assert out["method_plot"]["visible"] is False and out["method_note"] == ""
+        assert out["method_plot"]["visible"] is False and "Share kept" not in out["mask_numbers"]
+        assert out["mask_plot"]["visible"] and "sign conflicts" in out["mask_numbers"]
         out = masks("tsv_m", "model.norm.weight")         # over the API: a tensor that is not a matrix
-        assert out["method_note"] == "" and out["method_plot"]["visible"] is False
+        assert out["mask_numbers"] == "" and out["method_plot"]["visible"] is False
         assert "not drawn: model.norm.weight is not a matrix" in " ".join(
             a.text for a in out["mask_plot"]["value"].layout.annotations)
     finally:

@@ -49,7 +49,6 @@ def build(page) -> None:
         page.add("mask_numbers", gr.Markdown("", elem_id="mask-numbers"))
         # What the method does beyond masks: DELLA's keep probabilities, an interpolation's angles
         page.add("method_plot", gr.Plot(label="Method view", elem_id="method-view", visible=False))
-        page.add("method_note", gr.Markdown("", elem_id="method-note"))
         page.add("merged_plot", gr.Plot(label="Merged delta: before / after", elem_id="merged-view", visible=False))
     page.add("stats_timer", gr.Timer(1.0, active=False))
 
@@ -243,7 +242,8 @@ def svd_note(d: dict) -> str:
 def masks(v: dict) -> dict:
     """Kept masks per fine-tune, the winner of each entry after the combine, sign conflicts and
     PCB's weights, for one weight matrix; what the method does beyond masks (PCB's scores, DELLA's
-    keep probabilities, an interpolation's angles); the merged delta before / after the method."""
+    keep probabilities, an interpolation's angles, TSV-M's and Iso's singular values); the merged
+    delta before / after the method."""
     hidden = gr.update(visible=False)
     try:
         ws, cfg = _setup(v)
@@ -251,23 +251,27 @@ def masks(v: dict) -> dict:
             raise UserError("pick a weight matrix")
         shown, apl_pending = view_config(ws, cfg)
         mv = analysis.method_view(ws, shown, v["matrix"])
-        d = analysis.mask_data(ws, shown, v["matrix"]) if cfg.family == "pipeline" else None
+        entrywise = cfg.family == "pipeline" and cfg.combine not in analysis.SVD_COMBINES
+        d = analysis.mask_data(ws, shown, v["matrix"]) if entrywise else None
         merged = analysis.merged_delta(ws, shown, v["matrix"])
     except _expected() as e:
         return {"mask_plot": gr.update(value=not_drawn(message(e)), visible=True), "mask_numbers": "",
-                "method_plot": hidden, "method_note": "", "merged_plot": hidden}
+                "method_plot": hidden, "merged_plot": hidden}
     view = gr.update(value=figures.method_view(mv), visible=True) if mv else hidden
-    note = svd_note(mv) if mv and mv["kind"] == "svd" else ""
     after = gr.update(value=figures.merged_delta(merged), visible=True) if merged else hidden
     if d is None:
-        why = (f"{cfg.method_name} interpolates the weights themselves: it keeps every entry, none is pruned or "
-               f"combined (the method view below shows what it does)")
-        return {"mask_plot": hidden, "mask_numbers": why, "method_plot": view, "method_note": note, "merged_plot": after}
+        if mv and mv["kind"] == "svd":
+            why = (f"{cfg.method_name} prunes no entry and elects no winner per entry: it merges each matrix through "
+                   f"its singular vectors (the method view below).\n\n" + svd_note(mv))
+        else:
+            why = (f"{cfg.method_name} interpolates the weights themselves: it keeps every entry, none is pruned or "
+                   f"combined (the method view below shows what it does)")
+        return {"mask_plot": hidden, "mask_numbers": why, "method_plot": view, "merged_plot": after}
     numbers = numbers_markdown(d)
     if apl_pending:
         numbers += f"\n\n_{apl_pending_text(ws, cfg)}: target density shown until then_"
     return {"mask_plot": gr.update(value=figures.masks(d, cfg.method_name, cfg.combine), visible=True),
-            "mask_numbers": numbers, "method_plot": view, "method_note": note, "merged_plot": after}
+            "mask_numbers": numbers, "method_plot": view, "merged_plot": after}
 
 
 def _apl_index(v: dict, ws) -> int:
@@ -332,7 +336,7 @@ MASKS_IN = ["state", "matrix", *CONTROL_KEYS]
 VIEW_IN = ["state", "block", "module", "matrix", "heat_metric", "heat_model", *CONTROL_KEYS]
 INSPECT_OUT = ["histogram", "thresholds", "tensor_name", "matrix", "inspect_status"]
 HEATMAP_OUT = ["heatmap", "heatmap_note"]
-MASKS_OUT = ["mask_plot", "mask_numbers", "method_plot", "method_note", "merged_plot"]
+MASKS_OUT = ["mask_plot", "mask_numbers", "method_plot", "merged_plot"]
 APL_IN = ["state", "heat_model", *CONTROL_KEYS]
 APL_OUT = ["apl_plot", "apl_note"]
 APL_VIEW_OUT = [*APL_OUT, "stats_timer"]
