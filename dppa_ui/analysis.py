@@ -17,11 +17,11 @@ import torch.nn.functional as F
 
 from .config import MergeConfig
 from .methods import band_edges, breadcrumbs_counts, keep_count, tensor_generator
-from .methods.iso import iso_cts_split, task_sum
+from .methods.iso import iso_cts_factors, iso_cts_split, task_sum
 from .methods.pcb import clip_abs, minmax_rows, pcb_cut, pcb_score
 from .methods.sce import sce_select_mask, sce_weights
 from .methods.ties import agreement_mask
-from .methods.tsv_m import tsv_rank
+from .methods.tsv_m import orthogonalize, tsv_factors, tsv_rank
 from .pipeline import Step, combine, plan_steps, prune_amplify
 from .stats import HIST_SAMPLE, sample_flat
 
@@ -481,14 +481,26 @@ def _svdvals(ws, name: str, j: int) -> torch.Tensor:
     return ws.access.memo(("svdvals", name, j), lambda: torch.linalg.svdvals(ws.access.delta(name, j).float()))
 
 
+def merged_basis(cfg: MergeConfig, inputs: torch.Tensor) -> torch.Tensor:
+    """The merged delta's left singular vectors (rows x r), ordered as the method ranks them:
+    TSV-M's and Iso-CTS's orthogonalized collected vectors by the singular value each was
+    collected with, Iso-C's the task sum's by its singular values. M's own SVD cannot order them
+    for Iso: its spectrum is flat, so among equal singular values LAPACK's order is arbitrary.
+    `inputs`: the (T, rows, cols) deltas the combine decomposes (TSV-M's weighted)."""
+    if cfg.combine == "iso_c":
+        return torch.linalg.svd(task_sum(inputs), full_matrices=False)[0]
+    u, s, _ = tsv_factors(inputs) if cfg.combine == "tsv_m" else iso_cts_factors(inputs, cfg.common_space_fraction)
+    return orthogonalize(u)[:, torch.argsort(s, descending=True, stable=True)]
+
+
 def svd_view(ws, cfg: MergeConfig, name: str) -> dict | None:
     """What TSV-M, Iso-C and Iso-CTS do to the matrix `name` (None for other methods):
     {"kind": "svd", "method", "name", "shape", "rank" r = min(rows, cols), "models", "index",
      "spectra" (per fine-tune: the singular values of the delta the combine decomposes, TSV-M's
      weighted by wᵢ), "merged" (those of the merged delta M, before λ), "task_sum" (those of
-     Σ wᵢδᵢ, task arithmetic before λ), "k_merged" / "k_sum" (energy_rank of each), "kept" /
-     "kept_sum" (per fine-tune, energy_share of δᵢ in the span of the top k left singular vectors
-     of M / of Σ wᵢδᵢ), and per method
+     Σ wᵢδᵢ, task arithmetic before λ), "k_merged" / "k_sum" (energy_rank of each), "kept" (per
+     fine-tune, energy_share of δᵢ in the span of the top k_merged columns of merged_basis),
+     "kept_sum" (the same in the top k_sum left singular vectors of Σ wᵢδᵢ), and per method
        tsv_m   "k_task" ⌊r/T⌋, "own" (per fine-tune: the share of its weighted delta's energy in its top k_task)
        iso_c   "flat" (the mean singular value of Σ δᵢ, every singular value of M)
        iso_cts "common" c, "specific" s, "common_share" (energy_share of δᵢ in the top c left singular
@@ -504,19 +516,18 @@ def svd_view(ws, cfg: MergeConfig, name: str) -> dict | None:
     idx = ws.align(cfg)
     deltas = pruned_deltas(ws, cfg, name).float()
     weights = [float(m.weight) for m in view.models]
-    scale = weights if cfg.combine == "tsv_m" else [1.0] * len(idx)
-    spectra = [_svdvals(ws, name, j) * abs(w) for j, w in zip(idx, scale)]
-    merged = combine(view, deltas.clone(), inplace=True)
     w = torch.tensor(weights).view(-1, 1, 1)
-    u_m, s_m, _ = torch.linalg.svd(merged, full_matrices=False)
+    inputs = deltas * w if cfg.combine == "tsv_m" else deltas
+    spectra = [_svdvals(ws, name, j) * (abs(x) if cfg.combine == "tsv_m" else 1.0) for j, x in zip(idx, weights)]
+    s_m = torch.linalg.svdvals(combine(view, deltas.clone(), inplace=True))
     u_t, s_t, _ = torch.linalg.svd((deltas * w).sum(0), full_matrices=False)
     k_m, k_t = energy_rank(s_m), energy_rank(s_t)
+    u_m = merged_basis(view, inputs)[:, :k_m]
     r, n = min(shape), len(idx)
     out = {"kind": "svd", "method": cfg.method_name, "combine": cfg.combine, "name": name, "shape": shape, "rank": r,
            "models": [m.model for m in cfg.models], "index": idx, "spectra": spectra, "merged": s_m, "task_sum": s_t,
            "k_merged": k_m, "k_sum": k_t, "lambda": float(view.lambda_),
-           "kept": [energy_share(d, u_m[:, :k_m]) for d in deltas],
-           "kept_sum": [energy_share(d, u_t[:, :k_t]) for d in deltas]}
+           "kept": [energy_share(d, u_m) for d in deltas], "kept_sum": [energy_share(d, u_t[:, :k_t]) for d in deltas]}
     if cfg.combine == "tsv_m":
         k = tsv_rank(*shape, n)
         out["k_task"] = k

@@ -45,7 +45,13 @@ def share(d: torch.Tensor, u: torch.Tensor) -> float:
     return float((p @ d.double()).pow(2).sum() / d.double().pow(2).sum())
 
 
-def check_common(v: dict, d: torch.Tensor, merged: torch.Tensor, weights) -> None:
+def polar(a: torch.Tensor) -> torch.Tensor:
+    p, _, qh = torch.linalg.svd(a, full_matrices=False)
+    return p @ qh
+
+
+def check_common(v: dict, d: torch.Tensor, merged: torch.Tensor, weights, basis: torch.Tensor) -> None:
+    """`basis`: the merged delta's left singular vectors in the method's order, computed here."""
     w = torch.tensor(weights).view(-1, 1, 1)
     for i in range(len(d)):
         spectrum = torch.linalg.svdvals(d[i] * (w[i] if v["combine"] == "tsv_m" else 1.0))
@@ -54,9 +60,8 @@ def check_common(v: dict, d: torch.Tensor, merged: torch.Tensor, weights) -> Non
     ta = (d * w).sum(0)
     torch.testing.assert_close(v["task_sum"], torch.linalg.svdvals(ta), rtol=1e-4, atol=1e-6)
     assert v["k_merged"] == rank_95(torch.linalg.svdvals(merged)) and v["k_sum"] == rank_95(torch.linalg.svdvals(ta))
-    u_m = torch.linalg.svd(merged, full_matrices=False)[0][:, :v["k_merged"]]
     u_t = torch.linalg.svd(ta, full_matrices=False)[0][:, :v["k_sum"]]
-    assert v["kept"] == pytest.approx([share(x, u_m) for x in d], abs=1e-5)
+    assert v["kept"] == pytest.approx([share(x, basis[:, :v["k_merged"]]) for x in d], abs=1e-5)
     assert v["kept_sum"] == pytest.approx([share(x, u_t) for x in d], abs=1e-5)
     assert all(0 < k <= 1 for k in v["kept"] + v["kept_sum"])
 
@@ -67,7 +72,9 @@ def test_tsv_m_spectra_truncation_rank_and_kept_shares(ws, name):
     v = analysis.svd_view(ws, ws.config(MethodControls(preset="tsv_m", weights=tuple(weights))), name)
     d = deltas(ws, name)
     r = min(d.shape[1:])
-    check_common(v, d, tsv_m_combine(d.clone(), weights), weights)
+    merged = tsv_m_combine(d.clone(), weights)
+    # TSV-M's M = U⊥ Σ V⊥ᵀ keeps Σ: its own SVD ranks the directions as the method does
+    check_common(v, d, merged, weights, torch.linalg.svd(merged, full_matrices=False)[0])
     assert v["rank"] == r and v["k_task"] == r // 3 and v["index"] == [0, 1, 2]
     for i, x in enumerate(d):
         s = torch.linalg.svdvals(x * weights[i])
@@ -80,7 +87,8 @@ def test_tsv_m_spectra_truncation_rank_and_kept_shares(ws, name):
 def test_iso_c_spectrum_is_flat_and_holds_more_of_each_task_than_task_arithmetic(ws):
     v = analysis.svd_view(ws, ws.config(MethodControls(preset="iso_c")), NAME)
     d = deltas(ws, NAME)
-    check_common(v, d, iso_c_combine(d.clone()), [1.0] * 3)
+    # M's spectrum is flat: the directions rank by the task sum's singular values
+    check_common(v, d, iso_c_combine(d.clone()), [1.0] * 3, torch.linalg.svd(d.sum(0), full_matrices=False)[0])
     assert v["flat"] == pytest.approx(float(torch.linalg.svdvals(d.sum(0)).mean()), rel=1e-5)
     torch.testing.assert_close(v["merged"], torch.full_like(v["merged"], v["flat"]), rtol=1e-4, atol=0)
     assert all(k >= t for k, t in zip(v["kept"], v["kept_sum"]))        # the flat spectrum's wider subspace
@@ -91,11 +99,18 @@ def test_iso_cts_common_and_task_specific_split(ws, fraction):
     c = ws.config(MethodControls(preset="iso_cts", params={"common_space_fraction": fraction}))
     v = analysis.svd_view(ws, c, NAME)
     d = deltas(ws, NAME)
-    check_common(v, d, iso_cts_combine(d.clone(), fraction), [1.0] * 3)
     rows, cols = d.shape[1:]
     assert (v["common"], v["specific"]) == iso_cts_split(rows, cols, 3, fraction)
     assert v["common"] + 3 * v["specific"] == min(rows, cols)
-    u_c = torch.linalg.svd(d.sum(0), full_matrices=False)[0][:, :v["common"]]
+    u, sig, _ = torch.linalg.svd(d.sum(0), full_matrices=False)
+    u_c = u[:, :v["common"]]
+    # the directions it collects (each task's own, then the common ones), orthogonalized, ranked by
+    # the singular value each came with (M's spectrum is flat)
+    own = [torch.linalg.svd(x - u_c @ (u_c.T @ x), full_matrices=False) for x in d]
+    vecs = torch.cat([o[0][:, :v["specific"]] for o in own] + [u_c], dim=1)
+    sigmas = torch.cat([o[1][:v["specific"]] for o in own] + [sig[:v["common"]]])
+    basis = polar(vecs)[:, torch.argsort(sigmas, descending=True, stable=True)]
+    check_common(v, d, iso_cts_combine(d.clone(), fraction), [1.0] * 3, basis)
     assert v["common_share"] == pytest.approx([share(x, u_c) for x in d], abs=1e-5)
     for i, x in enumerate(d):
         residual = x.double() - u_c.double() @ (u_c.double().T @ x.double())

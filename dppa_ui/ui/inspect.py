@@ -211,10 +211,14 @@ def numbers_markdown(d: dict) -> str:
 def svd_note(d: dict) -> str:
     """What the singular-value view measures, stated with its numbers (TSV-M, Iso-C, Iso-CTS)."""
     k, r, n = d["k_merged"], d["rank"], len(d["models"])
+    order = {"tsv_m": "by the singular value it keeps", "iso_c": "by the task sum's singular values, before the "
+             "spectrum is flattened", "iso_cts": "by the singular value each was collected with, before the spectrum "
+             "is flattened"}[d["combine"]]
     lines = [f"**Share kept** of fine-tune i = ‖U_k U_kᵀ δᵢ‖²_F / ‖δᵢ‖²_F: the energy of its delta in the span of "
-             f"the top k left singular vectors of the merged delta M, k the fewest that hold 95 % of ‖M‖_F "
-             f"(‖M_k‖_F ≥ 0.95 ‖M‖_F; Marczak et al.'s rank rule, whose subspace alignment ratio is this share's "
-             f"square root). Here k = {k} of r = {r}; for task arithmetic's Σ wᵢδᵢ, k = {d['k_sum']} (grey bars)."]
+             f"the top k left singular vectors U_k of the merged delta M (ranked {order}), k the fewest that hold "
+             f"95 % of ‖M‖_F (‖M_k‖_F ≥ 0.95 ‖M‖_F; Marczak et al.'s rank rule, whose subspace alignment ratio is "
+             f"this share's square root). Here k = {k} of r = {r}; for task arithmetic's Σ wᵢδᵢ (grey bars), its own "
+             f"top k = {d['k_sum']}."]
     head, cells = ["fine-tune", f"kept by {d['method']}", "kept by task arithmetic"], []
     if d["combine"] == "tsv_m":
         lines.append(f"**TSV-M** keeps each task's top k = ⌊r / T⌋ = ⌊{r} / {n}⌋ = {d['k_task']} singular triplets "
