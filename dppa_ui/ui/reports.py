@@ -7,7 +7,7 @@ from ..workspace import params_text, short, size_text
 from .common import AppState, fmt, sig
 
 LEADERBOARD_HEADERS = ["run", "method", "models", "settings", "objective", "EM per domain", "lm-eval"]
-LEADERBOARD_WIDTHS = ["6%", "10%", "16%", "22%", "10%", "18%", "18%"]
+LEADERBOARD_WIDTHS = ["5%", "9%", "15%", "19%", "12%", "18%", "22%"]
 
 
 def summary_markdown(ws) -> str:
