@@ -481,16 +481,32 @@ def _svdvals(ws, name: str, j: int) -> torch.Tensor:
     return ws.access.memo(("svdvals", name, j), lambda: torch.linalg.svdvals(ws.access.delta(name, j).float()))
 
 
-def merged_basis(cfg: MergeConfig, inputs: torch.Tensor) -> torch.Tensor:
-    """The merged delta's left singular vectors (rows x r), ordered as the method ranks them:
-    TSV-M's and Iso-CTS's orthogonalized collected vectors by the singular value each was
-    collected with, Iso-C's the task sum's by its singular values. M's own SVD cannot order them
-    for Iso: its spectrum is flat, so among equal singular values LAPACK's order is arbitrary.
-    `inputs`: the (T, rows, cols) deltas the combine decomposes (TSV-M's weighted)."""
+def merged_svd(cfg: MergeConfig, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(U, s) of the merged delta M (before λ) from the method's own factors, without forming M:
+    its left singular vectors (rows x r) ranked as the method ranks them, and its singular values
+    in that order. TSV-M's M = U⊥ diag(σ) V⊥ᵀ with orthonormal U⊥, V⊥: its singular values are
+    the σ it keeps. Iso's M = σ̄ U⊥ V⊥ᵀ (Iso-C: U⊥ the task sum's U): every one is σ̄, the mean
+    of the σ collected, and its directions rank by those σ (M's own SVD cannot rank them: among
+    equal singular values LAPACK's order is arbitrary). `inputs`: the (T, rows, cols) deltas the
+    combine decomposes (TSV-M's weighted)."""
     if cfg.combine == "iso_c":
-        return torch.linalg.svd(task_sum(inputs), full_matrices=False)[0]
+        u, s, _ = torch.linalg.svd(task_sum(inputs), full_matrices=False)
+        return u, torch.full_like(s, float(s.mean()))
     u, s, _ = tsv_factors(inputs) if cfg.combine == "tsv_m" else iso_cts_factors(inputs, cfg.common_space_fraction)
-    return orthogonalize(u)[:, torch.argsort(s, descending=True, stable=True)]
+    order = torch.argsort(s, descending=True, stable=True)
+    u = orthogonalize(u)[:, order]
+    return (u, s[order]) if cfg.combine == "tsv_m" else (u, torch.full_like(s, float(s.mean())))
+
+
+def _memo_pair(ws, key: tuple, compute) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two tensors computed together, cached under one key (the access cache keeps tensors)."""
+    got: dict = {}
+
+    def part(i):
+        if not got:
+            got["pair"] = compute()
+        return got["pair"][i]
+    return ws.access.memo((*key, 0), lambda: part(0)), ws.access.memo((*key, 1), lambda: part(1))
 
 
 def svd_view(ws, cfg: MergeConfig, name: str) -> dict | None:
@@ -499,7 +515,7 @@ def svd_view(ws, cfg: MergeConfig, name: str) -> dict | None:
      "spectra" (per fine-tune: the singular values of the delta the combine decomposes, TSV-M's
      weighted by wᵢ), "merged" (those of the merged delta M, before λ), "task_sum" (those of
      Σ wᵢδᵢ, task arithmetic before λ), "k_merged" / "k_sum" (energy_rank of each), "kept" (per
-     fine-tune, energy_share of δᵢ in the span of the top k_merged columns of merged_basis),
+     fine-tune, energy_share of δᵢ in the span of M's top k_merged left singular vectors, merged_svd's),
      "kept_sum" (the same in the top k_sum left singular vectors of Σ wᵢδᵢ), and per method
        tsv_m   "k_task" ⌊r/T⌋, "own" (per fine-tune: the share of its weighted delta's energy in its top k_task)
        iso_c   "flat" (the mean singular value of Σ δᵢ, every singular value of M)
@@ -519,10 +535,14 @@ def svd_view(ws, cfg: MergeConfig, name: str) -> dict | None:
     w = torch.tensor(weights).view(-1, 1, 1)
     inputs = deltas * w if cfg.combine == "tsv_m" else deltas
     spectra = [_svdvals(ws, name, j) * (abs(x) if cfg.combine == "tsv_m" else 1.0) for j, x in zip(idx, weights)]
-    s_m = torch.linalg.svdvals(combine(view, deltas.clone(), inplace=True))
-    u_t, s_t, _ = torch.linalg.svd((deltas * w).sum(0), full_matrices=False)
+    tsv = tuple(weights) if cfg.combine == "tsv_m" else ()
+    fraction = float(view.common_space_fraction) if cfg.combine == "iso_cts" else None
+    u_m, s_m = _memo_pair(ws, ("merged-svd", name, cfg.combine, tuple(idx), tsv, fraction),
+                          lambda: merged_svd(view, inputs))
+    u_t, s_t = _memo_pair(ws, ("sum-svd", name, tuple(idx), tuple(weights)),
+                          lambda: torch.linalg.svd((deltas * w).sum(0), full_matrices=False)[:2])
     k_m, k_t = energy_rank(s_m), energy_rank(s_t)
-    u_m = merged_basis(view, inputs)[:, :k_m]
+    u_m = u_m[:, :k_m]
     r, n = min(shape), len(idx)
     out = {"kind": "svd", "method": cfg.method_name, "combine": cfg.combine, "name": name, "shape": shape, "rank": r,
            "models": [m.model for m in cfg.models], "index": idx, "spectra": spectra, "merged": s_m, "task_sum": s_t,
