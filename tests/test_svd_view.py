@@ -172,5 +172,14 @@ def test_the_view_follows_the_picker_and_never_keeps_a_previous_methods_figure()
         assert out["mask_numbers"] == "" and out["method_plot"]["visible"] is False
         assert "not drawn: model.norm.weight is not a matrix" in " ".join(
             a.text for a in out["mask_plot"]["value"].layout.annotations)
+        # an SVD that does not converge (Iso-CTS on some wide matrices) is the views' one line, not an error
+        with pytest.MonkeyPatch.context() as mp:
+            def fail(*a, **k):
+                raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
+            mp.setattr("dppa_ui.analysis.iso_cts_factors", fail)
+            out = masks("iso_cts", "model.layers.0.mlp.up_proj.weight")        # not drawn before: nothing cached
+        assert "not drawn: linalg.svd: The algorithm failed to converge" in " ".join(
+            a.text for a in out["mask_plot"]["value"].layout.annotations)
+        assert out["method_plot"]["visible"] is False and out["mask_numbers"] == ""
     finally:
         s.close()

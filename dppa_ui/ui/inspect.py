@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 
 import gradio as gr
+import torch
 
 from .. import analysis, figures
 from ..workspace import short
@@ -258,7 +259,7 @@ def masks(v: dict) -> dict:
         entrywise = cfg.family == "pipeline" and cfg.combine not in analysis.SVD_COMBINES
         d = analysis.mask_data(ws, shown, v["matrix"]) if entrywise else None
         merged = analysis.merged_delta(ws, shown, v["matrix"])
-    except _expected() as e:
+    except (*_expected(), torch.linalg.LinAlgError) as e:    # an SVD that does not converge (TSV-M, Iso)
         return {"mask_plot": gr.update(value=not_drawn(message(e)), visible=True), "mask_numbers": "",
                 "method_plot": hidden, "merged_plot": hidden}
     view = gr.update(value=figures.method_view(mv), visible=True) if mv else hidden
