@@ -95,7 +95,7 @@ def config_yaml(method: str, base: Path, finetunes: list[Path], layers: int = 0)
 # Measuring a process tree
 
 
-def _rss_anon_kb(pid: int) -> int:
+def rss_anon_kb(pid: int) -> int:
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
@@ -145,7 +145,7 @@ def measure(cmd: list[str], log_path: Path, interval: float = 0.02,
                 proc.returncode = os.waitstatus_to_exitcode(status)
                 cpu = usage.ru_utime + usage.ru_stime
                 break
-            peak = max(peak, sum(_rss_anon_kb(p) for p in _tree(proc.pid)))
+            peak = max(peak, sum(rss_anon_kb(p) for p in _tree(proc.pid)))
             if timeout and time.perf_counter() - t0 > timeout:
                 proc.kill()
                 proc.wait()

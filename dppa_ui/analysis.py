@@ -18,8 +18,10 @@ import torch.nn.functional as F
 from . import params as P
 from .config import MergeConfig
 from .methods import band_edges, breadcrumbs_counts, della_curve, keep_count, tensor_generator
+from .methods.iso import iso_cts_factors, iso_cts_split, task_sum
 from .methods.pcb import balancing
 from .methods.sce import sce_select_mask
+from .methods.tsv_m import orthogonalize, tsv_factors, tsv_rank
 from .pipeline import Step, combine, contributions, plan_steps, prune_amplify
 from .stats import HIST_SAMPLE, sample_flat
 from .interpolations.slerp import slerp_dot
@@ -365,8 +367,11 @@ def method_view(ws, cfg: MergeConfig, name: str) -> dict | None:
     """What the method does beyond masks, for the tensor on screen (None: nothing more to show):
       della          {"kind": "della", "cols", "rescale", "curves": [(model, index, [keep probability by rank])]}
       interpolations {"kind": "interpolation", "module", "blocks", "angles": [(model, index, [degrees per
-                     block])], "t": [value per block] | None (slerp / nearswap's t over the layers)}"""
+                     block])], "t": [value per block] | None (slerp / nearswap's t over the layers)}
+      tsv_m, iso_c, iso_cts  svd_view's dict"""
     cfg = fine_tunes(cfg)
+    if cfg.combine in SVD_COMBINES:
+        return svd_view(ws, cfg, name)
     if cfg.prune == "della":
         idx, stp, _ = steps(ws, cfg, name)
         shape = ws.access.shape(name)
@@ -431,3 +436,115 @@ def merged_delta(ws, cfg: MergeConfig, name: str) -> dict | None:
             "before": counts[0], "after": counts[1],
             "nonzero": (float((before != 0).float().mean()), float((after != 0).float().mean())),
             "norm_ratio": float(after.norm()) / norm if norm > 0 else None, "lambda": float(view.get("lambda"))}
+
+
+# ------------------------------------------------------------------------------------ singular values
+
+SVD_COMBINES = ("tsv_m", "iso_c", "iso_cts")
+RANK_SHARE = 0.95       # the merged subspace: the fewest directions holding 95 % of ‖M‖_F
+
+
+def energy_rank(s: torch.Tensor, share: float = RANK_SHARE) -> int:
+    """The fewest leading singular values (of s, descending) whose rank-k approximation holds
+    `share` of the matrix's Frobenius norm: the smallest k with Σ_{j≤k} s_j² ≥ share² Σ s_j² (the
+    rank rule of Marczak et al., arXiv 2502.04959, Eq. 6); 0 for a zero matrix."""
+    e = s.double().pow(2).cumsum(0)
+    if len(e) == 0 or float(e[-1]) == 0.0:
+        return 0
+    return min(int((e < share ** 2 * e[-1]).sum()) + 1, len(e))
+
+
+def energy_share(delta: torch.Tensor, u: torch.Tensor) -> float:
+    """‖U Uᵀ δ‖²_F / ‖δ‖²_F for orthonormal columns U: the share of δ's energy in their span
+    (= ‖Uᵀ δ‖²_F / ‖δ‖²_F); 0 for a zero δ."""
+    total = float(delta.double().pow(2).sum())
+    return float((u.T.double() @ delta.double()).pow(2).sum()) / total if total > 0 else 0.0
+
+
+def _svdvals(ws, name: str, j: int) -> torch.Tensor:
+    """Singular values of fine-tune j's delta of `name` (cached: they depend on the weights only)."""
+    return ws.access.memo(("svdvals", name, j), lambda: torch.linalg.svdvals(ws.access.delta(name, j).float()))
+
+
+def merged_svd(cfg: MergeConfig, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(U, s) of the merged delta M (before λ) from the method's own factors, without forming M:
+    its left singular vectors (rows x r) ranked as the method ranks them, and its singular values
+    in that order. TSV-M's M = U⊥ diag(σ) V⊥ᵀ with orthonormal U⊥, V⊥: its singular values are
+    the σ it keeps. Iso's M = σ̄ U⊥ V⊥ᵀ (Iso-C: U⊥ the task sum's U): every one is σ̄, the mean
+    of the σ collected, and its directions rank by those σ (M's own SVD cannot rank them: among
+    equal singular values LAPACK's order is arbitrary). `inputs`: the (T, rows, cols) deltas the
+    combine decomposes (TSV-M's weighted)."""
+    if cfg.combine == "iso_c":
+        u, s, _ = torch.linalg.svd(task_sum(inputs), full_matrices=False)
+        return u, torch.full_like(s, float(s.mean()))
+    u, s, _ = tsv_factors(inputs) if cfg.combine == "tsv_m" else iso_cts_factors(inputs, cfg.get("common_space_fraction"))
+    order = torch.argsort(s, descending=True, stable=True)
+    u = orthogonalize(u)[:, order]
+    return (u, s[order]) if cfg.combine == "tsv_m" else (u, torch.full_like(s, float(s.mean())))
+
+
+def _memo_pair(ws, key: tuple, compute) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two tensors computed together, cached under one key (the access cache keeps tensors)."""
+    got: dict = {}
+
+    def part(i):
+        if not got:
+            got["pair"] = compute()
+        return got["pair"][i]
+    return ws.access.memo((*key, 0), lambda: part(0)), ws.access.memo((*key, 1), lambda: part(1))
+
+
+def svd_view(ws, cfg: MergeConfig, name: str) -> dict | None:
+    """What TSV-M, Iso-C and Iso-CTS do to the matrix `name` (None for other methods):
+    {"kind": "svd", "method", "name", "shape", "rank" r = min(rows, cols), "models", "index",
+     "spectra" (per fine-tune: the singular values of the delta the combine decomposes, TSV-M's
+     weighted by wᵢ), "merged" (those of the merged delta M, before λ), "task_sum" (those of
+     Σ wᵢδᵢ, task arithmetic before λ), "k_merged" / "k_sum" (energy_rank of each), "kept" (per
+     fine-tune, energy_share of δᵢ in the span of M's top k_merged left singular vectors, merged_svd's),
+     "kept_sum" (the same in the top k_sum left singular vectors of Σ wᵢδᵢ), and per method
+       tsv_m   "k_task" ⌊r/T⌋, "own" (per fine-tune: the share of its weighted delta's energy in its top k_task)
+       iso_c   "flat" (the mean singular value of Σ δᵢ, every singular value of M)
+       iso_cts "common" c, "specific" s, "common_share" (energy_share of δᵢ in the top c left singular
+               vectors of Σ δᵢ), "specific_share" (the energy of the top s singular values of
+               (I - U_c U_cᵀ) δᵢ over ‖δᵢ‖²)}."""
+    if cfg.combine not in SVD_COMBINES:
+        return None
+    cfg = fine_tunes(cfg)
+    shape = list(ws.access.shape(name))
+    if len(shape) != 2:
+        raise ValueError(f"{name} is not a matrix: {cfg.method_name} averages it, it has no singular values")
+    view = cfg.for_tensor(name)
+    idx = ws.align(cfg)
+    deltas = pruned_deltas(ws, cfg, name).float()
+    weights = [float(m.get("weight")) for m in view.models]
+    w = torch.tensor(weights).view(-1, 1, 1)
+    inputs = deltas * w if cfg.combine == "tsv_m" else deltas
+    spectra = [_svdvals(ws, name, j) * (abs(x) if cfg.combine == "tsv_m" else 1.0) for j, x in zip(idx, weights)]
+    tsv = tuple(weights) if cfg.combine == "tsv_m" else ()
+    fraction = float(view.get("common_space_fraction")) if cfg.combine == "iso_cts" else None
+    u_m, s_m = _memo_pair(ws, ("merged-svd", name, cfg.combine, tuple(idx), tsv, fraction),
+                          lambda: merged_svd(view, inputs))
+    u_t, s_t = _memo_pair(ws, ("sum-svd", name, tuple(idx), tuple(weights)),
+                          lambda: torch.linalg.svd((deltas * w).sum(0), full_matrices=False)[:2])
+    k_m, k_t = energy_rank(s_m), energy_rank(s_t)
+    u_m = u_m[:, :k_m]
+    r, n = min(shape), len(idx)
+    out = {"kind": "svd", "method": cfg.method_name, "combine": cfg.combine, "name": name, "shape": shape, "rank": r,
+           "models": [m.model for m in cfg.models], "index": idx, "spectra": spectra, "merged": s_m, "task_sum": s_t,
+           "k_merged": k_m, "k_sum": k_t, "lambda": float(view.get("lambda")),
+           "kept": [energy_share(d, u_m) for d in deltas], "kept_sum": [energy_share(d, u_t[:, :k_t]) for d in deltas]}
+    if cfg.combine == "tsv_m":
+        k = tsv_rank(*shape, n)
+        out["k_task"] = k
+        out["own"] = [float(s[:k].double().pow(2).sum() / s.double().pow(2).sum()) if float(s.abs().sum()) > 0
+                      else 0.0 for s in spectra]
+    elif cfg.combine == "iso_c":
+        out["flat"] = float(torch.linalg.svdvals(task_sum(deltas)).mean())
+    else:
+        c, s = iso_cts_split(*shape, n, float(view.get("common_space_fraction")))
+        u_c = torch.linalg.svd(task_sum(deltas), full_matrices=False)[0][:, :c]
+        out.update(common=c, specific=s, common_share=[energy_share(d, u_c) for d in deltas])
+        own = [torch.linalg.svdvals(d - u_c @ (u_c.T @ d)) for d in deltas]
+        out["specific_share"] = [float(o[:s].double().pow(2).sum() / d.double().pow(2).sum())
+                                 if float(d.abs().sum()) > 0 else 0.0 for o, d in zip(own, deltas)]
+    return out

@@ -1,6 +1,9 @@
 """`python -m dppa_ui merge|search|zoo|score`: the headless entry points.
 
-Every failure exits non-zero with a one-line reason (no traceback unless DPPA_UI_DEBUG=1).
+Every failure exits non-zero with a one-line reason (no traceback unless DPPA_UI_DEBUG=1). Ctrl-C
+and SIGTERM (docker stop, systemd, a job scheduler) stop a merge at once: its temp folder is
+removed and the exit line says so (exit 130 and 143). A run killed outright (-9, the OOM killer)
+leaves its temp folder; the next merge or search beside the same output removes it and says so.
 """
 from __future__ import annotations
 
@@ -12,8 +15,9 @@ import sys
 
 from . import io, search, zoo_cli
 from .config import load_config
+from .lifecycle import Stopped, sigterm_as_interrupt
 from .refs import resolve_model
-from .runner import merge
+from .runner import merge, sweep_beside
 
 
 def _size(text: str) -> int:
@@ -59,6 +63,8 @@ def _search(args) -> int:
         spec.budget = args.budget or spec.budget
         spec.seed = spec.seed if args.seed is None else args.seed
     log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr))
+    if args.out:
+        sweep_beside(args.out, log=lambda s: print(s, file=sys.stderr))
     with contextlib.ExitStack() as stack:   # a non-empty --out is refused before any work
         tmp = stack.enter_context(io.atomic_output_dir(args.out, overwrite=args.overwrite)) if args.out else None
         base_dir = resolve_model(cfg.base_model)
@@ -137,10 +143,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        print("error: interrupted; nothing was written", file=sys.stderr)
-        return 130
+        with sigterm_as_interrupt():
+            return int(args.func(args) or 0)
+    except KeyboardInterrupt as e:
+        how, code = ("stopped by SIGTERM", 143) if isinstance(e, Stopped) else ("interrupted (Ctrl-C)", 130)
+        print(f"error: {how}; the run stopped where it was and its temp files were removed: nothing was "
+              "written", file=sys.stderr)
+        return code
     except Exception as e:  # one line for users; DPPA_UI_DEBUG=1 for the traceback
         if os.environ.get("DPPA_UI_DEBUG"):
             raise

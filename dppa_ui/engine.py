@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from . import io
+from . import io, lifecycle
 from .config import MergeConfig, load_config
 from .methods.pcb import stat_passes
 from .pipeline import (Scratch, dominant_float_dtype, dp_maps_from_stats, kept_fraction, merge_tensor, output_dtype,
@@ -66,6 +66,19 @@ def tune_allocator() -> None:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-3, 32 * 1024 * 1024)     # M_MMAP_THRESHOLD: its 64-bit maximum
         libc.mallopt(-1, 1 << 30)              # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+def release_memory() -> None:
+    """Hand the free memory of every heap arena back to the OS (glibc's malloc_trim). In a process
+    that lives on (the app), what views, a statistics pass or the last merge freed stays in the
+    arenas (tune_allocator keeps freed buffers on purpose, for the next tensor) and a merge's working
+    set would come on top of it: a merge trims when it starts and when it ends, the statistics pass
+    when it ends."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
 
@@ -262,16 +275,19 @@ def _write_weights(cfg: MergeConfig, inputs: Inputs, tmp: Path, dev: torch.devic
         if cfg.prune != "dp":
             stats = None
         elif passes:
-            stats = collect_stats(float_names, lambda n: _to(inputs.load(n), dev),
+            stats = collect_stats(float_names, lambda n: (lifecycle.check_stop(), _to(inputs.load(n), dev))[1],
                                   [m.model for m in cfg.models], cfg.get("dp_outlier_m"), progress=tick)
         if cfg.prune == "dp":
             dp_maps = dp_maps_from_stats(cfg, stats)
             save_stats(stats, tmp / STATS_FILE)
         pcb_stats, tied = None, {}
+        def stopped() -> bool:          # SIGTERM raises here, like Ctrl-C; the app's cancel returns True
+            lifecycle.check_stop()
+            return bool(cancel and cancel())
         if cfg.family == "pipeline" and cfg.combine == "pcb" and cfg.get("pcb_scope") == "model":
             floats = set(float_names)
             pcb_stats, tied = pcb_model_stats([(j.name, j.cfg) for j in inputs.plan.jobs if j.name in floats],
-                                              inputs.load, dp_maps, dev, tick, cancel)
+                                              inputs.load, dp_maps, dev, tick, stopped)
         specs = [(n, inputs.shapes[n], out_dtype if inputs.dtype(n).is_floating_point
                   else inputs.dtype(n)) for n in names]
         jobs = inputs.plan.jobs
@@ -282,6 +298,7 @@ def _write_weights(cfg: MergeConfig, inputs: Inputs, tmp: Path, dev: torch.devic
             pending_write = None
             for k, job in enumerate(jobs):
                 name = job.name
+                lifecycle.check_stop()
                 if cancel and cancel():
                     raise InterruptedError("merge cancelled")
                 base, fts = pending_read.result()

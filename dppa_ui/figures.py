@@ -289,18 +289,20 @@ def masks(d: dict, method: str, combine: str) -> go.Figure:
 
 # ------------------------------------------------------------------------------------ scores
 
-def scores(rows: list[dict], metric: str = "smooth") -> go.Figure:
-    """Grouped bars per domain, one bar per model in its colour. rows: [{"label", "color",
-    "scores": {domain: {...}}, "objective": x | None}]. Only the merged model's bars carry numbers
-    (hover shows every bar's), so labels never overlap."""
+def scores(rows: list[dict], metric: str = "smooth", *, axis: str = "domain", title: str | None = None,
+           y_title: str | None = None) -> go.Figure:
+    """Grouped bars per domain (or lm-eval task: `axis`), one bar per model in its colour. rows:
+    [{"label", "color", "scores": {domain: {...}}, "objective": x | None}]. Only the merged model's
+    bars carry numbers (hover shows every bar's), so labels never overlap."""
     domains = []
     for r in rows:
         for d in r["scores"]:
             if d not in domains:
                 domains.append(d)
-    bars = []
+    bars, values = [], []
     for r in rows:
         y = [r["scores"].get(d, {}).get(metric) for d in domains]
+        values += [v for v in y if v is not None]
         obj = r.get("objective")
         name = r["label"] + (f" (objective {obj:.3f})" if isinstance(obj, (int, float)) else "")
         merged = r.get("merged", False)
@@ -308,13 +310,13 @@ def scores(rows: list[dict], metric: str = "smooth") -> go.Figure:
                            text=[("" if v is None else f"{v:.2f}") for v in y] if merged else None,
                            textposition="outside", cliponaxis=False,
                            hovertemplate=f"{r['label']}, %{{x}}: %{{y:.3f}}<extra></extra>"))
-    yaxis = {"title": dict(text=metric)}
-    if metric in ("em", "smooth"):
+    yaxis = {"title": dict(text=y_title or metric)}
+    if metric in ("em", "smooth") or (values and all(0 <= v <= 1 for v in values)):
         yaxis["range"] = [0, 1.15]
     legend, bottom = legend_below([b.name for b in bars])
-    return figure(bars, title=dict(text=f"{metric} per domain<br><sup>merged model's value on its bar; hover for "
-                                        f"the others</sup>"), barmode="group",
-                  xaxis=dict(title=dict(text="domain", standoff=6)), yaxis=yaxis, legend=legend, height=340 + bottom,
+    return figure(bars, title=dict(text=f"{title or f'{metric} per {axis}'}<br><sup>merged model's value on its bar; "
+                                        f"hover for the others</sup>"), barmode="group",
+                  xaxis=dict(title=dict(text=axis, standoff=6)), yaxis=yaxis, legend=legend, height=340 + bottom,
                   margin=dict(t=70, l=60, r=10, b=bottom))
 
 
@@ -386,12 +388,63 @@ def _pcb_scores(d: dict) -> go.Figure:
                   height=300 + bottom, margin=dict(t=70, l=60, r=10, b=bottom))
 
 
+def _positive(s: torch.Tensor) -> list:
+    """Singular values for a log axis: those below 1e-5 of the largest (float32 rounding of a 0)
+    left out."""
+    top = float(s.max()) if s.numel() else 0.0
+    return [float(x) if x > 1e-5 * top else None for x in s.tolist()]
+
+
+def _svd_spectra(d: dict) -> go.Figure:
+    """analysis.svd_view: each fine-tune's singular values beside the merged delta's and task
+    arithmetic's (left, log scale), and the share of each fine-tune's delta energy in the merged
+    delta's top-k subspace beside the share in task arithmetic's (right)."""
+    x = list(range(1, d["rank"] + 1))
+    what = "wᵢδᵢ" if d["combine"] == "tsv_m" else "δᵢ"
+    traces = [go.Scatter(x=x, y=_positive(s), mode="lines", name=f"{short(ref)}: σ of its {what}",
+                         line=dict(color=color(j)), legendgroup=short(ref))
+              for ref, j, s in zip(d["models"], d["index"], d["spectra"])]
+    traces += [go.Scatter(x=x, y=_positive(d["task_sum"]), mode="lines", name="task arithmetic Σ wᵢδᵢ",
+                          line=dict(color=BASE_COLOR, dash="dash")),
+               go.Scatter(x=x, y=_positive(d["merged"]), mode="lines", name=f"{d['method']}: merged M (before λ)",
+                          line=dict(color=MERGED_COLOR, width=2.5))]
+    vals = [v for t in traces for v in t.y if v is not None]
+    lo, hi = (min(vals), max(vals)) if vals else (1e-6, 1.0)
+    marks = [(d["k_merged"], f"merged subspace: M's top {d['k_merged']} (95 % of ‖M‖)", MERGED_COLOR, "dot")]
+    if d["combine"] == "tsv_m":
+        marks.append((d["k_task"], f"TSV-M: each task's top {d['k_task']} = ⌊{d['rank']}/{len(d['models'])}⌋",
+                      "#6b7280", "dash"))
+    if d["combine"] == "iso_cts":
+        marks.append((d["common"], f"Iso-CTS: common {d['common']} + {d['specific']} per task", "#6b7280", "dash"))
+    traces += [go.Scatter(x=[k, k], y=[lo, hi], mode="lines", name=label, line=dict(color=c, dash=dash, width=1.5),
+                          hovertemplate=f"{label}<extra></extra>") for k, label, c, dash in marks if k]
+    names = [short(r) for r in d["models"]]
+    traces += [go.Bar(x=names, y=[100 * v for v in d["kept"]], name=f"share of δᵢ in M's top {d['k_merged']}",
+                      marker=dict(color=[color(j) for j in d["index"]]), xaxis="x2", yaxis="y2",
+                      text=[fmt(100 * v) for v in d["kept"]], textposition="outside", cliponaxis=False,
+                      hovertemplate="%{x}: %{y:.1f}% in the merged subspace<extra></extra>"),
+               go.Bar(x=names, y=[100 * v for v in d["kept_sum"]], marker=dict(color=BASE_COLOR), xaxis="x2",
+                      yaxis="y2", name=f"share of δᵢ in task arithmetic's top {d['k_sum']}",
+                      hovertemplate="%{x}: %{y:.1f}% in task arithmetic's subspace<extra></extra>")]
+    legend, bottom = legend_below([t.name for t in traces if t.showlegend is not False])
+    return figure(traces, title=dict(text=f"{d['method']}: singular values in {d['name']} {d['shape']}<br><sup>left: "
+                                          f"each spectrum (log scale); right: how much of each fine-tune's delta the "
+                                          f"merged subspace holds (defined above)</sup>"),
+                  xaxis=dict(title=dict(text="singular value index", standoff=6), domain=[0, 0.6]),
+                  yaxis=dict(title=dict(text="singular value"), type="log"),
+                  xaxis2=dict(domain=[0.7, 1], anchor="y2"),
+                  yaxis2=dict(title=dict(text="% of ‖δᵢ‖²"), anchor="x2", range=[0, 115]),
+                  barmode="group", legend=legend, height=340 + bottom, margin=dict(t=70, l=60, r=10, b=bottom))
+
+
 def method_view(d: dict) -> go.Figure:
     """analysis.method_view: PCB's balancing scores with each fine-tune's cut, DELLA's keep
-    probability by |δ| rank, or an interpolation's angle between the base and each model per
-    layer (with slerp's t over the layers)."""
+    probability by |δ| rank, an interpolation's angle between the base and each model per layer
+    (with slerp's t over the layers), or TSV-M's / Iso's singular values and kept shares."""
     if d["kind"] == "pcb":
         return _pcb_scores(d)
+    if d["kind"] == "svd":
+        return _svd_spectra(d)
     if d["kind"] == "della":
         lines = []
         for ref, j, curve in d["curves"]:

@@ -13,7 +13,7 @@ from typing import Callable, Iterator, Sequence
 import spaces
 import torch
 
-from . import apl, io, runner, smile
+from . import apl, harness, io, runner, smile
 from .chat import chat_stream
 from .config import load_config, load_stages
 from .evaluation import score_model
@@ -129,6 +129,19 @@ def score(model_dir: str | Path, items: Sequence[dict], **load_kwargs) -> dict:
     """evaluation.score_model of the model in `model_dir` (loaded once into the shared pool)."""
     model, tok = POOL.get(model_dir, **load_kwargs)
     return score_model(model, tok, list(items))
+
+
+@spaces.GPU(duration=lambda model_dir, task, *a, **kw: duration("score", [model_dir], extra=60))
+def lm_eval_task(model_dir: str | Path, task: str, include_path: str | Path | None, limit: int | None,
+                 num_fewshot: int | None, **load_kwargs) -> dict:
+    """One lm-eval task (a leaf: no group or tag) on the model in `model_dir` (loaded once into the
+    shared pool), as `score --lm-eval` evaluates it: {"metrics": {metric: value}, "metric": the
+    task's first metric, "documents": how many it scored}."""
+    model, tok = POOL.get(model_dir, **load_kwargs)
+    tasks = harness.loaded_task(task, include_path, num_fewshot)
+    results = harness.score(harness.wrap(model, tok), tasks, limit=limit, num_fewshot=num_fewshot)
+    return {"metrics": harness.metrics(results)[task], "metric": harness.first_metric(tasks.leaves[task]),
+            "documents": int(results.get("n-samples", {}).get(task, {}).get("effective", 0))}
 
 
 @spaces.GPU(duration=lambda model_dir, *a, **kw: duration("chat", [model_dir], extra=30))

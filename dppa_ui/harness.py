@@ -1,9 +1,11 @@
 """lm-evaluation-harness (lm-eval) tasks on the model objects this project builds.
 
   check_limit(n, what)            a document limit must be a whole number >= 1
+  index(include_path, full)       lm-eval's task index: the folder's alone, or lm-eval's whole index
   load_tasks(names, include_path) lm-eval's task objects, their data loaded: an unknown name or data
                                   that cannot be loaded (offline) is a one-line ValueError naming
                                   the task, before any model is built
+  loaded_task(name, ...)          load_tasks of one name, kept per few-shot count (the app's scores)
   wrap(model, tokenizer, batch)   lm-eval's HFLM around a model already built (accelerate-placed,
                                   offloaded, SMILE): nothing is loaded twice
   run(lm, tasks, ...)             lm-eval's simple_evaluate: its results dict, as its CLI writes it
@@ -24,6 +26,7 @@ import json
 import logging
 import os
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -114,25 +117,35 @@ def _manager(include_path: str | None, defaults: bool):
         return _MANAGERS[key]
 
 
-def _resolve(manager, name: str) -> list[str]:
+def resolve(manager, name: str) -> list[str]:
+    """The names `manager` knows that `name` stands for: itself, or what its `*` glob matches."""
     if any(c in name for c in "*?["):
         return [n for n in manager.all_tasks if fnmatch.fnmatchcase(n, name)]
     return [name] if name in manager.all_tasks else []
 
 
+def _folder(include_path: str | os.PathLike) -> str:
+    inc = Path(include_path)
+    if not inc.is_dir():
+        raise ValueError(f"--include-path {include_path}: no such folder (it should hold lm-eval task YAML files)")
+    return str(inc.resolve())
+
+
+def index(include_path: str | os.PathLike | None = None, full: bool = True):
+    """lm-eval's TaskManager: the include folder's tasks alone (`full=False`, milliseconds), or
+    lm-eval's whole index plus the folder (seconds, once per process)."""
+    inc = None if include_path is None else _folder(include_path)
+    return _manager(inc, defaults=full or inc is None)
+
+
 def task_manager(names: Sequence[str], include_path: str | os.PathLike | None = None):
     """lm-eval's TaskManager that knows every name: the include folder's alone when it holds
     them all (milliseconds), else lm-eval's full index plus the folder (seconds, once per process)."""
-    inc = None
     if include_path is not None:
-        inc = Path(include_path)
-        if not inc.is_dir():
-            raise ValueError(f"--include-path {include_path}: no such folder (it should hold lm-eval task YAML files)")
-        inc = str(inc.resolve())
-        local = _manager(inc, defaults=False)
-        if all(_resolve(local, n) for n in names):
+        local = index(include_path, full=False)
+        if all(resolve(local, n) for n in names):
             return local
-    return _manager(inc, defaults=True)
+    return index(include_path, full=True)
 
 
 @dataclass
@@ -169,7 +182,7 @@ def load_tasks(names: str | Sequence[str], include_path: str | os.PathLike | Non
     manager = task_manager(names, include_path)
     expanded: list[str] = []
     for n in names:
-        found = _resolve(manager, n)
+        found = resolve(manager, n)
         if not found:
             close = difflib.get_close_matches(n, manager.all_tasks, n=3, cutoff=0.75)
             where = "lm-eval's task index" + (" or --include-path" if include_path else "")
@@ -193,6 +206,33 @@ def load_tasks(names: str | Sequence[str], include_path: str | os.PathLike | Non
             group_map.update(part.get("group_map", {}))
     return Tasks(names=expanded, loaded={"tasks": tasks, "groups": groups, "group_map": group_map},
                  manager=manager, members=members)
+
+
+_LOADED: "OrderedDict[tuple, Tasks]" = OrderedDict()
+_LOADED_LOCK = threading.Lock()       # not _LOCK: that one is held while the full index builds
+
+
+def loaded_task(name: str, include_path: str | os.PathLike | None, num_fewshot: int | None) -> Tasks:
+    """load_tasks of one name, kept (the last 32) per (name, include path, few-shot count), so
+    scoring several models on it loads its data once. One set of objects per count: lm-eval sets
+    the count on the task object and keeps a 0 once set (its rule for tasks that fix 0)."""
+    key = (name, str(include_path or ""), num_fewshot)
+    with _LOADED_LOCK:
+        if key in _LOADED:
+            _LOADED.move_to_end(key)
+            return _LOADED[key]
+    tasks = load_tasks(name, include_path)
+    with _LOADED_LOCK:
+        _LOADED[key] = tasks
+        while len(_LOADED) > 32:
+            _LOADED.popitem(last=False)
+    return tasks
+
+
+def first_metric(task) -> str:
+    """The metric a task lists first (acc for multiple choice, exact_match for the demo's
+    generate tasks): the one a bar chart shows."""
+    return next(iter(task.aggregation()))
 
 
 def check_metric(tasks: Tasks, metric: str, what: str = "metric") -> None:

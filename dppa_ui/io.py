@@ -13,18 +13,19 @@ The engine touches one tensor at a time, so nothing here holds a whole model:
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
 import shutil
 import struct
-import tempfile
 import threading
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping, Sequence
 
 import torch
 
+from . import lifecycle
 from .version import __version__
 
 # --------------------------------------------------------------------------------------- caches
@@ -93,16 +94,39 @@ def _natural_key(name: str) -> list:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
+class DamagedCheckpoint(ValueError):
+    """A weights or index file of an input that cannot be read (truncated, corrupted): the message
+    names the model ref and the file."""
+
+    def __init__(self, file: str | os.PathLike, detail: str, ref: str | None = None):
+        self.file, self.detail, self.ref = Path(file), detail, ref
+        super().__init__(self.describe())
+
+    def describe(self, full_path: bool = True) -> str:
+        """The message; `full_path=False` names the file only by its folder's ref and its own name
+        (the app shows no server paths)."""
+        who = f"model {self.ref}: " if self.ref else ""
+        where = str(self.file) if full_path or not self.ref else self.file.name
+        return (f"{who}{where} is damaged or incomplete ({self.detail}); an interrupted download or copy "
+                "leaves such a file: download or copy the model again")
+
+
+def _detail(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
 class CheckpointReader:
     """Lazy, tensor-by-tensor access to a checkpoint folder (safetensors; pickles only if allowed).
 
     Shapes and dtypes come from the file headers; `get(name)` reads one tensor (CPU, stored dtype).
     `names` follows the checkpoint: shard files in order, names within a shard in natural order
-    (layer 2 before layer 10).
+    (layer 2 before layer 10). `ref`: the model ref the folder was resolved from, named in the
+    errors about its files.
     """
 
-    def __init__(self, path: str | os.PathLike, *, allow_pickle: bool = False):
+    def __init__(self, path: str | os.PathLike, *, allow_pickle: bool = False, ref: str | None = None):
         self.path = Path(path)
+        self.ref = str(ref) if ref is not None and str(ref) != str(path) else None
         if not self.path.is_dir():
             raise FileNotFoundError(f"checkpoint folder {str(self.path)!r} does not exist")
         self._handles: dict[Path, object] = {}       # file -> safe_open handle or state dict
@@ -123,7 +147,10 @@ class CheckpointReader:
     def _safetensors_files(self) -> list[Path]:
         index = self.path / "model.safetensors.index.json"
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError, TypeError) as e:
+                raise DamagedCheckpoint(index, f"not a safetensors index: {_detail(e)}", self.ref) from None
             files = sorted({self.path / f for f in weight_map.values()})
             missing = [f.name for f in files if not f.is_file()]
             if missing:
@@ -152,30 +179,37 @@ class CheckpointReader:
         return bins
 
     def _index_file(self, f: Path) -> None:
+        try:
+            items = self._read_header(f)
+        except Exception as e:       # safetensors' SafetensorError, OSError, pickle errors: a damaged file
+            raise DamagedCheckpoint(f, _detail(e), self.ref) from None
+        for k, shape, dtype in sorted(items, key=lambda t: _natural_key(t[0])):
+            if isinstance(dtype, str):
+                raise ValueError(f"{f.name}: tensor {k!r} has dtype {dtype}, which torch cannot hold")
+            if k in self._where:
+                raise ValueError(f"tensor {k!r} appears in both {self._where[k].name} and {f.name} "
+                                 f"in {self.path}; remove the stray file")
+            self._where[k], self._shape[k], self._dtype[k] = f, shape, dtype
+            self.names.append(k)
+
+    def _read_header(self, f: Path) -> list[tuple[str, tuple[int, ...], torch.dtype | str]]:
+        """(name, shape, dtype) of every tensor of one file (a safetensors dtype torch lacks: its name)."""
         if f.suffix == ".bin":
             try:
                 sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
             except RuntimeError:  # legacy (non-zip) format cannot be memory-mapped
                 sd = torch.load(f, map_location="cpu", weights_only=True)
             self._handles[f] = sd
-            items = [(k, tuple(v.shape), v.dtype) for k, v in sd.items() if isinstance(v, torch.Tensor)]
-        else:
-            from safetensors import safe_open
-            h = safe_open(str(f), framework="pt", device="cpu")
-            self._handles[f] = h
-            items = []
-            for k in h.keys():
-                s = h.get_slice(k)
-                st = s.get_dtype()
-                if st not in _ST_TO_TORCH:
-                    raise ValueError(f"{f.name}: tensor {k!r} has dtype {st}, which torch cannot hold")
-                items.append((k, tuple(s.get_shape()), _ST_TO_TORCH[st]))
-        for k, shape, dtype in sorted(items, key=lambda t: _natural_key(t[0])):
-            if k in self._where:
-                raise ValueError(f"tensor {k!r} appears in both {self._where[k].name} and {f.name} "
-                                 f"in {self.path}; remove the stray file")
-            self._where[k], self._shape[k], self._dtype[k] = f, shape, dtype
-            self.names.append(k)
+            return [(k, tuple(v.shape), v.dtype) for k, v in sd.items() if isinstance(v, torch.Tensor)]
+        from safetensors import safe_open
+        h = safe_open(str(f), framework="pt", device="cpu")
+        self._handles[f] = h
+        items = []
+        for k in h.keys():
+            s = h.get_slice(k)
+            st = s.get_dtype()
+            items.append((k, tuple(s.get_shape()), _ST_TO_TORCH.get(st, st)))
+        return items
 
     # -- access
 
@@ -658,7 +692,10 @@ def atomic_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterat
     """Yield a fresh temp dir beside `out`; rename it to `out` only if the block completes.
 
     Refuses (at entry, before any work) an existing non-empty `out` unless `overwrite`. On an
-    exception or Ctrl-C the temp dir is removed and the error re-raised; `out` is untouched.
+    exception, Ctrl-C or SIGTERM the temp dir is removed and the error re-raised; `out` is
+    untouched. The temp dir records this process as its owner (lifecycle.make_dir), so when the
+    process is killed outright the next run beside `out` removes it; `out` gets the mode `mkdir`
+    gives under the user's umask.
     """
     out = Path(out).expanduser().absolute()
     if out.exists() and not out.is_dir():
@@ -666,31 +703,36 @@ def atomic_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterat
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"output folder {str(out)!r} exists and is not empty; pass "
                               "--overwrite to replace it, or choose another folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    try:
-        if out.is_dir() and not any(out.iterdir()):
-            out.rmdir()
-        if out.exists():
-            # Keep the old output until the new one is in place, then delete it.
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / out.name)
-            try:
+    with lifecycle.busy():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = lifecycle.make_dir(out.parent, f".{out.name}.tmp-")
+        try:
+            yield tmp
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        try:
+            if out.is_dir() and not any(out.iterdir()):
+                out.rmdir()
+            if out.exists():
+                # Keep the old output until the new one is in place, then delete it. The holder has no
+                # owner while it holds the only copy of the old output, so no sweep can take it.
+                old = lifecycle.make_dir(out.parent, f".{out.name}.old-")
+                lifecycle.release(old)
+                os.replace(out, old / out.name)
+                try:
+                    os.replace(tmp, out)
+                except BaseException:
+                    os.replace(old / out.name, out)
+                    raise
+                lifecycle.claim(old)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
                 os.replace(tmp, out)
-            except BaseException:
-                os.replace(old / out.name, out)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        lifecycle.release(out)
 
 
 class NotEnoughDiskSpace(OSError):
@@ -699,6 +741,24 @@ class NotEnoughDiskSpace(OSError):
 
 def _gb(n: int) -> str:
     return f"{n / 1e9:.2f} GB"
+
+
+@contextlib.contextmanager
+def naming_full_disk(folder: str | os.PathLike, needed_bytes: int) -> Iterator[None]:
+    """Turn a full disk (ENOSPC, or a quota: EDQUOT) inside the block into `NotEnoughDiskSpace`
+    naming `folder` and the space the output needs (the bare OSError names neither)."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT) or isinstance(e, NotEnoughDiskSpace):
+            raise
+        try:
+            free = f", {_gb(shutil.disk_usage(folder).free)} is free now"
+        except OSError:
+            free = ""
+        raise NotEnoughDiskSpace(f"the disk filled up while writing the output in {str(folder)!r}: it needs "
+                                 f"about {_gb(needed_bytes)}{free}; free some space or choose an output "
+                                 "folder on another disk") from None
 
 
 def check_free_disk(path: str | os.PathLike, needed_bytes: int) -> int:

@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
+from . import lifecycle
 from .io import CheckpointReader, copy_model_files
 
 _ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
@@ -128,7 +129,8 @@ def resolve_lora(ref: str, resolve_model: Callable[[str], Path], cache: str | os
     cache.mkdir(parents=True, exist_ok=True)
     if log:
         log(f"merging adapter {lora_ref} into {model_ref} -> {out}")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=cache))
+    lifecycle.sweep(cache, lifecycle.is_output_temp, log)       # merges of killed processes
+    tmp = lifecycle.make_dir(cache, f".{out.name}.tmp-")
     try:
         merge_adapter(model_dir, a_dir, tmp)
         if out.exists():
@@ -137,6 +139,7 @@ def resolve_lora(ref: str, resolve_model: Callable[[str], Path], cache: str | os
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    lifecycle.release(out)
     return out
 
 

@@ -9,14 +9,13 @@ from __future__ import annotations
 import json
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from . import apl, engine, io, search, smile
+from . import apl, engine, io, lifecycle, search, smile
 from .config import MergeConfig, load_config, load_stages, read_documents, rename_refs
 from .engine import MergeResult
 from .stats import DeltaStats
@@ -47,6 +46,9 @@ def merge(config, out: str | Path | None, *, device: str = "auto", seed: int | N
     multi-stage merge (see `merge_stages`); `intermediate_dir` keeps its named stages' outputs
     (default: temporary).
     """
+    log = log or (lambda s: print(s, file=sys.stderr))
+    if out is not None and not dry_run:
+        sweep_beside(out, log)
     if not isinstance(config, MergeConfig) and len(read_documents(config)) > 1:
         if stats is not None:
             raise ValueError("statistics can be passed for a single merge, not for a multi-stage config")
@@ -54,8 +56,8 @@ def merge(config, out: str | Path | None, *, device: str = "auto", seed: int | N
                             progress=progress, cancel=cancel, allow_pickle=allow_pickle,
                             allow_vocab_trim=allow_vocab_trim, shard_bytes=shard_bytes, log=log,
                             lora_cache=lora_cache, intermediate_dir=intermediate_dir)
-    log = log or (lambda s: print(s, file=sys.stderr))
     t0 = time.perf_counter()
+    engine.release_memory()      # what earlier work in this process freed: the merge adds only its working set
     engine.tune_allocator()
     cfg = check(load_config(config))
     if seed is not None:
@@ -69,6 +71,12 @@ def merge(config, out: str | Path | None, *, device: str = "auto", seed: int | N
                              progress=progress if callable(progress) else None, cancel=cancel)
     return _merge(cfg, out, dev, t0, overwrite, dry_run, progress, cancel, allow_pickle, allow_vocab_trim,
                   shard_bytes, log, lora_cache, stats)
+
+
+def sweep_beside(out: str | Path, log: Callable[[str], None]) -> None:
+    """Remove the temp folders that merges killed outright left beside `out` (lifecycle.sweep: only
+    folders whose owner process is gone), before the free-space check counts the disk."""
+    lifecycle.sweep(Path(out).expanduser().absolute().parent, lifecycle.is_output_temp, log)
 
 
 def _merge(cfg, out, dev, t0, overwrite, dry_run, progress, cancel, allow_pickle, allow_vocab_trim, shard_bytes,
@@ -89,7 +97,7 @@ def _merge(cfg, out, dev, t0, overwrite, dry_run, progress, cancel, allow_pickle
         io.check_free_disk(out.parent if not out.exists() else out, int(disk * 1.02) + (1 << 20))
         alpha_report = search.search_amplification(cfg, inputs.base_dir, inputs.ft_dirs, log)
         lambda_report = search.search_lambda(cfg, inputs.base_dir, inputs.ft_dirs, log)
-        with io.atomic_output_dir(out, overwrite=overwrite) as tmp:
+        with io.naming_full_disk(out.absolute().parent, disk), io.atomic_output_dir(out, overwrite=overwrite) as tmp:
             maps = merge_cfg = None
             if cfg.prune == "apl":
                 maps, merge_cfg = _apl_maps(cfg, inputs, tmp, dev, log)
@@ -101,6 +109,7 @@ def _merge(cfg, out, dev, t0, overwrite, dry_run, progress, cancel, allow_pickle
         return result
     finally:
         inputs.close()
+        engine.release_memory()
 
 
 def merge_stages(config, out: str | Path | None, *, intermediate_dir: str | Path | None = None,
@@ -129,9 +138,12 @@ def merge_stages(config, out: str | Path | None, *, intermediate_dir: str | Path
     if out is None:
         raise ValueError("an output folder is needed for the final stage (--out DIR)")
     out = Path(out)
-    work = Path(intermediate_dir) if keep else Path(tempfile.mkdtemp(prefix=f".{out.name}.stages-",
-                                                                       dir=out.absolute().parent))
-    work.mkdir(parents=True, exist_ok=True)
+    if keep:
+        work = Path(intermediate_dir)
+        work.mkdir(parents=True, exist_ok=True)
+    else:
+        out.absolute().parent.mkdir(parents=True, exist_ok=True)
+        work = lifecycle.make_dir(out.absolute().parent, f".{out.name}.stages-")
     paths = {s.name: work / s.name for s in stages if s.name is not None and s is not final}
     notes = []
     try:

@@ -289,6 +289,18 @@ def test_every_button_works_and_its_outcome_is_beside_it(app, url, browser):
     expect(page.locator("#histogram")).to_contain_text("reverse_complex after α", timeout=60_000)
     expect(page.locator("#mask-plot")).to_contain_text("reverse_complex", timeout=60_000)
     assert page.evaluate(OVERLAPS, "#histogram") == [] and page.evaluate(OVERLAPS, "#mask-plot") == []
+    # TSV-M and Iso-CTS: each fine-tune's singular values of the matrix on screen, the share kept defined under them
+    for title, method, said in (("TSV-M", "tsv_m", "each task's top k"), ("Iso-CTS", "iso_cts", "common subspace")):
+        page.locator("#preset input").click()
+        page.get_by_role("option", name=f"{title} · prune → combine", exact=True).click()
+        expect(page.locator("#method-view")).to_contain_text(f"{method}: singular values", timeout=60_000)
+        expect(page.locator("#method-view")).to_contain_text("reverse_complex: σ of its")
+        expect(page.locator("#mask-numbers")).to_contain_text(said)
+        expect(page.locator("#mask-plot")).to_be_hidden()                  # they mask no entry
+        assert page.evaluate(OVERLAPS, "#method-view") == []
+        calm(title)
+    page.locator("#method-view").scroll_into_view_if_needed()
+    shot(page, "ui_svd_view", "#masks-accordion")
     # 8 · Lessons: each one's result beside its button
     tab("Lessons")
     for key in ("dare-vs-dp", "ties-conflicts", "pcb-balance", "dpa-top-band", "slerp-vs-linear"):
@@ -363,6 +375,19 @@ def test_every_button_works_and_its_outcome_is_beside_it(app, url, browser):
     assert page.evaluate(BROKEN_WORDS, "#leaderboard") == []          # headers break between words: no "objecti/ve"
     expect(page.locator("#routing-status")).to_contain_text("chance 0.5", timeout=180_000)
     expect(page.locator("#routing-table")).to_contain_text("sort")
+    # lm-eval tasks: search lm-eval's own index, then score the picked demo tasks (the SMILE model is the merged one)
+    page.locator("#lm-eval-search input, #lm-eval-search textarea").first.fill("arc_e")
+    click("lm-eval-find-btn")
+    expect(page.locator("#lm-eval-index-status")).to_contain_text("task, group and tag names match", timeout=180_000)
+    assert in_view(page, "#lm-eval-index-status")
+    page.locator("#lm-eval-limit input").fill("10")
+    click("lm-eval-btn")
+    expect(page.locator("#lm-eval-status")).to_contain_text("lm-eval task(s)", timeout=180_000)
+    expect(page.locator("#lm-eval-status")).to_contain_text("✓ scored 4 models")
+    assert in_view(page, "#lm-eval-status")
+    expect(page.locator("#lm-eval-plot .js-plotly-plot")).to_have_count(1)
+    expect(page.locator("#leaderboard")).to_contain_text("10 docs, 0-shot: zoo_brackets_mc acc")
+    shot(page, "ui_lm_eval", "#lm-eval-group >> nth=0")        # gradio gives a Group its id twice
     for button, status, text in (("reload-run-btn", "#runs-status", "settings are back"),
                                  ("export-yaml-btn", "#runs-status", "YAML ready"),
                                  ("load-yaml-btn", "#yaml-status", "config loaded"),

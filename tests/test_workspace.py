@@ -49,6 +49,24 @@ def test_a_tensor_not_on_screen_is_never_read(fam, cache, tmp_path):
     ws.close()
 
 
+def test_rank_look_ups_are_exact_before_and_after_the_background_sort(fam, cache, tmp_path):
+    """The first look-up on a tensor is a selection and starts its sort in the background; every
+    answer, before the sort is there and after (a look-up), is the exact k-th largest |δ|."""
+    ws = open_ws(fam, cache, tmp_path, start_stats=False)
+    acc = ws.access
+    name = acc.tensor_name(1, "mlp.down_proj")
+    ref = acc.delta(name, 2).abs().reshape(-1).sort(descending=True).values
+    ks = [1, 7, acc.numel[name] // 3, acc.numel[name]]
+    first = [acc.value_at_rank(name, 2, k) for k in ks]
+    for _ in range(200):
+        if acc.cached(("sorted", name, 2)) is not None:
+            break
+        time.sleep(0.01)
+    assert acc.cached(("sorted", name, 2)) is not None            # sorted in the background
+    assert first == [acc.value_at_rank(name, 2, k) for k in ks] == [float(ref[k - 1]) for k in ks]
+    ws.close()
+
+
 def test_background_statistics_match_collect_stats_and_hit_the_disk_cache(fam, cache, tmp_path):
     ws = open_ws(fam, cache, tmp_path)
     full = ws.stats.wait(5.0, timeout=60)

@@ -15,7 +15,7 @@ from ..modelbuild import warm_up
 from ..refs import resolve_model
 from . import chat, inspect, lessons, merge, method, models, score, search
 from .choices import demo_choices
-from .common import CONCURRENCY, SESSION_TTL, AppState, close_state
+from .common import CONCURRENCY, SESSION_TTL, AppState, close_state, stop_on_signals, sweep_temp
 from .page import Page
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
@@ -51,6 +51,10 @@ FONT_MONO = ["ui-monospace", "SFMono-Regular", "Menlo", "Consolas", "Liberation 
 
 
 def build_app() -> gr.Blocks:
+    """The page. Also, for the server process: sweep the temp folders of app processes killed
+    outright, and end on SIGTERM as on Ctrl-C, with the server's files (see common.stop_on_signals)."""
+    sweep_temp()
+    stop_on_signals()
     page = Page()
     with gr.Blocks(title="dppa-ui: merge fine-tuned LLMs", analytics_enabled=False) as demo:
         # A state is tracked (its delete_callback runs when the tab closes or it expires) once an
@@ -96,6 +100,9 @@ def build_app() -> gr.Blocks:
     # ("cannot import name 'AutoModelForCausalLM'"): resolve them here, before any handler runs; the
     # rest of the warm-up (the first chat would otherwise wait seconds for it) runs beside the page.
     from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+    # plotly loads each trace type on first use (~0.3 s): here, not in the first view.
+    import plotly.graph_objects as go
+    go.Figure([go.Scatter(), go.Bar(), go.Heatmap()])
     base = demo_choices()[1]
     threading.Thread(target=warm_up, args=(resolve_model(base) if base else None,), daemon=True,
                      name="dppa-ui-warm-up").start()

@@ -1,5 +1,6 @@
 """What every section shares: the per-session state, the page's component registry, user-facing
-messages, the app's temp folder (removed at shutdown), and the control <-> MethodControls mapping.
+messages, the app's temp folder (removed at shutdown, swept at the next start when the process was
+killed), and the control <-> MethodControls mapping.
 """
 from __future__ import annotations
 
@@ -9,13 +10,16 @@ import os
 import re
 import shutil
 import signal
+import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import gradio as gr
 
 from .. import params as P
+from .. import lifecycle
 from ..controls import MethodControls, extra_params, picker_methods
 from ..figures import fmt  # noqa: F401  (the one way numbers are written for people, figures and text alike)
 from ..refs import RefPolicy
@@ -66,9 +70,14 @@ def hub_offline() -> bool:
 
 # ----------------------------------------------------------------------------------- temp files
 
+TEMP_PREFIX = "dppa-ui-"
+
+
 class _TempRoot:
-    """One folder for every session's files, made on first use and removed when the server
-    process ends (normal exit, Ctrl-C or SIGTERM), besides each session's own clean-up."""
+    """One private folder for every session's files, made on first use in the system temp dir and
+    owned by this process (lifecycle.make_dir). It is removed when the server ends (normal exit,
+    Ctrl-C, SIGTERM: see `stop_on_signals`), running merges first stopped at their next tensor;
+    when the process is killed outright, the next start's `sweep_temp` removes it."""
 
     def __init__(self):
         self.path: Path | None = None
@@ -77,35 +86,64 @@ class _TempRoot:
     def get(self) -> Path:
         with self._lock:
             if self.path is None or not self.path.is_dir():
-                self.path = Path(tempfile.mkdtemp(prefix="dppa-ui-"))
+                self.path = lifecycle.make_dir(tempfile.gettempdir(), TEMP_PREFIX, private=True)
                 atexit.register(self.remove)
-                _chain_sigterm()
             return self.path
 
-    def remove(self) -> None:
-        if self.path is not None:
+    def remove(self) -> int:
+        """Stop the running merges (each removes its own temp folder), then remove the folder.
+        Returns the bytes freed."""
+        lifecycle.STOP.set()
+        lifecycle.wait_idle(timeout=30)
+        if self.path is None or not self.path.is_dir():
+            return 0
+        size = lifecycle.disk_bytes(self.path)
+        for _ in range(3):         # a thread still writing (chat offload, a zip) may add a file meanwhile
             shutil.rmtree(self.path, ignore_errors=True)
+            if not self.path.exists():
+                break
+            time.sleep(0.2)
+        return size
 
 
 TEMP = _TempRoot()
 
 
-def _chain_sigterm() -> None:
-    """Turn SIGTERM into a normal exit, so atexit clean-up runs (the default handler skips it)."""
+def _log(line: str) -> None:
+    print(f"dppa-ui: {line}", file=sys.stderr, flush=True)
+
+
+def sweep_temp() -> list:
+    """Remove the temp folders of app processes that were killed outright (no live owner: see
+    lifecycle.sweep), logging what and how much; every start of the app runs it."""
+    return lifecycle.sweep(tempfile.gettempdir(), lambda name: name.startswith(TEMP_PREFIX), _log)
+
+
+def stop_on_signals(signals=(signal.SIGTERM,)) -> None:
+    """In the main thread: end the server on these signals as on Ctrl-C, files included. Running
+    merges stop at their next tensor and remove their temp folders, the app's temp folder goes,
+    one line in the log says so, and the process exits with 128 + the signal's number. A second
+    signal does not cut the clean-up short."""
     if threading.current_thread() is not threading.main_thread():
         return
-    previous = signal.getsignal(signal.SIGTERM)
-    if getattr(previous, "_dppa_ui", False):
-        return
+    for sig in signals:
+        previous = signal.getsignal(sig)
+        if getattr(previous, "_dppa_ui", False):
+            continue
 
-    def handler(signum, frame):
-        TEMP.remove()
-        if callable(previous) and previous not in (signal.SIG_DFL, signal.SIG_IGN):
-            previous(signum, frame)
-        raise SystemExit(128 + signum)
+        def handler(signum, frame, previous=previous):
+            signal.signal(signum, signal.SIG_IGN)
+            merges = lifecycle.running()
+            freed = TEMP.remove()
+            _log(f"stopped by {signal.Signals(signum).name}: "
+                 + (f"{merges} running merge(s) cancelled, " if merges else "")
+                 + f"server files removed ({lifecycle.size_text(freed)})")
+            if callable(previous) and previous not in (signal.SIG_DFL, signal.SIG_IGN, signal.default_int_handler):
+                previous(signum, frame)     # e.g. gradio's: stop its Node server
+            raise SystemExit(128 + signum)
 
-    handler._dppa_ui = True
-    signal.signal(signal.SIGTERM, handler)
+        handler._dppa_ui = True
+        signal.signal(sig, handler)
 
 
 # ----------------------------------------------------------------------------------- messages

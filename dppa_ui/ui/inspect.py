@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 
 import gradio as gr
+import torch
 
 from .. import analysis, figures
 from ..workspace import short
@@ -208,10 +209,46 @@ def numbers_markdown(d: dict) -> str:
     return "\n".join(lines)
 
 
+def svd_note(d: dict) -> str:
+    """What the singular-value view measures, stated with its numbers (TSV-M, Iso-C, Iso-CTS)."""
+    k, r, n = d["k_merged"], d["rank"], len(d["models"])
+    order = {"tsv_m": "by the singular value it keeps", "iso_c": "by the task sum's singular values, before the "
+             "spectrum is flattened", "iso_cts": "by the singular value each was collected with, before the spectrum "
+             "is flattened"}[d["combine"]]
+    lines = [f"**Share kept** of fine-tune i = ‖U_k U_kᵀ δᵢ‖²_F / ‖δᵢ‖²_F: the energy of its delta in the span of "
+             f"the top k left singular vectors U_k of the merged delta M (ranked {order}), k the fewest that hold "
+             f"95 % of ‖M‖_F (‖M_k‖_F ≥ 0.95 ‖M‖_F; Marczak et al.'s rank rule, whose subspace alignment ratio is "
+             f"this share's square root). Here k = {k} of r = {r}; for task arithmetic's Σ wᵢδᵢ (grey bars), its own "
+             f"top k = {d['k_sum']}."]
+    head, cells = ["fine-tune", f"kept by {d['method']}", "kept by task arithmetic"], []
+    if d["combine"] == "tsv_m":
+        lines.append(f"**TSV-M** keeps each task's top k = ⌊r / T⌋ = ⌊{r} / {n}⌋ = {d['k_task']} singular triplets "
+                     f"of wᵢδᵢ, then decorrelates them; *own top {d['k_task']}* = the share of wᵢδᵢ's energy in "
+                     f"them (Σ_{{j≤k}} σ_j² / Σ σ_j²).")
+        head.append(f"own top {d['k_task']}")
+        cells = [[f"{fmt(100 * x)}%"] for x in d["own"]]
+    elif d["combine"] == "iso_c":
+        lines.append(f"**Iso-C** keeps the singular vectors of Σ δᵢ and sets each of its {r} singular values to "
+                     f"their mean σ̄ = {fmt(d['flat'])}: M's spectrum is flat.")
+    else:
+        lines.append(f"**Iso-CTS** splits r = {r} into a common subspace, the top c = {d['common']} left singular "
+                     f"vectors U_c of Σ δᵢ, and {d['specific']} directions per task, the top ones of "
+                     f"(I − U_c U_cᵀ) δᵢ; *common* = ‖U_cᵀ δᵢ‖² / ‖δᵢ‖², *own* = the energy of δᵢ's top "
+                     f"{d['specific']} directions outside U_c over ‖δᵢ‖².")
+        head += ["common", f"own {d['specific']}"]
+        cells = [[f"{fmt(100 * c)}%", f"{fmt(100 * o)}%"] for c, o in zip(d["common_share"], d["specific_share"])]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for i, ref in enumerate(d["models"]):
+        rows.append("| " + " | ".join([f"`{short(ref)}`", f"{fmt(100 * d['kept'][i])}%",
+                                       f"{fmt(100 * d['kept_sum'][i])}%", *(cells[i] if cells else [])]) + " |")
+    return "\n\n".join(lines) + "\n\n" + "\n".join(rows)
+
+
 def masks(v: dict) -> dict:
     """Kept masks per fine-tune, the winner of each entry after the combine, sign conflicts and
     PCB's weights, for one weight matrix; what the method does beyond masks (PCB's scores, DELLA's
-    keep probabilities, an interpolation's angles); the merged delta before / after the method."""
+    keep probabilities, an interpolation's angles, TSV-M's and Iso's singular values); the merged
+    delta before / after the method."""
     hidden = gr.update(visible=False)
     try:
         ws, cfg = _setup(v)
@@ -219,16 +256,21 @@ def masks(v: dict) -> dict:
             raise UserError("pick a weight matrix")
         shown, apl_pending = view_config(ws, cfg)
         mv = analysis.method_view(ws, shown, v["matrix"])
-        d = analysis.mask_data(ws, shown, v["matrix"]) if cfg.family == "pipeline" else None
+        entrywise = cfg.family == "pipeline" and cfg.combine not in analysis.SVD_COMBINES
+        d = analysis.mask_data(ws, shown, v["matrix"]) if entrywise else None
         merged = analysis.merged_delta(ws, shown, v["matrix"])
-    except expected() as e:
+    except (*expected(), torch.linalg.LinAlgError) as e:    # an SVD that does not converge (TSV-M, Iso)
         return {"mask_plot": gr.update(value=not_drawn(message(e)), visible=True), "mask_numbers": "",
                 "method_plot": hidden, "merged_plot": hidden}
     view = gr.update(value=figures.method_view(mv), visible=True) if mv else hidden
     after = gr.update(value=figures.merged_delta(merged), visible=True) if merged else hidden
     if d is None:
-        why = (f"{cfg.method_name} interpolates the weights themselves: it keeps every entry, none is pruned or "
-               f"combined (the method view below shows what it does)")
+        if mv and mv["kind"] == "svd":
+            why = (f"{cfg.method_name} prunes no entry and elects no winner per entry: it merges each matrix through "
+                   f"its singular vectors (the method view below).\n\n" + svd_note(mv))
+        else:
+            why = (f"{cfg.method_name} interpolates the weights themselves: it keeps every entry, none is pruned or "
+                   f"combined (the method view below shows what it does)")
         return {"mask_plot": hidden, "mask_numbers": why, "method_plot": view, "merged_plot": after}
     numbers = numbers_markdown(d)
     if apl_pending:

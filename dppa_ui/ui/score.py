@@ -20,11 +20,12 @@ from ..engine import layer_stack
 from ..refs import files_identity
 from ..runner import merge as run_merge, merge_stages
 from ..workspace import params_text, short
+from . import lm_eval
 from .choices import all_choices
 from .common import CONTROL_KEYS, SCORE_PER_DOMAIN, AppState, UserError, expected, fmt, message, ok, warn
 from .controls_ui import SHOW_OUT, controls_of, show_controls, yaml_into_controls
 from .jobs import running
-from .reports import LEADERBOARD_HEADERS, leaderboard, run_summary
+from .reports import LEADERBOARD_HEADERS, LEADERBOARD_WIDTHS, leaderboard, model_rows, run_summary
 from .suites import (DEMO_SUITE, SUITE_FORMAT, UPLOAD_SUITE, demo_items, session_upload, upload_only,
                      upload_report)
 
@@ -61,9 +62,9 @@ def build(page) -> None:
     page.add("routing_col", routing_col)
     with gr.Accordion("All scores (JSON)", open=False):
         page.add("score_json", gr.JSON(label="Scores (all models)", elem_id="score-json"))
+    lm_eval.build(page)
     page.add("leaderboard", gr.Dataframe(headers=LEADERBOARD_HEADERS, label="Session leaderboard", interactive=False,
-                                         elem_id="leaderboard", wrap=True,
-                                         column_widths=["7%", "12%", "20%", "26%", "13%", "22%"]))
+                                         elem_id="leaderboard", wrap=True, column_widths=LEADERBOARD_WIDTHS))
     with gr.Row(equal_height=True):
         page.add("run_no", gr.Number(value=1, precision=0, label="Run", elem_id="run-number", scale=1))
         page.add("reload_btn", gr.Button("Load that run's settings", elem_id="reload-run-btn", scale=2))
@@ -151,10 +152,7 @@ def score(v: dict):
         return {"score_status": warn(message(e))}
     obj = objective_of(results["merged"], {r: results[r] for r in ws.access.ft_refs})
     run.scores, run.objective, run.suite = results["merged"], obj, label
-    rows = [{"label": f"merged ({run.name})", "color": figures.MERGED_COLOR, "merged": True,
-             "scores": results["merged"], "objective": obj},
-            {"label": "base", "color": figures.BASE_COLOR, "scores": results["base"]}]
-    rows += [{"label": short(r), "color": figures.color(i), "scores": results[r]} for i, r in enumerate(ws.access.ft_refs)]
+    rows = model_rows(run, ws.access.ft_refs, results, obj)
     obj_md = (f"**Objective of {run.name}** (geometric mean over domains of merged ÷ best fine-tune, smooth score): "
               f"**{fmt(obj)}**" if obj is not None else "**Objective**: n/a (no fine-tune scored on these domains)")
     return {"score_plot": figures.scores(rows), "objective": obj_md, "leaderboard": leaderboard(state),
@@ -346,6 +344,7 @@ def wire(page) -> list:
                      api_name="score", concurrency_limit=1, concurrency_id="merge")
     page.then(scored, score_routing, ROUTING_IN, ROUTING_OUT, api_visibility="private", concurrency_limit=1,
               concurrency_id="merge")
+    lm_eval.wire(page)
     reload = page.on(page["reload_btn"].click, reload_run, ["state", "run_no"], [*SHOW_OUT, "runs_status"],
                      api_name="reload_run")
     page.on(page["export_btn"].click, export_yaml, ["state", "base", "fts", *CONTROL_KEYS],

@@ -8,6 +8,7 @@ model does not grow with its depth, and a tensor that is never shown is never re
 """
 from __future__ import annotations
 
+import os
 import re
 import threading
 from collections import Counter, OrderedDict
@@ -23,7 +24,66 @@ from ..methods.dp import block_of
 from ..pipeline import dominant_float_dtype
 
 SORT_LIMIT = 1 << 23          # tensors up to 8 M entries keep a sorted |δ|: a slider move is one look-up
+# What every session's views may keep of derived tensors, together: the server's idle memory, which
+# a merge's working set comes on top of, does not grow with its sessions.
+VIEW_CACHE_BYTES = int(float(os.environ.get("DPPA_UI_VIEW_CACHE_MB", 256)) * (1 << 20))
 MATRIX_HINT = "mlp.down_proj"
+
+
+class ViewCache:
+    """A byte-bounded LRU of derived tensors (deltas, sorted |δ|, samples), shared by the
+    ModelAccess objects that use it; each keys its entries by itself. A single tensor larger than
+    the bound is not kept."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = int(max_bytes)
+        self._items: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, key) -> torch.Tensor | None:
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+        return None
+
+    def put(self, key, value: torch.Tensor) -> None:
+        nbytes = value.numel() * value.element_size()
+        if nbytes > self.max_bytes:
+            return
+        with self._lock:
+            old = self._items.pop(key, None)
+            if old is not None:
+                self._bytes -= old.numel() * old.element_size()
+            self._items[key] = value
+            self._bytes += nbytes
+            while self._bytes > self.max_bytes and len(self._items) > 1:
+                _, old = self._items.popitem(last=False)
+                self._bytes -= old.numel() * old.element_size()
+
+    def drop(self, owner) -> None:
+        """Forget every entry keyed by `owner` (a closed ModelAccess)."""
+        with self._lock:
+            for key in [k for k in self._items if k[0] is owner]:
+                old = self._items.pop(key)
+                self._bytes -= old.numel() * old.element_size()
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+
+VIEWS = ViewCache(VIEW_CACHE_BYTES)
+
+
+def _background() -> None:
+    """A worker thread's start: the lowest CPU priority (Linux sets it per thread), so the work it
+    does for later never slows what a user waits for."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (AttributeError, OSError):
+        pass
 
 
 def module_type(name: str) -> str | None:
@@ -37,27 +97,30 @@ def module_type(name: str) -> str | None:
 
 class ModelAccess:
     """A base and its fine-tunes, opened lazily. `refs` are what the user picked, `paths` their
-    resolved folders. Raises ValueError (naming the tensors) when the models do not fit together."""
+    resolved folders. Raises ValueError (naming the tensors) when the models do not fit together.
+    Derived tensors go to `cache` (default: VIEWS, one bound for every session of the process)."""
 
     def __init__(self, base_ref: str, base_dir: Path, ft_refs: list[str], ft_dirs: list[Path],
-                 max_cache_bytes: int = 256 << 20):
+                 cache: ViewCache | None = None):
         self.base_ref, self.base_dir = base_ref, Path(base_dir)
         self.ft_refs, self.ft_dirs = list(ft_refs), [Path(p) for p in ft_dirs]
-        self.max_cache_bytes = max_cache_bytes
+        self._views = cache if cache is not None else VIEWS
         try:
-            self.base = io.CheckpointReader(self.base_dir)
-            self.fts = [io.CheckpointReader(p) for p in self.ft_dirs]
+            self.base = io.CheckpointReader(self.base_dir, ref=base_ref)
+            self.fts = [io.CheckpointReader(p, ref=r) for r, p in zip(self.ft_refs, self.ft_dirs)]
             self.shapes = io.check_compatible(self.base, dict(zip(self.ft_refs, self.fts)))
         except (FileNotFoundError, ValueError) as e:
             self.close()
-            raise ValueError(str(e)) from None
+            # a damaged file: named by its model ref and its name (no server path on the page)
+            raise ValueError(e.describe(full_path=False) if isinstance(e, io.DamagedCheckpoint) else str(e)) from None
         self.names = list(self.shapes)
         self.float_names = [n for n in self.names if self.base.dtype(n).is_floating_point]
         self.numel = {n: self.base.numel(n) for n in self.names}
         self.n_params = sum(self.numel.values())
         self.reads: Counter = Counter()           # tensor name -> times its data was read
-        self._cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
         self._lock = threading.RLock()
+        self._sorter = None                       # the background sorts (value_at_rank)
+        self._sorting: set[tuple] = set()
         self._index()
 
     # -- what is there (headers only)
@@ -147,37 +210,60 @@ class ModelAccess:
 
     def value_at_rank(self, name: str, index: int, k: int) -> float | None:
         """The k-th largest |δ| (k = 1: the largest) of fine-tune `index` in `name`; None for k < 1.
-        Tensors up to SORT_LIMIT entries keep their sorted |δ|, so a slider move is one look-up."""
+        Tensors up to SORT_LIMIT entries keep their sorted |δ|, so a slider move is one look-up. The
+        sort (4x a selection's CPU) is made in a background thread at low priority after the first
+        look-up, which, like every look-up before it is done, is a selection: the first view of a
+        tensor does not wait for it, on a busy machine least of all."""
         n = self.numel[name]
         if k < 1:
             return None
         k = min(k, n)
-        if n <= SORT_LIMIT:   # numpy's sort is several times faster than torch's on the CPU
-            s = self.memo(("sorted", name, index),
-                          lambda: torch.from_numpy(np.sort(self.delta(name, index).abs().reshape(-1).numpy())))
-            return float(s[n - k])
+        if n <= SORT_LIMIT:
+            s = self.cached(("sorted", name, index))
+            if s is not None:
+                return float(s[n - k])
+            self._sort_later(name, index)
         return float(kth_largest(self.delta(name, index).abs(), k))
 
+    def _sort_later(self, name: str, index: int) -> None:
+        key = ("sorted", name, index)
+        with self._lock:
+            if key in self._sorting:
+                return
+            self._sorting.add(key)
+            if self._sorter is None:
+                from concurrent.futures import ThreadPoolExecutor
+                self._sorter = ThreadPoolExecutor(1, thread_name_prefix="dppa-ui-sort", initializer=_background)
+
+        def sort():       # numpy's sort is several times faster than torch's on the CPU, and frees the GIL
+            try:
+                self.memo(key, lambda: torch.from_numpy(np.sort(self.delta(name, index).abs().reshape(-1).numpy())))
+            finally:
+                with self._lock:
+                    self._sorting.discard(key)
+        try:
+            self._sorter.submit(sort)
+        except RuntimeError:          # closed meanwhile
+            pass
+
+    def cached(self, key) -> torch.Tensor | None:
+        """A derived tensor if the cache holds it (see memo), else None."""
+        return self._views.get((self, *key))
+
     def memo(self, key, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
-        """Derived tensors, LRU-bounded by `max_cache_bytes` (a single larger one is not kept)."""
-        with self._lock:
-            if key in self._cache:
-                self._cache.move_to_end(key)
-                return self._cache[key]
-        value = compute()
-        nbytes = value.numel() * value.element_size()
-        with self._lock:
-            if nbytes <= self.max_cache_bytes:
-                self._cache[key] = value
-                total = sum(t.numel() * t.element_size() for t in self._cache.values())
-                while total > self.max_cache_bytes and len(self._cache) > 1:
-                    _, old = self._cache.popitem(last=False)
-                    total -= old.numel() * old.element_size()
+        """A derived tensor, computed on first use and kept in the (LRU, byte-bounded) view cache."""
+        value = self._views.get((self, *key))
+        if value is None:
+            value = compute()
+            self._views.put((self, *key), value)
         return value
 
     def close(self) -> None:
+        sorter = getattr(self, "_sorter", None)
+        if sorter is not None:
+            sorter.shutdown(wait=False, cancel_futures=True)
         for r in [getattr(self, "base", None), *getattr(self, "fts", [])]:
             if r is not None:
                 r.close()
-        with getattr(self, "_lock", threading.RLock()):
-            getattr(self, "_cache", {}).clear()
+        if hasattr(self, "_views"):
+            self._views.drop(self)

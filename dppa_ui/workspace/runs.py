@@ -97,6 +97,7 @@ class Run:
     suite: str | None = None
     parameters: dict | None = None                # {"total", "plain", ...}: SMILE adds experts and routers
     routing: dict | None = None                   # SMILE: routing accuracy per domain once scored
+    lm_eval: dict = field(default_factory=dict)   # (task, limit, few-shot) -> gpu.lm_eval_task's result
 
     @property
     def is_smile(self) -> bool:

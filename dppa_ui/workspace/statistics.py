@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import gpu
+from ..engine import release_memory
 from ..io import cache_root
 from ..refs import files_identity
 from ..stats import DeltaStats, TensorStat, tensor_stat
@@ -176,6 +177,8 @@ class StatsService:
         except Exception as e:  # noqa: BLE001 - shown in the views that wait for it
             job.progress.state, job.progress.error = "failed", f"{type(e).__name__}: {e}"
             return
+        finally:
+            release_memory()        # the pass's float32 copies: not the server's idle memory
         data = list(cached)
         for i, d in zip(todo, computed):
             self.cache.put(self._key(i, outlier_m), d)
