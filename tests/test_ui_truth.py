@@ -101,6 +101,29 @@ def test_a_slider_value_typed_outside_its_range_is_named_and_shown_as_used(state
     assert demo.page["density"].preprocess(-0.5) == -0.5
 
 
+def test_every_other_slider_typed_outside_its_range_is_named_not_an_error_badge(state):
+    """Chat's sampling sliders, Inspect's block and SMILE's ranks answered a typed out-of-range value
+    with gradio's bare "Error": each now passes it on and its section's line names it and the range."""
+    from dppa_ui.ui import build_app, chat
+    demo = build_app()
+    for key in ("temperature", "top_p", "max_new", "block", "smile_rank", "smile_router", "smile_k"):
+        assert demo.page[key].preprocess(999) == 999, key
+    talk = {"state": state, "msg": "abc", "chat_merged": [], "chat_compare": [], "compare": "none", "system": "",
+            "temperature": 0.0, "top_p": 0.9, "max_new": 16}
+    for key, bad, said in (("temperature", 5, "Temperature 5 is outside its range 0 to 2"),
+                           ("top_p", 0.0, "Top-p 0 is outside its range 0.05 to 1"),
+                           ("max_new", 0, "Max new tokens 0 is outside its range 1 to")):
+        outs = list(chat.chat({**talk, key: bad}))
+        assert len(outs) == 1 and said in outs[0]["chat_status"], (key, outs)
+    out = inspect.inspect(view(state, block=7))
+    assert "Block 7 is outside its range 0 to 3" in state_line(out["histogram"]) and out["thresholds"] == []
+    smile = {"state": state, "smile_rank": 16, "smile_full": False, "smile_router": 8, "smile_k": 1,
+             "smile_scope": "blocks (paper)"}
+    assert "would build" in merge.smile_estimate(smile)["smile_size"]
+    assert "num_experts_per_tok 9 is outside its range 1 to 8" in merge.smile_estimate({**smile, "smile_k": 9})["smile_size"]
+    assert "rank_of_expert must be a whole number" in merge.smile_estimate({**smile, "smile_rank": 2.5})["smile_size"]
+
+
 def test_the_prune_rate_hint_follows_the_density(state):
     assert "keeps 29.2%, prunes 70.8%" in method.check(view(state, density=0.292), BOUNDS)["density"]["info"]
     assert method.check(view(state), BOUNDS)["method_status"] == ""

@@ -12,10 +12,11 @@ import gradio as gr
 from .. import figures, gpu
 from ..chat import MAX_NEW_TOKENS, to_messages
 from ..workspace import short
-from .common import AppState, UserError, expected, message, warn
+from .common import AppState, UserError, bounded, expected, lenient, message, warn
 from .suites import demo_items
 
 EXAMPLES_PER_DOMAIN = 3
+TEMPERATURE, TOP_P, MAX_NEW = (0.0, 2.0), (0.05, 1.0), (1, MAX_NEW_TOKENS)     # the sliders' ranges
 NOTE = ("A merge of several skills often loses exact answers (6 · Score shows EM per domain): a reply that looks "
         "like gibberish means that skill did not survive the merge. The demo models answer prompts such as "
         "`reverse: abc`, `encode: ABC`, `sort: 523` or `close: {[`; pick an example below.")
@@ -60,11 +61,11 @@ def build(page) -> None:
     gr.Markdown(NOTE, elem_id="chat-note")
     with gr.Accordion("Sampling", open=False, elem_id="sampling"):
         with gr.Row():
-            page.add("temperature", gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="Temperature (0 = greedy)",
-                                              elem_id="temperature"))
-            page.add("top_p", gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="Top-p", elem_id="top-p"))
-            page.add("max_new", gr.Slider(1, MAX_NEW_TOKENS, value=64, step=1, label="Max new tokens",
-                                          elem_id="max-new-tokens"))
+            page.add("temperature", lenient(gr.Slider(*TEMPERATURE, value=0.0, step=0.05,
+                                                      label="Temperature (0 = greedy)", elem_id="temperature")))
+            page.add("top_p", lenient(gr.Slider(*TOP_P, value=0.9, step=0.05, label="Top-p", elem_id="top-p")))
+            page.add("max_new", lenient(gr.Slider(*MAX_NEW, value=64, step=1, label="Max new tokens",
+                                                  elem_id="max-new-tokens")))
 
 
 def pick_example(v: dict) -> dict:
@@ -98,11 +99,13 @@ def chat(v: dict):
         ws = state.workspace()
         if not text:
             raise UserError("type a message first")
+        kw = dict(system_prompt=(v["system"] or "").strip() or None,
+                  temperature=bounded(v["temperature"], "Temperature", *TEMPERATURE),
+                  top_p=bounded(v["top_p"], "Top-p", *TOP_P),
+                  max_new_tokens=bounded(v["max_new"], "Max new tokens", *MAX_NEW, integer=True))
         merged_dir = ws.model_dir("merged")
         other = v["compare"] if v["compare"] and v["compare"] != "none" else None
         other_dir = ws.model_dir(other) if other else None
-        kw = dict(system_prompt=(v["system"] or "").strip() or None, temperature=float(v["temperature"]),
-                  top_p=float(v["top_p"]), max_new_tokens=int(v["max_new"]))
     except expected() as e:
         yield {"chat_status": warn(message(e))}
         return

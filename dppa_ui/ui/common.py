@@ -319,6 +319,18 @@ def finite(v, what: str) -> float:
     return f
 
 
+def bounded(v, what: str, lo: float, hi: float, integer: bool = False) -> float | int:
+    """A lenient slider's value, checked against the slider's range (a typed value may lie outside
+    it): UserError naming the control and the range, never a silent clamp."""
+    f = finite(v, what)
+    if not lo <= f <= hi:
+        raise UserError(f"{what} {fmt(f)} is outside its range {fmt(lo)} to {fmt(hi)}: type a value in it "
+                        f"or move the slider")
+    if integer and f != round(f):
+        raise UserError(f"{what} must be a whole number, got {fmt(f)}")
+    return int(round(f)) if integer else f
+
+
 def _extra_value(p, raw, what: str):
     """One generic control's value, typed and checked as its parameter's kind."""
     if p.kind in ("float", "int", "rank"):

@@ -12,7 +12,7 @@ import torch
 
 from .. import analysis, figures
 from ..workspace import short
-from .common import CONTROL_KEYS, AppState, UserError, expected, fmt, message, warn
+from .common import CONTROL_KEYS, AppState, UserError, bounded, expected, fmt, lenient, message, warn
 from .controls_ui import controls_of
 from .reports import summary_markdown
 
@@ -22,7 +22,7 @@ HEATMAP_METRICS = {"mean |δ|": "mean_abs", "outlier %": "outlier_pct", "DP dens
 
 def build(page) -> None:
     with gr.Row(equal_height=True):
-        page.add("block", gr.Slider(0, 1, value=0, step=1, label="Block (layer)", elem_id="block", scale=2))
+        page.add("block", lenient(gr.Slider(0, 1, value=0, step=1, label="Block (layer)", elem_id="block", scale=2)))
         page.add("module", gr.Dropdown([], label="Module", elem_id="module", scale=2))
     page.add("tensor_name", gr.Markdown("", elem_id="tensor-name"))
     page.add("stats_status", gr.Markdown("", elem_id="stats-status", elem_classes=["status"]))
@@ -149,7 +149,8 @@ def inspect(v: dict) -> dict:
         ws, cfg = _setup(v)
         if not v["module"]:
             raise UserError("pick a module type")
-        name = ws.access.tensor_name(int(v["block"]), v["module"])
+        blocks = ws.access.blocks() or [0]
+        name = ws.access.tensor_name(bounded(v["block"], "Block", blocks[0], blocks[-1], integer=True), v["module"])
         shown, apl_pending = view_config(ws, cfg)
         rows = analysis.thresholds(ws, shown, name)
         drop = "random" if analysis.random_drop(shown) else shown.prune      # how the figure explains its lines

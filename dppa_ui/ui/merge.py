@@ -11,13 +11,14 @@ import gradio as gr
 
 from ..config import UPSCALE_METHODS
 from ..workspace import size_text
-from .common import (CONTROL_KEYS, DOWNLOAD_LIMIT, AppState, expected, finite, fmt, hub_offline, message, ok,
+from .common import (CONTROL_KEYS, DOWNLOAD_LIMIT, AppState, expected, bounded, fmt, hub_offline, lenient, message, ok,
                      on_space, warn)
 from .controls_ui import controls_of
 from .jobs import running
 from .reports import leaderboard, run_summary
 
 SMILE_SCOPES = {"blocks (paper)": "blocks", "blocks + embeddings": "embeddings"}
+SMILE_RANK, SMILE_ROUTER, SMILE_K = (1, 256), (1, 64), (1, 8)      # the sliders' ranges
 
 
 def build(page) -> None:
@@ -51,16 +52,16 @@ def build(page) -> None:
                     f"token and score shows how often a domain reaches its own fine-tune's expert.",
                     elem_id="smile-intro")
         with gr.Row(equal_height=True):
-            page.add("smile_rank", gr.Slider(1, 256, value=64, step=1, label="rank_of_expert", scale=3,
-                                             info="rank of each expert (its delta's top singular vectors)",
-                                             elem_id="smile-rank"))
+            page.add("smile_rank", lenient(gr.Slider(*SMILE_RANK, value=64, step=1, label="rank_of_expert", scale=3,
+                                                     info="rank of each expert (its delta's top singular vectors)",
+                                                     elem_id="smile-rank")))
             page.add("smile_full", gr.Checkbox(value=False, label="full rank", scale=1, elem_id="smile-full",
                                                info="each expert = its whole delta"))
         with gr.Row(equal_height=True):
-            page.add("smile_router", gr.Slider(1, 64, value=8, step=1, label="rank_of_router", scale=2,
-                                               info="singular vectors per router", elem_id="smile-router"))
-            page.add("smile_k", gr.Slider(1, 8, value=1, step=1, label="num_experts_per_tok (k)", scale=2,
-                                          info="experts mixed per token", elem_id="smile-k"))
+            page.add("smile_router", lenient(gr.Slider(*SMILE_ROUTER, value=8, step=1, label="rank_of_router", scale=2,
+                                                       info="singular vectors per router", elem_id="smile-router")))
+            page.add("smile_k", lenient(gr.Slider(*SMILE_K, value=1, step=1, label="num_experts_per_tok (k)", scale=2,
+                                                  info="experts mixed per token", elem_id="smile-k")))
             page.add("smile_scope", gr.Radio(list(SMILE_SCOPES), value="blocks (paper)", label="Upscaled layers",
                                              scale=2, elem_id="smile-scope"))
         page.add("smile_btn", gr.Button("Upscale (SMILE)", variant="primary", elem_id="smile-btn"))
@@ -102,10 +103,10 @@ MERGE_OUT = ["merge_summary", "leaderboard", "download", "merge_status", "state"
 def smile_config(v: dict, ws):
     """The SMILE config the section's controls describe, over the loaded models."""
     full = bool(v["smile_full"])
-    rank = None if full else int(finite(v["smile_rank"], "rank_of_expert"))
+    rank = None if full else bounded(v["smile_rank"], "rank_of_expert", *SMILE_RANK, integer=True)
     scope = SMILE_SCOPES.get(v["smile_scope"], v["smile_scope"])
-    return ws.smile_config(rank, int(finite(v["smile_router"], "rank_of_router")),
-                           int(finite(v["smile_k"], "num_experts_per_tok")), scope=scope)
+    return ws.smile_config(rank, bounded(v["smile_router"], "rank_of_router", *SMILE_ROUTER, integer=True),
+                           bounded(v["smile_k"], "num_experts_per_tok", *SMILE_K, integer=True), scope=scope)
 
 
 def upscale(v: dict) -> dict:
