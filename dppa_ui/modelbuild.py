@@ -62,8 +62,15 @@ def skeleton(model_dir: str | Path):
 
 def model_bytes(model_dir: str | Path, dtype: torch.dtype | None = None) -> int:
     """Bytes of the model's weights in `dtype` (default: the checkpoint's), from its skeleton."""
+    return _bytes_in(skeleton(model_dir), dtype or stored_dtype(model_dir))
+
+
+def _bytes_in(sk, dtype: torch.dtype) -> int:
+    """Bytes of the meta skeleton `sk` once its floating weights are in `dtype` (it is cast, on the
+    meta device, where a cast only relabels): accelerate's `compute_module_sizes(dtype=)` counts
+    min(dtype, stored dtype) per tensor, so a bf16 checkpoint planned in float32 came out at half."""
     from accelerate.utils import compute_module_sizes
-    return int(compute_module_sizes(skeleton(model_dir), dtype=dtype or stored_dtype(model_dir))[""])
+    return int(compute_module_sizes(sk.to(dtype))[""])
 
 
 def free_memory() -> dict:
@@ -97,17 +104,16 @@ def placement(model_dir: str | Path, *, max_memory: dict | None = None, dtype: t
     """Where the model of `model_dir` would go: accelerate's auto device map over `max_memory`
     (default: `headroom` x what is free now), in float32 when it fits on the CPU, else stored."""
     from accelerate import infer_auto_device_map
-    from accelerate.utils import compute_module_sizes
     model_dir = Path(model_dir)
     budget = dict(max_memory) if max_memory is not None else {k: int(v * headroom) for k, v in free_memory().items()}
     sk = skeleton(model_dir)
     if dtype is None:
-        f32 = int(compute_module_sizes(sk, dtype=torch.float32)[""])
+        f32 = _bytes_in(sk, torch.float32)
         on_gpu = any(k != "cpu" for k in budget)
         dtype = torch.float32 if not on_gpu and f32 <= budget.get("cpu", 0) else stored_dtype(model_dir)
         if on_gpu and dtype == torch.float32:
             dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    size = int(compute_module_sizes(sk, dtype=dtype)[""])
+    size = _bytes_in(sk, dtype)          # sk is in `dtype` from here: the device map sizes it so too
     no_split = getattr(sk, "_no_split_modules", None) or []
     dmap = infer_auto_device_map(sk, max_memory={**budget, "disk": 1 << 60}, dtype=dtype,
                                  no_split_module_classes=list(no_split))

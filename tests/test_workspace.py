@@ -209,6 +209,22 @@ def test_offloaded_model_answers_as_the_plain_one(fam, tmp_path):
     assert modelbuild.model_bytes(fam.base, torch.float32) == 4 * n
 
 
+def test_a_bf16_checkpoint_planned_in_float32_counts_four_bytes_a_weight(fam, tmp_path):
+    """accelerate's size count takes the smaller of the planned and the stored dtype: a bf16 model
+    planned in float32 was said (and placed) at half its size."""
+    model, _ = modelbuild.load(fam.base, placed=False)
+    n = sum(t.numel() for t in [*model.parameters(), *model.buffers()] if t.is_floating_point())
+    model.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    assert modelbuild.stored_dtype(tmp_path / "bf16") == torch.bfloat16
+    assert modelbuild.model_bytes(tmp_path / "bf16") == 2 * n
+    assert modelbuild.model_bytes(tmp_path / "bf16", torch.float32) == 4 * n
+    roomy = modelbuild.placement(tmp_path / "bf16", max_memory={"cpu": 1 << 34})
+    assert roomy.dtype == torch.float32 and roomy.bytes == 4 * n
+    # room for bf16 but not for float32: the model stays in its stored dtype
+    tight = modelbuild.placement(tmp_path / "bf16", max_memory={"cpu": 3 * n})
+    assert tight.dtype == torch.bfloat16 and tight.bytes == 2 * n and not tight.offload
+
+
 def test_gpu_decorated_steps_run_locally(fam, tmp_path):
     import spaces  # noqa: F401  the decorator is a no-op off Spaces
     assert not os.environ.get("SPACES_ZERO_GPU")
