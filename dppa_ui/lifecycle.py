@@ -145,8 +145,13 @@ def disk_bytes(path: str | os.PathLike) -> int:
     return total
 
 
-def size_text(n: int) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB" if n >= 1e6 else f"{n / 1e3:.0f} kB"
+def size_text(n: float) -> str:
+    """Bytes for people: 3 significant digits in the unit that shows them (1.23 GB, 456 MB, 7.89 kB)."""
+    for unit, k in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= k:
+            v = n / k
+            return f"{v:.0f} {unit}" if v >= 100 else f"{v:.3g} {unit}"
+    return f"{int(n)} bytes"
 
 
 def orphans(parent: str | os.PathLike, match: Callable[[str], bool]) -> list[tuple[Path, dict]]:

@@ -5,6 +5,7 @@ silently), numbers are rounded for people, messages name no server path, and the
 prune-rate hint, the saved size) say what happened."""
 from __future__ import annotations
 
+import re
 import warnings
 import zipfile
 from pathlib import Path
@@ -218,5 +219,6 @@ def test_the_plan_reads_as_settings_not_python(state):
     exp = score.export_yaml({"state": state, "base": "demo:base", "fts": FTS, **ui_values(preset="dppa")})
     plan = score.plan_yaml({"state": state, "yaml_code": exp["yaml_code"]})["yaml_plan"]
     assert "settings: dp_lambda 0.08, dp_outlier_m 5," in plan and "normalize false" in plan
-    assert "None" not in plan and "0.00 GB" not in plan and "under 10 MB" in plan
+    assert "None" not in plan and "0.00 GB" not in plan and "time: under 1 s" in plan
+    assert re.search(r"estimated peak memory: [1-9][0-9.]* [kM]B; disk: [1-9][0-9.]* MB", plan), plan
     assert not any(r in plan for r in map(str, model_roots()))

@@ -282,12 +282,11 @@ def plan_yaml(v: dict) -> dict:
 
 
 _SETTING = re.compile(r"(\w+)=(\[[^\]]*\]|\{[^}]*\}|[^,]+)")
-_GB = re.compile(r"([0-9.]+) GB")
 
 
 def plan_lines(plan: str) -> list[str]:
     """The engine's dry-run report for people: no server paths (its base and model lines), no
-    per-tensor lines, settings without Python's None and 5.0, sizes in the unit that shows them."""
+    per-tensor lines, settings without Python's None and 5.0."""
     out = []
     for ln in plan.splitlines():
         if ln.startswith(("tensor ", "model: ", "base: ", "method: ")):
@@ -295,8 +294,6 @@ def plan_lines(plan: str) -> list[str]:
         if ln.startswith("parameters: "):
             kv = [(k, v.strip()) for k, v in _SETTING.findall(ln[len("parameters: "):]) if v.strip() != "None"]
             ln = "settings: " + ", ".join(f"{k} {_number(v)}" for k, v in kv)
-        elif ln.startswith("estimated peak memory"):
-            ln = _GB.sub(lambda m: _gigabytes(float(m.group(1))), ln).replace("time: ~0 s", "time: under 1 s")
         out.append(ln)
     return out
 
@@ -308,13 +305,6 @@ def _number(v: str) -> str:
         return fmt(float(v))
     except ValueError:
         return v
-
-
-def _gigabytes(gb: float) -> str:
-    """A size the report gives in GB (2 decimals) in the unit that shows it."""
-    if gb >= 1:
-        return f"{fmt(gb)} GB"
-    return "under 10 MB" if gb < 0.01 else f"{fmt(gb * 1000)} MB"
 
 
 def merge_yaml(v: dict) -> dict:
