@@ -23,6 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 for k, v in {"HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "GRADIO_ANALYTICS_ENABLED": "False"}.items():
     os.environ.setdefault(k, v)
 os.environ["DPPA_UI_CACHE"] = tempfile.mkdtemp(prefix="dppa-ui-bench-apl-")     # a cold importance cache
@@ -33,22 +34,12 @@ warnings.filterwarnings("ignore")
 
 import torch  # noqa: E402
 
+from _handlers import FTS, nop, timed  # noqa: E402
 from dppa_ui.config import load_config  # noqa: E402
 from dppa_ui.ui import chat, inspect, merge, models, score  # noqa: E402
 from dppa_ui.ui.common import DEFAULT_UI, AppState  # noqa: E402
 
-FTS = ["demo:reverse", "demo:cipher", "demo:sort", "demo:brackets"]
 SMILE = {"smile_rank": 64, "smile_full": False, "smile_router": 8, "smile_k": 1, "smile_scope": "blocks (paper)"}
-
-
-def nop(*a, **k):
-    pass
-
-
-def timed(fn, *a):
-    t0 = time.perf_counter()
-    out = fn(*a)
-    return out, time.perf_counter() - t0
 
 
 def chat_once(state, prompt: str) -> tuple[list, float]:

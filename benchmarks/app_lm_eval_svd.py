@@ -28,6 +28,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 for k, v in {"HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "GRADIO_ANALYTICS_ENABLED": "False"}.items():
     os.environ.setdefault(k, v)
 
@@ -37,22 +38,12 @@ warnings.filterwarnings("ignore")
 
 import torch  # noqa: E402
 
+from _handlers import FTS, nop, timed  # noqa: E402
 from dppa_ui import analysis  # noqa: E402
 from dppa_ui.ui import inspect, lm_eval, merge, models  # noqa: E402
 from dppa_ui.ui.common import AppState, ui_values  # noqa: E402
 
-FTS = ["demo:reverse", "demo:cipher", "demo:sort", "demo:brackets"]
 MATRICES = ("model.layers.1.mlp.down_proj.weight", "model.embed_tokens.weight")
-
-
-def nop(*a, **k):
-    pass
-
-
-def timed(fn, *a):
-    t0 = time.perf_counter()
-    out = fn(*a)
-    return out, time.perf_counter() - t0
 
 
 def main() -> None:

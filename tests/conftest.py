@@ -11,6 +11,7 @@ Fixtures
   read_weights     read_weights(dir) -> {name: tensor} over every *.safetensors file of a folder.
   char_tokenizer   (function) the 64-token character tokenizer every tiny model is saved with
   chat_llama       (function) a tiny LlamaForCausalLM whose greedy replies are never empty
+DEMO_FTS: the demo family's four fine-tunes (assets/zoo), as the app's tests load them.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+DEMO_FTS = ["demo:reverse", "demo:cipher", "demo:sort", "demo:brackets"]
 TINY_LLAMA = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
                   intermediate_size=64)
 SPECIALS = ["<pad>", "<bos>", "<eos>", "<|user|>", "<|assistant|>", "<unk>"]

@@ -11,21 +11,15 @@ import time
 import traceback
 
 import pytest
+from conftest import DEMO_FTS
 
-from dppa_ui import zoo
+from gradio.state_holder import SessionState
 
-try:
-    zoo.demo_path("base")
-except ValueError:
-    pytest.skip("the demo family (assets/zoo) is not built", allow_module_level=True)
-
-from gradio.state_holder import SessionState  # noqa: E402
-
-from dppa_ui.ui import models  # noqa: E402
-from dppa_ui.ui.common import AppState, ui_values  # noqa: E402
+from dppa_ui.ui import models
+from dppa_ui.ui.common import AppState, ui_values
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
-FTS = ["demo:reverse", "demo:cipher", "demo:sort", "demo:brackets"]
+FTS = DEMO_FTS
 
 
 @pytest.fixture(scope="module")

@@ -9,18 +9,17 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import DEMO_FTS
 
 from dppa_ui import gpu, harness, zoo
 from dppa_ui.cli import main
 from dppa_ui.modelbuild import POOL
+from dppa_ui.ui import lm_eval, merge, models
+from dppa_ui.ui.common import AppState, ui_values
 
-pytestmark = [pytest.mark.usefixtures("one_thread"),
-              pytest.mark.skipif(not (zoo.ZOO_DIR / "reverse" / "config.json").is_file(), reason="assets/zoo is not built")]
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
-from dppa_ui.ui import lm_eval, merge, models  # noqa: E402
-from dppa_ui.ui.common import AppState, ui_values  # noqa: E402
-
-FTS = ["demo:reverse", "demo:cipher", "demo:sort", "demo:brackets"]
+FTS = DEMO_FTS
 TASKS = str(zoo.ZOO_DIR.parent / "lm_eval")
 
 

@@ -13,23 +13,19 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from conftest import DEMO_FTS
 
 pytest.importorskip("gradio_client")
 
-from dppa_ui import chat, zoo  # noqa: E402
+from dppa_ui import chat, zoo
 
-try:
-    zoo.demo_path("base")
-except ValueError:
-    pytest.skip("the demo family (assets/zoo) is not built", allow_module_level=True)
-
-from dppa_ui.ui.common import api_controls  # noqa: E402
-from dppa_ui.ui.score import DEMO_SUITE, UPLOAD_SUITE, demo_items  # noqa: E402
+from dppa_ui.ui.common import api_controls
+from dppa_ui.ui.score import DEMO_SUITE, UPLOAD_SUITE, demo_items
 
 pytestmark = pytest.mark.browser
 
 ROOT = Path(__file__).resolve().parents[1]
-FTS = ["demo:reverse", "demo:cipher", "demo:sort", "demo:brackets"]
+FTS = DEMO_FTS
 
 
 def free_port() -> int:

@@ -8,20 +8,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import DEMO_FTS
 
 from dppa_ui import zoo
 
-try:
-    zoo.demo_path("base")
-except ValueError:
-    pytest.skip("the demo family (assets/zoo) is not built", allow_module_level=True)
-
-from dppa_ui.controls import MethodControls  # noqa: E402
-from dppa_ui.ui import chat, inspect, lessons, merge, method, models, score  # noqa: E402
-from dppa_ui.ui.common import DEFAULT_UI, AppState, controls_from, ui_values, values_of  # noqa: E402
+from dppa_ui.controls import MethodControls
+from dppa_ui.ui import chat, inspect, lessons, merge, method, models, score
+from dppa_ui.ui.common import DEFAULT_UI, AppState, controls_from, ui_values, values_of
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
-FTS = ["demo:reverse", "demo:cipher", "demo:sort", "demo:brackets"]
+FTS = DEMO_FTS
 
 
 class Progress:
@@ -391,9 +387,9 @@ def test_smile_bad_settings_are_refused_by_name(state):
 
 # ----------------------------------------------------------------------------------- 7 · Search
 
-from dppa_ui import search as core_search  # noqa: E402
-from dppa_ui.config import load_config  # noqa: E402
-from dppa_ui.ui import search as search_ui  # noqa: E402
+from dppa_ui import search as core_search
+from dppa_ui.config import load_config
+from dppa_ui.ui import search as search_ui
 
 
 @pytest.fixture(scope="module")

@@ -11,21 +11,15 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from conftest import DEMO_FTS
 
-from dppa_ui import zoo
-
-try:
-    zoo.demo_path("base")
-except ValueError:
-    pytest.skip("the demo family (assets/zoo) is not built", allow_module_level=True)
-
-from dppa_ui import figures  # noqa: E402
-from dppa_ui.ui import inspect, merge, method, models, score  # noqa: E402
-from dppa_ui.ui.common import AppState, controls_from, model_roots, ui_values  # noqa: E402
-from dppa_ui.ui.controls_ui import preset_view  # noqa: E402
+from dppa_ui import figures
+from dppa_ui.ui import inspect, merge, method, models, score
+from dppa_ui.ui.common import AppState, controls_from, model_roots, ui_values
+from dppa_ui.ui.controls_ui import preset_view
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
-FTS = ["demo:reverse", "demo:cipher", "demo:sort", "demo:brackets"]
+FTS = DEMO_FTS
 BOUNDS = {"density": (0.01, 1.0), "lambda_": (0.0, 3.0), "pcb_ratio": (0.01, 1.0)}
 
 
