@@ -133,12 +133,20 @@ def pcb_parts(ws, cfg: MergeConfig, name: str) -> dict | None:
     return {**parts, "scope": cfg.get("pcb_scope")}
 
 
+PCB_WAIT = 2.0         # seconds a view waits for PCB's whole-model statistics before it says "computing"
+
+
 def pcb_stats(ws, cfg: MergeConfig):
     """The whole model's PCB statistics the merge uses for `cfg` (None: scope tensor, or not PCB);
-    a ValueError the views show while they wait for DP's or APL's density maps."""
-    stats = ws.pcb_stats(cfg)
+    a ValueError the views show while they wait for DP's or APL's density maps, or while the
+    statistics themselves are computed in the background (the demo family's take milliseconds)."""
+    stats = ws.pcb_stats(cfg, wait=PCB_WAIT)
     if stats is None and cfg.combine == "pcb" and cfg.get("pcb_scope") == "model":
-        raise ValueError("PCB's whole-model statistics wait for the prune's density maps (being computed)")
+        p = ws.pcb_progress(cfg)
+        if p is None:
+            raise ValueError("PCB's whole-model statistics wait for the prune's density maps (being computed)")
+        raise ValueError(f"PCB's whole-model statistics (scope: model, as the merge computes them): {p.text()}; "
+                         f"the views follow when they are there")
     return stats
 
 

@@ -216,3 +216,36 @@ def test_the_plan_reads_as_settings_not_python(state):
     assert "None" not in plan and "0.00 GB" not in plan and "time: under 1 s" in plan
     assert re.search(r"estimated peak memory: [1-9][0-9.]* [kM]B; disk: [1-9][0-9.]* MB", plan), plan
     assert not any(r in plan for r in map(str, model_roots()))
+
+
+def test_pcb_whole_model_statistics_run_in_the_background_and_the_views_follow(state, monkeypatch):
+    """PCB at scope model needs passes over the whole model (minutes at 7 B): a view no longer
+    blocks its request on them; it says they are being computed, the timer runs, and its tick
+    redraws the views once they are there."""
+    import threading
+    import time
+    from dppa_ui import analysis
+    from dppa_ui.workspace import pcbstats
+    gate, real = threading.Event(), pcbstats.pcb_model_stats
+
+    def held(*a, **k):
+        assert gate.wait(60)
+        return real(*a, **k)
+    monkeypatch.setattr(pcbstats, "pcb_model_stats", held)
+    monkeypatch.setattr(analysis, "PCB_WAIT", 0.05)
+    v = view(state, preset="pcb")
+    inspect.inspect(v)                  # the chain's first view (the histogram needs no PCB statistics)
+    state.ws.stats.start(5.0)             # DP's statistics first: the status line names those while they run
+    deadline = time.monotonic() + 120
+    while state.ws.stats_progress(5.0).state != "done" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    pending = inspect.masks(v)
+    assert "PCB's whole-model statistics (scope: model, as the merge computes them): computing" \
+        in state_line(pending["mask_plot"]["value"])
+    assert inspect.apl_view(v)["stats_timer"].active is True
+    assert inspect.stats_tick(v)["stats_status"].startswith("⟳ PCB's whole-model statistics computing")
+    gate.set()
+    state.ws.pcb.get(state.ws.config(controls_from(v)), state.ws.align(state.ws.config(controls_from(v))), None)
+    done = inspect.stats_tick(v)
+    assert done["stats_timer"].active is False and state_line(done["mask_plot"]["value"]) == ""
+    assert "— pcb" in done["histogram"].layout.title.text

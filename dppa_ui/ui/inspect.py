@@ -94,6 +94,12 @@ def start_statistics(ws, cfg) -> None:
             pass
 
 
+def pcb_running(ws, cfg):
+    """The progress of PCB's whole-model statistics while they run in the background (else None)."""
+    p = ws.pcb_progress(cfg)
+    return p if p is not None and p.state == "running" else None
+
+
 def apl_running(ws, cfg) -> bool:
     """A `prune: apl` config whose importance is being computed in the background."""
     try:
@@ -151,25 +157,30 @@ def inspect(v: dict) -> dict:
             raise UserError("pick a module type")
         blocks = ws.access.blocks() or [0]
         name = ws.access.tensor_name(bounded(v["block"], "Block", blocks[0], blocks[-1], integer=True), v["module"])
+    except expected() as e:      # the controls' problem is said once, beside them (method.check)
+        return {"histogram": not_drawn(message(e)), "thresholds": [], "inspect_status": ""}
+    state: AppState = v["state"]
+    out = {}
+    if name != state.shown_tensor:      # the histogram moved to another tensor: the masks follow
+        state.shown_tensor = name
+        if name in ws.access.matrix_names():
+            out["matrix"] = gr.update(value=name)
+    try:
         shown, apl_pending = view_config(ws, cfg)
         rows = analysis.thresholds(ws, shown, name)
         drop = "random" if analysis.random_drop(shown) else shown.prune      # how the figure explains its lines
         fig = figures.histogram(analysis.histogram(ws, shown, name, rows), cfg.method_name, drop, cfg.amplify)
-    except expected() as e:      # the controls' problem is said once, beside them (method.check)
-        return {"histogram": not_drawn(message(e)), "thresholds": [], "inspect_status": ""}
+    except expected() as e:      # a view that waits (PCB's statistics) or cannot draw says why
+        return {**out, "histogram": not_drawn(message(e)), "thresholds": [], "tensor_name": f"`{name}`",
+                "inspect_status": ""}
     notes = []
     if rows and rows[0]["pending"]:
         notes.append(f"* DP's module densities: {pending_text(ws, cfg)}; the target density is shown until then")
     if apl_pending:
         notes.append(f"APL's module densities: {apl_pending_text(ws, cfg)}; the target density is shown until then")
     notes += [f"⚠ {n}" for n in ws.dp_notices(cfg)]
-    out = {"histogram": fig, "thresholds": threshold_rows(rows), "tensor_name": f"`{name}`",
-           "inspect_status": "  \n".join(notes)}
-    state: AppState = v["state"]
-    if name != state.shown_tensor:      # the histogram moved to another tensor: the masks follow
-        state.shown_tensor = name
-        if name in ws.access.matrix_names():
-            out["matrix"] = gr.update(value=name)
+    out.update({"histogram": fig, "thresholds": threshold_rows(rows), "tensor_name": f"`{name}`",
+                "inspect_status": "  \n".join(notes)})
     start_statistics(ws, cfg)
     return out
 
@@ -318,17 +329,19 @@ def apl_map(v: dict) -> dict:
 
 def apl_view(v: dict) -> dict:
     """The map again after a control or the fine-tune picker changed: from the cache only (the
-    button computes it). A `prune: apl` config whose importance is still being computed turns the
-    statistics timer on, so the views follow when it is there."""
+    button computes it). A `prune: apl` config whose importance, or a PCB config whose whole-model
+    statistics, are still being computed turn the statistics timer on, so the views follow when
+    they are there. It runs last in every chain that redraws the views."""
     try:
         ws, cfg = _setup(v)
+    except expected():
+        return {}
+    out = {"stats_timer": gr.Timer(active=True)} if apl_running(ws, cfg) or pcb_running(ws, cfg) else {}
+    try:
         i = _apl_index(v, ws)
         table = ws.apl_map(i, cfg, compute=False)
     except expected():
-        return {}
-    out = {}
-    if apl_running(ws, cfg):
-        out["stats_timer"] = gr.Timer(active=True)
+        return out
     if table is None:
         return {**out, "apl_plot": gr.update(visible=False),
                 "apl_note": f"not computed yet for {short(ws.access.ft_refs[i])}: press the button (a few seconds "
@@ -370,6 +383,9 @@ def stats_tick(v: dict) -> dict:
         return {"stats_status": f"⟳ whole-model statistics {running[0].text()}"}
     if cfg is not None and apl_running(ws, cfg):
         return {"stats_status": f"⟳ {apl_pending_text(ws, cfg)}"}
+    pcb = pcb_running(ws, cfg) if cfg is not None else None
+    if pcb is not None:
+        return {"stats_status": f"⟳ PCB's whole-model statistics {pcb.text()}"}
     out = {"stats_timer": gr.Timer(active=False), "summary": summary_markdown(ws),
            "stats_status": "" if all(p.state == "done" for p in progress)
            else f"whole-model statistics: {', '.join(p.text() for p in progress)}"}

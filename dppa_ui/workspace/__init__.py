@@ -4,6 +4,7 @@ components to this.
   access.py      ModelAccess: lazy per-tensor reads from the memory-mapped checkpoints
   statistics.py  StatsService: on-demand per tensor, whole-model in the background, disk cache
   importance.py  APLService: APL importance in the background (prune: apl) and the importance maps
+  pcbstats.py    PCBStatsService: PCB's whole-model statistics (scope: model) in the background
   runs.py        Runs: merges (and SMILE upscales) written to folders by the CLI's engine, the
                  leaderboard, archives
   (modelbuild)   the chat / score models, built by accelerate from those folders
@@ -14,9 +15,7 @@ the tensors on screen -> `merge` (engine, to a run folder) -> chat / score / sav
 from __future__ import annotations
 
 import copy
-import dataclasses
 import shutil
-import threading
 import tempfile
 import warnings
 from pathlib import Path
@@ -27,13 +26,14 @@ from ..config import MergeConfig, load_config, load_stages
 from ..controls import MethodControls
 from ..methods.dp import DPDensity
 from ..methods.pcb import PCBStats
-from ..pipeline import kept_fraction, pcb_model_stats
+from ..pipeline import kept_fraction
 from ..plan import n_layers_of
 from ..refs import RefPolicy, resolve_model
 from ..smile_model import SMILE_CONFIG
 from ..stats import DeltaStats
 from .access import ModelAccess, module_type
 from .importance import APLService
+from .pcbstats import PCBStatsService
 from .runs import MergeQueue, MergeRefused, Run, Runs, params_text, short, size_text
 from .statistics import DiskCache, Progress, StatsService
 
@@ -59,8 +59,7 @@ class Workspace:
         self.data_files: set[str] = set()           # files an `apl_data` may name (see allow_data)
         self.runs = Runs(self.temp_dir)
         self._dp: dict[tuple, tuple[dict[str, DPDensity], list[str]]] = {}
-        self._pcb: dict[tuple, PCBStats] = {}
-        self._pcb_lock = threading.Lock()
+        self.pcb: PCBStatsService | None = None
 
     # -- loading
 
@@ -87,7 +86,8 @@ class Workspace:
         self._drop_models()
         self.access, self.stats = access, StatsService(access, self.stats_cache)
         self.apl = APLService(access, self.data_files)
-        self._dp, self._pcb = {}, {}
+        self.pcb = PCBStatsService(access)
+        self._dp = {}
         if start_stats:
             self.stats.start()
         return self
@@ -106,9 +106,11 @@ class Workspace:
             self.stats.cancel()
         if self.apl is not None:
             self.apl.cancel()
+        if self.pcb is not None:
+            self.pcb.cancel()
         if self.access is not None:
             self.access.close()
-        self.access = self.stats = self.apl = None
+        self.access = self.stats = self.apl = self.pcb = None
 
     def allow_data(self, path: str | Path) -> None:
         """Let configs of this session name `path` as an `apl_data` file (the UI registers the
@@ -206,28 +208,24 @@ class Workspace:
                               gradient_at=cfg.get("apl_gradient_at"), density=density, apl_lambda=cfg.get("apl_lambda"),
                               compute=compute, progress=progress)
 
-    def pcb_stats(self, cfg: MergeConfig) -> PCBStats | None:
+    def pcb_stats(self, cfg: MergeConfig, wait: float | None = None) -> PCBStats | None:
         """PCB's whole-model statistics for `cfg` over the loaded models, as a `scope: model` merge
-        computes them (pipeline.pcb_model_stats: passes over every floating tensor); computed on
-        first use and cached. None for another combine, `scope: tensor`, or while DP's or APL's
-        density maps are still being computed."""
+        computes them, in the background (PCBStatsService): waits up to `wait` seconds (None: until
+        they are there). None for another combine, `scope: tensor`, while DP's or APL's density maps
+        are being computed, or while the statistics are."""
         if cfg.combine != "pcb" or cfg.get("pcb_scope") != "model":
             return None
         maps = self.dp_maps(cfg)
         if cfg.prune in ("dp", "apl") and maps is None:
             return None
-        acc = self.require()
-        idx = self.align(cfg)
-        # the weights and lambda scale the merged delta only: configs that differ in them share one
-        same = dataclasses.replace(cfg.with_settings({"lambda": 1.0}), models=[m.with_settings({"weight": 1.0}) for m in cfg.models])
-        key = (tuple(idx), same.to_yaml())
-        with self._pcb_lock:
-            if key not in self._pcb:
-                def load(name):
-                    base, fts = acc.views(name, counted=False)
-                    return base, [fts[j] for j in idx]
-                self._pcb[key] = pcb_model_stats([(n, cfg.for_tensor(n)) for n in acc.float_names], load, maps)[0]
-            return self._pcb[key]
+        self.require()
+        return self.pcb.get(cfg, self.align(cfg), maps, wait)
+
+    def pcb_progress(self, cfg: MergeConfig) -> Progress | None:
+        """The progress of `cfg`'s PCB statistics (None: not asked for, or not PCB at scope model)."""
+        if self.pcb is None or cfg.combine != "pcb" or cfg.get("pcb_scope") != "model":
+            return None
+        return self.pcb.progress(cfg, self.align(cfg))
 
     def kept_fraction(self, cfg: MergeConfig) -> list[float] | None:
         """Share of each fine-tune's delta entries the prune keeps (None while DP or APL wait)."""
