@@ -105,7 +105,7 @@ def main():
     for n in singles:
         cells = []
         cfg = load_config(config("APL", [n], 0.2, args.examples))
-        base_dir, (ft_dir,) = apl.ft_dirs(cfg)
+        base_dir, (ft_dir,) = apl.folders(cfg)
         td = apl.check_data(cfg, [ft_dir])[0]
         t0 = time.perf_counter()
         exact = apl.importance(base_dir, ft_dir, td, "module", "exact", use_cache=False)

@@ -237,6 +237,7 @@ def merge_pair(client, server: Server, base: str, fts: list[str], work: Path, k:
 def run_family(label: str, base: str, fts: list[str], args, work: Path) -> dict:
     from gradio_client import Client
 
+    from dppa_ui.refs import resolve_model
     from dppa_ui.ui import common, inspect, models
     from dppa_ui.ui.common import AppState
     r: dict = {"family": label, "load": load_avg()}
@@ -251,7 +252,7 @@ def run_family(label: str, base: str, fts: list[str], args, work: Path) -> dict:
             time.sleep(0.25)
             table = client.predict(0, "mlp.down_proj", *ctl(), api_name="/inspect")[1]
         r["stats_ready"] = time.perf_counter() - t0
-        paths = [str(models.resolve_model(x, policy=common.policy())) for x in [base, *fts]]
+        paths = [str(resolve_model(x, policy=common.policy())) for x in [base, *fts]]
         from dppa_ui.io import CheckpointReader
         with CheckpointReader(paths[0]) as rd:
             all_names = [n for n in rd.names if rd.dtype(n).is_floating_point]

@@ -33,7 +33,8 @@ import torch  # noqa: E402
 from dppa_ui import search  # noqa: E402
 from dppa_ui.config import load_config  # noqa: E402
 from dppa_ui.evaluation import geometric_objective, load_suite, score_state_dict  # noqa: E402
-from dppa_ui.io import read_state_dict, resolve_model  # noqa: E402
+from dppa_ui.io import read_state_dict  # noqa: E402
+from dppa_ui.refs import resolve_model  # noqa: E402
 from dppa_ui.inmemory import merge_state_dicts  # noqa: E402
 
 FINE_TUNES = ("reverse", "cipher", "sort", "brackets")

@@ -230,7 +230,7 @@ def folders(cfg: MergeConfig) -> tuple[Path, list[Path]]:
 
 
 def merge_inputs(cfg: MergeConfig, shapes: dict[str, tuple] | None = None, base_dir: Path | None = None,
-         ft_dirs: Sequence[Path] | None = None, device: str | torch.device = "cpu") -> APLInputs:
+                 ft_dirs: Sequence[Path] | None = None, device: str | torch.device = "cpu") -> APLInputs:
     """Importance of each fine-tune (cached), turned into density maps around each model's density
     and, with `apl_weights`, into merge weights. Folders default to the config's refs; `shapes`
     (tensor name -> shape) to the base checkpoint's."""

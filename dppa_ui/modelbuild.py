@@ -100,7 +100,7 @@ class Placement:
 
 
 def placement(model_dir: str | Path, *, max_memory: dict | None = None, dtype: torch.dtype | None = None,
-         headroom: float = 0.8) -> Placement:
+              headroom: float = 0.8) -> Placement:
     """Where the model of `model_dir` would go: accelerate's auto device map over `max_memory`
     (default: `headroom` x what is free now), in float32 when it fits on the CPU, else stored."""
     from accelerate import infer_auto_device_map
@@ -118,7 +118,7 @@ def placement(model_dir: str | Path, *, max_memory: dict | None = None, dtype: t
     dmap = infer_auto_device_map(sk, max_memory={**budget, "disk": 1 << 60}, dtype=dtype,
                                  no_split_module_classes=list(no_split))
     return Placement(dtype=dtype, bytes=size, max_memory=budget, offload="disk" in dmap.values(),
-                    device_map=dict(dmap))
+                     device_map=dict(dmap))
 
 
 def load(model_ref: str | Path, *, max_memory: dict | None = None, dtype: torch.dtype | None = None,
@@ -187,7 +187,7 @@ def load_smile(model_dir: Path, *, max_memory: dict | None = None, tokenizer_dir
     if chat_template:
         tok.chat_template = chat_template
     model.placement = Placement(dtype=torch.float32, bytes=size, max_memory=budget, offload=False,
-                               device_map={"": device})
+                                device_map={"": device})
     return model, tok
 
 

@@ -131,7 +131,7 @@ def _plan_models(cfg, readers, refs, index, shapes) -> MergePlan:
         # be the one with the fewest, so every input is checked, not only the donor
         rows = shape[0] if any(name in r and tuple(r.shape(name)) != tuple(shape) for r in readers) else None
         jobs.append(TensorJob(name, _view(cfg, name, t), (0, name) if base is not None else None,
-                        [(index[m.model], name) for m in cfg.models], tuple(shape), t, rows=rows))
+                              [(index[m.model], name) for m in cfg.models], tuple(shape), t, rows=rows))
     return MergePlan(refs, jobs, n_layers, [(0, i) for i in range(n_layers)])
 
 
@@ -159,7 +159,7 @@ def _plan_slices(cfg, readers, refs, index) -> MergePlan:
         for name in names:
             src_reader = readers[index[v.models[0].model]] if v.models else readers[b]
             jobs.append(TensorJob(name, v.for_tensor(name, 0.0), (b, name) if b is not None else None,
-                            [(index[m.model], name) for m in v.models], tuple(src_reader.shape(name)), 0.0, k))
+                                  [(index[m.model], name) for m in v.models], tuple(src_reader.shape(name)), 0.0, k))
 
     donor = readers[index[cfg.slices[0].sources[0].model]]
     non_layer = [n for n in donor.names if P.layer_of(n) is None]

@@ -171,8 +171,8 @@ def merge_stages(config, out: str | Path | None, *, intermediate_dir: str | Path
 def _apl_maps(cfg: MergeConfig, inputs: engine.Inputs, tmp: Path, dev: torch.device, log) -> tuple[list, MergeConfig]:
     """APL's density maps and the config with its merge weights (the importance is cached), its
     report written beside the weights."""
-    aplan = apl.merge_inputs(cfg, {n: inputs.shapes[n] for n in inputs.float_names}, inputs.base_dir, inputs.ft_dirs,
-                     device=dev)
+    aplan = apl.merge_inputs(cfg, {n: inputs.shapes[n] for n in inputs.float_names}, inputs.base_dir,
+                             inputs.ft_dirs, device=dev)
     (tmp / apl.APL_FILE).write_text(json.dumps(apl.report(cfg, aplan), indent=1))
     for m, w in zip(cfg.models, aplan.weights):
         log(f"apl: {m.model} merge weight x{w:.3f}")

@@ -199,7 +199,7 @@ def _params(cfg: MergeConfig, raw) -> list[SearchParam]:
             out.append(SearchParam(name, key, "all", index, lo, hi, init))
         else:
             out += [SearchParam(f"models[{i}].{key}" + (f"[{index}]" if index is not None else ""), key, i, index,
-                          lo, hi, init) for i in models]
+                                lo, hi, init) for i in models]
     names = [p.name for p in out]
     dup = {n for n in names if names.count(n) > 1}
     if dup:

@@ -3,7 +3,6 @@ the deltas computed here from the files: thresholds are the exact k-th largest |
 module's density, DARE counts its real mask, histograms count every entry once."""
 from __future__ import annotations
 
-import dataclasses
 import os
 
 import pytest

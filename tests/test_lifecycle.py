@@ -19,7 +19,6 @@ from pathlib import Path
 import pytest
 
 from dppa_ui import io, lifecycle, runner
-from dppa_ui.cli import main
 from test_cli import assert_one_line_error, run_main, write_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,7 +32,6 @@ def slow(*a, **k):
     time.sleep(float(sys.argv[1]))
     return merge_tensor(*a, **k)
 engine.merge_tensor = slow
-from dppa_ui.cli import main
 raise SystemExit(main(sys.argv[2:]))
 """
 

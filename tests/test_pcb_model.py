@@ -3,7 +3,6 @@ the exact order statistics the passes rest on (StreamedSelect), the statistics t
 the whole flattened matrix, and the engine's streamed merge against the official flattening."""
 from __future__ import annotations
 
-import dataclasses
 
 import numpy as np
 import pytest

@@ -17,7 +17,7 @@ from conftest import DEMO_FTS
 
 pytest.importorskip("gradio_client")
 
-from dppa_ui import chat, zoo
+from dppa_ui import chat
 
 from dppa_ui.ui.common import api_controls
 from dppa_ui.ui.score import DEMO_SUITE, UPLOAD_SUITE, demo_items
