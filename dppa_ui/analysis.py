@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from . import params as P
 from .config import MergeConfig
 from .methods import band_edges, breadcrumbs_counts, della_curve, keep_count, tensor_generator
+from .methods.dpa import band_factors
 from .methods.iso import iso_cts_factors, iso_cts_split, task_sum
 from .methods.pcb import balancing
 from .methods.sce import sce_select_mask
@@ -106,19 +107,63 @@ def thresholds(ws, cfg: MergeConfig, name: str) -> list[dict]:
             row["kept"] = int(row["kept_mask"].sum())
             row["pcb_ratio"], row["pcb_cut"] = pcb["ratio"], float(pcb["cut"][i])
     if cfg.amplify == "dpa":  # the kept |δ| mass before and after each band's α
-        before, after = amplified_deltas(ws, cfg, name)
+        view = cfg.for_tensor(name)
+        fast = ranked_bands(cfg, view, stp)
+        if not fast:
+            before, after = amplified_deltas(ws, cfg, name)
         for i, row in enumerate(out):
-            m = cfg.for_tensor(name).models[i]
+            m = view.models[i]
             row["alphas"] = list(m.get("amplification"))
-            mass = float(before[i].abs().sum())
-            row["mass_ratio"] = float(after[i].abs().sum()) / mass if mass > 0 else None
+            if fast:
+                row["factors"] = band_factors(m.get("amplification"), view.get("dpa_bands"))
+                k = row["kept"]
+                row["band_ranks"] = ends = [min(keep_count(f, n), k) for f in row["band_fractions"]] + [k]
+                top = [acc.top_mass(name, row["index"], e) for e in ends]
+                mass = top[-1]
+                amplified = sum(f * (hi - lo) for f, lo, hi in zip(row["factors"], [0.0, *top[:-1]], top))
+            else:
+                mass, amplified = float(before[i].abs().sum()), float(after[i].abs().sum())
+            row["mass_ratio"] = amplified / mass if mass > 0 else None
     return out
+
+
+def ranked_bands(cfg: MergeConfig, view: MergeConfig, stp: list[Step]) -> bool:
+    """Whether DPA's bands on `view` are ranks of |δ| among what a plain magnitude prune keeps (the
+    magnitude and DP prunes without a rescale, every fine-tune pruned at one density): then the
+    views read its kept and amplified mass and distribution off the sorted |δ| (access.top_mass,
+    the thresholds' band edges) instead of pruning and amplifying every fine-tune's tensor."""
+    return (cfg.amplify == "dpa" and cfg.prune in ("magnitude", "dp")
+            and all(s.prune and s.rows is None for s in stp)
+            and all(m.get("rescale") == "none" for m in view.models))
 
 
 def amplified_deltas(ws, cfg: MergeConfig, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(before, after): each config model's delta of `name` after the prune alone, and after the
     prune and DPA's bands (what the combine receives), both by the pipeline's own stages."""
     return (pruned_deltas(ws, dataclasses.replace(cfg, amplify="none"), name), pruned_deltas(ws, cfg, name))
+
+
+def amplified_samples(ws, cfg: MergeConfig, name: str, idx: list[int], stp: list[Step], rows: list[dict],
+                      samples: list[torch.Tensor]) -> list[torch.Tensor]:
+    """log10 |δ| of the histogram's sample of each fine-tune after the prune and DPA's bands (α can
+    carry the kept entries past the largest |δ|; dropped ones are -inf). Where the bands are ranks
+    (ranked_bands), each sampled entry's band is read off the cuts of the whole tensor's ranks
+    (access.top_cut, ties included), without pruning it; otherwise from the pipeline's tensors."""
+    if not ranked_bands(cfg, cfg.for_tensor(name), stp):
+        return [sample_flat(d.reshape(-1), HIST_SAMPLE).abs().log10() for d in amplified_deltas(ws, cfg, name)[1]]
+    acc, out = ws.access, []
+    n = acc.numel[name]
+    at = sample_flat(torch.arange(n), HIST_SAMPLE)          # the flat index of each sampled entry
+    for row, logs in zip(rows, samples):
+        a = sample_flat(acc.delta(name, row["index"]), HIST_SAMPLE).abs()
+        shift = torch.full_like(logs, -math.inf)
+        for r, f in reversed(list(zip(row["band_ranks"], row["factors"]))):   # narrower bands overwrite
+            cut = acc.top_cut(name, row["index"], r)
+            if cut is not None:
+                x, p = cut
+                shift[(a > x) | ((a == x) & (at < p))] = math.log10(abs(f)) if f != 0 else -math.inf
+        out.append(logs + shift)
+    return out
 
 
 def pcb_parts(ws, cfg: MergeConfig, name: str) -> dict | None:
@@ -151,10 +196,16 @@ def pcb_stats(ws, cfg: MergeConfig):
 
 
 def pruned_deltas(ws, cfg: MergeConfig, name: str) -> torch.Tensor:
-    """(n, ...) each config model's delta of `name` after the pipeline's own prune (and amplify)."""
+    """(n, ...) each config model's delta of `name` after the pipeline's own prune (and amplify).
+    Kept in the view cache under everything it depends on (the masks and the merged-delta view of
+    one redraw both need it: at 0.5 B a prune of every fine-tune is ~0.3 s); a copy is returned,
+    as callers may work in place."""
     idx, stp, _ = steps(ws, cfg, name)
-    return torch.stack([prune_amplify(cfg, i, name, ws.access.delta(name, j), step)
-                        for i, (j, step) in enumerate(zip(idx, stp))])
+    view = cfg.for_tensor(name)
+    key = ("pruned", name, tuple(idx), repr(stp), cfg.stages, cfg.seed, repr(sorted(view.settings.items())),
+           tuple(repr(sorted(m.settings.items())) for m in view.models))
+    return ws.access.memo(key, lambda: torch.stack([prune_amplify(cfg, i, name, ws.access.delta(name, j), step)
+                                                    for i, (j, step) in enumerate(zip(idx, stp))])).clone()
 
 
 def sce_topk(cfg: MergeConfig, name: str) -> float | None:
@@ -208,8 +259,7 @@ def histogram(ws, cfg: MergeConfig, name: str, rows: list[dict] | None = None) -
     idx, stp, _ = steps(ws, cfg, name)
     rows = thresholds(ws, cfg, name) if rows is None else rows
     samples = [_log_sample(ws, name, j) for j in idx]
-    amplified = ([sample_flat(d.reshape(-1), HIST_SAMPLE).abs().log10() for d in amplified_deltas(ws, cfg, name)[1]]
-                 if cfg.amplify == "dpa" else [])    # α can carry the kept entries past the largest |δ|
+    amplified = amplified_samples(ws, cfg, name, idx, stp, rows, samples) if cfg.amplify == "dpa" else []
     finite = [s[torch.isfinite(s)] for s in samples + amplified]
     lo = min((float(s.min()) for s in finite if s.numel()), default=-8.0)
     hi = max((float(s.max()) for s in finite if s.numel()), default=0.0)

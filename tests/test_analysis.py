@@ -241,3 +241,45 @@ def test_merged_delta_is_the_merge_s_beside_task_arithmetic(ws):
     assert d["nonzero"][0] == pytest.approx(float((before != 0).float().mean()))
     assert d["norm_ratio"] == pytest.approx(float(after.norm() / before.norm()), rel=1e-4)
     assert analysis.merged_delta(ws, cfg(ws, preset="linear"), NAME) is None         # an interpolation: none
+
+
+@pytest.mark.parametrize("over", [{}, {"alpha1": 3.6, "alpha2": 0.5}, {"alpha1": 0.5, "alpha2": 2.0}, {"density": 0.05}])
+def test_dpa_views_read_off_the_ranks_equal_the_pipeline_s_amplified_deltas(over, tiny_llama, tmp_path):
+    """The DPA views (kept mass after / before, the amplified histogram) are read off the sorted |δ|
+    and the cuts of its ranks instead of pruning and amplifying every fine-tune (1 s a slider move at
+    0.5 B): they must equal the pipeline's own tensors, ties at the cuts included (bf16 deltas have
+    many)."""
+    fam = tiny_llama("dpa-ties", n_ft=3, dtype=torch.bfloat16)
+    ws = Workspace(temp_root=tmp_path).load(str(fam.base), [str(p) for p in fam.fts], start_stats=False)
+    try:
+        ws.stats.start(5.0)
+        ws.stats.wait(timeout=120)
+        c = MethodControls(preset="dppa", density=over.get("density", 0.3),
+                           alphas=(over.get("alpha1", 1.8), over.get("alpha2", 1.0)))
+        cfg = analysis.fine_tunes(ws.config(c))
+        ties = checked = 0
+        for name in ws.access.matrix_names():
+            idx, stp, _ = analysis.steps(ws, cfg, name)
+            if not analysis.ranked_bands(cfg, cfg.for_tensor(name), stp):
+                assert "layers" not in name          # DP keeps the embeddings and lm_head whole
+                continue
+            checked += 1
+            rows = analysis.thresholds(ws, cfg, name)
+            before, after = analysis.amplified_deltas(ws, cfg, name)
+            samples = [analysis._log_sample(ws, name, j) for j in idx]
+            fast = analysis.amplified_samples(ws, cfg, name, idx, stp, rows, samples)
+            for i, row in enumerate(rows):
+                a = ws.access.delta(name, idx[i]).abs()
+                ties += int((a == row["threshold"]).sum()) - 1 if row["threshold"] is not None else 0
+                mass = float(before[i].abs().double().sum())
+                if mass == 0:
+                    assert row["mass_ratio"] is None
+                else:
+                    assert row["mass_ratio"] == pytest.approx(float(after[i].abs().double().sum()) / mass, rel=1e-6)
+                ref = analysis.sample_flat(after[i].reshape(-1), analysis.HIST_SAMPLE).abs().log10()
+                assert torch.equal(torch.isfinite(fast[i]), torch.isfinite(ref))
+                keep = torch.isfinite(ref)
+                assert torch.allclose(fast[i][keep], ref[keep], atol=1e-5)
+        assert checked >= 14 and ties > 0        # every block matrix, ties at the cuts among them
+    finally:
+        ws.close()

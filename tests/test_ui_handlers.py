@@ -376,8 +376,8 @@ def test_smile_upscale_chats_with_routing_and_scores_with_routing_accuracy(state
 
 def test_smile_bad_settings_are_refused_by_name(state):
     n = len(state.ws.runs.items)
-    for bad, text in [(dict(smile_rank=500), "at most 128"), (dict(smile_k=5), "more than the 4 fine-tune(s)"),
-                      (dict(smile_router=float("nan")), "finite")]:
+    for bad, text in [(dict(smile_rank=200), "at most 128"), (dict(smile_rank=500), "outside its range 1 to 256"),
+                      (dict(smile_k=5), "more than the 4 fine-tune(s)"), (dict(smile_router=float("nan")), "finite")]:
         out = merge.upscale({"state": state, "progress": Progress(), **SMILE, **bad})
         assert out["smile_size"].startswith("⚠") and text in out["smile_size"], out
     assert len(state.ws.runs.items) == n                                   # nothing was built

@@ -225,6 +225,45 @@ class ModelAccess:
             self._sort_later(name, index)
         return float(kth_largest(self.delta(name, index).abs(), k))
 
+    def top_mass(self, name: str, index: int, r: int) -> float:
+        """Σ of the r largest |δ| of fine-tune `index` in `name` (what a magnitude prune keeping r
+        entries keeps, whichever of tied entries it picks): from the sorted |δ| when it is there,
+        else one pass, Σ_{|δ| > x} |δ| + (r - #{|δ| > x}) x with x the r-th largest."""
+        n = self.numel[name]
+        r = min(max(int(r), 0), n)
+        if r == 0:
+            return 0.0
+        s = self.cached(("sorted", name, index)) if n <= SORT_LIMIT else None
+        if s is not None:
+            return float(s[n - r:].sum(dtype=torch.float64))
+        x = self.value_at_rank(name, index, r)
+        a = self.delta(name, index).abs().reshape(-1)
+        above = a > x
+        return float(a[above].sum(dtype=torch.float64)) + (r - int(above.sum())) * x
+
+    def top_cut(self, name: str, index: int, r: int) -> tuple[float, int] | None:
+        """Where a magnitude prune keeping the r largest |δ| of fine-tune `index` cuts (x, p): it
+        keeps every |δ| > x and the |δ| == x before flat index p (ties keep the lowest index, as
+        methods.select.topk_mask); None for r < 1."""
+        n = self.numel[name]
+        r = min(int(r), n)
+        if r < 1:
+            return None
+        x = self.value_at_rank(name, index, r)
+        s = self.cached(("sorted", name, index)) if n <= SORT_LIMIT else None
+        a = None
+        if s is not None:         # counts from the sorted |δ|: a pass only when some ties are dropped
+            lo, hi = (int(torch.searchsorted(s, torch.tensor(x, dtype=s.dtype), right=b)) for b in (False, True))
+            above, equal = n - hi, hi - lo
+        else:
+            a = self.delta(name, index).abs().reshape(-1)
+            above, equal = int((a > x).sum()), int((a == x).sum())
+        need = r - above
+        if need >= equal:
+            return x, n
+        a = self.delta(name, index).abs().reshape(-1) if a is None else a
+        return x, int((a == x).nonzero()[need, 0])
+
     def _sort_later(self, name: str, index: int) -> None:
         key = ("sorted", name, index)
         with self._lock:
