@@ -6,16 +6,18 @@ the same flow as a browser.
 """
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 
 import gradio as gr
 
+from .. import figures
 from ..modelbuild import warm_up
 from ..refs import resolve_model
 from . import chat, inspect, lessons, merge, method, models, score, search
 from .choices import demo_choices
-from .common import CONCURRENCY, SESSION_TTL, AppState, close_state, stop_on_signals, sweep_temp
+from .common import CONCURRENCY, FIRST_VIEW, SESSION_TTL, AppState, close_state, stop_on_signals, sweep_temp
 from .page import Page
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
@@ -100,12 +102,20 @@ def build_app() -> gr.Blocks:
     # ("cannot import name 'AutoModelForCausalLM'"): resolve them here, before any handler runs; the
     # rest of the warm-up (the first chat would otherwise wait seconds for it) runs beside the page.
     from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
-    # plotly loads each trace type on first use (~0.3 s): here, not in the first view.
-    import plotly.graph_objects as go
-    go.Figure([go.Scatter(), go.Bar(), go.Heatmap()])
+    figures.warm_up()           # plotly's lazy imports here, not in the first view
     base = demo_choices()[1]
-    threading.Thread(target=warm_up, args=(resolve_model(base) if base else None,), daemon=True,
+    threading.Thread(target=_warm_up_later, args=(resolve_model(base) if base else None,), daemon=True,
                      name="dppa-ui-warm-up").start()
     return demo
+
+
+def _warm_up_later(model_dir) -> None:
+    """The chat warm-up, after the first view is drawn (or 20 s), at the lowest CPU priority."""
+    FIRST_VIEW.wait(20)
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (AttributeError, OSError):
+        pass
+    warm_up(model_dir)
 
 

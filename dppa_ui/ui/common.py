@@ -38,6 +38,9 @@ def _env_float(name: str, default: float) -> float:
 MAX_MERGES = max(1, int(_env_float("DPPA_UI_MAX_MERGES", 1)))
 CONCURRENCY = max(1, int(_env_float("DPPA_UI_CONCURRENCY", 2)))
 SESSION_TTL = _env_float("DPPA_UI_SESSION_TTL", 4 * 3600)      # seconds since the session's last event
+# Set once any session's first histogram is drawn: the chat warm-up waits for it (up to a while), so
+# the first view after a start does not share the CPU with transformers' imports.
+FIRST_VIEW = threading.Event()
 SCORE_PER_DOMAIN = int(_env_float("DPPA_UI_SCORE_PER_DOMAIN", 50))
 MAX_UPLOAD_ITEMS = int(_env_float("DPPA_UI_MAX_UPLOAD_ITEMS", 2000))
 DOWNLOAD_LIMIT = int(_env_float("DPPA_UI_MAX_DOWNLOAD_BYTES", 200e6))

@@ -12,7 +12,7 @@ import torch
 
 from .. import analysis, figures
 from ..workspace import short
-from .common import CONTROL_KEYS, AppState, UserError, bounded, expected, fmt, lenient, message, warn
+from .common import CONTROL_KEYS, FIRST_VIEW, AppState, UserError, bounded, expected, fmt, lenient, message, warn
 from .controls_ui import controls_of
 from .reports import summary_markdown
 
@@ -181,6 +181,7 @@ def inspect(v: dict) -> dict:
     notes += [f"⚠ {n}" for n in ws.dp_notices(cfg)]
     out.update({"histogram": fig, "thresholds": threshold_rows(rows), "tensor_name": f"`{name}`",
                 "inspect_status": "  \n".join(notes)})
+    FIRST_VIEW.set()
     start_statistics(ws, cfg)
     return out
 

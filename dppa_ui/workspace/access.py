@@ -121,6 +121,7 @@ class ModelAccess:
         self._lock = threading.RLock()
         self._sorter = None                       # the background sorts (value_at_rank)
         self._sorting: set[tuple] = set()
+        self._ranks: dict[tuple, float] = {}       # (name, index, k) -> value_at_rank, before the sort is there
         self._index()
 
     # -- what is there (headers only)
@@ -223,7 +224,12 @@ class ModelAccess:
             if s is not None:
                 return float(s[n - k])
             self._sort_later(name, index)
-        return float(kth_largest(self.delta(name, index).abs(), k))
+        key = (name, index, k)          # one view asks for a cut several times (threshold, mass, bands)
+        if key not in self._ranks:
+            if len(self._ranks) > 4096:
+                self._ranks.clear()
+            self._ranks[key] = float(kth_largest(self.delta(name, index).abs(), k))
+        return self._ranks[key]
 
     def top_mass(self, name: str, index: int, r: int) -> float:
         """Σ of the r largest |δ| of fine-tune `index` in `name` (what a magnitude prune keeping r
