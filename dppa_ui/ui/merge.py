@@ -81,8 +81,16 @@ def merge(v: dict):
     state.cancel.clear()
     t0 = time.perf_counter()
 
+    last = [0.0]
+
     def tick(done: int, total: int):
-        left = (time.perf_counter() - t0) / max(done, 1) * (total - done)
+        # at most 4 updates a second: each one is work for the server's event loop, which shares
+        # the GIL with the merge (a 0.5 B model has ~250 tensors, a 7 B one ~300, quickly done)
+        now = time.perf_counter()
+        if now - last[0] < 0.25 and done < total:
+            return
+        last[0] = now
+        left = (now - t0) / max(done, 1) * (total - done)
         progress((done, total), desc=f"merging: {done}/{total} tensors, ~{left:.1f} s left", unit="tensors")
 
     try:
