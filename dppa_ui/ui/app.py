@@ -12,7 +12,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from .. import figures
+from .. import figures, lifecycle
 from ..modelbuild import warm_up
 from ..refs import resolve_model
 from . import chat, inspect, lessons, merge, method, models, score, search
@@ -110,8 +110,12 @@ def build_app() -> gr.Blocks:
 
 
 def _warm_up_later(model_dir) -> None:
-    """The chat warm-up, after the first view is drawn (or 20 s), at the lowest CPU priority."""
-    FIRST_VIEW.wait(20)
+    """The chat warm-up, after the first view is drawn (or 3 s: a page opens sooner, an API client
+    may never draw one), at the lowest CPU priority; not once the server is stopping (an import in
+    a thread while the interpreter exits aborts the process)."""
+    FIRST_VIEW.wait(3)
+    if lifecycle.STOP.is_set():
+        return
     try:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
     except (AttributeError, OSError):

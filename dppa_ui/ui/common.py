@@ -143,7 +143,11 @@ def stop_on_signals(signals=(signal.SIGTERM,)) -> None:
                  + f"server files removed ({lifecycle.size_text(freed)})")
             if callable(previous) and previous not in (signal.SIG_DFL, signal.SIG_IGN, signal.default_int_handler):
                 previous(signum, frame)     # e.g. gradio's: stop its Node server
-            raise SystemExit(128 + signum)
+            # Out at once, the clean-up done: the interpreter's own exit would wait on, or destroy
+            # under, threads still inside torch (a view, the chat warm-up), and abort the process.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(128 + signum)
 
         handler._dppa_ui = True
         signal.signal(sig, handler)
