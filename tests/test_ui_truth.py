@@ -249,3 +249,13 @@ def test_pcb_whole_model_statistics_run_in_the_background_and_the_views_follow(s
     done = inspect.stats_tick(v)
     assert done["stats_timer"].active is False and state_line(done["mask_plot"]["value"]) == ""
     assert "— pcb" in done["histogram"].layout.title.text
+
+
+def test_auto_lambda_stopped_before_its_first_candidate_says_so_not_failed(state, monkeypatch):
+    """Stop pressed before PCB's λ search scored a candidate gave "⚠ λ search failed"."""
+    def stopped(*a, **k):
+        raise InterruptedError("search cancelled before any candidate was scored")
+    monkeypatch.setattr(state.ws, "search", stopped)
+    outs = list(method.auto_lambda(view(state, preset="pcb")))
+    assert outs[-1]["lambda_status"] == ("■ auto λ stopped early, before any candidate was scored: the weights are "
+                                         "unchanged")

@@ -253,6 +253,10 @@ def auto_lambda(v: dict):
     finally:
         if not job.done.is_set():
             state.cancel.set()
+    if isinstance(job.error, InterruptedError):       # Stop before the first candidate was scored
+        yield {"lambda_status": f"■ auto λ stopped early, before any candidate was scored: the weights are "
+                                f"unchanged"}
+        return
     if isinstance(job.error, expected()):
         yield {"lambda_status": warn(f"λ search failed: {message(job.error)}")}
         return
