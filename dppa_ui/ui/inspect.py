@@ -96,7 +96,10 @@ def start_statistics(ws, cfg) -> None:
 
 def pcb_running(ws, cfg):
     """The progress of PCB's whole-model statistics while they run in the background (else None)."""
-    p = ws.pcb_progress(cfg)
+    try:
+        p = ws.pcb_progress(cfg)
+    except expected():          # the views say what is wrong with the config
+        return None
     return p if p is not None and p.state == "running" else None
 
 
