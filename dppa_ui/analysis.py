@@ -143,13 +143,14 @@ def amplified_deltas(ws, cfg: MergeConfig, name: str) -> tuple[torch.Tensor, tor
     return (pruned_deltas(ws, dataclasses.replace(cfg, amplify="none"), name), pruned_deltas(ws, cfg, name))
 
 
-def amplified_samples(ws, cfg: MergeConfig, name: str, idx: list[int], stp: list[Step], rows: list[dict],
+def amplified_samples(ws, cfg: MergeConfig, name: str, rows: list[dict],
                       samples: list[torch.Tensor]) -> list[torch.Tensor]:
     """log10 |δ| of the histogram's sample of each fine-tune after the prune and DPA's bands (α can
     carry the kept entries past the largest |δ|; dropped ones are -inf). Where the bands are ranks
-    (ranked_bands), each sampled entry's band is read off the cuts of the whole tensor's ranks
-    (access.top_cut, ties included), without pruning it; otherwise from the pipeline's tensors."""
-    if not ranked_bands(cfg, cfg.for_tensor(name), stp):
+    (`thresholds` gave each row its "band_ranks": ranked_bands), each sampled entry's band is read
+    off the cuts of the whole tensor's ranks (access.top_cut, ties included), without pruning it;
+    otherwise from the pipeline's tensors."""
+    if not all("band_ranks" in row for row in rows):
         return [sample_flat(d.reshape(-1), HIST_SAMPLE).abs().log10() for d in amplified_deltas(ws, cfg, name)[1]]
     acc, out = ws.access, []
     n = acc.numel[name]
@@ -259,7 +260,7 @@ def histogram(ws, cfg: MergeConfig, name: str, rows: list[dict] | None = None) -
     idx, stp, _ = steps(ws, cfg, name)
     rows = thresholds(ws, cfg, name) if rows is None else rows
     samples = [_log_sample(ws, name, j) for j in idx]
-    amplified = amplified_samples(ws, cfg, name, idx, stp, rows, samples) if cfg.amplify == "dpa" else []
+    amplified = amplified_samples(ws, cfg, name, rows, samples) if cfg.amplify == "dpa" else []
     finite = [s[torch.isfinite(s)] for s in samples + amplified]
     lo = min((float(s.min()) for s in finite if s.numel()), default=-8.0)
     hi = max((float(s.max()) for s in finite if s.numel()), default=0.0)

@@ -267,7 +267,7 @@ def test_dpa_views_read_off_the_ranks_equal_the_pipeline_s_amplified_deltas(over
             rows = analysis.thresholds(ws, cfg, name)
             before, after = analysis.amplified_deltas(ws, cfg, name)
             samples = [analysis._log_sample(ws, name, j) for j in idx]
-            fast = analysis.amplified_samples(ws, cfg, name, idx, stp, rows, samples)
+            fast = analysis.amplified_samples(ws, cfg, name, rows, samples)
             for i, row in enumerate(rows):
                 a = ws.access.delta(name, idx[i]).abs()
                 ties += int((a == row["threshold"]).sum()) - 1 if row["threshold"] is not None else 0
