@@ -6,7 +6,6 @@ the same flow as a browser.
 """
 from __future__ import annotations
 
-import os
 import threading
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import gradio as gr
 from .. import figures, lifecycle
 from ..modelbuild import warm_up
 from ..refs import resolve_model
+from ..workspace.access import lowest_priority
 from . import chat, inspect, lessons, merge, method, models, score, search
 from .choices import demo_choices
 from .common import CONCURRENCY, FIRST_VIEW, SESSION_TTL, AppState, close_state, stop_on_signals, sweep_temp
@@ -116,10 +116,7 @@ def _warm_up_later(model_dir) -> None:
     FIRST_VIEW.wait(3)
     if lifecycle.STOP.is_set():
         return
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-    except (AttributeError, OSError):
-        pass
+    lowest_priority()
     warm_up(model_dir)
 
 

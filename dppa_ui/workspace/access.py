@@ -77,9 +77,9 @@ class ViewCache:
 VIEWS = ViewCache(VIEW_CACHE_BYTES)
 
 
-def _background() -> None:
-    """A worker thread's start: the lowest CPU priority (Linux sets it per thread), so the work it
-    does for later never slows what a user waits for."""
+def lowest_priority() -> None:
+    """Give the calling thread the lowest CPU priority (Linux sets it per thread), so the work it
+    does for later never slows what a user waits for (a worker's initializer, a warm-up)."""
     try:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
     except (AttributeError, OSError):
@@ -278,7 +278,7 @@ class ModelAccess:
             self._sorting.add(key)
             if self._sorter is None:
                 from concurrent.futures import ThreadPoolExecutor
-                self._sorter = ThreadPoolExecutor(1, thread_name_prefix="dppa-ui-sort", initializer=_background)
+                self._sorter = ThreadPoolExecutor(1, thread_name_prefix="dppa-ui-sort", initializer=lowest_priority)
 
         def sort():       # numpy's sort is several times faster than torch's on the CPU, and frees the GIL
             try:
