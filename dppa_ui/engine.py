@@ -194,7 +194,7 @@ def plan_report(cfg: MergeConfig, inputs: Inputs, out_dtype: torch.dtype, device
     lines += [f"tensors: {len(inputs.names)} ({n_params:,} parameters, {inputs.plan.n_layers} layers), "
               f"output dtype {str(out_dtype).split('.')[-1]}",
               f"device: {device}",
-              f"estimated peak memory: {lifecycle.size_text(mem)}; disk: {lifecycle.size_text(disk)}; "
+              f"estimated peak memory: {lifecycle.bytes_text(mem)}; disk: {lifecycle.bytes_text(disk)}; "
               f"time: {f'~{secs:.0f} s' if secs >= 1 else 'under 1 s'} (rough)"]
     table = inputs.plan.parameter_table(cfg)
     for job, row in zip(inputs.plan.jobs, table):

@@ -145,7 +145,7 @@ def disk_bytes(path: str | os.PathLike) -> int:
     return total
 
 
-def size_text(n: float) -> str:
+def bytes_text(n: float) -> str:
     """Bytes for people: 3 significant digits in the unit that shows them (1.23 GB, 456 MB, 7.89 kB)."""
     for unit, k in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if n >= k:
@@ -183,7 +183,7 @@ def sweep(parent: str | os.PathLike, match: Callable[[str], bool],
             continue
         removed.append((path, size))
         if log:
-            log(f"removed {path.name} ({size_text(size)}) in {path.parent}: a temp folder left by process "
+            log(f"removed {path.name} ({bytes_text(size)}) in {path.parent}: a temp folder left by process "
                 f"{owner['pid']}, which no longer runs")
     return removed
 

@@ -140,7 +140,7 @@ def stop_on_signals(signals=(signal.SIGTERM,)) -> None:
             freed = TEMP.remove()
             _log(f"stopped by {signal.Signals(signum).name}: "
                  + (f"{merges} running merge(s) cancelled, " if merges else "")
-                 + f"server files removed ({lifecycle.size_text(freed)})")
+                 + f"server files removed ({lifecycle.bytes_text(freed)})")
             if callable(previous) and previous not in (signal.SIG_DFL, signal.SIG_IGN, signal.default_int_handler):
                 previous(signum, frame)     # e.g. gradio's: stop its Node server
             # Out at once, the clean-up done: the interpreter's own exit would wait on, or destroy

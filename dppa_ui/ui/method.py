@@ -254,8 +254,8 @@ def auto_lambda(v: dict):
         if not job.done.is_set():
             state.cancel.set()
     if isinstance(job.error, InterruptedError):       # Stop before the first candidate was scored
-        yield {"lambda_status": f"■ auto λ stopped early, before any candidate was scored: the weights are "
-                                f"unchanged"}
+        yield {"lambda_status": "■ auto λ stopped early, before any candidate was scored: the weights are "
+                                "unchanged"}
         return
     if isinstance(job.error, expected()):
         yield {"lambda_status": warn(f"λ search failed: {message(job.error)}")}
